@@ -1,0 +1,70 @@
+"""Inference backends: a batch of preprocessed images in, a batch of scores out.
+
+Backends register by name in :data:`BACKENDS`; a :class:`~wanwu.spec.ModelSpec` names the one it needs.
+Heavy runtimes are imported inside the factory, so a missing extra costs nothing until it is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from wanwu.errors import UsageError
+from wanwu.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How to run a model, independent of which model: device and threads."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # intra-op threads; 0 = decide from the core count
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16 (GPU backends)
+
+
+class Backend(Protocol):
+    """Runs one model. Implementations raise :class:`wanwu.errors.OutOfMemoryError` on OOM."""
+
+    @property
+    def device(self) -> str: ...
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """``batch`` is laid out as the spec says; returns [N, num_classes] float32."""
+        ...
+
+    def close(self) -> None: ...
+
+
+BackendFactory = Callable[[ModelSpec, BackendOptions], Backend]
+BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    def wrap(factory: BackendFactory) -> BackendFactory:
+        BACKENDS[name] = factory
+        return factory
+
+    return wrap
+
+
+def create_backend(spec: ModelSpec, options: BackendOptions) -> Backend:
+    _load_builtin()
+    try:
+        factory = BACKENDS[spec.backend]
+    except KeyError:
+        raise UsageError(f"unknown backend {spec.backend!r}; available: {sorted(BACKENDS)}") from None
+    return factory(spec, options)
+
+
+def _load_builtin() -> None:
+    # Importing registers. Modules that need extras import them lazily inside their factories.
+    from wanwu.backends import onnx  # noqa: F401
+
+    try:
+        from wanwu.backends import torch  # noqa: F401
+    except ImportError:
+        pass

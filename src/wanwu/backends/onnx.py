@@ -1,0 +1,89 @@
+"""ONNX Runtime backend: CPU by default, CUDA when asked for and available."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from wanwu.backends import BackendOptions, register_backend
+from wanwu.errors import ModelError, OutOfMemoryError, UsageError
+from wanwu.spec import ModelSpec
+
+
+class OnnxBackend:
+    def __init__(self, spec: ModelSpec, options: BackendOptions) -> None:
+        import onnxruntime as ort
+
+        providers = _providers(options.device, ort.get_available_providers())
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.threads or default_threads()
+        so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Decoders share the cores: don't let idle ORT threads spin and steal their time.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(spec.weights), so, providers=providers)
+        except Exception as e:  # ORT raises its own untyped exceptions for bad files
+            raise ModelError(f"cannot load ONNX model {spec.weights}: {e}") from None
+        inputs = self._session.get_inputs()
+        outputs = self._session.get_outputs()
+        if len(inputs) != 1:
+            raise ModelError(f"{spec.weights}: expected one image input, found {len(inputs)}")
+        self._input = inputs[0].name
+        self._output = outputs[0].name
+        self._check_shapes(spec, inputs[0].shape, outputs[0].shape)
+        self._device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    @staticmethod
+    def _check_shapes(spec: ModelSpec, in_shape: list[Any], out_shape: list[Any]) -> None:
+        classes = out_shape[-1] if out_shape else None
+        if isinstance(classes, int) and classes != spec.num_classes:
+            raise ModelError(
+                f"{spec.weights} outputs {classes} classes but the label file has {spec.num_classes} lines"
+            )
+        crop = spec.preprocess.crop_size
+        spatial = in_shape[2:4] if spec.preprocess.layout == "NCHW" else in_shape[1:3]
+        if len(in_shape) == 4 and all(isinstance(s, int) for s in spatial) and list(spatial) != [crop, crop]:
+            raise ModelError(f"{spec.weights} expects {spatial} inputs but preprocessing crops to {crop}")
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        try:
+            (out,) = self._session.run([self._output], {self._input: batch})
+        except Exception as e:
+            if "alloc" in str(e).lower() or "memory" in str(e).lower():
+                raise OutOfMemoryError(str(e)) from None
+            raise
+        return np.asarray(out, dtype=np.float32)
+
+    def close(self) -> None:
+        del self._session
+
+
+def default_threads() -> int:
+    """Half the cores for inference; the decode workers get the rest."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def _providers(device: str, available: list[str]) -> list[str]:
+    if device in ("auto", "") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in available:
+            raise UsageError("--device cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device not in ("auto", "", "cpu"):
+        raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+    return ["CPUExecutionProvider"]
+
+
+@register_backend("onnx")
+def _create(spec: ModelSpec, options: BackendOptions) -> OnnxBackend:
+    return OnnxBackend(spec, options)

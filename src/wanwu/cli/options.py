@@ -1,0 +1,70 @@
+"""Option groups shared by several commands, composed as decorators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from wanwu.backends import BackendOptions
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _compose(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    def wrap(fn: F) -> F:
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return wrap
+
+
+model_options = _compose(
+    click.option(
+        "-m", "--model", "model", metavar="MODEL", default=None,
+        help="An .onnx file (with --labels), a model folder, or modelscope:OWNER/NAME[@REV]. "
+        "Default: the 万物识别 general model from ModelScope.",
+    ),
+    click.option(
+        "-l", "--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help="Label file, UTF-8, line i = class i (overrides the model folder's).",
+    ),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--threads", type=int, default=0, help="Inference threads (0 = half the cores)."),
+    click.option(
+        "--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
+        help="GPU autocast precision (torch backend).",
+    ),
+)
+
+
+def backend_options(device: str, threads: int, precision: str) -> BackendOptions:
+    return BackendOptions(device=device, threads=threads, precision=precision)
+
+
+run_options = _compose(
+    click.option("-k", "--top-k", type=int, default=5, show_default=True, help="Labels per image (1-50)."),
+    click.option(
+        "--score", type=click.Choice(["softmax", "logit"]), default="softmax", show_default=True,
+        help="softmax probabilities, or the raw logits (ModelScope's score).",
+    ),
+    click.option("--threshold", type=float, default=None, help="Drop predictions scoring below this."),
+    click.option("-b", "--batch-size", type=int, default=32, show_default=True, help="Images per batch."),
+    click.option(
+        "-j", "--workers", type=int, default=-1,
+        help="Decode worker processes (-1 = one per core, 0 = decode in threads).",
+    ),
+    click.option("--no-cache", is_flag=True, help="Neither read nor write the result cache."),
+    click.option(
+        "--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help="Result cache file (default $WANWU_HOME/cache.sqlite3).",
+    ),
+    click.option(
+        "--max-pixels", type=int, default=None, help="Refuse images above this many pixels (too_large)."
+    ),
+    click.option("--max-bytes", type=int, default=None, help="Refuse files/downloads above this size."),
+    click.option("--timeout", type=float, default=30.0, show_default=True, help="URL fetch timeout, seconds."),
+)

@@ -1,0 +1,53 @@
+"""One typed options object for a recognition run, shared by the CLI, the library and the service."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wanwu.backends import BackendOptions
+from wanwu.errors import UsageError
+from wanwu.imaging import DEFAULT_MAX_PIXELS
+from wanwu.records import TOP_N_STORED, ScoreKind
+from wanwu.sources import DEFAULT_MAX_BYTES
+
+
+def wanwu_home() -> Path:
+    """``$WANWU_HOME`` or ``~/.cache/wanwu``: downloaded models, the result cache, the job queue."""
+    return Path(os.environ.get("WANWU_HOME") or Path.home() / ".cache" / "wanwu")
+
+
+@dataclass(frozen=True)
+class RecognizeOptions:
+    top_k: int = 5
+    score: ScoreKind = "softmax"
+    threshold: float | None = None
+    batch_size: int = 32
+    workers: int = -1  # decode processes: -1 = one per core, 0 = decode in threads of this process
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    fetch_timeout: float = 30.0
+    fetch_threads: int = 8
+    cache: bool = True
+    cache_path: Path | None = None  # None = $WANWU_HOME/cache.sqlite3
+    backend: BackendOptions = field(default_factory=BackendOptions)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= TOP_N_STORED:
+            raise UsageError(f"--top-k must be between 1 and {TOP_N_STORED}, got {self.top_k}")
+        if self.score not in ("softmax", "logit"):
+            raise UsageError(f"--score must be softmax or logit, got {self.score!r}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < -1:
+            raise UsageError(f"--workers must be >= 0 (or -1 for one per core), got {self.workers}")
+        if self.max_pixels < 1 or self.max_bytes < 1:
+            raise UsageError("--max-pixels and --max-bytes must be positive")
+
+    @property
+    def decode_workers(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == -1 else self.workers
+
+    def resolved_cache_path(self) -> Path:
+        return self.cache_path or wanwu_home() / "cache.sqlite3"

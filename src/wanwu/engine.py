@@ -1,0 +1,82 @@
+"""The engine: one loaded model and the steps every front end shares.
+
+:class:`Engine` owns the model spec and its backend, turns batches of prepared pixels into
+:class:`~wanwu.records.TopScores` (halving the batch and retrying on out-of-memory, so no image is lost or
+doubled), and builds records. The streaming orchestrator (:mod:`wanwu.pipeline`), the HTTP service's
+dynamic batcher and the queue workers all drive this one object.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from wanwu.backends import Backend, BackendOptions, create_backend
+from wanwu.errors import OutOfMemoryError
+from wanwu.imaging import to_batch
+from wanwu.models import resolve_model
+from wanwu.records import Record, ScoreKind, TopScores, top_scores
+from wanwu.spec import ModelSpec
+
+log = logging.getLogger("wanwu")
+
+
+class Engine:
+    def __init__(self, spec: ModelSpec, backend: Backend, max_batch: int = 32) -> None:
+        self.spec = spec
+        self.backend = backend
+        self.max_batch = max_batch
+        self._lock = threading.Lock()  # one batch on the backend at a time
+
+    @classmethod
+    def load(
+        cls, model: str | ModelSpec | None, labels: Path | None = None,
+        backend_options: BackendOptions | None = None, max_batch: int = 32,
+    ) -> Engine:
+        spec = model if isinstance(model, ModelSpec) else resolve_model(model, labels)
+        return cls(spec, create_backend(spec, backend_options or BackendOptions()), max_batch)
+
+    def infer(self, pixels: list[npt.NDArray[np.uint8]]) -> list[TopScores]:
+        """Scores for each crop, in order. Splits into chunks of ``max_batch``; halves it on OOM."""
+        out: list[TopScores] = []
+        start = 0
+        while start < len(pixels):
+            size = min(self.max_batch, len(pixels) - start)
+            chunk = pixels[start : start + size]
+            try:
+                raw = self._run(chunk)
+            except OutOfMemoryError as e:
+                if size == 1:
+                    raise
+                self.max_batch = max(1, size // 2)
+                log.warning("out of memory at batch %d; retrying with batch %d (%s)", size, self.max_batch, e)
+                continue
+            out.extend(top_scores(raw))
+            start += size
+        return out
+
+    def _run(self, chunk: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
+        batch = to_batch(chunk, self.spec.preprocess)
+        with self._lock:
+            raw = self.backend.infer(batch)
+        if raw.ndim != 2 or raw.shape[0] != len(chunk) or raw.shape[1] != self.spec.num_classes:
+            raise RuntimeError(
+                f"backend returned shape {raw.shape} for {len(chunk)} images of {self.spec.num_classes} classes"
+            )
+        return raw
+
+    def record(
+        self, input: str, top: TopScores, *, sha256: str | None, width: int, height: int,
+        top_k: int = 5, score: ScoreKind = "softmax", threshold: float | None = None,
+    ) -> Record:
+        predictions = top.predictions(
+            self.spec.labels, top_k, score, threshold, probabilities=self.spec.output == "probabilities"
+        )
+        return Record(input, "ok", predictions, sha256, width, height)
+
+    def close(self) -> None:
+        self.backend.close()

@@ -1,0 +1,111 @@
+"""One exception hierarchy for everything a user can cause.
+
+Per-input problems (a corrupt file, a dead URL) never raise out of a run: they become error records whose
+``type`` is one of :data:`ERROR_TYPES`. Everything else (a bad option, an unloadable model) raises a
+:class:`WanwuError` subclass with a message meant for a person.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+ErrorType = Literal["not_found", "decode_error", "too_large", "unsupported", "fetch_error", "internal"]
+ERROR_TYPES: tuple[ErrorType, ...] = (
+    "not_found",
+    "decode_error",
+    "too_large",
+    "unsupported",
+    "fetch_error",
+    "internal",
+)
+
+
+class WanwuError(Exception):
+    """Base class of every error wanwu raises on purpose."""
+
+
+class UsageError(WanwuError):
+    """The caller asked for something inconsistent or impossible (exit code 2 on the CLI)."""
+
+
+class ModelError(WanwuError):
+    """A model could not be found, loaded or understood."""
+
+
+class CheckpointMismatchError(ModelError):
+    """A checkpoint does not fill the network's parameters exactly."""
+
+    def __init__(
+        self,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    ) -> None:
+        self.missing = missing
+        self.unexpected = unexpected
+        self.mismatched = mismatched
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_preview(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_preview(unexpected)}")
+        if mismatched:
+            shown = [f"{k} (checkpoint {tuple(a)} vs model {tuple(b)})" for k, a, b in mismatched]
+            parts.append(f"{len(mismatched)} mis-shaped key(s): {_preview(shown)}")
+        super().__init__("checkpoint does not match the network: " + "; ".join(parts))
+
+
+class DownloadError(ModelError):
+    """A model file could not be downloaded or failed its integrity check."""
+
+
+class MissingExtraError(WanwuError):
+    """An optional dependency is not installed; the message names the extra that provides it."""
+
+    def __init__(self, package: str, extra: str, purpose: str) -> None:
+        super().__init__(
+            f"{purpose} needs the '{package}' package: install it with  pip install 'wanwu[{extra}]'"
+        )
+
+
+class OutOfMemoryError(WanwuError):
+    """A backend ran out of memory for a batch; the orchestrator halves the batch and retries."""
+
+
+class CacheError(WanwuError):
+    """The result cache could not be opened or used."""
+
+
+class QueueError(WanwuError):
+    """A job queue could not be reached or used."""
+
+
+class InputError(WanwuError):
+    """One input could not be turned into pixels. Becomes an error record, never stops a run."""
+
+    type: ClassVar[ErrorType] = "decode_error"
+
+
+class NotFoundError(InputError):
+    type = "not_found"
+
+
+class DecodeError(InputError):
+    type = "decode_error"
+
+
+class TooLargeError(InputError):
+    type = "too_large"
+
+
+class UnsupportedError(InputError):
+    type = "unsupported"
+
+
+class FetchError(InputError):
+    type = "fetch_error"
+
+
+def _preview(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", … (+{len(items) - limit} more)" if len(items) > limit else "")

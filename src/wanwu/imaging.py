@@ -1,0 +1,179 @@
+"""Bytes in, model-ready pixels out: the only place images are decoded and preprocessed.
+
+:func:`prepare` runs in decode worker processes. It never invents pixels (a truncated file is an error),
+applies EXIF orientation, turns every mode into RGB (alpha composited on white, 16-bit scaled rather than
+clipped), takes the first frame of animations, refuses images above a pixel limit before decoding them,
+and decodes large JPEGs at a reduced DCT scale when that cannot change the resized result materially.
+
+Workers return the center crop as uint8 HWC (4x less to move between processes than float32);
+:func:`to_batch` normalizes a whole batch at once in the model's layout.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from wanwu.errors import DecodeError, TooLargeError, UnsupportedError
+from wanwu.spec import PreprocessSpec
+
+DEFAULT_MAX_PIXELS = 150_000_000
+# Formats we decode. Anything else (EPS, PDF, …) is refused as unsupported rather than handed to a
+# plugin that may shell out or be slow.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "ICO", "TGA")  # JPEG covers MPO
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A decoded, resized, center-cropped image: uint8 HWC RGB, plus the upright source size."""
+
+    pixels: npt.NDArray[np.uint8]
+    width: int
+    height: int
+
+
+def prepare(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
+    """Decode ``data`` and apply ``spec`` up to the crop. Raises an :class:`~wanwu.errors.InputError`."""
+    image = _open(data, max_pixels)
+    try:
+        _maybe_draft(image, spec)
+        image.load()
+        image = _upright(image)
+        width, height = image.size
+        rgb = _to_rgb(image)
+        pixels = _resize_crop(rgb, spec)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's decoder failures
+        raise DecodeError(f"cannot decode image: {e}") from None
+    except MemoryError:
+        raise TooLargeError("not enough memory to decode this image") from None
+    return Prepared(pixels, width, height)
+
+
+def to_batch(images: list[npt.NDArray[np.uint8]], spec: PreprocessSpec) -> npt.NDArray[np.float32]:
+    """Stack uint8 HWC crops into one normalized float32 batch in ``spec.layout``."""
+    stacked = np.stack(images)  # N,H,W,C uint8
+    if spec.channel_order == "BGR":
+        stacked = stacked[..., ::-1]
+    mean = np.asarray(spec.mean, dtype=np.float32) / np.float32(spec.scale)
+    inv_std = np.float32(spec.scale) / np.asarray(spec.std, dtype=np.float32)
+    if spec.channel_order == "BGR":
+        mean, inv_std = mean[::-1], inv_std[::-1]
+    if spec.layout == "NCHW":
+        out = np.empty((stacked.shape[0], 3, *stacked.shape[1:3]), dtype=np.float32)
+        np.subtract(stacked.transpose(0, 3, 1, 2), mean[:, None, None], out=out, casting="unsafe")
+        out *= inv_std[:, None, None]
+    else:
+        out = np.subtract(stacked, mean, dtype=np.float32)
+        out *= inv_std
+    return out
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise UnsupportedError(
+            f"not an image in a supported format ({', '.join(f.lower() for f in FORMATS[:8])}, …)"
+        ) from None
+    except Image.DecompressionBombError as e:
+        raise TooLargeError(str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DecodeError(f"cannot read image header: {e}") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"invalid image size {width}x{height}")
+    if width * height > max_pixels:
+        raise TooLargeError(
+            f"image is {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,}"
+        )
+    return image
+
+
+def _maybe_draft(image: Image.Image, spec: PreprocessSpec) -> None:
+    """Let libjpeg scale by 1/2, 1/4 or 1/8 while the short side stays >= factor x resize_short."""
+    if spec.jpeg_draft_factor <= 0 or image.format not in ("JPEG", "MPO"):
+        return
+    width, height = image.size
+    target = spec.resize_short * spec.jpeg_draft_factor
+    short = min(width, height)
+    if short < 2 * target:
+        return
+    ratio = target / short
+    image.draft("RGB", (math.ceil(width * ratio), math.ceil(height * ratio)))
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not cost the picture; use it as stored
+        return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        return _high_depth_to_rgb(image)
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """16/32-bit integer and float grey: scale into 0..255 instead of clipping (Pillow's convert clips)."""
+    arr = np.asarray(image)
+    if image.mode == "F":
+        top = float(np.nanmax(arr)) if arr.size else 0.0
+        scaled = arr * 255.0 if top <= 1.0 else arr
+    elif image.mode.startswith("I;16"):
+        scaled = arr.astype(np.float32) / 257.0
+    else:  # "I": 32-bit container, usually 16-bit data
+        top = int(arr.max()) if arr.size else 0
+        divisor = 1.0 if top <= 255 else 257.0 if top <= 65535 else top / 255.0
+        scaled = arr.astype(np.float64) / divisor
+    grey = np.clip(np.rint(np.nan_to_num(scaled)), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
+def _resize_crop(image: Image.Image, spec: PreprocessSpec) -> npt.NDArray[np.uint8]:
+    """Short side -> resize_short (long side truncated), center crop -> crop_size, as uint8 HWC.
+
+    Resamples only the source region that lands in the crop (``box=``), which gives the same pixels as
+    resize-then-crop (the filter still reads its full support around the box) for a fraction of the work.
+    """
+    width, height = image.size
+    short = spec.resize_short
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    crop = spec.crop_size
+    left = int(round((new_w - crop) / 2.0))
+    top = int(round((new_h - crop) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+    out = image.resize((crop, crop), _RESAMPLE[spec.interpolation], box=box)
+    return np.asarray(out, dtype=np.uint8)

@@ -1,0 +1,166 @@
+"""Model loaders: turn whatever the user passed as ``--model`` into a :class:`~wanwu.spec.ModelSpec`.
+
+Loaders register in :data:`LOADERS`, tried in order; the first whose ``claims`` is true loads the model.
+Built in: an ``.onnx`` file plus ``--labels``, and a wanwu model folder (``wanwu.json`` manifest, written by
+``wanwu convert``). The seed-model loaders (ModelScope folder, ``modelscope:`` hub ids) register from
+:mod:`wanwu.seed`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from wanwu.errors import ModelError, UsageError
+from wanwu.labels import load_labels
+from wanwu.spec import ModelSpec, PreprocessSpec, file_fingerprint
+
+MANIFEST = "wanwu.json"
+MANIFEST_FORMAT = "wanwu-model/1"
+# The 万物识别 general-domain model; used when --model is left out.
+DEFAULT_MODEL = "modelscope:damo/cv_resnest101_general_recognition"
+
+
+class ModelLoader(Protocol):
+    name: str
+
+    def claims(self, ref: str) -> bool: ...
+
+    def load(self, ref: str, labels: Path | None) -> ModelSpec: ...
+
+
+@dataclass(frozen=True)
+class _FnLoader:
+    name: str
+    claims_fn: Callable[[str], bool]
+    load_fn: Callable[[str, Path | None], ModelSpec]
+
+    def claims(self, ref: str) -> bool:
+        return self.claims_fn(ref)
+
+    def load(self, ref: str, labels: Path | None) -> ModelSpec:
+        return self.load_fn(ref, labels)
+
+
+LOADERS: list[ModelLoader] = []
+
+
+def register_loader(
+    name: str, claims: Callable[[str], bool]
+) -> Callable[[Callable[[str, Path | None], ModelSpec]], Callable[[str, Path | None], ModelSpec]]:
+    def wrap(fn: Callable[[str, Path | None], ModelSpec]) -> Callable[[str, Path | None], ModelSpec]:
+        LOADERS.append(_FnLoader(name, claims, fn))
+        return fn
+
+    return wrap
+
+
+def resolve_model(ref: str | None, labels: Path | None = None) -> ModelSpec:
+    """Find the loader for ``ref`` (``None`` = the default seed model) and build the spec."""
+    _load_plugins()
+    ref = ref or DEFAULT_MODEL
+    for loader in LOADERS:
+        if loader.claims(ref):
+            spec = loader.load(ref, labels)
+            return spec if spec.source else _with_source(spec, ref)
+    raise UsageError(
+        f"don't know how to load model {ref!r}: expected an .onnx file (with --labels), a model folder "
+        f"({MANIFEST} or a ModelScope layout), or modelscope:OWNER/NAME"
+    )
+
+
+def _with_source(spec: ModelSpec, ref: str) -> ModelSpec:
+    from dataclasses import replace
+
+    return replace(spec, source=ref)
+
+
+def _load_plugins() -> None:
+    try:
+        import wanwu.seed  # noqa: F401  (registers the ModelScope loaders)
+    except ImportError:
+        pass
+
+
+# --- built-in loaders ---------------------------------------------------------------------------------
+
+
+@register_loader("onnx-file", lambda ref: ref.lower().endswith(".onnx"))
+def _load_onnx_file(ref: str, labels: Path | None) -> ModelSpec:
+    path = Path(ref)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    if labels is None:
+        raise UsageError(f"--labels is required with a bare ONNX file ({path.name}): one label per line")
+    return ModelSpec(
+        name=path.stem,
+        backend="onnx",
+        weights=path,
+        labels=load_labels(labels),
+        source=ref,
+        weights_fingerprint=file_fingerprint(path),
+    )
+
+
+@register_loader("wanwu-folder", lambda ref: (Path(ref) / MANIFEST).is_file())
+def _load_wanwu_folder(ref: str, labels: Path | None) -> ModelSpec:
+    folder = Path(ref)
+    manifest = read_manifest(folder)
+    weights = folder / str(manifest["weights"])
+    if not weights.is_file():
+        raise ModelError(f"{folder / MANIFEST} names weights {weights.name!r}, which is missing")
+    label_path = labels or folder / str(manifest["labels"])
+    try:
+        preprocess = PreprocessSpec.from_dict(manifest.get("preprocess", {}))
+    except TypeError as e:
+        raise ModelError(f"{folder / MANIFEST}: bad preprocess section: {e}") from None
+    output = manifest.get("output", "logits")
+    if output not in ("logits", "probabilities"):
+        raise ModelError(f"{folder / MANIFEST}: output must be 'logits' or 'probabilities', not {output!r}")
+    return ModelSpec(
+        name=str(manifest.get("name", folder.name)),
+        backend=str(manifest.get("backend", "onnx")),
+        weights=weights,
+        labels=load_labels(label_path),
+        preprocess=preprocess,
+        output=output,
+        source=ref,
+        weights_fingerprint=file_fingerprint(weights),
+    )
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ModelError(f"{path}: expected a JSON object with \"format\": \"{MANIFEST_FORMAT}\"")
+    for key in ("weights", "labels"):
+        if key not in data:
+            raise ModelError(f"{path}: missing required field {key!r}")
+    return data
+
+
+def write_manifest(
+    folder: Path, *, name: str, weights: str, labels: str, preprocess: PreprocessSpec, backend: str = "onnx",
+    output: str = "logits", extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``wanwu.json`` so the folder loads with ``--model FOLDER``."""
+    data: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "name": name,
+        "backend": backend,
+        "weights": weights,
+        "labels": labels,
+        "output": output,
+        "preprocess": asdict(preprocess),
+        **(extra or {}),
+    }
+    path = folder / MANIFEST
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,397 @@
+"""The orchestrator: inputs -> fetch -> cache/dedupe -> decode -> batch -> infer -> records, streamed.
+
+:class:`Recognizer` is the library entry point and the only thing that knows the whole flow. One run keeps a
+window of in-flight inputs in input order; records leave in input order as soon as the head of the window
+is done. Every stage is bounded (window, fetches in flight, decodes in flight), so memory does not grow
+with the number of inputs:
+
+* fetch: a thread pool reads files / downloads URLs and hashes the bytes (hashlib and I/O drop the GIL);
+* cache + dedupe: on the orchestrator thread; a cache hit or a repeat of content already in flight never
+  reaches a decoder, and every input still gets its own record;
+* decode: worker processes run :func:`wanwu.imaging.prepare`; a decoder crash is retried in isolation, so
+  it costs exactly the file that caused it;
+* infer: full batches (or a partial one when nothing more can arrive soon) go to the engine, which backs off
+  on out-of-memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import signal
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from wanwu.cache import CachedResult, MemoryCache, ResultCache
+from wanwu.config import RecognizeOptions
+from wanwu.engine import Engine
+from wanwu.errors import ErrorType, InputError, OutOfMemoryError
+from wanwu.imaging import Prepared, prepare
+from wanwu.records import Record, TopScores
+from wanwu.sources import Fetched, Fetcher, InputItem, expand
+from wanwu.spec import ModelSpec, PreprocessSpec
+
+log = logging.getLogger("wanwu")
+InputLike = str | Path | InputItem
+_DEFAULT = object()
+
+
+class Recognizer:
+    """Load a model once; map any iterable of inputs to an iterator of records, one per input.
+
+    >>> with Recognizer("model.onnx", labels=Path("labels.txt")) as rec:   # doctest: +SKIP
+    ...     for record in rec.recognize(["photos/", "https://example.com/cat.jpg"]):
+    ...         print(record.to_dict())
+    """
+
+    def __init__(
+        self,
+        model: str | ModelSpec | None = None,
+        *,
+        labels: Path | str | None = None,
+        options: RecognizeOptions | None = None,
+        engine: Engine | None = None,
+        cache: ResultCache | None | object = _DEFAULT,
+    ) -> None:
+        self.options = options or RecognizeOptions()
+        label_path = Path(labels) if labels is not None else None
+        self.engine = engine or Engine.load(model, label_path, self.options.backend, self.options.batch_size)
+        if cache is _DEFAULT:
+            cache = open_cache(self.options) if self.options.cache else None
+        self.cache: ResultCache | None = cache  # type: ignore[assignment]
+        self.fetcher = Fetcher(self.options.max_bytes, self.options.fetch_timeout)
+        self._fetch_pool: ThreadPoolExecutor | None = None
+        self._decode_pool: Executor | None = None
+        self._pool_generation = 0
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.engine.spec
+
+    def recognize(self, inputs: Iterable[InputLike]) -> Iterator[Record]:
+        """Records in input order. Strings are expanded like CLI arguments (folders, globs, URLs)."""
+        return _Run(self, _items(inputs)).records()
+
+    def recognize_one(self, input: InputLike) -> Record:
+        records = list(self.recognize([input]))
+        if len(records) != 1:
+            raise ValueError(f"{input!r} expanded to {len(records)} inputs; use recognize() for folders")
+        return records[0]
+
+    # -- resources ------------------------------------------------------------------------------------
+
+    def fetch_pool(self) -> ThreadPoolExecutor:
+        if self._fetch_pool is None:
+            self._fetch_pool = ThreadPoolExecutor(self.options.fetch_threads, thread_name_prefix="wanwu-fetch")
+        return self._fetch_pool
+
+    def decode_pool(self) -> Executor:
+        if self._decode_pool is None:
+            workers = self.options.decode_workers
+            if workers == 0:
+                self._decode_pool = ThreadPoolExecutor(
+                    max(1, min(4, self.options.fetch_threads)), thread_name_prefix="wanwu-decode"
+                )
+            else:
+                ctx = multiprocessing.get_context("forkserver")
+                ctx.set_forkserver_preload(["wanwu.imaging"])
+                self._decode_pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+        return self._decode_pool
+
+    def reset_decode_pool(self, generation: int) -> None:
+        """Replace a broken pool (once per breakage, however many futures report it)."""
+        if generation != self._pool_generation:
+            return
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._decode_pool = None
+        self._pool_generation += 1
+
+    @property
+    def pool_generation(self) -> int:
+        return self._pool_generation
+
+    def close(self) -> None:
+        for pool in (self._fetch_pool, self._decode_pool):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._fetch_pool = self._decode_pool = None
+        self.fetcher.close()
+        if self.cache is not None:
+            self.cache.close()
+        self.engine.close()
+
+    def __enter__(self) -> Recognizer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def open_cache(options: RecognizeOptions) -> ResultCache:
+    from wanwu.cache.sqlite import SqliteCache
+
+    return SqliteCache(options.resolved_cache_path())
+
+
+def _items(inputs: Iterable[InputLike]) -> Iterator[InputItem]:
+    for value in inputs:
+        if isinstance(value, InputItem):
+            yield value
+        else:
+            yield from expand([str(value)])
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
+
+
+DecodeResult = Prepared | tuple[ErrorType, str]
+
+
+def decode_job(data: bytes, spec: PreprocessSpec, max_pixels: int) -> DecodeResult:
+    """Runs in a decode worker. Errors come back as values: cheap to pickle, never a traceback."""
+    try:
+        return prepare(data, spec, max_pixels)
+    except InputError as e:
+        return (e.type, str(e))
+    except Exception as e:  # a hostile file can trip any code path in a decoder plugin
+        return ("decode_error", f"cannot decode image: {type(e).__name__}: {e}")
+
+
+# --- one run ---------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Slot:
+    item: InputItem
+    record: Record | None = None
+    sha256: str | None = None
+    data: bytes | None = None
+    prepared: Prepared | None = None
+    followers: list[_Slot] = field(default_factory=list)
+    generation: int = 0
+    isolated: bool = False
+
+
+class _Run:
+    FLUSH_AFTER_S = 0.05  # a partial batch waits at most this long for more decoded images
+
+    def __init__(self, rec: Recognizer, items: Iterator[InputItem]) -> None:
+        self.rec = rec
+        self.engine = rec.engine
+        self.opts = rec.options
+        self.namespace = rec.engine.spec.cache_namespace()
+        self.items = items
+        self.events: queue.SimpleQueue[tuple[str, _Slot, Future[Any]]] = queue.SimpleQueue()
+        self.window: deque[_Slot] = deque()
+        self.to_decode: deque[_Slot] = deque()
+        self.suspects: deque[_Slot] = deque()
+        self.ready: list[_Slot] = []
+        self.leaders: dict[str, _Slot] = {}
+        self.memo = MemoryCache(4096)  # recent results by content, for repeats after the leader finished
+        self.pending_fetch = 0
+        self.pending_decode = 0
+        self.exhausted = False
+        workers = max(1, self.opts.decode_workers)
+        self.max_fetch = max(4, self.opts.fetch_threads * 2)
+        self.max_decode = workers * 4
+        self.max_window = max(256, self.opts.batch_size * 4)
+
+    def records(self) -> Iterator[Record]:
+        try:
+            yield from self._loop()
+        except KeyboardInterrupt:
+            # Flush everything already finished (out of order past the head), then stop.
+            for slot in self.window:
+                if slot.record is not None:
+                    yield slot.record
+            raise
+        finally:
+            self._abandon()
+
+    def _loop(self) -> Iterator[Record]:
+        batch_size = self.opts.batch_size
+        while True:
+            self._fill()
+            while self.window and self.window[0].record is not None:
+                record = self.window.popleft().record
+                assert record is not None
+                yield record
+            if not self.window and self.exhausted:
+                return
+            self._submit_decodes()
+            if len(self.ready) >= batch_size:
+                self._infer(batch_size)
+                continue
+            if self.ready and self._starved():
+                self._infer(len(self.ready))
+                continue
+            try:
+                event = self.events.get(timeout=self.FLUSH_AFTER_S if self.ready else 1.0)
+            except queue.Empty:
+                if self.ready:
+                    self._infer(len(self.ready))
+                continue
+            self._handle(event)
+            while True:  # drain what else has arrived before deciding what to do next
+                try:
+                    self._handle(self.events.get_nowait())
+                except queue.Empty:
+                    break
+
+    def _starved(self) -> bool:
+        """Nothing can join the current partial batch without waiting on a fetch."""
+        if self.pending_decode or self.to_decode or self.suspects:
+            return False
+        return self.pending_fetch == 0 or len(self.window) >= self.max_window
+
+    # -- stages -----------------------------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        pool = None
+        while (
+            not self.exhausted
+            and len(self.window) < self.max_window
+            and self.pending_fetch + len(self.to_decode) < self.max_fetch
+        ):
+            item = next(self.items, None)
+            if item is None:
+                self.exhausted = True
+                break
+            slot = _Slot(item)
+            self.window.append(slot)
+            if item.kind == "missing":
+                slot.record = Record.failure(item.input, item.error_type, item.locator)
+                continue
+            pool = pool or self.rec.fetch_pool()
+            self.pending_fetch += 1
+            future = pool.submit(self.rec.fetcher.fetch, item)
+            future.add_done_callback(lambda f, s=slot: self.events.put(("fetch", s, f)))
+
+    def _submit_decodes(self) -> None:
+        if self.suspects:
+            # After a decoder crash, suspects run one at a time with nothing else in flight, so a
+            # second crash names its culprit exactly.
+            if self.pending_decode == 0:
+                slot = self.suspects.popleft()
+                slot.isolated = True
+                self._submit_decode(slot)
+            return
+        while self.to_decode and self.pending_decode < self.max_decode:
+            self._submit_decode(self.to_decode.popleft())
+
+    def _submit_decode(self, slot: _Slot) -> None:
+        pool = self.rec.decode_pool()
+        slot.generation = self.rec.pool_generation
+        self.pending_decode += 1
+        future = pool.submit(decode_job, slot.data, self.engine.spec.preprocess, self.opts.max_pixels)
+        future.add_done_callback(lambda f, s=slot: self.events.put(("decode", s, f)))
+
+    def _handle(self, event: tuple[str, _Slot, Future[Any]]) -> None:
+        kind, slot, future = event
+        if kind == "fetch":
+            self.pending_fetch -= 1
+            self._fetched(slot, future)
+        else:
+            self.pending_decode -= 1
+            self._decoded(slot, future)
+
+    def _fetched(self, slot: _Slot, future: Future[Fetched]) -> None:
+        exc = future.exception()
+        if exc is not None:
+            if isinstance(exc, InputError):
+                self._fail(slot, exc.type, str(exc))
+            else:
+                self._fail(slot, "fetch_error", f"{type(exc).__name__}: {exc}")
+            return
+        fetched = future.result()
+        sha = slot.sha256 = fetched.sha256
+        if (leader := self.leaders.get(sha)) is not None:
+            leader.followers.append(slot)
+            return
+        hit = self.memo.get_many(self.namespace, [sha]).get(sha)
+        if hit is None and self.rec.cache is not None:
+            hit = self.rec.cache.get_many(self.namespace, [sha]).get(sha)
+        if hit is not None:
+            slot.record = self._ok(slot, hit.top, hit.width, hit.height)
+            return
+        self.leaders[sha] = slot
+        slot.data = fetched.data
+        self.to_decode.append(slot)
+
+    def _decoded(self, slot: _Slot, future: Future[DecodeResult]) -> None:
+        exc = future.exception()
+        if isinstance(exc, BrokenProcessPool):
+            self.rec.reset_decode_pool(slot.generation)
+            if slot.isolated:
+                self._fail(slot, "decode_error", "the decoder process crashed on this file")
+            else:
+                self.suspects.append(slot)
+            return
+        if exc is not None:
+            self._fail(slot, "internal", f"{type(exc).__name__}: {exc}")
+            return
+        result = future.result()
+        slot.data = None
+        if isinstance(result, tuple):
+            self._fail(slot, result[0], result[1])
+        else:
+            slot.prepared = result
+            self.ready.append(slot)
+
+    def _infer(self, n: int) -> None:
+        batch, self.ready = self.ready[:n], self.ready[n:]
+        pixels = [s.prepared.pixels for s in batch if s.prepared is not None]
+        try:
+            tops = self.engine.infer(pixels)
+        except OutOfMemoryError as e:
+            for slot in batch:
+                self._fail(slot, "too_large", f"out of memory even for a batch of one: {e}")
+            return
+        fresh = []
+        for slot, top in zip(batch, tops, strict=True):
+            assert slot.prepared is not None and slot.sha256 is not None
+            result = CachedResult(top, slot.prepared.width, slot.prepared.height)
+            slot.prepared = None
+            fresh.append((slot.sha256, result))
+            self._finish(slot, lambda s, r=result: self._ok(s, r.top, r.width, r.height))
+        self.memo.put_many(self.namespace, fresh)
+        if self.rec.cache is not None:
+            self.rec.cache.put_many(self.namespace, fresh)
+
+    # -- records ----------------------------------------------------------------------------------------
+
+    def _ok(self, slot: _Slot, top: TopScores, width: int, height: int) -> Record:
+        return self.engine.record(
+            slot.item.input, top, sha256=slot.sha256, width=width, height=height,
+            top_k=self.opts.top_k, score=self.opts.score, threshold=self.opts.threshold,
+        )
+
+    def _fail(self, slot: _Slot, type: ErrorType, message: str) -> None:
+        self._finish(slot, lambda s: Record.failure(s.item.input, type, message, s.sha256))
+
+    def _finish(self, slot: _Slot, make: Any) -> None:
+        slot.record = make(slot)
+        slot.data = None
+        for follower in slot.followers:
+            follower.record = make(follower)
+        slot.followers.clear()
+        if slot.sha256 is not None and self.leaders.get(slot.sha256) is slot:
+            del self.leaders[slot.sha256]
+
+    def _abandon(self) -> None:
+        self.window.clear()
+        self.ready.clear()
+        self.to_decode.clear()
+        self.suspects.clear()
+        self.leaders.clear()

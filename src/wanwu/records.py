@@ -1,0 +1,127 @@
+"""Records: exactly one per input, ``ok`` with predictions or ``error`` with a reason.
+
+The model's output for one image is kept as :class:`TopScores` (the top-N raw scores plus the
+log-sum-exp over all classes), enough to answer any top-k <= N with softmax or logit scores, exactly.
+This is also what the result cache stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from wanwu.errors import ErrorType
+
+ScoreKind = Literal["softmax", "logit"]
+TOP_N_STORED = 50
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    index: int
+    label: str
+    score: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "label": self.label, "score": self.score}
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    type: ErrorType
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class TopScores:
+    """Top-N raw outputs of one image, best first, and logsumexp of all of them (for softmax)."""
+
+    indices: npt.NDArray[np.int32]
+    values: npt.NDArray[np.float32]
+    logsumexp: float
+
+    def predictions(
+        self, labels: tuple[str, ...], top_k: int, score: ScoreKind, threshold: float | None = None,
+        *, probabilities: bool = False,
+    ) -> list[Prediction]:
+        """``probabilities``: the model already outputs probabilities (then softmax = the values)."""
+        out: list[Prediction] = []
+        for idx, value in zip(self.indices[:top_k], self.values[:top_k], strict=True):
+            if score == "logit" or probabilities:
+                s = float(value)
+            else:
+                s = float(np.exp(np.float64(value) - self.logsumexp))
+            if threshold is not None and s < threshold:
+                break
+            out.append(Prediction(int(idx), labels[int(idx)], round(s, 6)))
+        return out
+
+
+def top_scores(outputs: npt.NDArray[np.float32], n: int = TOP_N_STORED) -> list[TopScores]:
+    """Split a [B, C] batch of scores into per-image :class:`TopScores`."""
+    outputs = np.asarray(outputs, dtype=np.float32)
+    n = min(n, outputs.shape[1])
+    part = np.argpartition(-outputs, n - 1, axis=1)[:, :n] if n < outputs.shape[1] else None
+    peak = outputs.max(axis=1, keepdims=True).astype(np.float64)
+    lse = (peak[:, 0] + np.log(np.exp(outputs - peak).sum(axis=1))).tolist()
+    result = []
+    for i, row in enumerate(outputs):
+        cand = part[i] if part is not None else np.arange(outputs.shape[1])
+        order = cand[np.lexsort((cand, -row[cand]))]  # by score desc, ties by index
+        result.append(TopScores(order.astype(np.int32), row[order].astype(np.float32), float(lse[i])))
+    return result
+
+
+@dataclass(slots=True)
+class Record:
+    input: str
+    status: Literal["ok", "error"]
+    predictions: list[Prediction] = field(default_factory=list)
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.status == "ok":
+            return {
+                "input": self.input,
+                "status": "ok",
+                "predictions": [p.to_dict() for p in self.predictions],
+                "sha256": self.sha256,
+                "width": self.width,
+                "height": self.height,
+            }
+        out: dict[str, Any] = {"input": self.input, "status": "error"}
+        if self.sha256 is not None:
+            out["sha256"] = self.sha256
+        out["error"] = self.error.to_dict() if self.error else {"type": "internal", "message": "unknown"}
+        return out
+
+    @classmethod
+    def failure(cls, input: str, type: ErrorType, message: str, sha256: str | None = None) -> Record:
+        return cls(input=input, status="error", sha256=sha256, error=ErrorInfo(type, message))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Record:
+        if data.get("status") == "ok":
+            return cls(
+                input=data["input"],
+                status="ok",
+                predictions=[Prediction(p["index"], p["label"], p["score"]) for p in data["predictions"]],
+                sha256=data.get("sha256"),
+                width=data.get("width"),
+                height=data.get("height"),
+            )
+        err = data.get("error") or {}
+        return cls.failure(data["input"], err.get("type", "internal"), err.get("message", ""), data.get("sha256"))

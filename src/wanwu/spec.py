@@ -1,0 +1,146 @@
+"""The typed model spec: how to feed a model and how to name its outputs.
+
+A :class:`ModelSpec` travels with every loaded model. Preprocessing is derived from its
+:class:`PreprocessSpec` in exactly one place (:mod:`wanwu.imaging`), and the spec's fingerprint is part of
+every cache key, so changing any step here can never return a stale cached answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from wanwu.errors import ModelError
+
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+ChannelOrder = Literal["RGB", "BGR"]
+Layout = Literal["NCHW", "NHWC"]
+OutputKind = Literal["logits", "probabilities"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Resize the short side, center-crop, scale, normalize, lay out.
+
+    The defaults are ModelScope's general-recognition preprocessing (and torchvision's standard
+    ImageNet evaluation transform): short side 256 with the long side truncated, PIL bilinear,
+    center crop 224 with rounded offsets, /255, ImageNet mean/std, RGB, NCHW float32.
+    """
+
+    resize_short: int = 256
+    crop_size: int = 224
+    interpolation: Interpolation = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    scale: float = 1.0 / 255.0
+    channel_order: ChannelOrder = "RGB"
+    layout: Layout = "NCHW"
+    # Decode large JPEGs at a reduced DCT scale when the result keeps at least this multiple of
+    # ``resize_short`` on its short side (0 disables). 2.0 keeps every output pixel an average over
+    # >= 2x2 source pixels, so the 256-px image is practically unchanged.
+    jpeg_draft_factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.crop_size <= 0 or self.resize_short < self.crop_size:
+            raise ModelError(
+                f"preprocess: need 0 < crop_size <= resize_short, got crop_size={self.crop_size}, "
+                f"resize_short={self.resize_short}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
+            raise ModelError("preprocess: mean and std need three values each, std > 0")
+
+    def fingerprint(self) -> str:
+        """A short stable hash of every field that can change the model's input."""
+        payload = asdict(self)
+        payload.pop("jpeg_draft_factor")  # changes speed, not (materially) the pixels
+        return _digest(payload)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreprocessSpec:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ModelError(f"preprocess: unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+        kwargs: dict[str, Any] = dict(data)
+        for key in ("mean", "std"):
+            if key in kwargs:
+                kwargs[key] = tuple(float(v) for v in kwargs[key])
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything wanwu needs to know to run a classifier and name its classes."""
+
+    name: str
+    backend: str  # a key of wanwu.backends.BACKENDS, e.g. "onnx" or "torch"
+    weights: Path  # the file the backend loads
+    labels: tuple[str, ...]
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    output: OutputKind = "logits"
+    source: str = ""  # what the user typed, for messages and /v1/models
+    weights_fingerprint: str = ""  # filled by the loader; part of every cache key
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def with_fingerprint(self, fingerprint: str) -> ModelSpec:
+        return replace(self, weights_fingerprint=fingerprint)
+
+    def cache_namespace(self) -> str:
+        """Model weights + label count + preprocessing + output kind: the cache-key prefix."""
+        return _digest(
+            {
+                "weights": self.weights_fingerprint,
+                "classes": self.num_classes,
+                "preprocess": self.preprocess.fingerprint(),
+                "output": self.output,
+            }
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "backend": self.backend,
+            "num_classes": self.num_classes,
+            "output": self.output,
+            "preprocess": asdict(self.preprocess),
+            "fingerprint": self.cache_namespace(),
+        }
+
+
+def _digest(payload: Any) -> str:
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a weights file, memoised beside it by (size, mtime) so big checkpoints hash once."""
+    stat = path.stat()
+    memo = path.with_name(path.name + ".sha256")
+    tag = f"{stat.st_size}:{stat.st_mtime_ns}"
+    try:
+        saved_tag, saved = memo.read_text().split()
+        if saved_tag == tag:
+            return saved
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    digest = h.hexdigest()
+    try:
+        memo.write_text(f"{tag} {digest}\n")
+    except OSError:
+        pass  # read-only model folder: just hash again next time
+    return digest
