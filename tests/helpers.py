@@ -1,0 +1,61 @@
+"""Test helpers: tiny models and awkward images, made on the fly."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+TINY_LABELS = ("红", "绿", "蓝", "黑", "白", "黄", "青", "品红", "灰", "橙")
+
+
+def make_tiny_onnx(folder: Path, num_classes: int = 10) -> tuple[Path, Path]:
+    """An ONNX model: global average pool of the 3 input channels -> fixed linear layer -> logits.
+
+    Deterministic, tiny and fast; its top class depends on the image's mean colour, so tests can check
+    that each record carries its own image's answer.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(3, num_classes)).astype(np.float32) * 4
+    bias = rng.normal(size=(num_classes,)).astype(np.float32)
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
+        helper.make_node("MatMul", ["flat", "W"], ["mm"]),
+        helper.make_node("Add", ["mm", "B"], ["output"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 224, 224])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", num_classes])],
+        initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = folder / "tiny.onnx"
+    onnx.save(model, str(path))
+    labels = folder / "tiny_labels.txt"
+    labels.write_text("\n".join(TINY_LABELS[:num_classes]) + "\n", encoding="utf-8")
+    return path, labels
+
+
+def image_bytes(
+    color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (320, 240), fmt: str = "JPEG",
+    mode: str = "RGB", **save: object,
+) -> bytes:
+    """A small gradient image in ``color``, encoded as ``fmt``."""
+    w, h = size
+    ramp = np.linspace(0.6, 1.0, w, dtype=np.float32)[None, :, None]
+    arr = (np.asarray(color, dtype=np.float32)[None, None, :] * ramp).repeat(h, axis=0)
+    image = Image.fromarray(arr.clip(0, 255).astype(np.uint8), "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, fmt, **save)
+    return buf.getvalue()
