@@ -159,10 +159,10 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _resize_crop(image: Image.Image, spec: PreprocessSpec) -> npt.NDArray[np.uint8]:
-    """Short side -> resize_short (long side truncated), center crop -> crop_size, as uint8 HWC.
+    """Short side -> resize_short (long side truncated), then center crop -> crop_size, as uint8 HWC.
 
-    Resamples only the source region that lands in the crop (``box=``), which gives the same pixels as
-    resize-then-crop (the filter still reads its full support around the box) for a fraction of the work.
+    Deliberately the plain resize-then-crop: resampling only the crop's source box is ~25% faster but
+    moves ~2% of pixels by one level, which flips the top-1 of an int8 model on ~5% of photos.
     """
     width, height = image.size
     short = spec.resize_short
@@ -173,7 +173,5 @@ def _resize_crop(image: Image.Image, spec: PreprocessSpec) -> npt.NDArray[np.uin
     crop = spec.crop_size
     left = int(round((new_w - crop) / 2.0))
     top = int(round((new_h - crop) / 2.0))
-    sx, sy = width / new_w, height / new_h
-    box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
-    out = image.resize((crop, crop), _RESAMPLE[spec.interpolation], box=box)
-    return np.asarray(out, dtype=np.uint8)
+    resized = image.resize((new_w, new_h), _RESAMPLE[spec.interpolation])
+    return np.asarray(resized.crop((left, top, left + crop, top + crop)), dtype=np.uint8)

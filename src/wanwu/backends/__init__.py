@@ -24,6 +24,9 @@ class BackendOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # intra-op threads; 0 = decide from the core count
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 (GPU backends)
+    # int8 ONNX models: "exact" runs saturating int8 ops through exact integer kernels (see
+    # wanwu.backends.int8), "native" uses onnxruntime's fastest kernels, "auto" = exact on CPUs without VNNI.
+    int8: str = "auto"
 
 
 class Backend(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -11,6 +12,8 @@ import numpy.typing as npt
 from wanwu.backends import BackendOptions, register_backend
 from wanwu.errors import ModelError, OutOfMemoryError, UsageError
 from wanwu.spec import ModelSpec
+
+log = logging.getLogger("wanwu")
 
 
 class OnnxBackend:
@@ -25,8 +28,12 @@ class OnnxBackend:
         # Decoders share the cores: don't let idle ORT threads spin and steal their time.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
+        model: str | bytes = str(spec.weights)
+        self.int8_exact = False
+        if providers[0] == "CPUExecutionProvider" and options.int8 != "native":
+            model, self.int8_exact = _maybe_exact_int8(spec, options.int8)
         try:
-            self._session = ort.InferenceSession(str(spec.weights), so, providers=providers)
+            self._session = ort.InferenceSession(model, so, providers=providers)
         except Exception as e:  # ORT raises its own untyped exceptions for bad files
             raise ModelError(f"cannot load ONNX model {spec.weights}: {e}") from None
         inputs = self._session.get_inputs()
@@ -67,6 +74,25 @@ class OnnxBackend:
         del self._session
 
 
+def _maybe_exact_int8(spec: ModelSpec, mode: str) -> tuple[str | bytes, bool]:
+    from wanwu.backends.int8 import cpu_has_vnni, emulate_qoperator, is_qoperator
+
+    if mode not in ("auto", "exact"):
+        raise UsageError(f"--int8 must be auto, exact or native, not {mode!r}")
+    if mode == "auto" and cpu_has_vnni():
+        return str(spec.weights), False
+    import onnx
+
+    try:
+        proto = onnx.load(str(spec.weights))
+    except Exception as e:
+        raise ModelError(f"cannot read ONNX model {spec.weights}: {e}") from None
+    if not is_qoperator(proto):
+        return str(spec.weights), False
+    log.info("int8 model on a CPU without VNNI: using exact integer kernels (--int8 native to skip)")
+    return emulate_qoperator(proto).SerializeToString(), True
+
+
 def default_threads() -> int:
     """Half the cores for inference; the decode workers get the rest."""
     return max(1, (os.cpu_count() or 2) // 2)
@@ -78,7 +104,7 @@ def _providers(device: str, available: list[str]) -> list[str]:
     if device.startswith("cuda"):
         if "CUDAExecutionProvider" not in available:
             raise UsageError("--device cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]  # device index: CUDA_VISIBLE_DEVICES
     if device not in ("auto", "", "cpu"):
         raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     return ["CPUExecutionProvider"]

@@ -38,11 +38,15 @@ model_options = _compose(
         "--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
         help="GPU autocast precision (torch backend).",
     ),
+    click.option(
+        "--int8", type=click.Choice(["auto", "exact", "native"]), default="auto", show_default=True,
+        help="int8 ONNX models: exact integer kernels (auto: on CPUs without VNNI) or the fastest native ones.",
+    ),
 )
 
 
-def backend_options(device: str, threads: int, precision: str) -> BackendOptions:
-    return BackendOptions(device=device, threads=threads, precision=precision)
+def backend_options(device: str, threads: int, precision: str, int8: str = "auto") -> BackendOptions:
+    return BackendOptions(device=device, threads=threads, precision=precision, int8=int8)
 
 
 run_options = _compose(

@@ -78,7 +78,7 @@ def _options(kw: dict[str, Any]) -> RecognizeOptions:
         fetch_timeout=kw["timeout"],
         cache=not kw["no_cache"],
         cache_path=kw["cache_path"],
-        backend=backend_options(kw["device"], kw["threads"], kw["precision"]),
+        backend=backend_options(kw["device"], kw["threads"], kw["precision"], kw["int8"]),
     )
 
 
