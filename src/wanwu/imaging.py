@@ -50,10 +50,13 @@ def prepare(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIX
     """Decode ``data`` and apply ``spec`` up to the crop. Raises an :class:`~wanwu.errors.InputError`."""
     image = _open(data, max_pixels)
     try:
+        width, height = image.size  # as stored, before any DCT scaling
         _maybe_draft(image, spec)
         image.load()
+        stored = image.size
         image = _upright(image)
-        width, height = image.size
+        if image.size != stored:  # EXIF orientation swapped the axes
+            width, height = height, width
         rgb = _to_rgb(image)
         pixels = _resize_crop(rgb, spec)
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's decoder failures
@@ -90,6 +93,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
+        if (kind := _sniff(data)) is not None:
+            raise DecodeError(f"corrupt {kind} file: its header cannot be read") from None
         raise UnsupportedError(
             f"not an image in a supported format ({', '.join(f.lower() for f in FORMATS[:8])}, …)"
         ) from None
@@ -105,6 +110,23 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             f"image is {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,}"
         )
     return image
+
+
+_MAGIC = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
+
+
+def _sniff(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for magic, kind in _MAGIC.items() if data.startswith(magic)), None)
 
 
 def _maybe_draft(image: Image.Image, spec: PreprocessSpec) -> None:

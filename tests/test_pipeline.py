@@ -1,0 +1,254 @@
+"""The orchestrator: one record per input, in input order, never a neighbour's result."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from tests.helpers import image_bytes
+from wanwu import RecognizeOptions, Recognizer
+from wanwu.backends import BackendOptions
+from wanwu.engine import Engine
+from wanwu.errors import OutOfMemoryError
+from wanwu.sources import InputItem, expand
+
+COLORS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20), (20, 230, 230), (240, 240, 240)]
+
+
+def _recognizer(model: tuple[Path, Path], **kw: object) -> Recognizer:
+    opts = RecognizeOptions(cache=False, **kw)  # type: ignore[arg-type]
+    return Recognizer(str(model[0]), labels=model[1], options=opts)
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """Good images of different colours interleaved with every kind of bad input."""
+    good, bad = {}, {}
+    for i, color in enumerate(COLORS * 3):
+        p = tmp_path / f"good_{i:02d}.jpg"
+        p.write_bytes(image_bytes(color, size=(300 + i * 7, 200 + i * 3)))
+        good[str(p)] = "ok"
+    cases = {
+        "corrupt.jpg": b"\xff\xd8\xff\xe0garbage-not-a-jpeg" * 3,
+        "truncated.jpg": image_bytes(size=(900, 700))[:3000],
+        "text.png": b"hello, I am text",
+        "empty.jpg": b"",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        bad[str(tmp_path / name)] = "decode_error" if name != "text.png" else "unsupported"
+    misnamed = tmp_path / "really_a_png.jpg"
+    misnamed.write_bytes(image_bytes((20, 230, 20), fmt="PNG"))
+    good[str(misnamed)] = "ok"
+    noext = tmp_path / "noextension"
+    noext.write_bytes(image_bytes((230, 20, 20)))
+    good[str(noext)] = "ok"
+    missing = str(tmp_path / "missing.jpg")
+    bad[missing] = "not_found"
+    order = list(good) + list(bad)
+    rng = np.random.default_rng(1)
+    rng.shuffle(order)
+    return order, {**good, **bad}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_input_gets_its_own_record(
+    tiny_model: tuple[Path, Path], mixed: tuple[list[str], dict[str, str]], workers: int
+) -> None:
+    order, expected = mixed
+    with _recognizer(tiny_model, workers=workers, batch_size=4) as rec:
+        records = list(rec.recognize(order))
+        singles = {p: rec.recognize_one(p) for p in order if expected[p] == "ok"}
+    assert [r.input for r in records] == order  # input order, exactly once each
+    for r in records:
+        want = expected[r.input]
+        if want == "ok":
+            assert r.status == "ok", r
+            # batched result == the image's own result alone: never a neighbour's
+            assert [p.index for p in r.predictions] == [p.index for p in singles[r.input].predictions]
+            assert r.predictions[0].score == pytest.approx(singles[r.input].predictions[0].score, abs=1e-5)
+        else:
+            assert r.status == "error" and r.error is not None
+            assert r.error.type == want, (r.input, r.error)
+
+
+def test_records_are_streamed(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    p = tmp_path / "a.jpg"
+    p.write_bytes(image_bytes())
+
+    def endless() -> Iterator[str]:
+        while True:
+            yield str(p)
+
+    with _recognizer(tiny_model, workers=0, batch_size=8) as rec:
+        stream = rec.recognize(endless())
+        first = [next(stream) for _ in range(20)]  # an endless input still yields records
+        stream.close()
+    assert all(r.ok for r in first)
+
+
+def test_duplicate_content_is_inferred_once(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    data = image_bytes((20, 20, 230))
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"copy{i}.jpg")
+        paths[-1].write_bytes(data)
+    with _recognizer(tiny_model, workers=0, batch_size=4) as rec:
+        seen: list[int] = []
+        infer = rec.engine.infer
+
+        def counting(pixels: list[npt.NDArray[np.uint8]]) -> list[object]:
+            seen.append(len(pixels))
+            return infer(pixels)  # type: ignore[return-value]
+
+        rec.engine.infer = counting  # type: ignore[method-assign]
+        records = list(rec.recognize([str(p) for p in paths]))
+    assert sum(seen) == 1
+    assert [r.input for r in records] == [str(p) for p in paths]
+    assert len({r.predictions[0].index for r in records}) == 1
+
+
+class _OomBackend:
+    """Wraps a real backend; refuses batches above a limit like a GPU out of memory."""
+
+    def __init__(self, inner: object, limit: int) -> None:
+        self.inner, self.limit, self.sizes = inner, limit, []  # type: ignore[var-annotated]
+
+    @property
+    def device(self) -> str:
+        return "fake"
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        self.sizes.append(len(batch))
+        if len(batch) > self.limit:
+            raise OutOfMemoryError(f"fake OOM at {len(batch)}")
+        return self.inner.infer(batch)  # type: ignore[attr-defined, no-any-return]
+
+    def close(self) -> None:
+        pass
+
+
+def test_out_of_memory_halves_the_batch(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    paths = []
+    for i in range(40):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Path(paths[-1]).write_bytes(image_bytes(COLORS[i % 6], size=(240 + i, 240), fmt="PNG"))
+    engine = Engine.load(str(tiny_model[0]), tiny_model[1], BackendOptions(), max_batch=16)
+    fake = _OomBackend(engine.backend, limit=5)
+    engine.backend = fake
+    rec = Recognizer(engine=engine, options=RecognizeOptions(cache=False, workers=0, batch_size=16))
+    records = list(rec.recognize(paths))
+    assert [r.input for r in records] == paths and all(r.ok for r in records)
+    assert engine.max_batch <= 5 and max(fake.sizes) == 16
+    # nothing lost or doubled: every image inferred exactly once successfully
+    assert sum(s for s in fake.sizes if s <= 5) == 40
+
+
+def test_expand_folder_glob_and_stdin(tmp_path: Path) -> None:
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    for name in ["a.JPG", "b.png", "sub/c.WebP", "sub/deeper/d.jpeg", "notes.txt", "sub/e.tif"]:
+        (tmp_path / name).write_bytes(b"x")
+    walked = [i.input for i in expand([str(tmp_path)])]
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in walked] == [
+        "a.JPG", "b.png", "sub/c.WebP", "sub/e.tif", "sub/deeper/d.jpeg",
+    ]
+    globbed = [i.input for i in expand([str(tmp_path / "**" / "*.jp*g")])]
+    assert sorted(Path(p).name for p in globbed) == ["a.JPG", "d.jpeg"] or sorted(
+        Path(p).name for p in globbed
+    ) == ["d.jpeg"]
+    import io
+
+    stdin = io.StringIO(f"{tmp_path / 'b.png'}\n\n{tmp_path / 'notes.txt'}\n")
+    assert [i.input for i in expand(["-"], stdin=stdin)] == [str(tmp_path / "b.png"), str(tmp_path / "notes.txt")]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (item,) = list(expand([str(empty)]))
+    assert item.kind == "missing" and "no image" in item.locator
+    (nomatch,) = list(expand([str(tmp_path / "*.nothing")]))
+    assert nomatch.kind == "missing"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    images: dict[str, bytes] = {}
+
+    def do_GET(self) -> None:
+        if self.path == "/slow.jpg":
+            threading.Event().wait(3)
+        body = self.images.get(self.path)
+        if body is None:
+            self.send_response(404)
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except BrokenPipeError:
+            pass
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_images() -> Iterator[str]:
+    _Handler.images = {
+        "/red.jpg": image_bytes((230, 20, 20)),
+        "/big.png": b"\x89PNG\r\n\x1a\n" + bytes(300_000),
+        "/slow.jpg": image_bytes(),
+    }
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_urls(tiny_model: tuple[Path, Path], http_images: str) -> None:
+    opts = RecognizeOptions(cache=False, workers=0, max_bytes=200_000, fetch_timeout=1.0)
+    urls = [f"{http_images}/red.jpg", f"{http_images}/missing.jpg", f"{http_images}/big.png",
+            f"{http_images}/slow.jpg", "http://127.0.0.1:9/refused.jpg"]
+    with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=opts) as rec:
+        records = {r.input: r for r in rec.recognize(urls)}
+    assert records[urls[0]].ok and records[urls[0]].width == 320
+    types = {u: (r.error.type if r.error else "ok") for u, r in records.items()}
+    assert types == {urls[0]: "ok", urls[1]: "not_found", urls[2]: "too_large", urls[3]: "fetch_error",
+                     urls[4]: "fetch_error"}
+
+
+def test_bytes_items(tiny_model: tuple[Path, Path]) -> None:
+    with _recognizer(tiny_model, workers=0) as rec:
+        a, b = rec.recognize([InputItem.from_bytes("up1", image_bytes()), InputItem.from_bytes("up2", b"x")])
+    assert a.ok and a.input == "up1"
+    assert b.error is not None and b.error.type == "unsupported"
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_real_photos_accuracy_and_reference_agreement(mobilenet: tuple[Path, Path], photos: Path) -> None:
+    import csv
+
+    data = photos.parent
+    with open(data / "labels.csv", encoding="utf-8") as f:
+        truth = {r["file"]: int(r["class_index"]) for r in csv.DictReader(f)}
+    with open(data / "reference_predictions_mobilenetv2-12-int8.csv", encoding="utf-8") as f:
+        ref = {r["file"]: int(r["top1_index"]) for r in csv.DictReader(f)}
+    with _recognizer(mobilenet, batch_size=32) as rec:
+        records = list(rec.recognize([str(photos)]))
+    assert len(records) == 1000 and all(r.ok for r in records)
+    key = {r.input: f"imagenet-sample-images/{Path(r.input).name}" for r in records}
+    top1 = {key[r.input]: r.predictions[0].index for r in records}
+    accuracy = sum(top1[f] == truth[f] for f in top1) / len(top1)
+    agreement = sum(top1[f] == ref[f] for f in top1) / len(top1)
+    assert accuracy >= 0.825, accuracy
+    assert agreement >= 0.99, agreement
+    tench = next(r for r in records if r.input.endswith("n01440764_tench.JPEG"))
+    assert tench.predictions[0].label == "丁鲷" and tench.predictions[0].score > 0.8
