@@ -1,0 +1,122 @@
+"""Core engine benchmark: the CLI end to end against a naive script, RSS vs input count, stage costs.
+
+    python benchmarks/bench_core.py [--repeats 3] [--phone 100] [--int8 exact|native]
+
+(a) the 1,000 photos in ../shared/data; (b) N phone-size photos (4032x3024 JPEG q90) made from them.
+Runs alternate (naive, wanwu, naive, wanwu, …) and medians are reported, because the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import LABELS, MODEL, PHOTOS, median, require_shared, timed  # noqa: E402
+
+from wanwu.backends.int8 import cpu_has_vnni  # noqa: E402
+
+
+def make_phone_photos(folder: Path, n: int) -> None:
+    for i, src in enumerate(sorted(PHOTOS.iterdir())[:n]):
+        img = Image.open(src).convert("RGB").resize((4032, 3024), Image.Resampling.BICUBIC)
+        img.save(folder / f"phone_{i:03d}.jpg", "JPEG", quality=90)
+
+
+def compare(folder: Path, repeats: int, int8: str) -> tuple[float, float]:
+    naive = [sys.executable, str(Path(__file__).parent / "naive.py"), str(MODEL), str(LABELS), str(folder)]
+    if int8 == "exact":
+        naive.append("--exact-int8")
+    ours = ["wanwu", "recognize", str(folder), "--model", str(MODEL), "--labels", str(LABELS),
+            "--no-cache", "-q", "-f", "jsonl", "-o", os.devnull, "--int8", int8]
+    t_naive, t_ours = [], []
+    for _ in range(repeats):
+        t_naive.append(timed(naive))
+        t_ours.append(timed(ours))
+    return median(t_naive), median(t_ours)
+
+
+def peak_rss(n: int, int8: str) -> int:
+    """Peak RSS (KiB) of the wanwu process over n inputs (the photos repeated, fed on stdin)."""
+    files = sorted(str(p) for p in PHOTOS.iterdir())
+    listing = "\n".join(files[i % len(files)] for i in range(n)) + "\n"
+    code = ("import resource, sys\nfrom wanwu.cli.main import main\nrc = main(sys.argv[1:])\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "recognize", "-", "--model", str(MODEL), "--labels", str(LABELS),
+         "--no-cache", "-q", "-o", os.devnull, "--int8", int8],
+        input=listing, capture_output=True, text=True, check=True,
+    )
+    return int(proc.stderr.strip().splitlines()[-1])
+
+
+def stage_costs(int8: str, n: int = 200) -> dict[str, float]:
+    """Per-image milliseconds of each stage, measured one at a time on one core."""
+    from wanwu.backends import BackendOptions
+    from wanwu.engine import Engine
+    from wanwu.imaging import _resize_crop, _to_rgb, to_batch
+
+    files = sorted(PHOTOS.iterdir())[:n]
+    datas = [f.read_bytes() for f in files]
+    t0 = time.perf_counter()
+    images = []
+    for d in datas:
+        img = Image.open(io.BytesIO(d))
+        img.load()
+        images.append(_to_rgb(img))
+    t1 = time.perf_counter()
+    engine = Engine.load(str(MODEL), LABELS, BackendOptions(threads=1, int8=int8))
+    crops = [_resize_crop(img, engine.spec.preprocess) for img in images]
+    to_batch(crops, engine.spec.preprocess)
+    t2 = time.perf_counter()
+    engine.infer(crops[:32])
+    t3 = time.perf_counter()
+    engine.infer(crops)
+    t4 = time.perf_counter()
+    return {"decode": (t1 - t0) / n * 1e3, "preprocess": (t2 - t1) / n * 1e3, "inference": (t4 - t3) / n * 1e3}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--phone", type=int, default=100)
+    parser.add_argument("--int8", choices=["exact", "native"], default="exact" if not cpu_has_vnni() else "native")
+    parser.add_argument("--skip-rss", action="store_true")
+    args = parser.parse_args()
+    require_shared()
+    cores = os.cpu_count() or 1
+    print(f"cores={cores} vnni={cpu_has_vnni()} int8={args.int8}")
+
+    naive, ours = compare(PHOTOS, args.repeats, args.int8)
+    print(f"(a) 1,000 photos: naive {naive:.1f}s ({1000 / naive:.0f} img/s), wanwu {ours:.1f}s "
+          f"({1000 / ours:.0f} img/s): {naive / ours:.2f}x")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_phone_photos(Path(tmp), args.phone)
+        naive_b, ours_b = compare(Path(tmp), max(1, args.repeats - 1), args.int8)
+    print(f"(b) {args.phone} phone photos 4032x3024: naive {naive_b:.1f}s, wanwu {ours_b:.1f}s: "
+          f"{naive_b / ours_b:.2f}x")
+
+    if not args.skip_rss:
+        small, large = peak_rss(1000, args.int8), peak_rss(10000, args.int8)
+        print(f"peak RSS: 1,000 inputs {small / 1024:.0f} MiB, 10,000 inputs {large / 1024:.0f} MiB "
+              f"({(large / small - 1) * 100:+.1f}%)")
+
+    costs = stage_costs(args.int8)
+    total = sum(costs.values())
+    bound = 1000 / total * cores
+    print("per-image stage costs (1 core): " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items()))
+    print(f"CPU bound for {cores} cores: {bound:.0f} img/s; wanwu end to end reached {1000 / ours:.0f} img/s "
+          f"= {1000 / ours / bound * 100:.0f}% of it (process start and model load included)")
+
+
+if __name__ == "__main__":
+    main()
