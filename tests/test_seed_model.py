@@ -25,8 +25,8 @@ from wanwu.seed.resnest import ANIMAL_CLASSES, GENERAL_CLASSES, ResNeStConfig, R
 from wanwu.spec import PreprocessSpec
 
 BLOCK_KEYS = {
-    "conv1.weight", "conv2.conv.weight", "conv2.fc1.weight", "conv2.fc1.bias", "conv2.fc2.weight", "conv2.fc2.bias",
-    "conv3.weight",
+    "conv1.weight", "conv2.conv.weight", "conv2.fc1.weight", "conv2.fc1.bias", "conv2.fc2.weight",
+    "conv2.fc2.bias", "conv3.weight",
     *(f"{bn}.{p}" for bn in ("bn1", "conv2.bn0", "conv2.bn1", "bn3")
       for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")),
 }

@@ -84,9 +84,9 @@ class SplAtConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn0(self.conv(x)))
-        batch, rchannel = x.shape[:2]
+        batch = x.shape[0]
         if self.radix > 1:
-            splits = torch.split(x, rchannel // self.radix, dim=1)
+            splits = torch.split(x, self.channels, dim=1)  # a static size: traces and exports cleanly
             gap = splits[0]
             for part in splits[1:]:
                 gap = gap + part
@@ -96,7 +96,7 @@ class SplAtConv2d(nn.Module):
         gap = self.relu(self.bn1(self.fc1(gap)))
         atten = self.rsoftmax(self.fc2(gap)).view(batch, -1, 1, 1)
         if self.radix > 1:
-            attens = torch.split(atten, rchannel // self.radix, dim=1)
+            attens = torch.split(atten, self.channels, dim=1)
             out = attens[0] * splits[0]
             for att, part in zip(attens[1:], splits[1:], strict=True):
                 out = out + att * part
