@@ -1,0 +1,123 @@
+"""PyTorch backend: the seed model's own checkpoint, on CPU or CUDA.
+
+Builds :class:`~wanwu.seed.resnest.ResNeSt` from the checkpoint (strictly: every weight must be there), in
+eval mode under :func:`torch.inference_mode`, channels-last, with bf16/fp16 autocast on CUDA. torch is
+imported inside the factory: without it, using this backend raises
+:class:`~wanwu.errors.MissingExtraError` naming the ``torch`` extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from wanwu.backends import Backend, BackendOptions, register_backend
+from wanwu.errors import MissingExtraError, ModelError, OutOfMemoryError, UsageError
+from wanwu.spec import ModelSpec
+
+if TYPE_CHECKING:
+    import torch
+
+
+class TorchBackend:
+    def __init__(self, spec: ModelSpec, options: BackendOptions) -> None:
+        import torch
+
+        from wanwu.backends.onnx import default_threads
+        from wanwu.seed.checkpoint import load_resnest
+
+        if spec.preprocess.layout != "NCHW":
+            raise ModelError(f"the torch backend needs NCHW input, the spec says {spec.preprocess.layout}")
+        self._torch = torch
+        self._device = resolve_device(options.device)
+        self._dtype = resolve_precision(options.precision, self._device)
+        if self._device.type == "cpu":
+            torch.set_num_threads(options.threads or default_threads())
+        model = load_resnest(spec.weights, spec.num_classes)
+        self._model = model.to(self._device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[
+            str(self._dtype) if self._dtype is not None else None
+        ]
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        torch = self._torch
+        try:
+            with torch.inference_mode(), self._autocast():
+                x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+                x = x.to(self._device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                out = self._model(x).float().cpu().numpy()
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            raise OutOfMemoryError(f"CUDA out of memory for a batch of {len(batch)}: {e}") from None
+        except RuntimeError as e:
+            if "can't allocate memory" in str(e) or "not enough memory" in str(e):
+                raise OutOfMemoryError(f"out of memory for a batch of {len(batch)}: {e}") from None
+            raise
+        return np.asarray(out, dtype=np.float32)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self._dtype is None:
+            return contextlib.nullcontext()
+        return self._torch.autocast(device_type=self._device.type, dtype=self._dtype)
+
+    def close(self) -> None:
+        self._model = None
+        if self._device.type == "cuda":
+            self._torch.cuda.empty_cache()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` = CUDA when available, else CPU; ``cuda[:N]`` must exist."""
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: this torch has no usable CUDA device")
+        index = name.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device(name)
+    raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. ``auto``: bf16 on CUDA when supported, else fp16; CPU: fp32."""
+    import torch
+
+    precision = precision or "auto"
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        if precision == "auto":
+            return None
+        raise UsageError(f"--precision {precision} needs a CUDA device; on the CPU wanwu runs fp32")
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in table:
+        raise UsageError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")
+    return table[precision]
+
+
+@register_backend("torch")
+def _create(spec: ModelSpec, options: BackendOptions) -> Backend:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("torch", "torch", f"running the PyTorch checkpoint {spec.weights}") from None
+    return TorchBackend(spec, options)
