@@ -17,6 +17,7 @@ import pytest
 
 import wanwu
 import wanwu.pipeline
+from tests.helpers import image_bytes, make_tiny_onnx
 from wanwu.cache import CachedResult
 from wanwu.cache.sqlite import SCHEMA_VERSION, SqliteCache, decode_top, encode_top
 from wanwu.cli.cache import parse_duration, parse_size
@@ -27,7 +28,6 @@ from wanwu.models import write_manifest
 from wanwu.pipeline import Recognizer
 from wanwu.records import top_scores
 from wanwu.spec import PreprocessSpec
-from tests.helpers import image_bytes, make_tiny_onnx
 
 SRC = Path(wanwu.__file__).resolve().parents[1]
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (40, 220, 220), (120, 120, 120)]
@@ -207,7 +207,8 @@ _WRITER = textwrap.dedent(
     rng = np.random.default_rng(who)
     for batch in range(150):
         raw = rng.normal(size=(4, 100)).astype(np.float32)
-        items = [(f"{who:02x}{batch * 4 + i:062x}", CachedResult(t, who, batch)) for i, t in enumerate(top_scores(raw))]
+        tops = top_scores(raw)
+        items = [(f"{who:02x}{batch * 4 + i:062x}", CachedResult(t, who, batch)) for i, t in enumerate(tops)]
         items.append(("ff" * 32, CachedResult(top_scores(raw)[0], 7, 7)))  # a key both write
         cache.put_many("shared-ns", items)
         cache.get_many("shared-ns", [items[0][0], f"{(1 - who):02x}{batch * 4:062x}"])
@@ -228,7 +229,7 @@ def test_two_processes_share_one_cache(tmp_path: Path) -> None:
         for who in (0, 1)
     ]
     outputs = [p.communicate(timeout=120) for p in procs]
-    for proc, (out, err) in zip(procs, outputs, strict=True):
+    for proc, (_out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err
         assert "locked" not in err and "carrying on without" not in err, err
     with SqliteCache(path) as cache:
@@ -318,7 +319,8 @@ def test_identical_content_is_decoded_and_inferred_once_per_run(
     paths = []
     for i in range(40):  # copies of one photo, at the start, in the middle (mixed) and long after
         path = folder / f"{i:03d}.jpg"
-        path.write_bytes(same if i < 6 or i % 7 == 0 or i == 39 else image_bytes(COLORS[i % 6], (100 + i, 80)))
+        copy = i < 6 or i % 7 == 0 or i == 39
+        path.write_bytes(same if copy else image_bytes(COLORS[i % 6], (100 + i, 80)))
         paths.append(path)
     copies = sum(1 for p in paths if p.read_bytes() == same)
     decodes: list[int] = []
@@ -350,12 +352,13 @@ def test_cli_cache_option_no_cache_and_cache_commands(
     tmp_path: Path, tiny_model: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    images = _images(tmp_path / "img", 4)
+    _images(tmp_path / "img", 4)
     model = ["-m", str(tiny_model[0]), "-l", str(tiny_model[1]), "-j", "0", "-q"]
     default = Path(os.environ["WANWU_HOME"]) / "cache.sqlite3"
     spy = _InferSpy(monkeypatch)
 
-    assert _cli("recognize", str(tmp_path / "img"), *model, "--no-cache", "-o", str(tmp_path / "a.jsonl")) == 0
+    assert _cli("recognize", str(tmp_path / "img"), *model, "--no-cache",
+                "-o", str(tmp_path / "a.jsonl")) == 0
     assert spy.images == 4 and not default.exists()  # --no-cache writes nothing
 
     custom = tmp_path / "elsewhere" / "mine.sqlite3"
@@ -390,8 +393,12 @@ def test_cli_cache_option_no_cache_and_cache_commands(
 
 
 def test_parse_duration_and_size() -> None:
-    assert parse_duration("90d") == 90 * 86400 and parse_duration("12h") == 43200 and parse_duration("15") == 15
+    assert parse_duration("90d") == 90 * 86400 and parse_duration("12h") == 43200
+    assert parse_duration("15") == 15
     assert parse_size("500MB") == 500_000_000 and parse_size("2GiB") == 2 * 1024**3 and parse_size("10") == 10
-    for bad in ("soon", "-3d", "5 parsecs"):
+    for bad in ("soon", "-3d", "1 fortnight"):
         with pytest.raises(UsageError):
-            parse_duration(bad) if "d" in bad or bad == "soon" else parse_size(bad)
+            parse_duration(bad)
+    for bad in ("big", "-3MB", "5 parsecs"):
+        with pytest.raises(UsageError):
+            parse_size(bad)

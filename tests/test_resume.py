@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -16,11 +17,11 @@ from typing import Any
 import pytest
 
 import wanwu
+from tests.helpers import image_bytes
 from wanwu.cli.main import main
 from wanwu.errors import UsageError
 from wanwu.resume import prepare_resume
 from wanwu.sinks import csv_header
-from tests.helpers import image_bytes
 
 SRC = Path(wanwu.__file__).resolve().parents[1]
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (40, 220, 220), (120, 120, 120)]
@@ -181,10 +182,8 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
-    try:  # its decode workers, orphaned by the kill
+    with contextlib.suppress(ProcessLookupError):  # its decode workers, orphaned by the kill
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 @pytest.mark.slow
