@@ -402,3 +402,16 @@ def test_parse_duration_and_size() -> None:
     for bad in ("big", "-3MB", "5 parsecs"):
         with pytest.raises(UsageError):
             parse_size(bad)
+
+
+def test_a_forked_copy_never_reuses_the_parents_connection(tmp_path: Path) -> None:
+    cache = SqliteCache(tmp_path / "c.sqlite3")
+    cache.put_many("ns", [(_key(1), _result(1))])
+    parents = cache._conn
+    cache._pid = -1  # what a child process sees after fork: another pid than the one that connected
+    assert len(cache.get_many("ns", [_key(1)])) == 1
+    assert cache._conn is not None and cache._conn is not parents
+    cache.close()
+    assert parents is not None
+    parents.execute("SELECT 1")  # the parent's connection was left alone
+    parents.close()

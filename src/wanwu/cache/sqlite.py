@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sqlite3
 import struct
 import threading
@@ -168,6 +169,7 @@ class SqliteCache:
         self.timeout = timeout
         self.touch_interval = touch_interval
         self._conn: sqlite3.Connection | None = None
+        self._pid = os.getpid()
         self._lock = threading.RLock()
         self._touches: dict[tuple[int, bytes], int] = {}
         self._disabled = False  # set after a failure during a run: carry on uncached
@@ -211,7 +213,8 @@ class SqliteCache:
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is None:
+            if self._conn is None or self._pid != os.getpid():
+                self._conn = None
                 return
             try:
                 if self._touches and not self._disabled:
@@ -347,6 +350,9 @@ class SqliteCache:
             self._touches.clear()
 
     def _connect(self, create: bool) -> sqlite3.Connection | None:
+        if self._conn is not None and self._pid != os.getpid():
+            self._conn = None  # inherited through fork: never use (or close) the parent's connection
+            self._touches.clear()
         if self._conn is not None:
             return self._conn
         if not create and not self.path.exists():
@@ -368,6 +374,7 @@ class SqliteCache:
             conn.close()
             raise
         self._conn = conn
+        self._pid = os.getpid()
         return conn
 
     def _setup(self, conn: sqlite3.Connection) -> None:

@@ -29,7 +29,8 @@ log = logging.getLogger("wanwu")
 @run_options
 @click.option(
     "-f", "--format", "fmt", type=click.Choice(sorted(SINKS)), default=None,
-    help="Output format (default: table on a terminal, else jsonl).",
+    help="Output format (default: from --output's suffix .csv/.json/.jsonl, else table on a terminal, "
+    "else jsonl).",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write records here instead of stdout.")
