@@ -20,9 +20,8 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LABELS, MODEL, PHOTOS, median, require_shared, timed  # noqa: E402
-
-from wanwu.backends.int8 import cpu_has_vnni  # noqa: E402
+from _common import LABELS, MODEL, PHOTOS, median, require_shared, timed
+from wanwu.backends.int8 import cpu_has_vnni
 
 
 def make_phone_photos(folder: Path, n: int) -> None:

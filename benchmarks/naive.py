@@ -24,7 +24,7 @@ def preprocess(path: Path) -> np.ndarray:
     w, h = img.size
     nw, nh = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
     img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = int(round((nw - 224) / 2)), int(round((nh - 224) / 2))
+    left, top = round((nw - 224) / 2), round((nh - 224) / 2)
     arr = np.asarray(img.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0
     return ((arr - MEAN) / STD).transpose(2, 0, 1)
 

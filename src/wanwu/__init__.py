@@ -9,8 +9,8 @@ from wanwu.engine import Engine
 from wanwu.errors import WanwuError
 from wanwu.pipeline import Recognizer
 from wanwu.records import Prediction, Record
-from wanwu.spec import ModelSpec, PreprocessSpec
 from wanwu.sources import InputItem
+from wanwu.spec import ModelSpec, PreprocessSpec
 
 __all__ = [
     "Engine",

@@ -193,7 +193,7 @@ def _resize_crop(image: Image.Image, spec: PreprocessSpec) -> npt.NDArray[np.uin
     else:
         new_w, new_h = int(short * width / height), short
     crop = spec.crop_size
-    left = int(round((new_w - crop) / 2.0))
-    top = int(round((new_h - crop) / 2.0))
+    left = round((new_w - crop) / 2.0)
+    top = round((new_h - crop) / 2.0)
     resized = image.resize((new_w, new_h), _RESAMPLE[spec.interpolation])
     return np.asarray(resized.crop((left, top, left + crop, top + crop)), dtype=np.uint8)

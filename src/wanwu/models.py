@@ -25,7 +25,8 @@ DEFAULT_MODEL = "modelscope:damo/cv_resnest101_general_recognition"
 
 
 class ModelLoader(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def claims(self, ref: str) -> bool: ...
 

@@ -21,7 +21,7 @@ import multiprocessing
 import queue
 import signal
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -58,7 +58,7 @@ class Recognizer:
         labels: Path | str | None = None,
         options: RecognizeOptions | None = None,
         engine: Engine | None = None,
-        cache: ResultCache | None | object = _DEFAULT,
+        cache: ResultCache | object | None = _DEFAULT,
     ) -> None:
         self.options = options or RecognizeOptions()
         label_path = Path(labels) if labels is not None else None
@@ -276,7 +276,7 @@ class _Run:
             pool = pool or self.rec.fetch_pool()
             self.pending_fetch += 1
             future = pool.submit(self.rec.fetcher.fetch, item)
-            future.add_done_callback(lambda f, s=slot: self.events.put(("fetch", s, f)))
+            future.add_done_callback(self._notify("fetch", slot))
 
     def _submit_decodes(self) -> None:
         if self.suspects:
@@ -294,8 +294,14 @@ class _Run:
         pool = self.rec.decode_pool()
         slot.generation = self.rec.pool_generation
         self.pending_decode += 1
-        future = pool.submit(decode_job, slot.data, self.engine.spec.preprocess, self.opts.max_pixels)
-        future.add_done_callback(lambda f, s=slot: self.events.put(("decode", s, f)))
+        future = pool.submit(decode_job, slot.data or b"", self.engine.spec.preprocess, self.opts.max_pixels)
+        future.add_done_callback(self._notify("decode", slot))
+
+    def _notify(self, kind: str, slot: _Slot) -> Callable[[Future[Any]], None]:
+        def done(future: Future[Any]) -> None:
+            self.events.put((kind, slot, future))
+
+        return done
 
     def _handle(self, event: tuple[str, _Slot, Future[Any]]) -> None:
         kind, slot, future = event

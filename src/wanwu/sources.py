@@ -45,7 +45,8 @@ class InputItem:
 
 
 class Source(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def claims(self, arg: str) -> bool: ...
 
