@@ -133,7 +133,7 @@ def test_exif_rotation_applied(photos: Path) -> None:
 
 def test_truncated_jpeg_is_an_error_not_invented_pixels() -> None:
     data = image_bytes(size=(800, 600))
-    with pytest.raises(DecodeError, match="truncated|decode"):
+    with pytest.raises(DecodeError, match=r"truncated|decode"):
         prepare(data[: len(data) // 2], SPEC)
 
 

@@ -7,6 +7,7 @@ import http.server
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -176,7 +177,7 @@ def test_expand_folder_glob_and_stdin(tmp_path: Path) -> None:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    images: dict[str, bytes] = {}
+    images: ClassVar[dict[str, bytes]] = {}
 
     def do_GET(self) -> None:
         if self.path == "/slow.jpg":

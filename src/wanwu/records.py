@@ -53,10 +53,8 @@ class TopScores:
         """``probabilities``: the model already outputs probabilities (then softmax = the values)."""
         out: list[Prediction] = []
         for idx, value in zip(self.indices[:top_k], self.values[:top_k], strict=True):
-            if score == "logit" or probabilities:
-                s = float(value)
-            else:
-                s = float(np.exp(np.float64(value) - self.logsumexp))
+            raw = score == "logit" or probabilities
+            s = float(value) if raw else float(np.exp(np.float64(value) - self.logsumexp))
             if threshold is not None and s < threshold:
                 break
             out.append(Prediction(int(idx), labels[int(idx)], round(s, 6)))
