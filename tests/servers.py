@@ -79,7 +79,8 @@ def static_server(folder: Path) -> Iterator[str]:
 
 def metric(text: str, name: str, labels: str = "") -> float:
     """The value of one sample in a Prometheus text exposition (0 if absent)."""
-    pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else r"(?:\{[^}]*\})?") + r" (\S+)"
+    selector = r"\{" + re.escape(labels) + r"\}" if labels else r"(?:\{[^}]*\})?"
+    pattern = re.escape(name) + selector + r" (\S+)"
     total = 0.0
     for match in re.finditer(r"^" + pattern + r"$", text, re.MULTILINE):
         total += float(match.group(1))

@@ -1,4 +1,4 @@
-"""The HTTP service: records like the CLI's, request errors, the shared dynamic batcher, readiness, metrics."""
+"""The HTTP service: records like the CLI's, request errors, the shared batcher, readiness, metrics."""
 
 from __future__ import annotations
 
@@ -189,7 +189,8 @@ def test_uploads_over_the_limit_get_413(tiny_model: Model) -> None:
     with serve(tiny_model, max_upload_mb=0.03) as (base, _):
         url = f"{base}/v1/recognize"
         declared = httpx.post(url, files=files(("big.jpg", big)), timeout=30)
-        streamed = httpx.post(url, content=chunked(), headers={"content-type": "application/json"}, timeout=30)
+        json_type = {"content-type": "application/json"}
+        streamed = httpx.post(url, content=chunked(), headers=json_type, timeout=30)
         small = httpx.post(url, files=files(("small.jpg", image_bytes(size=(64, 48)))), timeout=30)
         too_many = httpx.post(url, files=files(*[(f"{i}.jpg", b"x") for i in range(70)]), timeout=30)
     for response in (declared, streamed):
@@ -218,8 +219,8 @@ def test_api_keys(tiny_model: Model) -> None:
 
 
 def test_a_full_queue_answers_503_with_retry_after(tiny_model: Model) -> None:
-    factory = slow_engine(tiny_model, 0.6)
-    with serve(tiny_model, engine_factory=factory, max_queue=1, max_batch_size=1, max_delay_ms=0) as (base, _):
+    limits: dict[str, Any] = {"max_queue": 1, "max_batch_size": 1, "max_delay_ms": 0}
+    with serve(tiny_model, engine_factory=slow_engine(tiny_model, 0.6), **limits) as (base, _):
         def post(i: int) -> httpx.Response:
             return httpx.post(f"{base}/v1/recognize", files=files((f"{i}.jpg", image_bytes())), timeout=60)
 
@@ -307,7 +308,8 @@ def test_a_model_that_fails_to_load_is_reported(tiny_model: Model, tmp_path: Pat
 
     with serve(tiny_model, engine_factory=broken, ready=False) as (base, _):
         deadline = time.monotonic() + 10
-        while (ready := httpx.get(f"{base}/readyz")).json()["status"] == "loading" and time.monotonic() < deadline:
+        while (ready := httpx.get(f"{base}/readyz")).json()["status"] == "loading":
+            assert time.monotonic() < deadline
             time.sleep(0.02)
     assert ready.status_code == 503
     assert ready.json()["status"] == "failed" and "disk on fire" in ready.json()["message"]
@@ -372,13 +374,15 @@ def _wanwu(*args: str) -> list[str]:
 def test_serve_command_help() -> None:
     out = subprocess.run(_wanwu("serve", "--help"), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0
-    for flag in ("--max-batch-size", "--max-delay-ms", "--max-queue", "--max-upload-mb", "--api-key", "--port"):
+    flags = ("--max-batch-size", "--max-delay-ms", "--max-queue", "--max-upload-mb", "--api-key", "--port")
+    for flag in flags:
         assert flag in out.stdout
 
 
 def test_serve_command_runs_and_stops(tiny_model: Model) -> None:
     port = free_port()
-    args = ("serve", "-m", str(tiny_model[0]), "-l", str(tiny_model[1]), "--port", str(port), "--no-cache", "-j", "0")
+    model = ("-m", str(tiny_model[0]), "-l", str(tiny_model[1]))
+    args = ("serve", *model, "--port", str(port), "--no-cache", "-j", "0")
     proc = subprocess.Popen(_wanwu(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_ready(f"http://127.0.0.1:{port}", timeout=60)

@@ -8,9 +8,9 @@
 
   const ERROR_TEXT = {
     not_found: "找不到文件",
-    decode_error: "无法解码：这不是可识别的图片文件",
+    decode_error: "无法解码图片（文件可能已损坏，或不是图片）",
     too_large: "文件或图片尺寸过大",
-    unsupported: "不支持的输入",
+    unsupported: "不是受支持的图片格式",
     fetch_error: "获取失败",
     internal: "服务器内部错误",
   };
