@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import numpy as np
@@ -30,6 +30,7 @@ from wanwu.sources import InputItem
 
 pytest.importorskip("fastapi")
 Model = tuple[Path, Path]
+_UNSET: Any = object()
 RED, GREEN, BLUE = (220, 20, 20), (20, 200, 40), (20, 30, 220)
 
 
@@ -42,7 +43,8 @@ def serve(
         model=str(model[0]), labels=model[1], options=options or RecognizeOptions(workers=0, cache=False),
         **config,
     )
-    app = create_app(cfg, cache=cache, engine_factory=engine_factory)
+    extra = {} if cache is _UNSET else {"cache": cache}  # _UNSET: the cache the options name
+    app = create_app(cfg, engine_factory=engine_factory, **extra)
     with uvicorn_in_thread(app, ready=ready) as base:
         yield base, app
 
@@ -276,6 +278,62 @@ def test_the_result_cache_is_consulted(tiny_model: Model) -> None:
     assert batches == 1
     assert {**second["results"][0], "input": "a.jpg"} == first["results"][0]
     assert open_result_cache(RecognizeOptions(cache=False)) is None  # --no-cache: no cache at all
+
+
+class ThreadBoundCache(MemoryCache):
+    """Like a sqlite connection: usable only on the thread that opened it."""
+
+    opened: ClassVar[list[ThreadBoundCache]] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.calls = 0
+        ThreadBoundCache.opened.append(self)
+
+    def _check(self) -> None:
+        if threading.get_ident() != self.thread:
+            raise RuntimeError("used from another thread")
+        self.calls += 1
+
+    def get_many(self, namespace: str, keys: list[str]) -> dict[str, Any]:
+        self._check()
+        return super().get_many(namespace, keys)
+
+    def put_many(self, namespace: str, items: Any) -> None:
+        self._check()
+        super().put_many(namespace, items)
+
+
+def test_the_configured_cache_is_opened_and_used_on_one_thread(
+    tiny_model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("wanwu.service.runtime.open_cache", lambda options: ThreadBoundCache())
+    ThreadBoundCache.opened.clear()
+    options = RecognizeOptions(workers=0, cache=True)
+    with serve(tiny_model, cache=_UNSET, options=options) as (base, _):
+        body = files(("a.jpg", image_bytes(GREEN)))
+        responses = [httpx.post(f"{base}/v1/recognize", files=body) for _ in range(3)]
+        text = httpx.get(f"{base}/metrics").text
+    assert [r.status_code for r in responses] == [200] * 3
+    (cache,) = ThreadBoundCache.opened
+    assert cache.calls == 4  # three lookups, one store
+    assert metric(text, "wanwu_cache_hits_total") == 2
+
+
+def test_a_missing_cache_backend_says_use_no_cache(
+    tiny_model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unavailable(options: RecognizeOptions) -> ResultCache:
+        raise ModuleNotFoundError("No module named 'wanwu.cache.sqlite'")
+
+    monkeypatch.setattr("wanwu.service.runtime.open_cache", unavailable)
+    with serve(tiny_model, cache=_UNSET, options=RecognizeOptions(workers=0), ready=False) as (base, _):
+        deadline = time.monotonic() + 10
+        while (ready := httpx.get(f"{base}/readyz")).json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    assert ready.json()["status"] == "failed" and "--no-cache" in ready.json()["message"]
 
 
 def test_readyz_is_503_until_the_model_is_loaded(tiny_model: Model) -> None:

@@ -40,7 +40,14 @@ from wanwu.service.requests import (
     json_error_body,
     parse_recognize,
 )
-from wanwu.service.runtime import EngineFactory, RunParams, Runtime, default_engine_factory, open_result_cache
+from wanwu.service.runtime import (
+    EngineFactory,
+    RunParams,
+    Runtime,
+    cache_executor,
+    default_engine_factory,
+    open_result_cache,
+)
 
 log = logging.getLogger("wanwu")
 _DEFAULT: Any = object()
@@ -76,18 +83,21 @@ def create_app(
     factory = engine_factory or default_engine_factory(config)
 
     async def load() -> None:
+        cache_thread = cache_executor()
         try:
             engine = await asyncio.to_thread(factory)
-            result_cache = cache if cache is not _DEFAULT else await asyncio.to_thread(
-                open_result_cache, config.options
-            )
+            result_cache = cache
+            if cache is _DEFAULT:  # opened on the thread that will use it
+                loop = asyncio.get_running_loop()
+                result_cache = await loop.run_in_executor(cache_thread, open_result_cache, config.options)
         except Exception as e:
+            cache_thread.shutdown(wait=False)
             state.load_error = f"{type(e).__name__}: {e}"
             log.error("cannot start: %s", e)
             if on_load_failed is not None:
                 on_load_failed(e)
             return
-        runtime = Runtime(config, engine, result_cache, metrics, metrics.cache_hits.inc)
+        runtime = Runtime(config, engine, result_cache, metrics, metrics.cache_hits.inc, cache_thread)
         runtime.start()
         state.runtime, state.loaded_at = runtime, time.time()
         metrics.ready.set(1)

@@ -21,7 +21,7 @@ from typing import Any
 from wanwu.cache import CachedResult, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.engine import Engine
-from wanwu.errors import CacheError, InputError, OutOfMemoryError, QueueError, WanwuError
+from wanwu.errors import CacheError, InputError, OutOfMemoryError, QueueError
 from wanwu.pipeline import DecodeResult, decode_job, open_cache
 from wanwu.records import Record, ScoreKind
 from wanwu.service.batcher import Batcher, BatcherConfig, BatchObserver
@@ -58,6 +58,11 @@ def open_result_cache(options: RecognizeOptions) -> ResultCache | None:
         return open_cache(options)
     except ImportError as e:
         raise CacheError(f"the result cache is not available ({e}); run with --no-cache") from e
+
+
+def cache_executor() -> ThreadPoolExecutor:
+    """The single thread every result-cache call runs on (sqlite connections belong to one thread)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="wanwu-cache")
 
 
 class DecodePool:
@@ -103,8 +108,9 @@ class DecodePool:
 class Runtime:
     def __init__(
         self, config: ServeConfig, engine: Engine, cache: ResultCache | None, observer: BatchObserver,
-        on_cache_hit: Callable[[], None] = lambda: None,
+        on_cache_hit: Callable[[], None] = lambda: None, cache_thread: ThreadPoolExecutor | None = None,
     ) -> None:
+        """``cache_thread``: the one thread that may touch ``cache`` (pass the one that opened it)."""
         self.config = config
         self.options = config.options
         self.engine = engine
@@ -120,7 +126,7 @@ class Runtime:
         self._fetch_pool = ThreadPoolExecutor(
             max(2, self.options.fetch_threads), thread_name_prefix="wanwu-fetch"
         )
-        self._cache_pool = ThreadPoolExecutor(1, thread_name_prefix="wanwu-cache")  # cache: one thread
+        self._cache_pool = cache_thread or cache_executor()
         self._on_cache_hit = on_cache_hit
         self.defaults = RunParams(self.options.top_k, self.options.score, self.options.threshold)
 
@@ -131,10 +137,10 @@ class Runtime:
         await self.batcher.stop()
         self.decoder.close()
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
-        self._cache_pool.shutdown(wait=True)
         self.fetcher.close()
         if self.cache is not None:
-            self.cache.close()
+            await self._in_cache_thread(self.cache.close)
+        self._cache_pool.shutdown(wait=True)
         await asyncio.to_thread(self.engine.close)
 
     async def recognize(self, items: list[InputItem], params: RunParams) -> list[Record]:
@@ -198,8 +204,8 @@ class Runtime:
         """Cache calls run on one thread (safe for any implementation); a failing cache is only logged."""
         try:
             return await asyncio.get_running_loop().run_in_executor(self._cache_pool, fn, *args)
-        except (WanwuError, OSError) as e:
-            log.warning("result cache: %s", e)
+        except Exception as e:
+            log.warning("result cache: %s: %s", type(e).__name__, e)
             return None
 
 
