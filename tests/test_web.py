@@ -82,6 +82,25 @@ _CARDS_JS = """
 })
 """
 
+# Drops an image made in the page onto the drop zone, as a drag from the desktop would.
+_DROP_JS = """
+async () => {
+  const canvas = document.createElement('canvas');
+  canvas.width = 300; canvas.height = 200;
+  const g = canvas.getContext('2d');
+  g.fillStyle = '#c0392b'; g.fillRect(0, 0, 300, 200);
+  g.fillStyle = '#f1c40f'; g.beginPath(); g.arc(150, 100, 60, 0, 7); g.fill();
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, 'image/png'));
+  const data = new DataTransfer();
+  data.items.add(new File([blob], '拖放.png', { type: 'image/png' }));
+  const zone = document.getElementById('drop-zone');
+  zone.dispatchEvent(new DragEvent('dragover', { dataTransfer: data, bubbles: true, cancelable: true }));
+  const highlighted = zone.classList.contains('dragging');
+  zone.dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true, cancelable: true }));
+  return highlighted;
+}
+"""
+
 # Draws one character in the page's font; a character the fonts lack comes out as the same "tofu" box.
 _GLYPHS_JS = """
 (chars) => {
@@ -133,6 +152,13 @@ def test_upload_two_photos_and_a_text_file(server: str, photos: Path, tmp_path: 
             status = page.inner_text("#status")
             glyphs = page.evaluate(_GLYPHS_JS, ["万", "物", "\U0010fffd"])
             page.screenshot(path=str(shot), full_page=True)
+            highlighted = page.evaluate(_DROP_JS)
+            page.wait_for_function(
+                "document.querySelectorAll('.card').length === 4 && "
+                "!document.querySelector('.card[data-status=pending]')",
+                timeout=60_000,
+            )
+            dropped = page.evaluate(_CARDS_JS)[3]
         finally:
             browser.close()
 
@@ -148,6 +174,8 @@ def test_upload_two_photos_and_a_text_file(server: str, photos: Path, tmp_path: 
     assert "识别失败" in shown[2]["error"] and "不是受支持的图片格式" in shown[2]["error"]
     assert expected[2]["error"]["message"] in shown[2]["error"]
     assert "成功 2 张" in status and "失败 1 张" in status
+    assert highlighted
+    assert dropped["name"] == "拖放.png" and dropped["status"] == "ok" and len(dropped["labels"]) == 5
 
     # The Chinese renders as real glyphs: two characters differ from each other and from a missing glyph.
     wan, wu, missing = glyphs

@@ -7,6 +7,7 @@ bad base64, a dead URL) are not request errors: they become error records.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -124,8 +125,13 @@ def _top_k(text: str | None) -> int | None:
 
 
 async def _parse_json(request: Request) -> Parsed:
+    # Parsing, validating and base64-decoding a body of many megabytes takes a while: off the event loop.
+    return await asyncio.to_thread(_parse_json_body, await request.body())
+
+
+def _parse_json_body(raw: bytes) -> Parsed:
     try:
-        data = json.loads(await request.body())
+        data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
     try:
