@@ -1,0 +1,116 @@
+"""``wanwu serve``: the HTTP service (FastAPI + uvicorn, one process, one dynamic batcher)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wanwu.cli.options import backend_options, model_options
+from wanwu.config import RecognizeOptions
+from wanwu.errors import MissingExtraError
+from wanwu.service.config import ServeConfig
+
+
+@click.command("serve")
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0 = all).")
+@click.option("-p", "--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option("--max-batch-size", type=int, default=32, show_default=True,
+              help="Most images the dynamic batcher runs at once.")
+@click.option("--max-delay-ms", type=float, default=10.0, show_default=True,
+              help="Longest a batch waits for more images after its first arrived.")
+@click.option("--max-queue", type=int, default=256, show_default=True,
+              help="Images that may wait for the batcher; beyond it requests get 503 + Retry-After.")
+@click.option("--max-upload-mb", type=float, default=50.0, show_default=True,
+              help="Largest request body, in MB (413 above it).")
+@click.option("--max-files", type=int, default=64, show_default=True, help="Most images in one request.")
+@click.option("--api-key", "api_keys", multiple=True, envvar="WANWU_API_KEYS", metavar="KEY",
+              help="Require this key (Authorization: Bearer KEY or X-API-Key); repeatable. "
+              "Env: WANWU_API_KEYS (space-separated).")
+@click.option("-k", "--top-k", type=int, default=5, show_default=True,
+              help="Default labels per image (1-50).")
+@click.option("--score", type=click.Choice(["softmax", "logit"]), default="softmax", show_default=True,
+              help="softmax probabilities, or the raw logits.")
+@click.option("--threshold", type=float, default=None, help="Drop predictions scoring below this.")
+@click.option("-j", "--workers", type=int, default=-1,
+              help="Decode worker processes (-1 = one per core, 0 = decode in threads).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the result cache.")
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Result cache file (default $WANWU_HOME/cache.sqlite3).")
+@click.option("--max-pixels", type=int, default=None,
+              help="Refuse images above this many pixels (too_large).")
+@click.option("--max-bytes", type=int, default=None, help="Refuse files/downloads above this size.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="URL fetch timeout, seconds.")
+@click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")
+def command(host: str, port: int, access_log: bool, **kw: Any) -> int:
+    """Serve recognition over HTTP, with a web page at / and the API under /v1.
+
+    POST /v1/recognize takes multipart 'files' (and 'top_k'), or JSON {"urls": [...]} or
+    {"images": [base64, ...]}, and answers {"results": [record, ...]} with the same records as
+    `wanwu recognize`. Also: /v1/models, /healthz, /readyz, /metrics, /docs.
+    """
+    config = _config(host, port, kw)
+    try:
+        import uvicorn
+
+        from wanwu.service.app import create_app
+    except ImportError as e:
+        package = getattr(e, "name", None) or "fastapi"
+        raise MissingExtraError(package.split(".")[0], "server", "wanwu serve") from e
+
+    server: Any = None
+    failed: list[BaseException] = []
+
+    def stop(error: BaseException) -> None:
+        failed.append(error)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(config, on_load_failed=stop)
+    level = logging.getLogger("wanwu").getEffectiveLevel()
+    logging.getLogger("wanwu").setLevel(min(level, logging.INFO))
+    uv_config = uvicorn.Config(
+        app, host=config.host, port=config.port, log_level="info", access_log=access_log,
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(uv_config)
+    click.echo(f"wanwu: serving on http://{config.host}:{config.port}/ (loading the model…)", err=True)
+    server.run()
+    if failed:
+        click.echo(f"wanwu: error: {failed[0]}", err=True)
+        return 1
+    return 0
+
+
+def _config(host: str, port: int, kw: dict[str, Any]) -> ServeConfig:
+    base = RecognizeOptions()
+    options = RecognizeOptions(
+        top_k=kw["top_k"],
+        score=kw["score"],
+        threshold=kw["threshold"],
+        batch_size=kw["max_batch_size"] if kw["max_batch_size"] > 0 else base.batch_size,
+        workers=kw["workers"],
+        max_pixels=kw["max_pixels"] or base.max_pixels,
+        max_bytes=kw["max_bytes"] or base.max_bytes,
+        fetch_timeout=kw["timeout"],
+        cache=not kw["no_cache"],
+        cache_path=kw["cache_path"],
+        backend=backend_options(kw["device"], kw["threads"], kw["precision"]),
+    )
+    return ServeConfig(
+        model=kw["model"],
+        labels=kw["labels"],
+        host=host,
+        port=port,
+        max_batch_size=kw["max_batch_size"],
+        max_delay_ms=kw["max_delay_ms"],
+        max_queue=kw["max_queue"],
+        max_upload_mb=kw["max_upload_mb"],
+        max_files=kw["max_files"],
+        api_keys=tuple(kw["api_keys"]),
+        options=options,
+    )
+

@@ -1,0 +1,266 @@
+"""The FastAPI app: a thin HTTP shell over :class:`~wanwu.service.runtime.Runtime`.
+
+``create_app(config)`` returns an app whose lifespan loads the model in a worker thread (``/readyz`` says
+503 until it is loaded, then 200) and shuts everything down on exit. Routes:
+
+* ``POST /v1/recognize`` — multipart ``files`` (+ ``top_k``), or JSON ``{"urls": [...]}`` /
+  ``{"images": [base64, ...]}``; answers ``{"results": [record, ...]}`` in request order;
+* ``GET /v1/models``, ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus), ``/openapi.json``, ``/docs``;
+* ``GET /`` — the 万物识别 web page (``wanwu/web``, no CDN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from wanwu import __version__
+from wanwu.cache import ResultCache
+from wanwu.service.batcher import QueueFullError
+from wanwu.service.config import ServeConfig
+from wanwu.service.metrics import MetricsMiddleware, ServiceMetrics
+from wanwu.service.requests import (
+    ApiError,
+    BodyLimitMiddleware,
+    RecognizeJson,
+    check_api_key,
+    error_response,
+    json_error_body,
+    parse_recognize,
+)
+from wanwu.service.runtime import (
+    EngineFactory,
+    RunParams,
+    Runtime,
+    cache_executor,
+    default_engine_factory,
+    open_result_cache,
+)
+
+log = logging.getLogger("wanwu")
+_DEFAULT: Any = object()
+
+
+@dataclass
+class ServiceState:
+    config: ServeConfig
+    metrics: ServiceMetrics
+    runtime: Runtime | None = None
+    load_error: str | None = None
+    loaded_at: float | None = None
+
+    def require(self) -> Runtime:
+        if self.runtime is None:
+            message = (
+                f"the model failed to load: {self.load_error}" if self.load_error else "the model is loading"
+            )
+            raise ApiError(503, "not_ready", message, {"Retry-After": str(self.config.retry_after_s)})
+        return self.runtime
+
+
+def create_app(
+    config: ServeConfig,
+    *,
+    engine_factory: EngineFactory | None = None,
+    cache: ResultCache | None = _DEFAULT,
+    on_load_failed: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """``cache``: a ResultCache to use, ``None`` for none; by default the one ``config.options`` names."""
+    metrics = ServiceMetrics()
+    state = ServiceState(config, metrics)
+    factory = engine_factory or default_engine_factory(config)
+
+    async def load() -> None:
+        cache_thread = cache_executor()
+        try:
+            engine = await asyncio.to_thread(factory)
+            result_cache = cache
+            if cache is _DEFAULT:  # opened on the thread that will use it
+                loop = asyncio.get_running_loop()
+                result_cache = await loop.run_in_executor(cache_thread, open_result_cache, config.options)
+        except Exception as e:
+            cache_thread.shutdown(wait=False)
+            state.load_error = f"{type(e).__name__}: {e}"
+            log.error("cannot start: %s", e)
+            if on_load_failed is not None:
+                on_load_failed(e)
+            return
+        runtime = Runtime(config, engine, result_cache, metrics, metrics.cache_hits.inc, cache_thread)
+        runtime.start()
+        state.runtime, state.loaded_at = runtime, time.time()
+        metrics.ready.set(1)
+        log.info("model %s loaded; ready", engine.spec.name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(load(), name="wanwu-load")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if state.runtime is not None:
+                await state.runtime.close()
+                state.runtime = None
+            metrics.ready.set(0)
+
+    app = FastAPI(
+        title="万物识别 wanwu",
+        version=__version__,
+        description="Recognize what is in images and name it in Chinese. Records have the same schema as "
+        "`wanwu recognize --format jsonl`.",
+        lifespan=lifespan,
+    )
+    app.state.wanwu = state
+    app.add_middleware(BodyLimitMiddleware, limit_mb=config.max_upload_mb)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    _add_error_handlers(app)
+    _add_routes(app, state)
+    app.mount("/static", StaticFiles(packages=[("wanwu", "web")]), name="static")
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def api_error(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, ApiError):
+            raise exc
+        return exc.response()
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        if not isinstance(exc, HTTPException):
+            raise exc
+        code, message = json_error_body(exc.status_code, exc.detail)
+        return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+        return error_response(422, "invalid_request", message or str(exc))
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+
+
+_RECOGNIZE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "top_k": {"type": "integer", "minimum": 1, "maximum": 50},
+                    },
+                }
+            },
+            "application/json": {
+                "schema": RecognizeJson.model_json_schema(ref_template="#/components/schemas/{model}")
+            },
+        },
+    }
+}
+
+_RECORD_EXAMPLE = {
+    "results": [
+        {"input": "cat.jpg", "status": "ok",
+         "predictions": [{"index": 281, "label": "虎斑猫", "score": 0.91}],
+         "sha256": "…", "width": 640, "height": 480},
+        {"input": "notes.txt", "status": "error", "sha256": "…",
+         "error": {"type": "decode_error", "message": "cannot decode image: …"}},
+    ]
+}
+
+
+def _add_routes(app: FastAPI, state: ServiceState) -> None:
+    config = state.config
+    retry = {"Retry-After": str(config.retry_after_s)}
+
+    @app.post(
+        "/v1/recognize",
+        summary="Recognize images (uploads, base64 or URLs)",
+        openapi_extra=_RECOGNIZE_BODY,
+        responses={
+            200: {"description": "One record per input, in request order",
+                  "content": {"application/json": {"example": _RECORD_EXAMPLE}}},
+            401: {"description": "Missing or wrong API key"},
+            413: {"description": "Body above --max-upload-mb, or too many files"},
+            415: {"description": "Neither multipart nor JSON"},
+            422: {"description": "Malformed request"},
+            503: {"description": "Queue full or model not loaded yet (see Retry-After)"},
+        },
+    )
+    async def recognize(request: Request) -> Response:
+        check_api_key(request, config.api_keys)
+        runtime = state.require()
+        if runtime.batcher.room() <= 0:
+            state.metrics.rejected.inc()
+            raise ApiError(503, "queue_full", "the server is busy; retry shortly", retry)
+        parsed = await parse_recognize(request, config)
+        params = runtime.defaults
+        if parsed.top_k is not None:
+            params = RunParams(parsed.top_k, params.score, params.threshold)
+        try:
+            records = await runtime.recognize(parsed.items, params)
+        except QueueFullError:
+            state.metrics.rejected.inc()
+            raise ApiError(503, "queue_full", "the server is busy; retry shortly", retry) from None
+        state.metrics.records(records)
+        return JSONResponse({"results": [r.to_dict() for r in records]})
+
+    @app.get("/v1/models", summary="The loaded model")
+    async def models(request: Request) -> dict[str, Any]:
+        check_api_key(request, config.api_keys)
+        runtime = state.require()
+        spec = runtime.engine.spec
+        return {
+            "models": [
+                {
+                    **spec.describe(),
+                    "device": runtime.engine.backend.device,
+                    "default_top_k": config.options.top_k,
+                    "score": config.options.score,
+                    "max_batch_size": config.max_batch_size,
+                    "labels_sample": list(spec.labels[:5]),
+                }
+            ]
+        }
+
+    @app.get("/healthz", summary="The process is alive")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="200 once the model is loaded, else 503")
+    async def readyz() -> Response:
+        if state.runtime is None:
+            status = "failed" if state.load_error else "loading"
+            body: dict[str, Any] = {"status": status}
+            if state.load_error:
+                body["message"] = state.load_error
+            return JSONResponse(body, status_code=503, headers=retry)
+        return JSONResponse({"status": "ready", "model": state.runtime.engine.spec.name})
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+    page = resources.files("wanwu").joinpath("web", "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)

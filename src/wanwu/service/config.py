@@ -1,0 +1,52 @@
+"""The service's one configuration object. Importing it needs no server packages (the CLI builds it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wanwu.config import RecognizeOptions
+from wanwu.errors import UsageError
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How ``wanwu serve`` runs: the model, the dynamic batcher's limits, request limits, API keys.
+
+    ``options`` carries the per-run settings shared with the CLI (default top-k, score kind, decode
+    workers, pixel/byte limits, URL fetch timeout, result cache); ``options.batch_size`` is ignored in
+    favour of ``max_batch_size``.
+    """
+
+    model: str | None = None
+    labels: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 32
+    max_delay_ms: float = 10.0  # a batch waits at most this long after its first image arrived
+    max_queue: int = 256  # images waiting for the batcher; beyond it requests get 503 + Retry-After
+    max_upload_mb: float = 50.0  # whole request body
+    max_files: int = 64  # inputs in one request
+    api_keys: tuple[str, ...] = ()
+    retry_after_s: int = 1
+    options: RecognizeOptions = field(default_factory=RecognizeOptions)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise UsageError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
+        if self.max_delay_ms < 0:
+            raise UsageError(f"--max-delay-ms must be >= 0, got {self.max_delay_ms}")
+        if self.max_queue < 1:
+            raise UsageError(f"--max-queue must be at least 1, got {self.max_queue}")
+        if self.max_upload_mb <= 0:
+            raise UsageError(f"--max-upload-mb must be positive, got {self.max_upload_mb}")
+        if self.max_files < 1:
+            raise UsageError(f"--max-files must be at least 1, got {self.max_files}")
+        if not 0 <= self.port < 65536:
+            raise UsageError(f"--port must be between 0 and 65535, got {self.port}")
+        if any(not key for key in self.api_keys):
+            raise UsageError("--api-key must not be empty")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)

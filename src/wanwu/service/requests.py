@@ -1,0 +1,234 @@
+"""Request-level concerns: parsing /v1/recognize bodies, API keys, the upload size limit, error bodies.
+
+Every request-level problem is an :class:`ApiError`, answered as JSON
+``{"error": {"code": ..., "message": ...}}`` with its HTTP status. Problems with one input (not an image,
+bad base64, a dead URL) are not request errors: they become error records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from wanwu.records import TOP_N_STORED
+from wanwu.service.config import ServeConfig
+from wanwu.sources import InputItem
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.code, self.message, self.headers)
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+# --- bodies ---------------------------------------------------------------------------------------------
+
+
+class ImageIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, description="What the record's `input` says (default `images[i]`).")
+    data: str = Field(description="The file's bytes, base64 (a `data:...;base64,` prefix is allowed).")
+
+
+class RecognizeJson(BaseModel):
+    """Either `urls` or `images`. Records come back in the order given."""
+
+    model_config = ConfigDict(extra="forbid")
+    urls: list[str] | None = Field(None, description="http(s) URLs for the server to download.")
+    images: list[str | ImageIn] | None = Field(None, description="base64 strings or {name, data} objects.")
+    top_k: int | None = Field(None, ge=1, le=TOP_N_STORED, description="Labels per image.")
+
+
+@dataclass
+class Parsed:
+    items: list[InputItem]
+    top_k: int | None = None
+
+
+async def parse_recognize(request: Request, config: ServeConfig) -> Parsed:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        parsed = await _parse_multipart(request, config)
+    elif media == "application/json" or media.endswith("+json"):
+        parsed = await _parse_json(request)
+    else:
+        raise ApiError(
+            415, "unsupported_media_type",
+            "send multipart/form-data with one or more 'files' parts, "
+            "or application/json with 'urls' or 'images'",
+        )
+    if not parsed.items:
+        raise ApiError(422, "no_inputs", "the request names no images: send 'files', 'urls' or 'images'")
+    if len(parsed.items) > config.max_files:
+        raise ApiError(413, "too_many_files", f"{len(parsed.items)} images in one request; the limit is "
+                       f"{config.max_files}")
+    if len(parsed.items) > config.max_queue:
+        raise ApiError(413, "too_many_files", f"{len(parsed.items)} images in one request; this server "
+                       f"queues at most {config.max_queue} at a time")
+    return parsed
+
+
+async def _parse_multipart(request: Request, config: ServeConfig) -> Parsed:
+    try:
+        form = await request.form(max_files=config.max_files, max_fields=32)
+    except HTTPException as e:  # python-multipart's complaints, already worded
+        if "too many files" in str(e.detail).lower():
+            raise ApiError(413, "too_many_files", f"at most {config.max_files} files per request") from None
+        raise ApiError(400, "malformed_multipart", str(e.detail)) from None
+    try:
+        items = []
+        for i, part in enumerate(form.getlist("files")):
+            if not isinstance(part, UploadFile):
+                raise ApiError(422, "invalid_files", "'files' parts must be files (with a filename)")
+            items.append(InputItem.from_bytes(part.filename or f"files[{i}]", await part.read()))
+        top_k_field = form.get("top_k")
+        top_k = _top_k(top_k_field if isinstance(top_k_field, str) else None)
+    finally:
+        await form.close()
+    return Parsed(items, top_k)
+
+
+def _top_k(text: str | None) -> int | None:
+    if text is None or text == "":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ApiError(422, "invalid_top_k", f"top_k must be an integer, got {text!r}") from None
+    if not 1 <= value <= TOP_N_STORED:
+        raise ApiError(422, "invalid_top_k", f"top_k must be between 1 and {TOP_N_STORED}, got {value}")
+    return value
+
+
+async def _parse_json(request: Request) -> Parsed:
+    # Parsing, validating and base64-decoding a body of many megabytes takes a while: off the event loop.
+    return await asyncio.to_thread(_parse_json_body, await request.body())
+
+
+def _parse_json_body(raw: bytes) -> Parsed:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
+    try:
+        body = RecognizeJson.model_validate(data)
+    except ValidationError as e:
+        raise ApiError(422, "invalid_body", _describe(e)) from None
+    if body.urls and body.images:
+        raise ApiError(422, "invalid_body", "give either 'urls' or 'images', not both")
+    items = [_url_item(url) for url in body.urls or []]
+    for i, image in enumerate(body.images or []):
+        name, text = (image.name or f"images[{i}]", image.data) if isinstance(image, ImageIn) else (
+            f"images[{i}]", image)
+        items.append(_b64_item(name, text))
+    return Parsed(items, body.top_k)
+
+
+def _url_item(url: str) -> InputItem:
+    if not url.lower().startswith(("http://", "https://")):
+        reason = "only http:// and https:// URLs are accepted"
+        return InputItem(url, "missing", reason, error_type="unsupported")
+    return InputItem(url, "url", url)
+
+
+def _b64_item(name: str, text: str) -> InputItem:
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return InputItem(name, "missing", "not valid base64", error_type="decode_error")
+    return InputItem.from_bytes(name, data)
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for issue in error.errors(include_url=False):
+        where = ".".join(str(p) for p in issue["loc"]) or "body"
+        parts.append(f"{where}: {issue['msg']}")
+    return "; ".join(parts)
+
+
+# --- API keys -------------------------------------------------------------------------------------------
+
+
+def check_api_key(request: Request, keys: tuple[str, ...]) -> None:
+    """``Authorization: Bearer KEY`` or ``X-API-Key: KEY``; constant-time comparison."""
+    if not keys:
+        return
+    given = request.headers.get("x-api-key", "")
+    auth = request.headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    if not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
+        raise ApiError(
+            401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+
+# --- upload size ----------------------------------------------------------------------------------------
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies above ``limit`` bytes with 413: at once from Content-Length, else while reading."""
+
+    def __init__(self, app: ASGIApp, limit_mb: float) -> None:
+        self.app = app
+        self.limit_mb = limit_mb
+        self.limit = int(limit_mb * 1024 * 1024)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._too_large().response()(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise self._too_large()
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _too_large(self) -> ApiError:
+        message = f"the request body is larger than the limit of {self.limit_mb:g} MB"
+        return ApiError(413, "payload_too_large", message)
+
+
+def json_error_body(status: int, detail: Any) -> tuple[str, str]:
+    """Code and message for Starlette's own HTTP errors (404, 405, ...)."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, f"http_{status}")
+    return code, detail if isinstance(detail, str) else json.dumps(detail, ensure_ascii=False)

@@ -1,0 +1,87 @@
+"""Test helpers for the HTTP service: free ports, uvicorn in a thread, a static file server, metrics."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(base_url: str, timeout: float = 60.0, path: str = "/readyz") -> None:
+    """Poll ``path`` (/readyz: the model is loaded) until it says 200."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{base_url}{path}", timeout=5)
+            if response.status_code == 200:
+                return
+            last = f"{response.status_code} {response.text}"
+        except httpx.TransportError as e:
+            last = repr(e)
+        time.sleep(0.05)
+    raise TimeoutError(f"{base_url} not ready after {timeout}s: {last}")
+
+
+@contextmanager
+def uvicorn_in_thread(app: Any, ready: bool = True) -> Iterator[str]:
+    """Run ``app`` on 127.0.0.1:<free port> in a thread; yields the base URL once it is ready
+    (``ready=False``: once it answers /healthz)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, path="/readyz" if ready else "/healthz")
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def static_server(folder: Path) -> Iterator[str]:
+    """Serve ``folder`` over HTTP on 127.0.0.1; yields the base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample in a Prometheus text exposition (0 if absent)."""
+    selector = r"\{" + re.escape(labels) + r"\}" if labels else r"(?:\{[^}]*\})?"
+    pattern = re.escape(name) + selector + r" (\S+)"
+    total = 0.0
+    for match in re.finditer(r"^" + pattern + r"$", text, re.MULTILINE):
+        total += float(match.group(1))
+    return total

@@ -1,0 +1,188 @@
+"""The web page in a real headless Chromium: upload photos and a text file, see Chinese labels and errors.
+
+Needs Debian's chromium at /usr/bin/chromium and the playwright package (Playwright's own browser download
+is not used). Skips with the reason when either is missing, except in CI (CI=true), where it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.servers import free_port, wait_ready
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+pytestmark = [pytest.mark.slow, pytest.mark.shared]
+
+
+def _require_browser() -> None:
+    missing = []
+    if not CHROMIUM.exists():
+        missing.append(f"Chromium at {CHROMIUM} (apt-get install chromium fonts-wqy-zenhei)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package (pip install playwright)")
+    if missing:
+        reason = "browser test needs " + " and ".join(missing)
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def server(mobilenet: tuple[Path, Path]) -> Iterator[str]:
+    """The real `wanwu serve` command, on a free port."""
+    port = free_port()
+    model, labels = mobilenet
+    cmd = [
+        sys.executable, "-c", "from wanwu.cli.main import run; run()",
+        "serve", "-m", str(model), "-l", str(labels), "--port", str(port), "--no-cache", "-j", "0",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout=120)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
+_CARDS_JS = """
+() => Array.from(document.querySelectorAll('.card')).map((card) => {
+  const text = (sel) => { const e = card.querySelector(sel); return e ? e.innerText : ''; };
+  const img = card.querySelector('.thumb img');
+  return {
+    name: text('.name'),
+    status: card.dataset.status,
+    labels: Array.from(card.querySelectorAll('.pred .label')).map((e) => e.innerText),
+    bars: Array.from(card.querySelectorAll('.bar span')).map((e) => parseFloat(e.style.width)),
+    error: text('.error-message'),
+    thumb_width: img ? img.naturalWidth : 0,
+    no_preview: text('.no-preview'),
+  };
+})
+"""
+
+# Drops an image made in the page onto the drop zone, as a drag from the desktop would.
+_DROP_JS = """
+async () => {
+  const canvas = document.createElement('canvas');
+  canvas.width = 300; canvas.height = 200;
+  const g = canvas.getContext('2d');
+  g.fillStyle = '#c0392b'; g.fillRect(0, 0, 300, 200);
+  g.fillStyle = '#f1c40f'; g.beginPath(); g.arc(150, 100, 60, 0, 7); g.fill();
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, 'image/png'));
+  const data = new DataTransfer();
+  data.items.add(new File([blob], '拖放.png', { type: 'image/png' }));
+  const zone = document.getElementById('drop-zone');
+  zone.dispatchEvent(new DragEvent('dragover', { dataTransfer: data, bubbles: true, cancelable: true }));
+  const highlighted = zone.classList.contains('dragging');
+  zone.dispatchEvent(new DragEvent('drop', { dataTransfer: data, bubbles: true, cancelable: true }));
+  return highlighted;
+}
+"""
+
+# Draws one character in the page's font; a character the fonts lack comes out as the same "tofu" box.
+_GLYPHS_JS = """
+(chars) => {
+  const font = getComputedStyle(document.querySelector('h1')).fontFamily;
+  const draw = (ch) => {
+    const c = document.createElement('canvas');
+    c.width = c.height = 48;
+    const g = c.getContext('2d');
+    g.fillStyle = '#fff'; g.fillRect(0, 0, 48, 48);
+    g.fillStyle = '#000'; g.font = '40px ' + font; g.textBaseline = 'top';
+    g.fillText(ch, 2, 2);
+    return Array.from(g.getImageData(0, 0, 48, 48).data.filter((_, i) => i % 4 === 0)).join(',');
+  };
+  return chars.map(draw);
+}
+"""
+
+
+def test_upload_two_photos_and_a_text_file(server: str, photos: Path, tmp_path: Path) -> None:
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    chosen = [photos / "n01443537_goldfish.JPEG", photos / "n02123045_tabby.JPEG"]
+    chosen = [p if p.exists() else q for p, q in zip(chosen, sorted(photos.iterdir())[:2], strict=True)]
+    notes = tmp_path / "说明.txt"
+    notes.write_text("这不是图片。", encoding="utf-8")
+    uploads = [*chosen, notes]
+    expected = httpx.post(
+        f"{server}/v1/recognize",
+        files=[("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in uploads],
+        data={"top_k": "5"}, timeout=60,
+    ).json()["results"]
+
+    shot = tmp_path / "wanwu-web.png"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+            page.goto(server + "/")
+            assert page.title() == "万物识别"
+            assert "将图片拖放到这里" in page.inner_text("#drop-zone")
+            page.set_input_files("#file-input", [str(p) for p in uploads])
+            page.wait_for_function(
+                "document.querySelectorAll('.card').length === 3 && "
+                "!document.querySelector('.card[data-status=pending]')",
+                timeout=60_000,
+            )
+            shown: list[dict[str, Any]] = page.evaluate(_CARDS_JS)
+            status = page.inner_text("#status")
+            glyphs = page.evaluate(_GLYPHS_JS, ["万", "物", "\U0010fffd"])
+            page.screenshot(path=str(shot), full_page=True)
+            highlighted = page.evaluate(_DROP_JS)
+            page.wait_for_function(
+                "document.querySelectorAll('.card').length === 4 && "
+                "!document.querySelector('.card[data-status=pending]')",
+                timeout=60_000,
+            )
+            dropped = page.evaluate(_CARDS_JS)[3]
+        finally:
+            browser.close()
+
+    assert [s["name"] for s in shown] == [p.name for p in uploads]
+    assert [s["status"] for s in shown] == ["ok", "ok", "error"]
+    for card, record in zip(shown[:2], expected[:2], strict=True):
+        assert card["labels"] == [p["label"] for p in record["predictions"]]
+        assert len(card["labels"]) == 5
+        assert all(any("\u4e00" <= ch <= "\u9fff" for ch in t) for t in card["labels"])
+        assert card["bars"][0] > 0 and card["bars"] == sorted(card["bars"], reverse=True)
+        assert card["thumb_width"] > 0
+    assert shown[2]["thumb_width"] == 0 and shown[2]["no_preview"] == "无法预览"
+    assert "识别失败" in shown[2]["error"] and "不是受支持的图片格式" in shown[2]["error"]
+    assert expected[2]["error"]["message"] in shown[2]["error"]
+    assert "成功 2 张" in status and "失败 1 张" in status
+    assert highlighted
+    assert dropped["name"] == "拖放.png" and dropped["status"] == "ok" and len(dropped["labels"]) == 5
+
+    # The Chinese renders as real glyphs: two characters differ from each other and from a missing glyph.
+    wan, wu, missing = glyphs
+    assert wan != wu and wan != missing and wu != missing
+
+    # The screenshot is a real page, not a blank or single-colour frame.
+    image = np.asarray(Image.open(shot).convert("RGB"))
+    assert image.shape[0] >= 900 and image.shape[1] == 1280
+    assert image.std() > 20
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 500
