@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from wanwu.config import wanwu_home
 from wanwu.errors import ERROR_TYPES, ErrorType, QueueError, UsageError
@@ -300,7 +300,8 @@ def register_queue(scheme: str) -> Callable[[QueueFactory], QueueFactory]:
 
 
 def default_queue_url() -> str:
-    return os.environ.get(QUEUE_ENV) or f"sqlite:///{wanwu_home() / 'jobs.sqlite3'}"
+    return os.environ.get(QUEUE_ENV) or f"sqlite:///{(wanwu_home() / 'jobs.sqlite3').absolute()}".replace(
+        ":////", ":///")
 
 
 def parse_queue_url(url: str) -> QueueURL:
@@ -324,8 +325,13 @@ def parse_queue_url(url: str) -> QueueURL:
         )
     except ValueError as e:
         raise UsageError(f"queue URL {url!r}: bad lease/attempts value ({e})") from None
-    clean = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), parts.fragment))
-    return QueueURL(scheme, clean, settings)
+    return QueueURL(scheme, with_query(url, rest), settings)
+
+
+def with_query(url: str, query: list[tuple[str, str]]) -> str:
+    """``url`` with its query string replaced (the rest kept verbatim: ``sqlite:////abs`` stays so)."""
+    base = url.split("#", 1)[0].split("?", 1)[0]
+    return f"{base}?{urlencode(query)}" if query else base
 
 
 def open_queue(url: str | None = None) -> JobQueue:

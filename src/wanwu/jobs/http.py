@@ -10,8 +10,8 @@
 Paths are only ever read by workers, and only under their ``--allow-root`` folders.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at runtime, and
+# they name classes imported inside router() (fastapi is an optional extra).
 import io
 import json
 from collections.abc import Iterator
@@ -29,7 +29,7 @@ MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8"
 MAX_JSON_INPUTS = 1_000_000
 
 
-def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAULT_MAX_BYTES) -> APIRouter:
+def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAULT_MAX_BYTES) -> "APIRouter":
     """The ``/v1/jobs`` routes over ``queue`` (a queue, or its URL; default: the default queue)."""
     try:
         from fastapi import APIRouter, HTTPException, Query, Request
@@ -154,19 +154,19 @@ def _json_spec(body: dict[str, Any]) -> JobSpec:
 
 
 async def _multipart_spec(request: Any, max_bytes: int) -> JobSpec:
-    form = await request.form()
-    inputs: list[JobInput] = [JobInput.parse(str(i)) for i in form.getlist("inputs")]
-    for upload in form.getlist("files"):
-        if isinstance(upload, str):
-            raise UsageError('"files" must be file parts')
-        data = await upload.read(max_bytes + 1)
-        name = upload.filename or f"upload-{len(inputs)}"
-        if len(data) > max_bytes:
-            message = f"upload above the limit of {max_bytes:,} bytes"
-            inputs.append(JobInput.missing(name, "too_large", message))
-        else:
-            inputs.append(JobInput.upload(name, data))
+    async with request.form() as form:  # closes the spooled upload files
+        inputs: list[JobInput] = [JobInput.parse(str(i)) for i in form.getlist("inputs")]
+        for upload in form.getlist("files"):
+            if isinstance(upload, str):
+                raise UsageError('"files" must be file parts')
+            data = await upload.read(max_bytes + 1)
+            name = upload.filename or f"upload-{len(inputs)}"
+            if len(data) > max_bytes:
+                message = f"upload above the limit of {max_bytes:,} bytes"
+                inputs.append(JobInput.missing(name, "too_large", message))
+            else:
+                inputs.append(JobInput.upload(name, data))
+        options, task_size = _options(form)
     if not inputs:
         raise UsageError('send files (multipart field "files") or URLs (field "inputs")')
-    options, task_size = _options(form)
     return JobSpec(inputs, options, task_size)

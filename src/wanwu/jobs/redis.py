@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from wanwu.errors import MissingExtraError, QueueError, UsageError
 from wanwu.jobs.base import (
@@ -41,6 +41,7 @@ from wanwu.jobs.base import (
     new_job_id,
     record_json,
     register_queue,
+    with_query,
 )
 from wanwu.records import Record
 
@@ -328,11 +329,9 @@ class RedisQueue:
 
 
 def _split_prefix(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
+    query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
     prefix = next((v for k, v in query if k == "prefix"), "wanwu")
-    rest = [(k, v) for k, v in query if k != "prefix"]
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), parts.fragment)), prefix
+    return with_query(url, [(k, v) for k, v in query if k != "prefix"]), prefix
 
 
 @register_queue("redis")

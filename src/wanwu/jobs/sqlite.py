@@ -335,7 +335,9 @@ def _statements() -> list[str]:
 def open_sqlite(parsed: QueueURL) -> SqliteQueue:
     parts = urlsplit(parsed.url)
     if parts.netloc:
-        raise UsageError(f"queue URL {parsed.url!r}: use sqlite:///absolute/path (three slashes)")
+        raise UsageError(f"queue URL {parsed.url!r}: use sqlite:///absolute/path (three slashes) "
+                         "or sqlite:relative/path")
     if not parts.path:
         raise UsageError(f"queue URL {parsed.url!r} names no file")
-    return SqliteQueue(Path(parts.path), parsed)
+    path = "/" + parts.path.lstrip("/") if parts.path.startswith("/") else parts.path  # 3 or 4 slashes
+    return SqliteQueue(Path(path), parsed)
