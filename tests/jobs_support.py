@@ -271,7 +271,7 @@ def scenario_redelivery_is_idempotent(queue_url: str) -> None:
     (first,) = queue.claim("w1", 4, lease_s=0.2)
     assert queue.claim("w2", 4, lease_s=0.2) == []  # leased
     time.sleep(0.5)
-    (again,) = queue.claim("w2", 4, lease_s=30)
+    (again,) = queue.claim("w2", 4, lease_s=0.2)
     assert again.attempt == 2 and [i.name for i in again.inputs] == [i.name for i in first.inputs]
     queue.complete(again, [(i, Record.failure(x.name, "internal", "second")) for i, x in again.indexed()])
     queue.complete(first, [(i, Record.failure(x.name, "decode_error", "first")) for i, x in first.indexed()])

@@ -242,7 +242,13 @@ class JobQueue(Protocol):
         ...
 
     # -- workers ------------------------------------------------------------------------------------------
-    def claim(self, worker: str, max_tasks: int, lease_s: float) -> list[Task]: ...
+    def claim(self, worker: str, max_tasks: int, lease_s: float) -> list[Task]:
+        """Take up to ``max_tasks``: new ones, or ones whose worker has been silent for ``lease_s``.
+
+        Every worker of a queue should use the same lease (the URL's ``lease``): depending on the backend
+        it is enforced by the holder (SQLite: lease expiry) or by the taker (Redis: idle time).
+        """
+        ...
 
     def extend(self, worker: str, tasks: list[Task], lease_s: float) -> None: ...
 
