@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,15 @@ from tests import jobs_support as js
 from tests.helpers import image_bytes
 from wanwu.cli.main import main
 from wanwu.errors import MissingExtraError, UsageError
-from wanwu.jobs.base import JobInput, JobOptions, JobSpec, UnknownJobError, open_queue, parse_queue_url
+from wanwu.jobs.base import (
+    JobInput,
+    JobOptions,
+    JobQueue,
+    JobSpec,
+    UnknownJobError,
+    open_queue,
+    parse_queue_url,
+)
 
 TinyModel = tuple[Path, Path]
 
@@ -271,3 +281,47 @@ def test_http_jobs_api(queue_url: str, tiny_model: TinyModel, tmp_path: Path) ->
         r = client.post("/v1/jobs", json={"inputs": ["/x/a.jpg"]})
         assert client.delete(f"/v1/jobs/{r.json()['id']}").json()["state"] == "cancelled"
         assert client.delete(f"/v1/jobs/{by_upload}").json()["state"] == "done"  # finished: no-op
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_tasks_in_hand_twice_gives_them_back(queue_url: str, tiny_model: TinyModel) -> None:
+    queue = open_queue(queue_url)
+    with js.image_server() as server:
+        inputs = [*js.uploads(5), JobInput.url(f"{server.url}/slow.jpg"), *js.uploads(30, 5)]
+        job_id = queue.submit(JobSpec(inputs, task_size=4))
+        graceful = js.worker_process(queue_url, tiny_model, "--lease", "60")
+        try:
+            js.wait_for(server.slow_hit.is_set, 60, "the worker to reach the hanging input")
+            graceful.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            server.release()
+            assert graceful.wait(timeout=30) == 0, js.stop(graceful)
+        finally:
+            js.stop(graceful)
+        status = queue.status(job_id)
+        assert status.finished == 16 and status.state == "running"  # its four tasks, then it stopped
+
+    with js.image_server() as server:
+        job_id = queue.submit(JobSpec([JobInput.url(f"{server.url}/slow.jpg"), *js.uploads(7)], task_size=4))
+        abrupt = js.worker_process(queue_url, tiny_model, "--lease", "60")
+        try:
+            js.wait_for(server.slow_hit.is_set, 60, "the worker to reach the hanging input")
+            abrupt.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            abrupt.send_signal(signal.SIGTERM)
+            js.wait_for(lambda: _claimable(queue), 30, "the worker to give its tasks back at once")
+            assert queue.status(job_id).finished == 0
+            server.release()
+            assert abrupt.wait(timeout=30) == 130, js.stop(abrupt)
+        finally:
+            js.stop(abrupt)
+        js.work(queue, tiny_model)
+    js.assert_exactly_once(queue, job_id, [f"{server.url}/slow.jpg", *(i.name for i in js.uploads(7))])
+    queue.close()
+
+
+def _claimable(queue: JobQueue) -> bool:
+    """Whether some task can be claimed now (then handed straight back)."""
+    tasks = queue.claim("probe", 10, 60)
+    queue.release("probe", tasks)
+    return bool(tasks)

@@ -106,10 +106,14 @@ def _process(queue: JobQueue, recognizer: Recognizer, tasks: list[Task], roots: 
 
 
 def _next(records: Iterator[Record], item: JobInput) -> Record:
+    """The record for ``item``: records come in input order, one per input, except while the orchestrator
+    is being interrupted, when it flushes the finished ones past a gap. Never write a shifted record."""
     record = next(records, None)
-    if record is None:  # the orchestrator promises one record per input; never write a shifted one
-        raise RuntimeError(f"recognizer returned no record for {item.name!r}")
-    return record
+    if record is not None and record.input == item.name:
+        return record
+    for _ in records:  # an interrupted run re-raises KeyboardInterrupt once drained
+        pass
+    raise RuntimeError(f"the recognizer's records went out of step with the task at {item.name!r}")
 
 
 def _use_options(recognizer: Recognizer, options: JobOptions) -> None:
