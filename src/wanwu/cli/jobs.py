@@ -1,0 +1,125 @@
+"""``wanwu jobs``: submit inputs to a queue, watch a job, fetch its records, cancel it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, closing
+from pathlib import Path
+from typing import TextIO
+
+import click
+
+from wanwu.errors import InputError
+from wanwu.jobs.base import JobInput, JobOptions, JobQueue, JobSpec, open_queue
+from wanwu.sinks import SinkOptions, create_sink
+from wanwu.sources import DEFAULT_MAX_BYTES, Fetcher, InputItem, expand
+
+queue_option = click.option(
+    "--queue", "queue_url", metavar="URL", envvar="WANWU_QUEUE", default=None,
+    help="sqlite:///PATH (one machine) or redis://HOST:PORT/DB (many). "
+    "Default: $WANWU_QUEUE, else SQLite in $WANWU_HOME/jobs.sqlite3.",
+)
+
+
+@click.group("jobs")
+def command() -> None:
+    """Asynchronous jobs for large catalogues: submit now, let workers run, collect later.
+
+    Start workers with  wanwu worker --queue URL --model M  (as many as you like, on any machine).
+    """
+
+
+@command.command("submit")
+@click.argument("inputs", nargs=-1, required=True)
+@queue_option
+@click.option("-k", "--top-k", type=int, default=5, show_default=True, help="Labels per image (1-50).")
+@click.option("--score", type=click.Choice(["softmax", "logit"]), default="softmax", show_default=True,
+              help="softmax probabilities, or the raw logits.")
+@click.option("--threshold", type=float, default=None, help="Drop predictions scoring below this.")
+@click.option("--by-reference", is_flag=True,
+              help="Send local files as paths, not contents (workers need --allow-root over them).")
+@click.option("--task-size", type=int, default=16, show_default=True, help="Inputs per unit of work.")
+@click.option("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="Refuse local files above this size.")
+def submit(inputs: tuple[str, ...], queue_url: str | None, top_k: int, score: str, threshold: float | None,
+           by_reference: bool, task_size: int, max_bytes: int) -> None:
+    """Queue INPUTS (files, folders, globs, URLs, or - for a list on stdin) as one job; print its id.
+
+    Local files are uploaded into the queue unless --by-reference; URLs are fetched by the workers.
+    """
+    options = JobOptions(top_k=top_k, score=score, threshold=threshold)  # type: ignore[arg-type]
+    spec = JobSpec(_job_inputs(inputs, by_reference, max_bytes), options, task_size)
+    with _queue(queue_url) as queue:
+        click.echo(queue.submit(spec))
+
+
+def _job_inputs(args: tuple[str, ...], by_reference: bool, max_bytes: int) -> Iterator[JobInput]:
+    """Lazily: a folder of a million files is walked and read one file at a time."""
+    fetcher = Fetcher(max_bytes)
+    for item in expand(args):
+        yield _job_input(item, fetcher, by_reference)
+
+
+def _job_input(item: InputItem, fetcher: Fetcher, by_reference: bool) -> JobInput:
+    if item.kind == "url":
+        return JobInput.url(item.locator)
+    if item.kind == "missing":
+        return JobInput.missing(item.input, item.error_type, item.locator)
+    if by_reference:
+        return JobInput.path(str(Path(item.locator).absolute()), name=item.input)
+    try:
+        return JobInput.upload(item.input, fetcher.fetch(item).data)
+    except InputError as e:
+        return JobInput.missing(item.input, e.type, str(e))
+
+
+@command.command("status")
+@click.argument("job_id", required=False)
+@queue_option
+def status(job_id: str | None, queue_url: str | None) -> None:
+    """Print JOB_ID's status as JSON (state, total, done, failed, rate); without an id, list recent jobs."""
+    with _queue(queue_url) as queue:
+        if job_id is None:
+            for job in queue.jobs():
+                click.echo(json.dumps(job.to_dict(), ensure_ascii=False))
+        else:
+            click.echo(json.dumps(queue.status(job_id).to_dict(), ensure_ascii=False, indent=2))
+
+
+@command.command("results")
+@click.argument("job_id")
+@queue_option
+@click.option("-f", "--format", "fmt", type=click.Choice(["jsonl", "csv", "json"]), default="jsonl",
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write records here instead of stdout.")
+@click.option("--bom", is_flag=True, help="csv: begin with a UTF-8 BOM (for Excel).")
+def results(job_id: str, queue_url: str | None, fmt: str, output: Path | None, bom: bool) -> None:
+    """Write JOB_ID's records so far, in input order (all of them once its state is done)."""
+    with _queue(queue_url) as queue, ExitStack() as stack:
+        status = queue.status(job_id)
+        if status.state in ("queued", "running"):
+            click.echo(f"wanwu: job {job_id} is {status.state}: {status.finished} of {status.total} "
+                       "records so far", err=True)
+        stream: TextIO = (stack.enter_context(output.open("w", encoding="utf-8", newline=""))
+                           if output is not None else sys.stdout)
+        sink = create_sink(fmt, stream, SinkOptions(top_k=status.options.top_k, bom=bom))
+        try:
+            for record in queue.results(job_id):
+                sink.write(record)
+        finally:
+            sink.close()
+
+
+@command.command("cancel")
+@click.argument("job_id")
+@queue_option
+def cancel(job_id: str, queue_url: str | None) -> None:
+    """Stop JOB_ID: no worker starts any more of its tasks; records already written stay."""
+    with _queue(queue_url) as queue:
+        click.echo(json.dumps(queue.cancel(job_id).to_dict(), ensure_ascii=False, indent=2))
+
+
+def _queue(url: str | None) -> closing[JobQueue]:
+    return closing(open_queue(url))

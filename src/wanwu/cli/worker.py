@@ -1,0 +1,94 @@
+"""``wanwu worker``: load a model once, then recognize queued tasks until stopped."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from contextlib import closing
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from wanwu.cli.jobs import queue_option
+from wanwu.cli.options import backend_options, model_options
+from wanwu.config import RecognizeOptions
+from wanwu.jobs.base import open_queue
+from wanwu.jobs.worker import WorkerConfig, run_worker
+from wanwu.pipeline import Recognizer
+
+log = logging.getLogger("wanwu")
+
+
+@click.command("worker")
+@queue_option
+@model_options
+@click.option("--allow-root", "allow_roots", multiple=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A folder whose files jobs may name by path (repeatable). Default: none, so only URLs "
+              "and uploaded files are read.")
+@click.option("-b", "--batch-size", type=int, default=32, show_default=True, help="Images per batch.")
+@click.option("-j", "--workers", type=int, default=-1,
+              help="Decode processes (-1 = one per core, 0 = decode in threads).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the result cache.")
+@click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Result cache file (default $WANWU_HOME/cache.sqlite3).")
+@click.option("--max-pixels", type=int, default=None, help="Refuse images above this many pixels.")
+@click.option("--max-bytes", type=int, default=None, help="Refuse files/downloads above this size.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="URL fetch timeout, seconds.")
+@click.option("--lease", type=float, default=None,
+              help="Seconds before a silent worker's task is taken over (default: the queue URL's, 60).")
+@click.option("--tasks-per-claim", type=int, default=None,
+              help="Tasks taken at once (default: enough for about two batches).")
+@click.option("--poll", type=float, default=1.0, show_default=True, help="Seconds between looks at an "
+              "empty queue.")
+@click.option("--max-tasks", type=int, default=None, help="Stop after this many tasks.")
+@click.option("--exit-when-idle", is_flag=True, help="Stop once the queue holds no unfinished task.")
+def command(queue_url: str | None, allow_roots: tuple[Path, ...], lease: float | None,
+            tasks_per_claim: int | None, poll: float, max_tasks: int | None, exit_when_idle: bool,
+            **kw: Any) -> int:
+    """Recognize queued tasks with one loaded model; run as many as you like, on any machine.
+
+    SIGTERM or Ctrl-C stops after the tasks in hand (a second one gives them back at once).
+    """
+    options = _options(kw)
+    config = WorkerConfig(
+        allow_roots=allow_roots, lease_s=lease, poll_s=poll, max_tasks=max_tasks,
+        exit_when_idle=exit_when_idle,
+        tasks_per_claim=tasks_per_claim or max(1, -(-2 * options.batch_size // 16)),
+    )
+    stop = threading.Event()
+    _on_signals(stop)
+    with closing(open_queue(queue_url)) as queue, \
+            Recognizer(kw["model"], labels=kw["labels"], options=options) as recognizer:
+        log.info("worker %s: model %s, queue %s", config.worker_id, recognizer.spec.name, queue.url)
+        stats = run_worker(queue, recognizer, config, stop)
+    log.info("worker %s: %d task(s), %d record(s)", config.worker_id, stats.tasks, stats.records)
+    return 0
+
+
+def _options(kw: dict[str, Any]) -> RecognizeOptions:
+    base = RecognizeOptions()
+    return RecognizeOptions(
+        batch_size=kw["batch_size"], workers=kw["workers"],
+        max_pixels=kw["max_pixels"] or base.max_pixels, max_bytes=kw["max_bytes"] or base.max_bytes,
+        fetch_timeout=kw["timeout"], cache=not kw["no_cache"], cache_path=kw["cache_path"],
+        backend=backend_options(kw["device"], kw["threads"], kw["precision"]),
+    )
+
+
+def _on_signals(stop: threading.Event) -> None:
+    """First SIGTERM/SIGINT: finish the tasks in hand, then exit. Second: stop now (tasks are released)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.warning("stopping after the tasks in hand (signal again to stop now)")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,30 @@
+"""Asynchronous jobs: submit millions of inputs, let any number of workers on any number of machines
+recognize them, fetch the records later. See :mod:`wanwu.jobs.base` for the model of a job."""
+
+from __future__ import annotations
+
+from wanwu.jobs.base import (
+    JobInput,
+    JobOptions,
+    JobQueue,
+    JobSpec,
+    JobStatus,
+    Task,
+    UnknownJobError,
+    default_queue_url,
+    open_queue,
+    register_queue,
+)
+
+__all__ = [
+    "JobInput",
+    "JobOptions",
+    "JobQueue",
+    "JobSpec",
+    "JobStatus",
+    "Task",
+    "UnknownJobError",
+    "default_queue_url",
+    "open_queue",
+    "register_queue",
+]

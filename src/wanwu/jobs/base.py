@@ -1,0 +1,352 @@
+"""Jobs: the queue interface every backend implements, the values that cross it, and the URL registry.
+
+A job is a list of inputs plus the options that shape its records (top-k, score kind, threshold); the model
+is the worker's. Submission splits the inputs into *tasks* of ``task_size`` inputs, the unit workers claim.
+Delivery is at least once: a claimed task carries a lease, a worker that dies lets its lease run out and
+another worker reclaims the task. Results are keyed by (job, input index) and written only if absent, so a
+task finished twice still leaves exactly one record per input.
+
+Queues are opened by URL (``sqlite:///path``, ``redis://host:port/db``); query parameters ``lease`` (seconds
+before a silent worker's task is reclaimed) and ``attempts`` (deliveries before a task is given up, its
+inputs recorded as ``internal`` errors) apply to every backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from wanwu.config import wanwu_home
+from wanwu.errors import ERROR_TYPES, ErrorType, QueueError, UsageError
+from wanwu.records import TOP_N_STORED, Record, ScoreKind
+
+JobState = Literal["queued", "running", "done", "cancelled", "failed"]
+InputKind = Literal["url", "path", "upload", "missing"]
+DEFAULT_TASK_SIZE = 16
+QUEUE_ENV = "WANWU_QUEUE"
+
+
+class UnknownJobError(QueueError):
+    """No job has this id (in this queue)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r} in this queue")
+        self.job_id = job_id
+
+
+@dataclass(frozen=True, slots=True)
+class JobInput:
+    """One input of a job. ``name`` is what its record says; ``ref`` is how a worker finds the bytes.
+
+    url: ``ref`` is the URL · path: ``ref`` is an absolute path, read by workers allowed to read it ·
+    upload: ``ref`` is the sha256 of bytes stored in the queue (``data`` only while submitting) ·
+    missing: the submitter already knows it fails; ``ref`` is ``"<error type>: <message>"``.
+    """
+
+    name: str
+    kind: InputKind
+    ref: str
+    data: bytes | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def url(cls, url: str) -> JobInput:
+        return cls(url, "url", url)
+
+    @classmethod
+    def path(cls, path: str, name: str | None = None) -> JobInput:
+        if not os.path.isabs(path):
+            raise UsageError(f"paths in a job must be absolute (workers run elsewhere): {path!r}")
+        return cls(name or path, "path", path)
+
+    @classmethod
+    def upload(cls, name: str, data: bytes) -> JobInput:
+        return cls(name, "upload", hashlib.sha256(data).hexdigest(), data)
+
+    @classmethod
+    def missing(cls, name: str, type: ErrorType, message: str) -> JobInput:
+        return cls(name, "missing", f"{type}: {message}")
+
+    @classmethod
+    def parse(cls, text: str) -> JobInput:
+        """A URL or an absolute path, as given to the HTTP API."""
+        if text.lower().startswith(("http://", "https://")):
+            return cls.url(text)
+        return cls.path(text)
+
+    def failure(self) -> tuple[ErrorType, str]:
+        """For ``missing`` inputs: the error type and message."""
+        type, _, message = self.ref.partition(": ")
+        return (type if type in ERROR_TYPES else "internal"), message
+
+    def to_wire(self) -> list[str]:
+        return [self.name, self.kind, self.ref]
+
+    @classmethod
+    def from_wire(cls, wire: list[str]) -> JobInput:
+        name, kind, ref = wire
+        if kind not in ("url", "path", "upload", "missing"):
+            raise QueueError(f"corrupt task: unknown input kind {kind!r}")
+        return cls(name, kind, ref)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    """What shapes a job's records; the worker's model and its own settings do the rest."""
+
+    top_k: int = 5
+    score: ScoreKind = "softmax"
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= TOP_N_STORED:
+            raise UsageError(f"top_k must be between 1 and {TOP_N_STORED}, got {self.top_k!r}")
+        if self.score not in ("softmax", "logit"):
+            raise UsageError(f"score must be softmax or logit, got {self.score!r}")
+        if self.threshold is not None and not isinstance(self.threshold, int | float):
+            raise UsageError(f"threshold must be a number, got {self.threshold!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top_k": self.top_k, "score": self.score, "threshold": self.threshold}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobOptions:
+        return cls(data.get("top_k", 5), data.get("score", "softmax"), data.get("threshold"))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job to submit. ``inputs`` may be a generator: queues consume it once, in chunks."""
+
+    inputs: Iterable[JobInput]
+    options: JobOptions = field(default_factory=JobOptions)
+    task_size: int = DEFAULT_TASK_SIZE
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.task_size <= 10_000:
+            raise UsageError(f"task size must be between 1 and 10000, got {self.task_size}")
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """``done``: inputs with an ok record · ``failed``: inputs with an error record · ``rate``: records/s
+    since the first task was claimed. ``sealed`` is false while the submitter is still adding inputs."""
+
+    id: str
+    state: JobState
+    total: int
+    done: int
+    failed: int
+    rate: float
+    created: float
+    updated: float
+    options: JobOptions
+    sealed: bool = True
+    abandoned: int = 0  # tasks given up after too many deliveries (their inputs have internal errors)
+
+    @property
+    def finished(self) -> int:
+        return self.done + self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "state": self.state, "total": self.total, "done": self.done, "failed": self.failed,
+            "pending": max(0, self.total - self.finished), "rate": round(self.rate, 2),
+            "created": _iso(self.created), "updated": _iso(self.updated), "options": self.options.to_dict(),
+            "sealed": self.sealed, "abandoned_tasks": self.abandoned,
+        }
+
+
+def derive_state(*, cancelled: bool, sealed: bool, total: int, finished: int, started: bool,
+                 abandoned: int) -> JobState:
+    """One rule for every backend."""
+    if cancelled:
+        return "cancelled"
+    if sealed and finished >= total:
+        return "failed" if abandoned else "done"
+    return "running" if started or finished else "queued"
+
+
+def job_rate(finished: int, started: float | None, updated: float) -> float:
+    if not started or finished == 0 or updated <= started:
+        return 0.0
+    return finished / (updated - started)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A claimed slice of a job: inputs ``start .. start+len(inputs)-1``. ``attempt`` counts deliveries."""
+
+    job_id: str
+    task_id: str
+    start: int
+    inputs: tuple[JobInput, ...]
+    options: JobOptions
+    attempt: int = 1
+
+    def indexed(self) -> Iterator[tuple[int, JobInput]]:
+        return enumerate(self.inputs, self.start)
+
+
+def encode_inputs(inputs: Iterable[JobInput]) -> str:
+    return json.dumps([i.to_wire() for i in inputs], ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_inputs(text: str) -> tuple[JobInput, ...]:
+    try:
+        return tuple(JobInput.from_wire(w) for w in json.loads(text))
+    except (ValueError, TypeError) as e:
+        raise QueueError(f"corrupt task in the queue: {e}") from None
+
+
+def record_json(record: Record) -> str:
+    return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+
+def abandoned_records(task: Task, max_attempts: int) -> list[tuple[int, Record]]:
+    message = f"gave up after {max_attempts} deliveries of its task: each worker stopped while processing it"
+    return [(index, Record.failure(item.name, "internal", message)) for index, item in task.indexed()]
+
+
+def new_job_id() -> str:
+    """Sortable by creation time (to the millisecond), unguessable."""
+    return f"{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
+
+
+class JobQueue(Protocol):
+    """What front ends (CLI, HTTP) and workers need from a queue. Safe to share across threads."""
+
+    url: str
+    settings: QueueSettings
+
+    # -- front ends ---------------------------------------------------------------------------------------
+    def submit(self, spec: JobSpec) -> str: ...
+
+    def status(self, job_id: str) -> JobStatus: ...
+
+    def results(self, job_id: str) -> Iterator[Record]:
+        """Records so far, in input order."""
+        ...
+
+    def cancel(self, job_id: str) -> JobStatus: ...
+
+    def jobs(self, limit: int = 50) -> list[JobStatus]:
+        """The most recently created jobs, newest first."""
+        ...
+
+    # -- workers ------------------------------------------------------------------------------------------
+    def claim(self, worker: str, max_tasks: int, lease_s: float) -> list[Task]:
+        """Take up to ``max_tasks``: new ones, or ones whose worker has been silent for ``lease_s``.
+
+        Every worker of a queue should use the same lease (the URL's ``lease``): depending on the backend
+        it is enforced by the holder (SQLite: lease expiry) or by the taker (Redis: idle time).
+        """
+        ...
+
+    def extend(self, worker: str, tasks: list[Task], lease_s: float) -> None: ...
+
+    def release(self, worker: str, tasks: list[Task]) -> None:
+        """Give tasks back now, unfinished (a worker stopping)."""
+        ...
+
+    def complete(self, task: Task, records: list[tuple[int, Record]]) -> None:
+        """Write each (input index, record) unless one exists; mark the task done. Idempotent."""
+        ...
+
+    def blobs(self, job_id: str, keys: list[str]) -> dict[str, bytes]: ...
+
+    def outstanding(self) -> int:
+        """Tasks not yet completed, claimed or not, over all jobs."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# --- opening a queue by URL ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    lease_s: float = 60.0
+    max_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        if self.lease_s <= 0 or self.max_attempts < 1:
+            raise UsageError("queue: lease must be > 0 seconds and attempts >= 1")
+
+
+@dataclass(frozen=True)
+class QueueURL:
+    """A parsed queue URL: ``url`` without wanwu's own query parameters, which become ``settings``."""
+
+    scheme: str
+    url: str
+    settings: QueueSettings
+
+
+QueueFactory = Callable[[QueueURL], JobQueue]
+QUEUES: dict[str, QueueFactory] = {}
+# Built-in backends register on import; importing only the one asked for keeps redis-py optional.
+BUILTIN_QUEUES = {"sqlite": "wanwu.jobs.sqlite", "redis": "wanwu.jobs.redis", "rediss": "wanwu.jobs.redis"}
+
+
+def register_queue(scheme: str) -> Callable[[QueueFactory], QueueFactory]:
+    def wrap(factory: QueueFactory) -> QueueFactory:
+        QUEUES[scheme] = factory
+        return factory
+
+    return wrap
+
+
+def default_queue_url() -> str:
+    return os.environ.get(QUEUE_ENV) or f"sqlite:///{(wanwu_home() / 'jobs.sqlite3').absolute()}".replace(
+        ":////", ":///")
+
+
+def parse_queue_url(url: str) -> QueueURL:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in QUEUES and scheme not in BUILTIN_QUEUES:
+        known = ", ".join(sorted({*QUEUES, *BUILTIN_QUEUES}))
+        raise UsageError(f"queue URL {url!r}: unknown scheme {parts.scheme!r}; use one of {known}, "
+                         "e.g. sqlite:///path/jobs.sqlite3 or redis://host:6379/0")
+    ours: dict[str, str] = {}
+    rest = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in ("lease", "attempts"):
+            ours[key] = value
+        else:
+            rest.append((key, value))
+    try:
+        settings = QueueSettings(
+            lease_s=float(ours.get("lease", QueueSettings.lease_s)),
+            max_attempts=int(ours.get("attempts", QueueSettings.max_attempts)),
+        )
+    except ValueError as e:
+        raise UsageError(f"queue URL {url!r}: bad lease/attempts value ({e})") from None
+    return QueueURL(scheme, with_query(url, rest), settings)
+
+
+def with_query(url: str, query: list[tuple[str, str]]) -> str:
+    """``url`` with its query string replaced (the rest kept verbatim: ``sqlite:////abs`` stays so)."""
+    base = url.split("#", 1)[0].split("?", 1)[0]
+    return f"{base}?{urlencode(query)}" if query else base
+
+
+def open_queue(url: str | None = None) -> JobQueue:
+    """Open the queue at ``url`` (default ``$WANWU_QUEUE`` or SQLite under ``$WANWU_HOME``)."""
+    parsed = parse_queue_url(url or default_queue_url())
+    if parsed.scheme not in QUEUES:
+        importlib.import_module(BUILTIN_QUEUES[parsed.scheme])
+    return QUEUES[parsed.scheme](parsed)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts)) if ts else ""

@@ -1,0 +1,172 @@
+"""``/v1/jobs`` over HTTP: a FastAPI router the service mounts (``app.include_router(router(queue))``).
+
+* ``POST /v1/jobs`` — JSON ``{"inputs": [URL or absolute path, ...], "top_k": 5, "score": "softmax",
+  "threshold": null, "task_size": 16}``, or multipart with ``files`` (uploads, repeatable), optional
+  ``inputs`` (URLs/paths, repeatable) and the same options as form fields. 201 with the job's status.
+* ``GET /v1/jobs`` — recent jobs · ``GET /v1/jobs/{id}`` — status (404 if unknown).
+* ``GET /v1/jobs/{id}/results?format=jsonl|csv`` — records so far in input order, streamed.
+* ``DELETE /v1/jobs/{id}`` — cancel; returns the status.
+
+Paths are only ever read by workers, and only under their ``--allow-root`` folders.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at runtime, and
+# they name classes imported inside router() (fastapi is an optional extra).
+import io
+import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from wanwu.errors import MissingExtraError, QueueError, UsageError
+from wanwu.jobs.base import JobInput, JobOptions, JobQueue, JobSpec, UnknownJobError, open_queue
+from wanwu.sinks import SinkOptions, create_sink
+from wanwu.sources import DEFAULT_MAX_BYTES
+
+if TYPE_CHECKING:
+    from fastapi import APIRouter
+
+MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8", "json": "application/json"}
+MAX_JSON_INPUTS = 1_000_000
+
+
+def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAULT_MAX_BYTES) -> "APIRouter":
+    """The ``/v1/jobs`` routes over ``queue`` (a queue, or its URL; default: the default queue)."""
+    try:
+        from fastapi import APIRouter, HTTPException, Query, Request
+        from fastapi.responses import JSONResponse, StreamingResponse
+        from starlette.concurrency import run_in_threadpool
+    except ImportError:
+        raise MissingExtraError("fastapi", "server", "the jobs HTTP API") from None
+
+    q: JobQueue = queue if queue is not None and not isinstance(queue, str) else open_queue(queue)
+    api = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+    def http_error(e: Exception) -> HTTPException:
+        if isinstance(e, UnknownJobError):
+            return HTTPException(404, str(e))
+        if isinstance(e, UsageError):
+            return HTTPException(400, str(e))
+        return HTTPException(503, str(e))
+
+    @api.post("", status_code=201)
+    async def submit(request: Request) -> JSONResponse:
+        try:
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                spec = await _multipart_spec(request, max_upload_bytes)
+            else:
+                spec = _json_spec(await _json_body(request))
+            job_id = await run_in_threadpool(q.submit, spec)
+            status = await run_in_threadpool(q.status, job_id)
+        except (UsageError, QueueError) as e:
+            raise http_error(e) from None
+        return JSONResponse(status.to_dict(), status_code=201, headers={"Location": f"/v1/jobs/{job_id}"})
+
+    @api.get("")
+    def list_jobs(limit: int = Query(50, ge=1, le=1000)) -> list[dict[str, Any]]:
+        try:
+            return [s.to_dict() for s in q.jobs(limit)]
+        except QueueError as e:
+            raise http_error(e) from None
+
+    @api.get("/{job_id}")
+    def status(job_id: str) -> dict[str, Any]:
+        try:
+            return q.status(job_id).to_dict()
+        except QueueError as e:
+            raise http_error(e) from None
+
+    @api.get("/{job_id}/results")
+    def results(job_id: str, format: str = Query("jsonl", pattern="^(jsonl|csv|json)$"),
+                bom: bool = False) -> StreamingResponse:
+        try:
+            top_k = q.status(job_id).options.top_k
+            records = q.results(job_id)
+        except QueueError as e:
+            raise http_error(e) from None
+        body = _stream(records, format, SinkOptions(top_k=top_k, bom=bom))
+        filename = f"{job_id}.{format}"
+        return StreamingResponse(body, media_type=MEDIA_TYPES[format],
+                                 headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+    @api.delete("/{job_id}")
+    def cancel(job_id: str) -> dict[str, Any]:
+        try:
+            return q.cancel(job_id).to_dict()
+        except QueueError as e:
+            raise http_error(e) from None
+
+    return api
+
+
+def _stream(records: Iterator[Any], fmt: str, options: SinkOptions) -> Iterator[str]:
+    """Render records through the CLI's sinks, a few hundred at a time."""
+    buffer = io.StringIO()
+    sink = create_sink(fmt, buffer, options)
+    for n, record in enumerate(records, 1):
+        sink.write(record)
+        if n % 256 == 0:
+            yield _drain(buffer)
+    sink.close()
+    yield _drain(buffer)
+
+
+def _drain(buffer: io.StringIO) -> str:
+    text = buffer.getvalue()
+    buffer.seek(0)
+    buffer.truncate()
+    return text
+
+
+async def _json_body(request: Any) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.body() or b"null")
+    except ValueError as e:
+        raise UsageError(f"request body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise UsageError('send a JSON object like {"inputs": ["https://…/a.jpg"], "top_k": 5}, '
+                         "or multipart form data with files")
+    return body
+
+
+def _options(data: Any) -> tuple[JobOptions, int]:
+    def number(key: str, kind: type[int] | type[float], default: Any) -> Any:
+        value = data.get(key)
+        if value in (None, ""):
+            return default
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{key} must be a number, got {value!r}") from None
+
+    score: Any = data.get("score") or "softmax"
+    options = JobOptions(number("top_k", int, 5), score, number("threshold", float, None))
+    return options, number("task_size", int, 16)
+
+
+def _json_spec(body: dict[str, Any]) -> JobSpec:
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+        raise UsageError('"inputs" must be a non-empty list of URLs or absolute paths')
+    if len(inputs) > MAX_JSON_INPUTS:
+        raise UsageError(f"at most {MAX_JSON_INPUTS:,} inputs per request; split the job")
+    options, task_size = _options(body)
+    return JobSpec([JobInput.parse(i) for i in inputs], options, task_size)
+
+
+async def _multipart_spec(request: Any, max_bytes: int) -> JobSpec:
+    async with request.form() as form:  # closes the spooled upload files
+        inputs: list[JobInput] = [JobInput.parse(str(i)) for i in form.getlist("inputs")]
+        for upload in form.getlist("files"):
+            if isinstance(upload, str):
+                raise UsageError('"files" must be file parts')
+            data = await upload.read(max_bytes + 1)
+            name = upload.filename or f"upload-{len(inputs)}"
+            if len(data) > max_bytes:
+                message = f"upload above the limit of {max_bytes:,} bytes"
+                inputs.append(JobInput.missing(name, "too_large", message))
+            else:
+                inputs.append(JobInput.upload(name, data))
+        options, task_size = _options(form)
+    if not inputs:
+        raise UsageError('send files (multipart field "files") or URLs (field "inputs")')
+    return JobSpec(inputs, options, task_size)

@@ -1,0 +1,212 @@
+"""A queue worker: claim tasks, run them through the one :class:`~wanwu.pipeline.Recognizer`, write records.
+
+The model is loaded once per worker; each claim takes a few tasks at once (enough for about two inference
+batches) and streams all their inputs through one ``recognize`` call, so decoding and inference overlap as
+in the plain CLI. A task's records are written (and the task acknowledged) as soon as its last record
+arrives. A heartbeat thread extends the leases of held tasks, so only a worker that has stopped (killed,
+hung machine, lost network) loses them.
+
+Paths are read only under the operator's ``allow_roots``; any other path becomes an error record, never a
+read. Uploaded inputs come from the queue's blob store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from wanwu.jobs.base import JobInput, JobOptions, JobQueue, Task
+from wanwu.pipeline import Recognizer
+from wanwu.records import Record
+from wanwu.sources import InputItem
+
+log = logging.getLogger("wanwu")
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    allow_roots: tuple[Path, ...] = ()  # folders whose files jobs may name by path; none = URLs/uploads only
+    lease_s: float | None = None  # None: the queue URL's lease
+    tasks_per_claim: int = 4
+    poll_s: float = 1.0  # wait between claims while the queue is empty
+    max_tasks: int | None = None  # stop after this many tasks (benchmarks, tests)
+    exit_when_idle: bool = False  # stop once no task is left in the queue, claimed or not
+    worker_id: str = field(default_factory=default_worker_id)
+
+
+@dataclass
+class WorkerStats:
+    tasks: int = 0
+    records: int = 0
+
+
+def run_worker(queue: JobQueue, recognizer: Recognizer, config: WorkerConfig,
+               stop: threading.Event | None = None) -> WorkerStats:
+    """Work until ``stop`` is set (between claims), ``max_tasks`` are done, or the queue is idle."""
+    stop = stop or threading.Event()
+    lease = config.lease_s or queue.settings.lease_s
+    roots = _Roots(config.allow_roots)
+    stats = WorkerStats()
+    heartbeat = _Heartbeat(queue, config.worker_id, lease)
+    heartbeat.start()
+    try:
+        while not stop.is_set():
+            want = config.tasks_per_claim
+            if config.max_tasks is not None:
+                want = min(want, config.max_tasks - stats.tasks)
+                if want <= 0:
+                    break
+            tasks = queue.claim(config.worker_id, want, lease)
+            if not tasks:
+                if config.exit_when_idle and queue.outstanding() == 0:
+                    break
+                stop.wait(config.poll_s)
+                continue
+            heartbeat.hold(tasks)
+            try:
+                _process(queue, recognizer, tasks, roots, stats, heartbeat)
+            except BaseException:
+                unfinished = heartbeat.held()
+                log.warning("worker stopping: giving back %d unfinished task(s)", len(unfinished))
+                queue.release(config.worker_id, unfinished)
+                raise
+            finally:
+                heartbeat.drop_all()
+    finally:
+        heartbeat.stop()
+    return stats
+
+
+def _process(queue: JobQueue, recognizer: Recognizer, tasks: list[Task], roots: _Roots, stats: WorkerStats,
+             heartbeat: _Heartbeat) -> None:
+    by_options: dict[JobOptions, list[Task]] = {}
+    for task in tasks:
+        by_options.setdefault(task.options, []).append(task)
+    for options, group in by_options.items():
+        _use_options(recognizer, options)
+        items = list(_items(queue, group, roots))
+        records = recognizer.recognize(items)
+        for task in group:
+            written = [(index, _next(records, item)) for index, item in task.indexed()]
+            queue.complete(task, written)
+            heartbeat.drop(task)
+            stats.tasks += 1
+            stats.records += len(written)
+        for extra in records:
+            raise RuntimeError(f"recognizer returned an unexpected extra record for {extra.input!r}")
+
+
+def _next(records: Iterator[Record], item: JobInput) -> Record:
+    """The record for ``item``: records come in input order, one per input, except while the orchestrator
+    is being interrupted, when it flushes the finished ones past a gap. Never write a shifted record."""
+    record = next(records, None)
+    if record is not None and record.input == item.name:
+        return record
+    for _ in records:  # an interrupted run re-raises KeyboardInterrupt once drained
+        pass
+    raise RuntimeError(f"the recognizer's records went out of step with the task at {item.name!r}")
+
+
+def _use_options(recognizer: Recognizer, options: JobOptions) -> None:
+    """Apply a job's record options. They only shape records, so the loaded model and pools are kept."""
+    current = recognizer.options
+    if (current.top_k, current.score, current.threshold) != (options.top_k, options.score, options.threshold):
+        recognizer.options = replace(current, top_k=options.top_k, score=options.score,
+                                     threshold=options.threshold)
+
+
+def _items(queue: JobQueue, tasks: list[Task], roots: _Roots) -> Iterator[InputItem]:
+    for task in tasks:
+        uploads = [i.ref for i in task.inputs if i.kind == "upload"]
+        blobs = queue.blobs(task.job_id, uploads) if uploads else {}
+        for item in task.inputs:
+            yield _item(item, blobs, roots)
+
+
+def _item(item: JobInput, blobs: dict[str, bytes], roots: _Roots) -> InputItem:
+    if item.kind == "url":
+        return InputItem(item.name, "url", item.ref)
+    if item.kind == "upload":
+        data = blobs.get(item.ref)
+        if data is None:
+            return InputItem(item.name, "missing", "the uploaded file is no longer in the queue",
+                             error_type="not_found")
+        return InputItem.from_bytes(item.name, data)
+    if item.kind == "path":
+        refusal = roots.refusal(item.ref)
+        if refusal:
+            return InputItem(item.name, "missing", refusal, error_type="fetch_error")
+        return InputItem(item.name, "file", item.ref)
+    type, message = item.failure()
+    return InputItem(item.name, "missing", message, error_type=type)
+
+
+class _Roots:
+    """The folders a worker may read; symlinks are resolved first, so none leads outside."""
+
+    def __init__(self, roots: tuple[Path, ...]) -> None:
+        self.roots = tuple(Path(os.path.realpath(r)) for r in roots)
+
+    def refusal(self, path: str) -> str | None:
+        if not self.roots:
+            return (f"this worker reads no local paths ({path}); submit the file as an upload, or start "
+                    "the worker with --allow-root FOLDER")
+        real = Path(os.path.realpath(path))
+        if any(real == root or root in real.parents for root in self.roots):
+            return None
+        return f"{path} is outside the folders this worker may read (--allow-root)"
+
+
+class _Heartbeat:
+    """Extends the leases of held tasks every third of the lease, from a daemon thread."""
+
+    def __init__(self, queue: JobQueue, worker: str, lease_s: float) -> None:
+        self.queue = queue
+        self.worker = worker
+        self.lease_s = lease_s
+        self._held: dict[str, Task] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wanwu-lease", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def hold(self, tasks: list[Task]) -> None:
+        with self._lock:
+            self._held.update((t.task_id, t) for t in tasks)
+
+    def drop(self, task: Task) -> None:
+        with self._lock:
+            self._held.pop(task.task_id, None)
+
+    def drop_all(self) -> None:
+        with self._lock:
+            self._held.clear()
+
+    def held(self) -> list[Task]:
+        with self._lock:
+            return list(self._held.values())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            tasks = self.held()
+            if not tasks:
+                continue
+            try:
+                self.queue.extend(self.worker, tasks, self.lease_s)
+            except Exception as e:  # the queue may be briefly unreachable; the next beat retries
+                log.warning("could not extend task leases: %s", e)

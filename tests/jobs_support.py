@@ -1,0 +1,298 @@
+"""Helpers for the job-queue tests: an image server with a URL that hangs on demand, worker processes,
+and the scenarios both queue backends must pass (imported by test_jobs.py and test_jobs_redis.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+
+import wanwu
+from tests.helpers import image_bytes
+from wanwu.config import RecognizeOptions
+from wanwu.jobs.base import JobInput, JobOptions, JobQueue, JobSpec, open_queue
+from wanwu.jobs.worker import WorkerConfig, WorkerStats, run_worker
+from wanwu.pipeline import Recognizer
+
+COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (20, 20, 20), (240, 240, 240), (230, 220, 40),
+          (40, 220, 220), (220, 40, 220), (128, 128, 128), (250, 140, 20)]
+
+
+def colour(i: int) -> bytes:
+    return image_bytes(COLORS[i % len(COLORS)], size=(48 + i % 7, 40))
+
+
+class ImageServer:
+    """Serves /img/N.jpg; /slow.jpg hangs until :meth:`release` (``slow_hit`` is set when it is asked)."""
+
+    def __init__(self) -> None:
+        self.slow_hit = threading.Event()
+        self._released = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/slow.jpg":
+                    server.slow_hit.set()
+                    server._released.wait(60)
+                    body = colour(3)
+                elif self.path.startswith("/img/"):
+                    body = colour(int(self.path.split("/")[-1].split(".")[0]))
+                else:
+                    self.send_error(404)
+                    return
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the worker that asked was killed
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def close(self) -> None:
+        self.release()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@contextmanager
+def image_server() -> Iterator[ImageServer]:
+    server = ImageServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@contextmanager
+def serve(app: object) -> Iterator[httpx.Client]:
+    """Run an ASGI app with uvicorn on a free local port; yield an httpx client for it."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="off")  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, "the test HTTP service")
+        with httpx.Client(base_url=f"http://127.0.0.1:{config.port}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def recognizer(tiny_model: tuple[Path, Path]) -> Recognizer:
+    model, labels = tiny_model
+    options = RecognizeOptions(workers=0, cache=False, batch_size=8)
+    return Recognizer(str(model), labels=labels, options=options)
+
+
+def work(queue: JobQueue, tiny_model: tuple[Path, Path], **config: object) -> WorkerStats:
+    """An in-process worker that stops when the queue is empty."""
+    settings: dict[str, object] = {"exit_when_idle": True, "poll_s": 0.05, **config}
+    with recognizer(tiny_model) as rec:
+        return run_worker(queue, rec, WorkerConfig(**settings))  # type: ignore[arg-type]
+
+
+def uploads(n: int, offset: int = 0) -> list[JobInput]:
+    return [JobInput.upload(f"up-{i:04d}.jpg", colour(i)) for i in range(offset, offset + n)]
+
+
+def worker_process(queue_url: str, tiny_model: tuple[Path, Path], *extra: str) -> subprocess.Popen[bytes]:
+    """``wanwu worker`` in its own process, as an operator would start it."""
+    model, labels = tiny_model
+    env = {**os.environ, "PYTHONPATH": str(Path(wanwu.__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-c", "from wanwu.cli.main import run; run()", "worker", "--queue", queue_url,
+           "--model", str(model), "--labels", str(labels), "-j", "0", "--threads", "1", "--no-cache",
+           "--batch-size", "4", "--tasks-per-claim", "4", "--poll", "0.2", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def add_query(url: str, **params: str) -> str:
+    return url + ("&" if "?" in url else "?") + "&".join(f"{k}={v}" for k, v in params.items())
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> str:
+    if proc.poll() is None:
+        proc.kill()
+    _, err = proc.communicate(timeout=30)
+    return err.decode(errors="replace")
+
+
+def assert_exactly_once(queue: JobQueue, job_id: str, names: list[str]) -> None:
+    records = list(queue.results(job_id))
+    assert [r.input for r in records] == names, "every input exactly once, in input order"
+    status = queue.status(job_id)
+    assert status.total == len(names) == status.done + status.failed
+    assert status.state == "done"
+
+
+# --- scenarios every backend must pass ----------------------------------------------------------------------
+
+
+def scenario_worker_killed_mid_job(queue_url: str, tiny_model: tuple[Path, Path]) -> None:
+    """Worker A claims tasks, hangs on one input and is SIGKILLed holding them; worker B, already running,
+    takes them over when the lease runs out; the job ends with every input recorded exactly once."""
+    queue = open_queue(queue_url)
+    with image_server() as server:
+        inputs = [*uploads(10), JobInput.url(f"{server.url}/slow.jpg"), *uploads(29, 10),
+                  *[JobInput.url(f"{server.url}/img/{i}.jpg") for i in range(10)]]
+        names = [i.name for i in inputs]
+        job_id = queue.submit(JobSpec(inputs, JobOptions(top_k=2), task_size=4))
+        a = worker_process(queue_url, tiny_model, "--lease", "2")
+        b = None
+        try:
+            wait_for(server.slow_hit.is_set, 60, "worker A to reach the hanging input")
+            b = worker_process(queue_url, tiny_model, "--lease", "2", "--exit-when-idle")
+            # A holds tasks 2 and 3 (inputs 8-15); B finishes everything else, then waits for the lease.
+            wait_for(lambda: queue.status(job_id).finished >= len(inputs) - 8, 60, "worker B")
+            time.sleep(0.5)
+            before = queue.status(job_id)
+            assert before.finished == len(inputs) - 8 and before.state == "running"
+            a.send_signal(signal.SIGKILL)
+            a.wait(timeout=10)
+            server.release()
+            assert b.wait(timeout=90) == 0, stop(b)
+        finally:
+            stop(a)
+            if b is not None:
+                stop(b)
+    assert_exactly_once(queue, job_id, names)
+    records = list(queue.results(job_id))
+    assert all(r.ok for r in records), [r.to_dict() for r in records if not r.ok]
+    assert all(len(r.predictions) == 2 for r in records)
+    assert queue.outstanding() == 0
+    queue.close()
+
+
+def scenario_pending_jobs_survive_restarts(queue_url: str, tiny_model: tuple[Path, Path],
+                                           restart_store: Callable[[], None] | None = None) -> None:
+    """Submit through the HTTP API, drop that service; a worker does part and stops; a new service still
+    sees the job; a new worker finishes it."""
+    from fastapi import FastAPI
+
+    from wanwu.jobs.http import router
+
+    @contextmanager
+    def service() -> Iterator[httpx.Client]:
+        with closing(open_queue(queue_url)) as queue:
+            app = FastAPI()
+            app.include_router(router(queue))
+            with serve(app) as client:
+                yield client
+
+    with service() as client:
+        files = [("files", (f"f{i}.jpg", colour(i), "image/jpeg")) for i in range(12)]
+        response = client.post("/v1/jobs", files=files, data={"top_k": "3", "task_size": "4"})
+        assert response.status_code == 201, response.text
+        job_id = response.json()["id"]
+        assert response.json()["state"] == "queued" and response.json()["total"] == 12
+
+    if restart_store is not None:
+        restart_store()
+    first = worker_process(queue_url, tiny_model, "--max-tasks", "1")
+    assert first.wait(timeout=60) == 0, stop(first)
+    stop(first)
+
+    with service() as client:
+        status = client.get(f"/v1/jobs/{job_id}").json()
+        assert status["state"] == "running" and status["done"] == 4 and status["pending"] == 8
+        second = worker_process(queue_url, tiny_model, "--exit-when-idle")
+        assert second.wait(timeout=60) == 0, stop(second)
+        stop(second)
+        status = client.get(f"/v1/jobs/{job_id}").json()
+        assert status["state"] == "done" and status["done"] == 12 and status["rate"] > 0
+        lines = client.get(f"/v1/jobs/{job_id}/results").text.splitlines()
+        assert [json.loads(line)["input"] for line in lines] == [f"f{i}.jpg" for i in range(12)]
+        assert all(len(json.loads(line)["predictions"]) == 3 for line in lines)
+
+
+def scenario_cancel(queue_url: str, tiny_model: tuple[Path, Path]) -> None:
+    queue = open_queue(queue_url)
+    job_id = queue.submit(JobSpec(uploads(20), task_size=2))
+    work(queue, tiny_model, max_tasks=1, tasks_per_claim=1)
+    assert queue.status(job_id).state == "running"
+    status = queue.cancel(job_id)
+    assert status.state == "cancelled" and status.done == 2
+    stats = work(queue, tiny_model)
+    assert stats.tasks == 0 and queue.outstanding() == 0
+    status = queue.status(job_id)
+    assert (status.state, status.done, status.failed, status.total) == ("cancelled", 2, 0, 20)
+    assert [r.input for r in queue.results(job_id)] == ["up-0000.jpg", "up-0001.jpg"]
+    assert queue.cancel(job_id).state == "cancelled"  # cancelling twice is harmless
+    queue.close()
+
+
+def scenario_redelivery_is_idempotent(queue_url: str) -> None:
+    """A task whose lease ran out is delivered again; both deliveries finishing leaves one record each."""
+    from wanwu.records import Record
+
+    queue = open_queue(queue_url)
+    job_id = queue.submit(JobSpec(uploads(3), task_size=3))
+    (first,) = queue.claim("w1", 4, lease_s=0.2)
+    assert queue.claim("w2", 4, lease_s=0.2) == []  # leased
+    time.sleep(0.5)
+    (again,) = queue.claim("w2", 4, lease_s=0.2)
+    assert again.attempt == 2 and [i.name for i in again.inputs] == [i.name for i in first.inputs]
+    queue.complete(again, [(i, Record.failure(x.name, "internal", "second")) for i, x in again.indexed()])
+    queue.complete(first, [(i, Record.failure(x.name, "decode_error", "first")) for i, x in first.indexed()])
+    status = queue.status(job_id)
+    assert (status.state, status.failed, status.done) == ("done", 3, 0)
+    assert {r.error.message for r in queue.results(job_id) if r.error} == {"second"}
+    assert queue.outstanding() == 0
+    queue.close()
+
+
+def scenario_poison_task_is_abandoned(queue_url: str) -> None:
+    """A task whose every worker dies is given up after ``attempts`` deliveries: internal error records."""
+    queue = open_queue(add_query(queue_url, attempts="2"))
+    job_id = queue.submit(JobSpec(uploads(2), task_size=2))
+    for _ in range(2):
+        assert len(queue.claim("w", 1, lease_s=0.05)) == 1
+        time.sleep(0.15)
+    assert queue.claim("w", 1, lease_s=0.05) == []
+    status = queue.status(job_id)
+    assert (status.state, status.failed, status.abandoned) == ("failed", 2, 1)
+    record = next(iter(queue.results(job_id)))
+    assert record.error is not None and record.error.type == "internal"
+    assert "2 deliveries" in record.error.message
+    queue.close()

@@ -1,0 +1,327 @@
+"""Async jobs on the embedded SQLite queue: the queue contract, the worker, the CLI and /v1/jobs.
+
+The backend-independent scenarios live in tests/jobs_support.py; test_jobs_redis.py runs them on Redis.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import jobs_support as js
+from tests.helpers import image_bytes
+from wanwu.cli.main import main
+from wanwu.errors import MissingExtraError, UsageError
+from wanwu.jobs.base import (
+    JobInput,
+    JobOptions,
+    JobQueue,
+    JobSpec,
+    UnknownJobError,
+    open_queue,
+    parse_queue_url,
+)
+
+TinyModel = tuple[Path, Path]
+
+
+@pytest.fixture
+def queue_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'queue' / 'jobs.sqlite3'}"
+
+
+# --- the scenarios both backends pass -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_job_every_input_exactly_once(queue_url: str, tiny_model: TinyModel) -> None:
+    js.scenario_worker_killed_mid_job(js.add_query(queue_url, lease="2"), tiny_model)
+
+
+@pytest.mark.slow
+def test_pending_jobs_survive_service_and_worker_restarts(queue_url: str, tiny_model: TinyModel) -> None:
+    js.scenario_pending_jobs_survive_restarts(queue_url, tiny_model)
+
+
+def test_cancel_stops_remaining_tasks(queue_url: str, tiny_model: TinyModel) -> None:
+    js.scenario_cancel(queue_url, tiny_model)
+
+
+def test_redelivered_task_written_once(queue_url: str) -> None:
+    js.scenario_redelivery_is_idempotent(queue_url)
+
+
+def test_poison_task_abandoned_after_attempts(queue_url: str) -> None:
+    js.scenario_poison_task_is_abandoned(queue_url)
+
+
+# --- worker: inputs, options, records ----------------------------------------------------------------------
+
+
+def test_job_records_match_plain_recognize(queue_url: str, tiny_model: TinyModel) -> None:
+    """Each input gets its own image's answer (nothing shifted between tasks), as the plain CLI gives it."""
+    inputs = js.uploads(23)
+    queue = open_queue(queue_url)
+    job_id = queue.submit(JobSpec(inputs, JobOptions(top_k=3, score="logit"), task_size=5))
+    stats = js.work(queue, tiny_model, tasks_per_claim=2)
+    assert stats.tasks == 5 and stats.records == 23
+    got = {r.input: r for r in queue.results(job_id)}
+    with js.recognizer(tiny_model) as rec:
+        rec.options = rec.options.__class__(top_k=3, score="logit", workers=0, cache=False)
+        from wanwu.sources import InputItem
+
+        items = [InputItem.from_bytes(i.name, js.colour(n)) for n, i in enumerate(inputs)]
+        expected = list(rec.recognize(items))
+    assert [got[e.input].predictions for e in expected] == [e.predictions for e in expected]
+    assert len({r.predictions[0].label for r in got.values()}) > 1, "the images differ, so must the answers"
+    queue.close()
+
+
+def test_paths_only_under_allowed_roots(queue_url: str, tiny_model: TinyModel, tmp_path: Path) -> None:
+    allowed, other = tmp_path / "allowed", tmp_path / "other"
+    allowed.mkdir()
+    other.mkdir()
+    (allowed / "a.jpg").write_bytes(image_bytes())
+    (other / "b.jpg").write_bytes(image_bytes())
+    (allowed / "escape.jpg").symlink_to(other / "b.jpg")
+    queue = open_queue(queue_url)
+    names = [str(p) for p in (allowed / "a.jpg", other / "b.jpg", allowed / "escape.jpg", allowed / "no.jpg")]
+    job_id = queue.submit(JobSpec([JobInput.path(n) for n in names]))
+    js.work(queue, tiny_model, allow_roots=(allowed,))
+    records = list(queue.results(job_id))
+    assert [r.input for r in records] == names
+    assert records[0].ok
+    assert [r.error.type for r in records[1:] if r.error] == ["fetch_error", "fetch_error", "not_found"]
+    assert records[1].error is not None and "--allow-root" in records[1].error.message
+    status = queue.status(job_id)
+    assert (status.state, status.done, status.failed) == ("done", 1, 3)
+
+    job_id = queue.submit(JobSpec([JobInput.path(names[0])]))  # a worker with no roots reads no paths
+    js.work(queue, tiny_model)
+    (record,) = queue.results(job_id)
+    assert record.error is not None and record.error.type == "fetch_error"
+    assert "upload" in record.error.message
+    queue.close()
+
+
+def test_urls_uploads_and_bad_inputs_in_one_job(queue_url: str, tiny_model: TinyModel) -> None:
+    queue = open_queue(queue_url)
+    with js.image_server() as server:
+        inputs = [JobInput.url(f"{server.url}/img/1.jpg"), JobInput.upload("bad.jpg", b"not an image"),
+                  JobInput.url(f"{server.url}/nothing.jpg"),
+                  JobInput.missing("gone.jpg", "not_found", "no file"),
+                  *js.uploads(2)]
+        job_id = queue.submit(JobSpec(inputs, task_size=4))
+        js.work(queue, tiny_model)
+    records = list(queue.results(job_id))
+    assert [r.status for r in records] == ["ok", "error", "error", "error", "ok", "ok"]
+    assert [r.error.type for r in records if r.error] == ["unsupported", "not_found", "not_found"]
+    status = queue.status(job_id)
+    assert (status.total, status.done, status.failed, status.state) == (6, 3, 3, "done")
+    d = status.to_dict()
+    assert set(d) >= {"id", "state", "total", "done", "failed", "rate", "created", "updated"}
+    assert d["created"].endswith("Z") and d["pending"] == 0
+    queue.close()
+
+
+def test_uploads_are_deleted_when_the_job_is_done(queue_url: str, tiny_model: TinyModel) -> None:
+    queue = open_queue(queue_url)
+    job_id = queue.submit(JobSpec(js.uploads(3)))
+    key = JobInput.upload("x", js.colour(0)).ref
+    assert queue.blobs(job_id, [key]) != {}
+    js.work(queue, tiny_model)
+    assert queue.blobs(job_id, [key]) == {}
+    queue.close()
+
+
+# --- queue URLs and errors ---------------------------------------------------------------------------------
+
+
+def test_queue_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed = parse_queue_url("redis://h:1/2?lease=2.5&attempts=3&socket_timeout=5")
+    assert parsed.settings.lease_s == 2.5 and parsed.settings.max_attempts == 3
+    assert parsed.url == "redis://h:1/2?socket_timeout=5"
+    with pytest.raises(UsageError, match="unknown scheme"):
+        open_queue("postgres://x/y")
+    with pytest.raises(UsageError, match="three slashes"):
+        open_queue("sqlite://host/x.db")
+    with pytest.raises(UsageError, match="lease"):
+        open_queue(f"sqlite:///{tmp_path}/q.db?lease=soon")
+    queue = open_queue()  # default: SQLite in $WANWU_HOME
+    assert queue.url.endswith("wanwu-home/jobs.sqlite3")
+    with pytest.raises(UnknownJobError):
+        queue.status("nope")
+    with pytest.raises(UsageError, match="at least one input"):
+        queue.submit(JobSpec([]))
+    with pytest.raises(UsageError, match="absolute"):
+        JobInput.parse("relative/a.jpg")
+    with pytest.raises(UsageError, match="top_k"):
+        JobOptions(top_k=0)
+    queue.close()
+    monkeypatch.setitem(sys.modules, "redis", None)
+    monkeypatch.delitem(sys.modules, "wanwu.jobs.redis", raising=False)
+    with pytest.raises(MissingExtraError, match=r"wanwu\[queue\]"):
+        open_queue("redis://127.0.0.1:1/0")
+
+
+# --- CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_submit_status_results_cancel(queue_url: str, tiny_model: TinyModel, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(5):
+        (folder / ("sub" if i % 2 else "") / f"{i}.jpg").write_bytes(js.colour(i))
+    q = ["--queue", queue_url]
+    assert main(["jobs", "submit", *q, "--top-k", "2", str(folder), str(tmp_path / "no.jpg")]) == 0
+    job_id = capsys.readouterr().out.strip()
+    assert main(["jobs", "status", "--queue", queue_url, job_id]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["id"], status["state"], status["total"], status["done"]) == (job_id, "queued", 6, 0)
+
+    model, labels = tiny_model
+    monkeypatch.setattr("wanwu.cli.worker._on_signals", lambda stop: None)
+    assert main(["worker", "--queue", queue_url, "--model", str(model), "--labels", str(labels), "-j", "0",
+                 "--no-cache", "--exit-when-idle", "--poll", "0.05"]) == 0
+    assert main(["jobs", "status", "--queue", queue_url, job_id]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["state"], status["done"], status["failed"]) == ("done", 5, 1)
+
+    out = tmp_path / "out.jsonl"
+    assert main(["jobs", "results", *q, job_id, "--format", "jsonl", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 6 and rows[-1]["error"]["type"] == "not_found"
+    assert sorted(Path(r["input"]).name for r in rows[:5]) == [f"{i}.jpg" for i in range(5)]
+    assert all(len(r["predictions"]) == 2 for r in rows[:5])
+    out_csv = tmp_path / "out.csv"
+    assert main(["jobs", "results", "--queue", queue_url, job_id, "-f", "csv", "-o", str(out_csv)]) == 0
+    table = list(csv.DictReader(out_csv.read_text(encoding="utf-8").splitlines()))
+    assert [r["input"] for r in table] == [r["input"] for r in rows]
+    assert table[0]["label_2"] and "label_3" not in table[0]
+
+    assert main(["jobs", "submit", "--queue", queue_url, "--by-reference", str(folder)]) == 0
+    second = capsys.readouterr().out.strip()
+    assert main(["jobs", "cancel", "--queue", queue_url, second]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "cancelled"
+    assert main(["jobs", "status", "--queue", queue_url]) == 0
+    listed = [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()]
+    assert listed == [second, job_id]
+    assert main(["jobs", "status", "--queue", queue_url, "nope"]) == 1
+    assert "no job 'nope'" in capsys.readouterr().err
+    assert main(["jobs", "status", "--queue", "ftp://x"]) == 2
+
+
+def test_cli_by_reference_sends_absolute_paths(queue_url: str, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.jpg").write_bytes(image_bytes())
+    monkeypatch.chdir(tmp_path)
+    assert main(["jobs", "submit", "--queue", queue_url, "--by-reference", "a.jpg"]) == 0
+    job_id = capsys.readouterr().out.strip()
+    queue = open_queue(queue_url)
+    (task,) = queue.claim("w", 1, 10)
+    assert task.job_id == job_id
+    assert task.inputs == (JobInput("a.jpg", "path", str(tmp_path / "a.jpg")),)
+    queue.close()
+
+
+# --- HTTP --------------------------------------------------------------------------------------------------
+
+
+def test_http_jobs_api(queue_url: str, tiny_model: TinyModel, tmp_path: Path) -> None:
+    from fastapi import FastAPI
+
+    from wanwu.jobs.http import router
+
+    app = FastAPI()
+    app.include_router(router(queue_url))
+    (tmp_path / "p.jpg").write_bytes(js.colour(2))
+    with js.serve(app) as client, js.image_server() as server:
+        r = client.post("/v1/jobs", json={"inputs": [f"{server.url}/img/4.jpg", str(tmp_path / "p.jpg")],
+                                          "top_k": 1, "score": "logit"})
+        assert r.status_code == 201, r.text
+        by_json = r.json()
+        assert r.headers["location"] == f"/v1/jobs/{by_json['id']}"
+        assert (by_json["state"], by_json["total"], by_json["options"]["score"]) == ("queued", 2, "logit")
+        files = [("files", (f"u{i}.jpg", js.colour(i), "image/jpeg")) for i in range(3)]
+        r = client.post("/v1/jobs", files=files, data={"top_k": "2"})
+        assert r.status_code == 201, r.text
+        by_upload = r.json()["id"]
+        queue = open_queue(queue_url)
+        js.work(queue, tiny_model, allow_roots=(tmp_path,))
+        queue.close()
+
+        status = client.get(f"/v1/jobs/{by_json['id']}").json()
+        assert (status["state"], status["done"], status["failed"]) == ("done", 2, 0)
+        lines = client.get(f"/v1/jobs/{by_json['id']}/results").text.splitlines()
+        assert [json.loads(x)["input"] for x in lines] == [f"{server.url}/img/4.jpg", str(tmp_path / "p.jpg")]
+        r = client.get(f"/v1/jobs/{by_upload}/results", params={"format": "csv"})
+        assert r.headers["content-type"].startswith("text/csv")
+        rows = list(csv.DictReader(r.text.splitlines()))
+        assert [row["input"] for row in rows] == ["u0.jpg", "u1.jpg", "u2.jpg"] and rows[0]["score_2"]
+        assert [j["id"] for j in client.get("/v1/jobs").json()] == [by_upload, by_json["id"]]
+
+        assert client.get("/v1/jobs/nope").status_code == 404
+        assert client.get("/v1/jobs/nope/results").status_code == 404
+        assert client.delete("/v1/jobs/nope").status_code == 404
+        assert client.post("/v1/jobs", json={"inputs": ["relative.jpg"]}).status_code == 400
+        assert client.post("/v1/jobs", json={"inputs": []}).status_code == 400
+        assert client.post("/v1/jobs", json={"inputs": ["/a.jpg"], "top_k": 99}).status_code == 400
+        assert client.post("/v1/jobs", content=b"[1]").status_code == 400
+        assert client.get(f"/v1/jobs/{by_upload}/results", params={"format": "xml"}).status_code == 422
+
+        r = client.post("/v1/jobs", json={"inputs": ["/x/a.jpg"]})
+        assert client.delete(f"/v1/jobs/{r.json()['id']}").json()["state"] == "cancelled"
+        assert client.delete(f"/v1/jobs/{by_upload}").json()["state"] == "done"  # finished: no-op
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_tasks_in_hand_twice_gives_them_back(queue_url: str, tiny_model: TinyModel) -> None:
+    queue = open_queue(queue_url)
+    with js.image_server() as server:
+        inputs = [*js.uploads(5), JobInput.url(f"{server.url}/slow.jpg"), *js.uploads(30, 5)]
+        job_id = queue.submit(JobSpec(inputs, task_size=4))
+        graceful = js.worker_process(queue_url, tiny_model, "--lease", "60")
+        try:
+            js.wait_for(server.slow_hit.is_set, 60, "the worker to reach the hanging input")
+            graceful.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            server.release()
+            assert graceful.wait(timeout=30) == 0, js.stop(graceful)
+        finally:
+            js.stop(graceful)
+        status = queue.status(job_id)
+        assert status.finished == 16 and status.state == "running"  # its four tasks, then it stopped
+
+    with js.image_server() as server:
+        job_id = queue.submit(JobSpec([JobInput.url(f"{server.url}/slow.jpg"), *js.uploads(7)], task_size=4))
+        abrupt = js.worker_process(queue_url, tiny_model, "--lease", "60")
+        try:
+            js.wait_for(server.slow_hit.is_set, 60, "the worker to reach the hanging input")
+            abrupt.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            abrupt.send_signal(signal.SIGTERM)
+            js.wait_for(lambda: _claimable(queue), 30, "the worker to give its tasks back at once")
+            assert queue.status(job_id).finished == 0
+            server.release()
+            assert abrupt.wait(timeout=30) == 130, js.stop(abrupt)
+        finally:
+            js.stop(abrupt)
+        js.work(queue, tiny_model)
+    js.assert_exactly_once(queue, job_id, [f"{server.url}/slow.jpg", *(i.name for i in js.uploads(7))])
+    queue.close()
+
+
+def _claimable(queue: JobQueue) -> bool:
+    """Whether some task can be claimed now (then handed straight back)."""
+    tasks = queue.claim("probe", 10, 60)
+    queue.release("probe", tasks)
+    return bool(tasks)

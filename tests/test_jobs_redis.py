@@ -1,0 +1,132 @@
+"""The job scenarios on the Redis Streams queue, against a real ``redis-server`` started here.
+
+Skips when redis-server is not installed, except in CI (CI=true), where it fails: .ci/run installs it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import jobs_support as js
+from wanwu.errors import QueueError
+from wanwu.jobs.base import JobSpec, open_queue
+
+TinyModel = tuple[Path, Path]
+
+
+@dataclass
+class RedisServer:
+    folder: Path
+    port: int
+    durable: bool
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            if os.environ.get("CI"):
+                pytest.fail("CI needs redis-server (apt-get install redis-server) for the Redis queue tests")
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else \
+            ["--appendonly", "no"]
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.folder),
+             "--protected-mode", "no", *persistence],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        client = redis.Redis(port=self.port)
+        js.wait_for(lambda: _pings(client), 20, "redis-server to start")
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()  # SIGTERM: redis flushes its append-only file and exits
+            self.proc.wait(timeout=20)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def url(self, **params: str) -> str:
+        return js.add_query(f"redis://127.0.0.1:{self.port}/0", prefix=f"t{uuid.uuid4().hex[:8]}", **params)
+
+
+def _pings(client: object) -> bool:
+    try:
+        return bool(client.ping())  # type: ignore[attr-defined]
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), js.free_port(), durable=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def queue_url(redis_server: RedisServer) -> str:
+    """Each test gets its own key prefix on the shared server."""
+    return redis_server.url()
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_job_every_input_exactly_once(queue_url: str, tiny_model: TinyModel) -> None:
+    js.scenario_worker_killed_mid_job(js.add_query(queue_url, lease="2"), tiny_model)
+
+
+@pytest.mark.slow
+def test_pending_jobs_survive_restarts_of_service_workers_and_redis(tmp_path: Path,
+                                                                  tiny_model: TinyModel) -> None:
+    server = RedisServer(tmp_path, js.free_port(), durable=True)
+    server.start()
+    try:
+        js.scenario_pending_jobs_survive_restarts(server.url(), tiny_model, restart_store=server.restart)
+    finally:
+        server.stop()
+
+
+def test_cancel_stops_remaining_tasks(queue_url: str, tiny_model: TinyModel) -> None:
+    js.scenario_cancel(queue_url, tiny_model)
+
+
+def test_redelivered_task_written_once(queue_url: str) -> None:
+    js.scenario_redelivery_is_idempotent(queue_url)
+
+
+def test_poison_task_abandoned_after_attempts(queue_url: str) -> None:
+    js.scenario_poison_task_is_abandoned(queue_url)
+
+
+def test_records_in_input_order_and_uploads_dropped(queue_url: str, tiny_model: TinyModel) -> None:
+    queue = open_queue(queue_url)
+    inputs = js.uploads(37)
+    job_id = queue.submit(JobSpec(inputs, task_size=5))
+    assert queue.status(job_id).state == "queued" and queue.outstanding() == 8
+    stats = js.work(queue, tiny_model, tasks_per_claim=3)
+    assert (stats.tasks, stats.records) == (8, 37)
+    js.assert_exactly_once(queue, job_id, [i.name for i in inputs])
+    assert queue.blobs(job_id, [inputs[0].ref]) == {}
+    assert [s.id for s in queue.jobs()] == [job_id]
+    queue.close()
+
+
+def test_unreachable_redis_is_a_queue_error() -> None:
+    started = time.monotonic()
+    with pytest.raises(QueueError, match="Redis job queue"):
+        open_queue(f"redis://127.0.0.1:{js.free_port()}/0")
+    assert time.monotonic() - started < 15
