@@ -462,3 +462,16 @@ def test_serve_command_exits_when_the_model_cannot_load(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert "none.onnx" in out.stderr
+
+
+def test_jobs_api_mounted_with_queue(tiny_model: Model, tmp_path: Path) -> None:
+    """`wanwu serve --queue URL` serves /v1/jobs; without it the route does not exist."""
+    queue = f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
+    with serve(tiny_model, queue=queue) as (base, _):
+        created = httpx.post(f"{base}/v1/jobs", json={"inputs": ["https://127.0.0.1:9/a.jpg"]}, timeout=30)
+        assert created.status_code in (200, 201), created.text
+        job_id = created.json()["id"]
+        status = httpx.get(f"{base}/v1/jobs/{job_id}", timeout=30).json()
+        assert status["total"] == 1 and status["state"] in ("queued", "running")
+    with serve(tiny_model) as (base, _):
+        assert httpx.get(f"{base}/v1/jobs/x", timeout=30).status_code == 404

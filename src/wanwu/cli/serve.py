@@ -44,6 +44,8 @@ from wanwu.service.config import ServeConfig
               help="Refuse images above this many pixels (too_large).")
 @click.option("--max-bytes", type=int, default=None, help="Refuse files/downloads above this size.")
 @click.option("--timeout", type=float, default=30.0, show_default=True, help="URL fetch timeout, seconds.")
+@click.option("--queue", default=None, metavar="URL",
+              help="Also serve /v1/jobs on this job queue (sqlite:///PATH or redis://HOST:PORT/DB).")
 @click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")
 def command(host: str, port: int, access_log: bool, **kw: Any) -> int:
     """Serve recognition over HTTP, with a web page at / and the API under /v1.
@@ -98,7 +100,7 @@ def _config(host: str, port: int, kw: dict[str, Any]) -> ServeConfig:
         fetch_timeout=kw["timeout"],
         cache=not kw["no_cache"],
         cache_path=kw["cache_path"],
-        backend=backend_options(kw["device"], kw["threads"], kw["precision"]),
+        backend=backend_options(kw["device"], kw["threads"], kw["precision"], kw["int8"]),
     )
     return ServeConfig(
         model=kw["model"],
@@ -111,6 +113,7 @@ def _config(host: str, port: int, kw: dict[str, Any]) -> ServeConfig:
         max_upload_mb=kw["max_upload_mb"],
         max_files=kw["max_files"],
         api_keys=tuple(kw["api_keys"]),
+        queue=kw["queue"],
         options=options,
     )
 

@@ -75,7 +75,7 @@ def _options(kw: dict[str, Any]) -> RecognizeOptions:
         batch_size=kw["batch_size"], workers=kw["workers"],
         max_pixels=kw["max_pixels"] or base.max_pixels, max_bytes=kw["max_bytes"] or base.max_bytes,
         fetch_timeout=kw["timeout"], cache=not kw["no_cache"], cache_path=kw["cache_path"],
-        backend=backend_options(kw["device"], kw["threads"], kw["precision"]),
+        backend=backend_options(kw["device"], kw["threads"], kw["precision"], kw["int8"]),
     )
 
 

@@ -128,6 +128,10 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, limit_mb=config.max_upload_mb)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _add_error_handlers(app)
+    if config.queue:
+        from wanwu.jobs.http import router as jobs_router
+
+        app.include_router(jobs_router(config.queue))
     _add_routes(app, state)
     app.mount("/static", StaticFiles(packages=[("wanwu", "web")]), name="static")
     return app

@@ -29,6 +29,7 @@ class ServeConfig:
     max_files: int = 64  # inputs in one request
     api_keys: tuple[str, ...] = ()
     retry_after_s: int = 1
+    queue: str | None = None  # a job-queue URL: mounts /v1/jobs (see wanwu.jobs)
     options: RecognizeOptions = field(default_factory=RecognizeOptions)
 
     def __post_init__(self) -> None:
