@@ -33,7 +33,7 @@ model_options = _compose(
         help="Label file, UTF-8, line i = class i (overrides the model folder's).",
     ),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-    click.option("--threads", type=int, default=0, help="Inference threads (0 = half the cores)."),
+    click.option("--threads", type=int, default=0, help="Inference threads (0 = all cores)."),
     click.option(
         "--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
         help="GPU autocast precision (torch backend).",
