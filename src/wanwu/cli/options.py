@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from wanwu.backends import BackendOptions
+from wanwu.config import RecognizeOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,6 +48,24 @@ model_options = _compose(
 
 def backend_options(device: str, threads: int, precision: str, int8: str = "auto") -> BackendOptions:
     return BackendOptions(device=device, threads=threads, precision=precision, int8=int8)
+
+
+def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
+    """RecognizeOptions from the shared model/run flags; ``overrides`` for what a command sets itself."""
+    base = RecognizeOptions()
+    values: dict[str, Any] = {
+        "workers": kw["workers"],
+        "max_pixels": kw["max_pixels"] or base.max_pixels,
+        "max_bytes": kw["max_bytes"] or base.max_bytes,
+        "fetch_timeout": kw["timeout"],
+        "cache": not kw["no_cache"],
+        "cache_path": kw["cache_path"],
+        "backend": backend_options(kw["device"], kw["threads"], kw["precision"], kw["int8"]),
+    }
+    for key in ("top_k", "score", "threshold", "batch_size"):
+        if key in kw:
+            values[key] = kw[key]
+    return RecognizeOptions(**{**values, **overrides})
 
 
 run_options = _compose(

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import click
 
-from wanwu.cli.options import backend_options, model_options, run_options
+from wanwu.cli.options import model_options, recognize_options, run_options
 from wanwu.config import RecognizeOptions
 from wanwu.errors import UsageError
 from wanwu.pipeline import Recognizer
@@ -105,20 +105,7 @@ def _resume_state(output: Path | None, fmt: str, top_k: int, retry_errors: bool)
 
 
 def _options(kw: dict[str, Any]) -> RecognizeOptions:
-    base = RecognizeOptions()
-    return RecognizeOptions(
-        top_k=kw["top_k"],
-        score=kw["score"],
-        threshold=kw["threshold"],
-        batch_size=kw["batch_size"],
-        workers=kw["workers"],
-        max_pixels=kw["max_pixels"] or base.max_pixels,
-        max_bytes=kw["max_bytes"] or base.max_bytes,
-        fetch_timeout=kw["timeout"],
-        cache=not kw["no_cache"],
-        cache_path=kw["cache_path"],
-        backend=backend_options(kw["device"], kw["threads"], kw["precision"], kw["int8"]),
-    )
+    return recognize_options(kw)
 
 
 def _summary(counts: dict[str, int], elapsed: float, state: ResumeState | None) -> None:

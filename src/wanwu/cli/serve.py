@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from wanwu.cli.options import backend_options, model_options
+from wanwu.cli.options import model_options, recognize_options
 from wanwu.config import RecognizeOptions
 from wanwu.errors import MissingExtraError
 from wanwu.service.config import ServeConfig
@@ -88,20 +88,8 @@ def command(host: str, port: int, access_log: bool, **kw: Any) -> int:
 
 
 def _config(host: str, port: int, kw: dict[str, Any]) -> ServeConfig:
-    base = RecognizeOptions()
-    options = RecognizeOptions(
-        top_k=kw["top_k"],
-        score=kw["score"],
-        threshold=kw["threshold"],
-        batch_size=kw["max_batch_size"] if kw["max_batch_size"] > 0 else base.batch_size,
-        workers=kw["workers"],
-        max_pixels=kw["max_pixels"] or base.max_pixels,
-        max_bytes=kw["max_bytes"] or base.max_bytes,
-        fetch_timeout=kw["timeout"],
-        cache=not kw["no_cache"],
-        cache_path=kw["cache_path"],
-        backend=backend_options(kw["device"], kw["threads"], kw["precision"], kw["int8"]),
-    )
+    batch = kw["max_batch_size"] if kw["max_batch_size"] > 0 else RecognizeOptions().batch_size
+    options = recognize_options(kw, batch_size=batch)
     return ServeConfig(
         model=kw["model"],
         labels=kw["labels"],

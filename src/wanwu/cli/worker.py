@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from wanwu.cli.jobs import queue_option
-from wanwu.cli.options import backend_options, model_options
+from wanwu.cli.options import model_options, recognize_options
 from wanwu.config import RecognizeOptions
 from wanwu.jobs.base import open_queue
 from wanwu.jobs.worker import WorkerConfig, run_worker
@@ -70,13 +70,7 @@ def command(queue_url: str | None, allow_roots: tuple[Path, ...], lease: float |
 
 
 def _options(kw: dict[str, Any]) -> RecognizeOptions:
-    base = RecognizeOptions()
-    return RecognizeOptions(
-        batch_size=kw["batch_size"], workers=kw["workers"],
-        max_pixels=kw["max_pixels"] or base.max_pixels, max_bytes=kw["max_bytes"] or base.max_bytes,
-        fetch_timeout=kw["timeout"], cache=not kw["no_cache"], cache_path=kw["cache_path"],
-        backend=backend_options(kw["device"], kw["threads"], kw["precision"], kw["int8"]),
-    )
+    return recognize_options(kw)
 
 
 def _on_signals(stop: threading.Event) -> None:
