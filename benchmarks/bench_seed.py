@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batches 1 and 8, 3 rounds")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="0 = half the cores (wanwu's default)")
+    parser.add_argument("--threads", type=int, default=0, help="0 = wanwu's default (every core)")
     parser.add_argument("--classes", type=int, default=GENERAL_CLASSES)
     parser.add_argument("--layers", default="3,4,23,3")
     parser.add_argument("--cuda", action="store_true", help="also run the CUDA section (when available)")

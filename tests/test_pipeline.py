@@ -5,19 +5,23 @@ from __future__ import annotations
 import contextlib
 import http.server
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from PIL import Image
 
 from tests.helpers import image_bytes
 from wanwu import RecognizeOptions, Recognizer
 from wanwu.backends import BackendOptions
 from wanwu.engine import Engine
 from wanwu.errors import OutOfMemoryError
+from wanwu.imaging import prepare
 from wanwu.sources import InputItem, expand
 
 COLORS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20), (20, 230, 230), (240, 240, 240)]
@@ -116,6 +120,31 @@ def test_duplicate_content_is_inferred_once(tiny_model: tuple[Path, Path], tmp_p
     assert len({r.predictions[0].index for r in records}) == 1
 
 
+@pytest.mark.parametrize("full_decode", [False, True])
+def test_large_jpegs_decode_reduced_unless_full_decode(
+    tiny_model: tuple[Path, Path], tmp_path: Path, full_decode: bool
+) -> None:
+    noise = np.random.default_rng(0).integers(0, 256, size=(1536, 2048, 3), dtype=np.uint8)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(noise).save(path, "JPEG", quality=90)
+    with _recognizer(tiny_model, workers=0, full_decode=full_decode) as rec:
+        spec = rec.spec.preprocess
+        seen: list[npt.NDArray[np.uint8]] = []
+        infer = rec.engine.infer
+
+        def spying(pixels: list[npt.NDArray[np.uint8]]) -> list[object]:
+            seen.extend(pixels)
+            return infer(pixels)  # type: ignore[return-value]
+
+        rec.engine.infer = spying  # type: ignore[method-assign]
+        (record,) = rec.recognize([str(path)])
+    assert record.ok and (record.width, record.height) == (2048, 1536)
+    full = prepare(path.read_bytes(), replace(spec, jpeg_draft_factor=0)).pixels
+    reduced = prepare(path.read_bytes(), spec).pixels
+    assert not np.array_equal(full, reduced)  # noise: the reduced decode really differs
+    np.testing.assert_array_equal(seen[0], full if full_decode else reduced)
+
+
 class _OomBackend:
     """Wraps a real backend; refuses batches above a limit like a GPU out of memory."""
 
@@ -125,6 +154,10 @@ class _OomBackend:
     @property
     def device(self) -> str:
         return "fake"
+
+    @property
+    def streams(self) -> int:
+        return 2
 
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         self.sizes.append(len(batch))
@@ -150,6 +183,51 @@ def test_out_of_memory_halves_the_batch(tiny_model: tuple[Path, Path], tmp_path:
     assert engine.max_batch <= 5 and max(fake.sizes) == 16
     # nothing lost or doubled: every image inferred exactly once successfully
     assert sum(s for s in fake.sizes if s <= 5) == 40
+
+
+class _ConcurrencyProbe:
+    """Wraps a real backend; slow, and records how many batches it ran at once."""
+
+    def __init__(self, inner: object, streams: int) -> None:
+        self.inner, self._streams = inner, streams
+        self.running = self.most = 0
+        self.lock = threading.Lock()
+
+    @property
+    def device(self) -> str:
+        return "fake"
+
+    @property
+    def streams(self) -> int:
+        return self._streams
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.15)
+        with self.lock:
+            self.running -= 1
+        return self.inner.infer(batch)  # type: ignore[attr-defined, no-any-return]
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_streams_run_batches_at_once(tiny_model: tuple[Path, Path], tmp_path: Path, streams: int) -> None:
+    paths = []
+    for i in range(24):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Path(paths[-1]).write_bytes(image_bytes(COLORS[i % 6], size=(200 + i, 210), fmt="PNG"))
+    probe = _ConcurrencyProbe(Engine.load(str(tiny_model[0]), tiny_model[1]).backend, streams)
+    engine = Engine(Engine.load(str(tiny_model[0]), tiny_model[1]).spec, probe, max_batch=4)
+    with Recognizer(engine=engine, options=RecognizeOptions(cache=False, workers=0, batch_size=4)) as rec:
+        records = list(rec.recognize(paths))
+        singles = [rec.recognize_one(p) for p in paths]
+    assert probe.most == streams
+    assert [r.input for r in records] == paths
+    assert [r.predictions[0].index for r in records] == [r.predictions[0].index for r in singles]
 
 
 def test_expand_folder_glob_and_stdin(tmp_path: Path) -> None:

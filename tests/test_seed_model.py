@@ -256,6 +256,7 @@ def test_engine_oom_retry_with_a_fake_backend_keeps_every_record_once(folder: Pa
 
     class Fake:
         device = "fake"
+        streams = 1
 
         def __init__(self) -> None:
             self.rows: list[float] = []

@@ -68,6 +68,10 @@ class SlowBackend:
     def device(self) -> str:
         return str(self.inner.device)
 
+    @property
+    def streams(self) -> int:
+        return int(self.inner.streams)
+
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         time.sleep(self.delay)
         result: npt.NDArray[np.float32] = self.inner.infer(batch)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wanwu.backends import BackendOptions
@@ -11,6 +11,7 @@ from wanwu.errors import UsageError
 from wanwu.imaging import DEFAULT_MAX_PIXELS
 from wanwu.records import TOP_N_STORED, ScoreKind
 from wanwu.sources import DEFAULT_MAX_BYTES
+from wanwu.spec import PreprocessSpec
 
 
 def wanwu_home() -> Path:
@@ -29,6 +30,7 @@ class RecognizeOptions:
     max_bytes: int = DEFAULT_MAX_BYTES
     fetch_timeout: float = 30.0
     fetch_threads: int = 8
+    full_decode: bool = False  # decode large JPEGs at full size instead of a reduced DCT scale
     cache: bool = True
     cache_path: Path | None = None  # None = $WANWU_HOME/cache.sqlite3
     backend: BackendOptions = field(default_factory=BackendOptions)
@@ -48,6 +50,10 @@ class RecognizeOptions:
     @property
     def decode_workers(self) -> int:
         return (os.cpu_count() or 1) if self.workers == -1 else self.workers
+
+    def decode_spec(self, spec: PreprocessSpec) -> PreprocessSpec:
+        """The model's preprocessing as decoding should apply it for this run."""
+        return replace(spec, jpeg_draft_factor=0.0) if self.full_decode else spec
 
     def resolved_cache_path(self) -> Path:
         return self.cache_path or wanwu_home() / "cache.sqlite3"

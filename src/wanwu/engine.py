@@ -30,7 +30,8 @@ class Engine:
         self.spec = spec
         self.backend = backend
         self.max_batch = max_batch
-        self._lock = threading.Lock()  # one batch on the backend at a time
+        self.streams = max(1, backend.streams)
+        self._slots = threading.BoundedSemaphore(self.streams)  # batches on the backend at once
 
     @classmethod
     def load(
@@ -41,7 +42,10 @@ class Engine:
         return cls(spec, create_backend(spec, backend_options or BackendOptions()), max_batch)
 
     def infer(self, pixels: list[npt.NDArray[np.uint8]]) -> list[TopScores]:
-        """Scores for each crop, in order. Splits into chunks of ``max_batch``; halves it on OOM."""
+        """Scores for each crop, in order. Splits into chunks of ``max_batch``; halves it on OOM.
+
+        Safe to call from several threads: up to :attr:`streams` batches run on the backend at once.
+        """
         out: list[TopScores] = []
         start = 0
         while start < len(pixels):
@@ -52,7 +56,7 @@ class Engine:
             except OutOfMemoryError as e:
                 if size == 1:
                     raise
-                self.max_batch = max(1, size // 2)
+                self.max_batch = min(self.max_batch, max(1, size // 2))  # streams may race here
                 log.warning("out of memory at batch %d; retrying with batch %d (%s)", size, self.max_batch, e)
                 continue
             out.extend(top_scores(raw))
@@ -61,7 +65,7 @@ class Engine:
 
     def _run(self, chunk: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
         batch = to_batch(chunk, self.spec.preprocess)
-        with self._lock:
+        with self._slots:
             raw = self.backend.infer(batch)
         if raw.ndim != 2 or raw.shape[0] != len(chunk) or raw.shape[1] != self.spec.num_classes:
             raise RuntimeError(

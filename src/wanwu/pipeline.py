@@ -10,16 +10,19 @@ with the number of inputs:
   reaches a decoder, and every input still gets its own record;
 * decode: worker processes run :func:`wanwu.imaging.prepare`; a decoder crash is retried in isolation, so
   it costs exactly the file that caused it;
-* infer: full batches (or a partial one when nothing more can arrive soon) go to the engine, which backs off
-  on out-of-memory.
+* infer: full batches (or a partial one when nothing more can arrive soon) go to the engine on up to
+  ``engine.streams`` threads at once (two half-width onnxruntime batches on a CPU), which backs off on
+  out-of-memory; results come back to the orchestrator thread as events, like fetches and decodes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import queue
 import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -61,15 +64,19 @@ class Recognizer:
         cache: ResultCache | object | None = _DEFAULT,
     ) -> None:
         self.options = options or RecognizeOptions()
+        self._fetch_pool: ThreadPoolExecutor | None = None
+        self._decode_pool: Executor | None = None
+        self._infer_pool: ThreadPoolExecutor | None = None
+        self._pool_generation = 0
+        if engine is None and self.options.decode_workers > 0:
+            # Start the decode processes while the model loads: both take a few hundred milliseconds.
+            threading.Thread(target=self._warm_decoders, args=(self.decode_pool(),), daemon=True).start()
         label_path = Path(labels) if labels is not None else None
         self.engine = engine or Engine.load(model, label_path, self.options.backend, self.options.batch_size)
         if cache is _DEFAULT:
             cache = open_cache(self.options) if self.options.cache else None
         self.cache: ResultCache | None = cache  # type: ignore[assignment]
         self.fetcher = Fetcher(self.options.max_bytes, self.options.fetch_timeout)
-        self._fetch_pool: ThreadPoolExecutor | None = None
-        self._decode_pool: Executor | None = None
-        self._pool_generation = 0
 
     @property
     def spec(self) -> ModelSpec:
@@ -92,6 +99,12 @@ class Recognizer:
             self._fetch_pool = ThreadPoolExecutor(self.options.fetch_threads, thread_name_prefix="wanwu-fetch")
         return self._fetch_pool
 
+    def infer_pool(self) -> ThreadPoolExecutor:
+        """One thread per batch the engine can run at once."""
+        if self._infer_pool is None:
+            self._infer_pool = ThreadPoolExecutor(self.engine.streams, thread_name_prefix="wanwu-infer")
+        return self._infer_pool
+
     def decode_pool(self) -> Executor:
         if self._decode_pool is None:
             workers = self.options.decode_workers
@@ -104,6 +117,11 @@ class Recognizer:
                 ctx.set_forkserver_preload(["wanwu.imaging"])
                 self._decode_pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
         return self._decode_pool
+
+    def _warm_decoders(self, pool: Executor) -> None:
+        with contextlib.suppress(RuntimeError):  # closed before the warm-up got going: nothing to warm
+            for _ in range(self.options.decode_workers):
+                pool.submit(int)
 
     def reset_decode_pool(self, generation: int) -> None:
         """Replace a broken pool (once per breakage, however many futures report it)."""
@@ -119,10 +137,10 @@ class Recognizer:
         return self._pool_generation
 
     def close(self) -> None:
-        for pool in (self._fetch_pool, self._decode_pool):
+        for pool in (self._fetch_pool, self._decode_pool, self._infer_pool):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        self._fetch_pool = self._decode_pool = None
+        self._fetch_pool = self._decode_pool = self._infer_pool = None
         self.fetcher.close()
         if self.cache is not None:
             self.cache.close()
@@ -191,8 +209,9 @@ class _Run:
         self.engine = rec.engine
         self.opts = rec.options
         self.namespace = rec.engine.spec.cache_namespace()
+        self.preprocess = self.opts.decode_spec(rec.engine.spec.preprocess)
         self.items = items
-        self.events: queue.SimpleQueue[tuple[str, _Slot, Future[Any]]] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
         self.window: deque[_Slot] = deque()
         self.to_decode: deque[_Slot] = deque()
         self.suspects: deque[_Slot] = deque()
@@ -201,6 +220,8 @@ class _Run:
         self.memo = MemoryCache(4096)  # recent results by content, for repeats after the leader finished
         self.pending_fetch = 0
         self.pending_decode = 0
+        self.pending_infer = 0
+        self.streams = self.engine.streams
         self.exhausted = False
         workers = max(1, self.opts.decode_workers)
         self.max_fetch = max(4, self.opts.fetch_threads * 2)
@@ -230,16 +251,14 @@ class _Run:
             if not self.window and self.exhausted:
                 return
             self._submit_decodes()
-            if len(self.ready) >= batch_size:
-                self._infer(batch_size)
-                continue
-            if self.ready and self._starved():
-                self._infer(len(self.ready))
+            can_infer = bool(self.ready) and self.pending_infer < self.streams
+            if can_infer and (len(self.ready) >= batch_size or self._starved()):
+                self._infer(min(batch_size, len(self.ready)))
                 continue
             try:
-                event = self.events.get(timeout=self.FLUSH_AFTER_S if self.ready else 1.0)
+                event = self.events.get(timeout=self.FLUSH_AFTER_S if can_infer else 1.0)
             except queue.Empty:
-                if self.ready:
+                if can_infer:
                     self._infer(len(self.ready))
                 continue
             self._handle(event)
@@ -294,7 +313,7 @@ class _Run:
         pool = self.rec.decode_pool()
         slot.generation = self.rec.pool_generation
         self.pending_decode += 1
-        future = pool.submit(decode_job, slot.data or b"", self.engine.spec.preprocess, self.opts.max_pixels)
+        future = pool.submit(decode_job, slot.data or b"", self.preprocess, self.opts.max_pixels)
         future.add_done_callback(self._notify("decode", slot))
 
     def _notify(self, kind: str, slot: _Slot) -> Callable[[Future[Any]], None]:
@@ -303,14 +322,17 @@ class _Run:
 
         return done
 
-    def _handle(self, event: tuple[str, _Slot, Future[Any]]) -> None:
-        kind, slot, future = event
+    def _handle(self, event: tuple[str, Any, Future[Any]]) -> None:
+        kind, subject, future = event
         if kind == "fetch":
             self.pending_fetch -= 1
-            self._fetched(slot, future)
-        else:
+            self._fetched(subject, future)
+        elif kind == "decode":
             self.pending_decode -= 1
-            self._decoded(slot, future)
+            self._decoded(subject, future)
+        else:
+            self.pending_infer -= 1
+            self._inferred(subject, future)
 
     def _fetched(self, slot: _Slot, future: Future[Fetched]) -> None:
         exc = future.exception()
@@ -356,14 +378,22 @@ class _Run:
             self.ready.append(slot)
 
     def _infer(self, n: int) -> None:
+        """Hand the first ``n`` ready images to a free inference stream; the result comes back as an event."""
         batch, self.ready = self.ready[:n], self.ready[n:]
         pixels = [s.prepared.pixels for s in batch if s.prepared is not None]
-        try:
-            tops = self.engine.infer(pixels)
-        except OutOfMemoryError as e:
+        self.pending_infer += 1
+        future = self.rec.infer_pool().submit(self.engine.infer, pixels)
+        future.add_done_callback(lambda f: self.events.put(("infer", batch, f)))
+
+    def _inferred(self, batch: list[_Slot], future: Future[list[TopScores]]) -> None:
+        exc = future.exception()
+        if isinstance(exc, OutOfMemoryError):
             for slot in batch:
-                self._fail(slot, "too_large", f"out of memory even for a batch of one: {e}")
+                self._fail(slot, "too_large", f"out of memory even for a batch of one: {exc}")
             return
+        if exc is not None:
+            raise exc  # a broken model is fatal for the run, not a per-image error
+        tops = future.result()
         fresh = []
         for slot, top in zip(batch, tops, strict=True):
             assert slot.prepared is not None and slot.sha256 is not None

@@ -42,9 +42,11 @@ class PreprocessSpec:
     scale: float = 1.0 / 255.0
     channel_order: ChannelOrder = "RGB"
     layout: Layout = "NCHW"
-    # Decode large JPEGs at a reduced DCT scale when the result keeps at least this multiple of
-    # ``resize_short`` on its short side (0 disables). 2.0 keeps every output pixel an average over
-    # >= 2x2 source pixels, so the 256-px image is practically unchanged.
+    # Decode large JPEGs at a reduced DCT scale (libjpeg averages 2x2..8x8 blocks) when the result keeps
+    # at least this multiple of ``resize_short`` on its short side (0 disables). 2.0 keeps every output
+    # pixel an average over >= 2x2 decoded pixels. Measured: 1.0 would decode phone photos ~1.3x faster
+    # but, on the 52 sample photos it would then scale by 1/2, flips the int8 MobileNetV2's top-1 on 4 more
+    # of them than a full decode; 2.0 leaves the 1,000-photo agreement at 99.0%.
     jpeg_draft_factor: float = 2.0
 
     def __post_init__(self) -> None:

@@ -27,6 +27,9 @@ class BackendOptions:
     # int8 ONNX models: "exact" runs saturating int8 ops through exact integer kernels (see
     # wanwu.backends.int8), "native" uses onnxruntime's fastest kernels, "auto" = exact on CPUs without VNNI.
     int8: str = "auto"
+    # batches that may run at once, each on its own share of the threads; 0 = the backend decides
+    # (onnxruntime on a CPU: 2, which keeps every core busy while decoders take turns on them)
+    streams: int = 0
 
 
 class Backend(Protocol):
@@ -34,6 +37,11 @@ class Backend(Protocol):
 
     @property
     def device(self) -> str: ...
+
+    @property
+    def streams(self) -> int:
+        """How many :meth:`infer` calls may run at once from different threads (1 = one at a time)."""
+        ...
 
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """``batch`` is laid out as the spec says; returns [N, num_classes] float32."""

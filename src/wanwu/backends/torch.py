@@ -40,6 +40,10 @@ class TorchBackend:
         self._model = model.to(self._device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @property
+    def streams(self) -> int:
+        return 1  # one batch at a time: it already uses every thread (or the GPU)
+
+    @property
     def device(self) -> str:
         return str(self._device)
 

@@ -34,7 +34,13 @@ model_options = _compose(
         help="Label file, UTF-8, line i = class i (overrides the model folder's).",
     ),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-    click.option("--threads", type=int, default=0, help="Inference threads (0 = all cores)."),
+    click.option(
+        "--threads", type=int, default=0, help="Inference threads per stream (0 = the cores shared among streams)."
+    ),
+    click.option(
+        "--streams", type=int, default=0,
+        help="Batches inferred at once (0 = auto: 2 for onnxruntime on a CPU, else 1).",
+    ),
     click.option(
         "--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
         help="GPU autocast precision (torch backend).",
@@ -46,8 +52,12 @@ model_options = _compose(
 )
 
 
-def backend_options(device: str, threads: int, precision: str, int8: str = "auto") -> BackendOptions:
-    return BackendOptions(device=device, threads=threads, precision=precision, int8=int8)
+def backend_options(kw: dict[str, Any]) -> BackendOptions:
+    if kw["streams"] < 0 or kw["threads"] < 0:
+        raise click.BadParameter("--streams and --threads must be 0 (auto) or more")
+    return BackendOptions(
+        device=kw["device"], threads=kw["threads"], precision=kw["precision"], int8=kw["int8"], streams=kw["streams"]
+    )
 
 
 def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
@@ -59,8 +69,9 @@ def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
         "max_bytes": kw["max_bytes"] or base.max_bytes,
         "fetch_timeout": kw["timeout"],
         "cache": not kw["no_cache"],
+        "full_decode": kw["full_decode"],
         "cache_path": kw["cache_path"],
-        "backend": backend_options(kw["device"], kw["threads"], kw["precision"], kw["int8"]),
+        "backend": backend_options(kw),
     }
     for key in ("top_k", "score", "threshold", "batch_size"):
         if key in kw:
@@ -68,14 +79,7 @@ def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
     return RecognizeOptions(**{**values, **overrides})
 
 
-run_options = _compose(
-    click.option("-k", "--top-k", type=int, default=5, show_default=True, help="Labels per image (1-50)."),
-    click.option(
-        "--score", type=click.Choice(["softmax", "logit"]), default="softmax", show_default=True,
-        help="softmax probabilities, or the raw logits (ModelScope's score).",
-    ),
-    click.option("--threshold", type=float, default=None, help="Drop predictions scoring below this."),
-    click.option("-b", "--batch-size", type=int, default=32, show_default=True, help="Images per batch."),
+io_options = _compose(
     click.option(
         "-j", "--workers", type=int, default=-1,
         help="Decode worker processes (-1 = one per core, 0 = decode in threads).",
@@ -88,6 +92,23 @@ run_options = _compose(
     click.option(
         "--max-pixels", type=int, default=None, help="Refuse images above this many pixels (too_large)."
     ),
+    click.option(
+        "--full-decode", is_flag=True,
+        help="Decode large JPEGs at full size (slower; by default libjpeg scales them down while decoding "
+        "as far as the model's resize allows).",
+    ),
     click.option("--max-bytes", type=int, default=None, help="Refuse files/downloads above this size."),
     click.option("--timeout", type=float, default=30.0, show_default=True, help="URL fetch timeout, seconds."),
+)
+"""Reading, decoding and caching: the flags every command that recognizes images shares."""
+
+run_options = _compose(
+    click.option("-k", "--top-k", type=int, default=5, show_default=True, help="Labels per image (1-50)."),
+    click.option(
+        "--score", type=click.Choice(["softmax", "logit"]), default="softmax", show_default=True,
+        help="softmax probabilities, or the raw logits (ModelScope's score).",
+    ),
+    click.option("--threshold", type=float, default=None, help="Drop predictions scoring below this."),
+    click.option("-b", "--batch-size", type=int, default=32, show_default=True, help="Images per batch."),
+    io_options,
 )

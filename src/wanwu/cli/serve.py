@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import click
 
-from wanwu.cli.options import model_options, recognize_options
+from wanwu.cli.options import io_options, model_options, recognize_options
 from wanwu.config import RecognizeOptions
 from wanwu.errors import MissingExtraError
 from wanwu.service.config import ServeConfig
@@ -35,15 +34,7 @@ from wanwu.service.config import ServeConfig
 @click.option("--score", type=click.Choice(["softmax", "logit"]), default="softmax", show_default=True,
               help="softmax probabilities, or the raw logits.")
 @click.option("--threshold", type=float, default=None, help="Drop predictions scoring below this.")
-@click.option("-j", "--workers", type=int, default=-1,
-              help="Decode worker processes (-1 = one per core, 0 = decode in threads).")
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the result cache.")
-@click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Result cache file (default $WANWU_HOME/cache.sqlite3).")
-@click.option("--max-pixels", type=int, default=None,
-              help="Refuse images above this many pixels (too_large).")
-@click.option("--max-bytes", type=int, default=None, help="Refuse files/downloads above this size.")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="URL fetch timeout, seconds.")
+@io_options
 @click.option("--queue", default=None, metavar="URL",
               help="Also serve /v1/jobs on this job queue (sqlite:///PATH or redis://HOST:PORT/DB).")
 @click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")

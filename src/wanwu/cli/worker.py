@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from wanwu.cli.jobs import queue_option
-from wanwu.cli.options import model_options, recognize_options
+from wanwu.cli.options import io_options, model_options, recognize_options
 from wanwu.config import RecognizeOptions
 from wanwu.jobs.base import open_queue
 from wanwu.jobs.worker import WorkerConfig, run_worker
@@ -30,14 +30,7 @@ log = logging.getLogger("wanwu")
               help="A folder whose files jobs may name by path (repeatable). Default: none, so only URLs "
               "and uploaded files are read.")
 @click.option("-b", "--batch-size", type=int, default=32, show_default=True, help="Images per batch.")
-@click.option("-j", "--workers", type=int, default=-1,
-              help="Decode processes (-1 = one per core, 0 = decode in threads).")
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the result cache.")
-@click.option("--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Result cache file (default $WANWU_HOME/cache.sqlite3).")
-@click.option("--max-pixels", type=int, default=None, help="Refuse images above this many pixels.")
-@click.option("--max-bytes", type=int, default=None, help="Refuse files/downloads above this size.")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="URL fetch timeout, seconds.")
+@io_options
 @click.option("--lease", type=float, default=None,
               help="Seconds before a silent worker's task is taken over (default: the queue URL's, 60).")
 @click.option("--tasks-per-claim", type=int, default=None,

@@ -3,7 +3,8 @@
 Requests put prepared crops into a bounded queue and await a per-image future. A single consumer task
 takes the oldest image, waits until ``max_batch_size`` images are queued or ``max_delay_ms`` has passed
 since that first image arrived, and runs the whole batch through ``infer`` in a worker thread, so the event
-loop keeps accepting and decoding while the model runs. Images that queued up during a batch are taken at
+loop keeps accepting and decoding while the model runs. Up to ``streams`` batches run at once (the engine
+says how many it can take); the next one forms while they run. Images that queued up during a batch are taken at
 once by the next one (their delay already elapsed), so under load batches fill up by themselves.
 
 A full queue raises :class:`QueueFullError` (the app answers 503 with ``Retry-After``); nothing waits
@@ -57,6 +58,7 @@ class BatcherConfig:
     max_batch_size: int = 32
     max_delay_s: float = 0.01
     max_queue: int = 256
+    streams: int = 1  # batches in flight at once (the engine's streams)
 
 
 @dataclass(eq=False, slots=True)
@@ -112,10 +114,27 @@ class Batcher:
         return future
 
     async def _consume(self) -> None:
-        while True:
-            batch = await self._next_batch()
-            if batch:
-                await self._run(batch)
+        free = asyncio.Semaphore(self.config.streams)
+        running: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            running.discard(task)
+            free.release()
+
+        try:
+            while True:
+                await free.acquire()  # the next batch forms while the others run
+                batch = await self._next_batch()
+                if not batch:
+                    free.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._run(batch))
+                running.add(task)
+                task.add_done_callback(finished)
+        finally:
+            for task in list(running):
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def _next_batch(self) -> list[_Item]:
         while not self._items:

@@ -116,9 +116,10 @@ class Runtime:
         self.engine = engine
         self.cache = cache
         self.namespace = engine.spec.cache_namespace()
+        self.preprocess = self.options.decode_spec(engine.spec.preprocess)
         self.batcher = Batcher(
             engine.infer,
-            BatcherConfig(config.max_batch_size, config.max_delay_ms / 1000.0, config.max_queue),
+            BatcherConfig(config.max_batch_size, config.max_delay_ms / 1000.0, config.max_queue, engine.streams),
             observer,
         )
         self.fetcher = Fetcher(self.options.max_bytes, self.options.fetch_timeout)
@@ -176,7 +177,7 @@ class Runtime:
             if hit is not None:
                 self._on_cache_hit()
                 return self._ok(item, hit, sha, params), None
-        decoded = await self.decoder.decode(fetched.data, self.options, self.engine.spec.preprocess)
+        decoded = await self.decoder.decode(fetched.data, self.options, self.preprocess)
         del fetched
         if isinstance(decoded, tuple):
             return Record.failure(item.input, decoded[0], decoded[1], sha), None
