@@ -479,3 +479,9 @@ def test_jobs_api_mounted_with_queue(tiny_model: Model, tmp_path: Path) -> None:
         assert status["total"] == 1 and status["state"] in ("queued", "running")
     with serve(tiny_model) as (base, _):
         assert httpx.get(f"{base}/v1/jobs/x", timeout=30).status_code == 404
+    with serve(tiny_model, queue=queue, api_keys=("s3cret",)) as (base, _):  # keys guard the jobs API too
+        assert httpx.get(f"{base}/v1/jobs/{job_id}", timeout=30).status_code == 401
+        assert httpx.post(f"{base}/v1/jobs", json={"inputs": ["https://127.0.0.1:9/b.jpg"]}, timeout=30
+                          ).status_code == 401
+        keyed = httpx.get(f"{base}/v1/jobs/{job_id}", headers={"X-API-Key": "s3cret"}, timeout=30)
+        assert keyed.status_code == 200 and keyed.json()["id"] == job_id

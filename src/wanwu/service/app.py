@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -131,7 +131,10 @@ def create_app(
     if config.queue:
         from wanwu.jobs.http import router as jobs_router
 
-        app.include_router(jobs_router(config.queue))
+        def require_key(request: Request) -> None:
+            check_api_key(request, config.api_keys)
+
+        app.include_router(jobs_router(config.queue), dependencies=[Depends(require_key)])
     _add_routes(app, state)
     app.mount("/static", StaticFiles(packages=[("wanwu", "web")]), name="static")
     return app
