@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from wanwu.backends.int8 import cpu_has_vnni, emulate_qoperator, is_qoperator
+from wanwu.backends.onnx import _maybe_exact_int8
+from wanwu.config import wanwu_home
+from wanwu.spec import ModelSpec, file_fingerprint
 
 X_SCALE, X_ZERO, Y_SCALE, Y_ZERO = 0.02, 0, 0.5, 128
 
@@ -81,3 +87,40 @@ def test_asymmetric_weights_are_left_alone() -> None:
                          w_zero=np.full(4, 1, np.int8))
     rewritten = emulate_qoperator(model)
     assert [n.input for n in rewritten.graph.node] == [n.input for n in model.graph.node]
+
+
+def test_the_rewrite_is_kept_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second load takes the stored rewrite (no onnx parsing), and it computes the same thing."""
+    rng = np.random.default_rng(1)
+    weights = rng.integers(-127, 128, size=(8, 16, 1, 1)).astype(np.int8)
+    model = _qconv_model(weights, np.full(8, 8e-4, np.float32), np.zeros(8, np.int32))
+    path = tmp_path / "q.onnx"
+    onnx.save(model, path)
+    spec = ModelSpec("q", "onnx", path, ("a",), weights_fingerprint=file_fingerprint(path))
+
+    first, exact = _maybe_exact_int8(spec, "exact")
+    assert exact and isinstance(first, bytes)
+    stored = list((wanwu_home() / "int8").glob("*.onnx"))
+    assert len(stored) == 1 and stored[0].read_bytes() == first
+    second, exact = _maybe_exact_int8(spec, "exact")
+    assert exact and second == str(stored[0])
+    x = rng.integers(0, 256, size=(1, 16, 4, 4), dtype=np.uint8)
+    np.testing.assert_array_equal(_run(onnx.load(second), x), _run(onnx.ModelProto.FromString(first), x))
+
+    # a float model is remembered as needing nothing; an unwritable home only costs the caching
+    plain = tmp_path / "plain.onnx"
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "f",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), plain)
+    plain_spec = ModelSpec("p", "onnx", plain, ("a",), weights_fingerprint=file_fingerprint(plain))
+    assert _maybe_exact_int8(plain_spec, "exact") == (str(plain), False)
+    assert list((wanwu_home() / "int8").glob("*.plain"))
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    monkeypatch.setenv("WANWU_HOME", str(blocker / "home"))  # nothing can be created under a file
+    other = tmp_path / "q2.onnx"
+    onnx.save(_qconv_model(weights, np.full(8, 9e-4, np.float32), np.zeros(8, np.int32)), other)
+    other_spec = ModelSpec("q2", "onnx", other, ("a",), weights_fingerprint=file_fingerprint(other))
+    data, exact = _maybe_exact_int8(other_spec, "exact")
+    assert exact and isinstance(data, bytes)

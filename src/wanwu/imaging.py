@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
+import signal
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from wanwu.errors import DecodeError, TooLargeError, UnsupportedError
+from wanwu.errors import DecodeError, ErrorType, InputError, TooLargeError, UnsupportedError
 from wanwu.spec import PreprocessSpec
 
 DEFAULT_MAX_PIXELS = 150_000_000
@@ -64,6 +67,31 @@ def prepare(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIX
     except MemoryError:
         raise TooLargeError("not enough memory to decode this image") from None
     return Prepared(pixels, width, height)
+
+
+DecodeResult = Prepared | tuple[ErrorType, str]
+
+
+def decode_job(data: bytes, spec: PreprocessSpec, max_pixels: int) -> DecodeResult:
+    """Runs in a decode worker. Errors come back as values: cheap to pickle, never a traceback."""
+    try:
+        return prepare(data, spec, max_pixels)
+    except InputError as e:
+        return (e.type, str(e))
+    except Exception as e:  # a hostile file can trip any code path in a decoder plugin
+        return ("decode_error", f"cannot decode image: {type(e).__name__}: {e}")
+
+
+def decode_process_pool(workers: int) -> ProcessPoolExecutor:
+    """Decode worker processes, forked from a server that has imported only this module's dependencies
+    (Pillow, numpy): fast to start, and no threads or sockets of the parent inherited."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["wanwu.imaging"])
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
 
 
 def to_batch(images: list[npt.NDArray[np.uint8]], spec: PreprocessSpec) -> npt.NDArray[np.float32]:

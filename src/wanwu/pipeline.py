@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import queue
-import signal
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +34,10 @@ from wanwu.cache import CachedResult, MemoryCache, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.engine import Engine
 from wanwu.errors import ErrorType, InputError, OutOfMemoryError
-from wanwu.imaging import Prepared, prepare
+from wanwu.imaging import DecodeResult, Prepared, decode_job, decode_process_pool
 from wanwu.records import Record, TopScores
 from wanwu.sources import Fetched, Fetcher, InputItem, expand
-from wanwu.spec import ModelSpec, PreprocessSpec
+from wanwu.spec import ModelSpec
 
 log = logging.getLogger("wanwu")
 InputLike = str | Path | InputItem
@@ -113,9 +111,7 @@ class Recognizer:
                     max(1, min(4, self.options.fetch_threads)), thread_name_prefix="wanwu-decode"
                 )
             else:
-                ctx = multiprocessing.get_context("forkserver")
-                ctx.set_forkserver_preload(["wanwu.imaging"])
-                self._decode_pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+                self._decode_pool = decode_process_pool(workers)
         return self._decode_pool
 
     def _warm_decoders(self, pool: Executor) -> None:
@@ -167,23 +163,6 @@ def _items(inputs: Iterable[InputLike]) -> Iterator[InputItem]:
             yield value
         else:
             yield from expand([str(value)])
-
-
-def _worker_init() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
-
-
-DecodeResult = Prepared | tuple[ErrorType, str]
-
-
-def decode_job(data: bytes, spec: PreprocessSpec, max_pixels: int) -> DecodeResult:
-    """Runs in a decode worker. Errors come back as values: cheap to pickle, never a traceback."""
-    try:
-        return prepare(data, spec, max_pixels)
-    except InputError as e:
-        return (e.type, str(e))
-    except Exception as e:  # a hostile file can trip any code path in a decoder plugin
-        return ("decode_error", f"cannot decode image: {type(e).__name__}: {e}")
 
 
 # --- one run ---------------------------------------------------------------------------------------------

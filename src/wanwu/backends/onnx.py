@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -81,11 +83,21 @@ class OnnxBackend:
 
 
 def _maybe_exact_int8(spec: ModelSpec, mode: str) -> tuple[str | bytes, bool]:
+    """The model to load: ``spec.weights`` as it is, or (int8 on a CPU without VNNI) its exact rewrite.
+
+    The rewrite is kept under ``$WANWU_HOME/int8`` by the weights' fingerprint, so later runs load it
+    directly (without importing ``onnx``); a model found not to need it leaves a marker for the same reason.
+    """
     from wanwu.backends.int8 import cpu_has_vnni, emulate_qoperator, is_qoperator
 
     if mode not in ("auto", "exact"):
         raise UsageError(f"--int8 must be auto, exact or native, not {mode!r}")
     if mode == "auto" and cpu_has_vnni():
+        return str(spec.weights), False
+    rewritten, plain = _int8_cache(spec)
+    if rewritten is not None and rewritten.is_file():
+        return str(rewritten), True
+    if plain is not None and plain.is_file():
         return str(spec.weights), False
     import onnx
 
@@ -94,9 +106,39 @@ def _maybe_exact_int8(spec: ModelSpec, mode: str) -> tuple[str | bytes, bool]:
     except Exception as e:
         raise ModelError(f"cannot read ONNX model {spec.weights}: {e}") from None
     if not is_qoperator(proto):
+        _store(plain, b"")
         return str(spec.weights), False
     log.info("int8 model on a CPU without VNNI: using exact integer kernels (--int8 native to skip)")
-    return emulate_qoperator(proto).SerializeToString(), True
+    data: bytes = emulate_qoperator(proto).SerializeToString()
+    _store(rewritten, data)
+    return data, True
+
+
+INT8_REWRITE = "u8w1"  # bump when emulate_qoperator changes what it writes
+
+
+def _int8_cache(spec: ModelSpec) -> tuple[Path | None, Path | None]:
+    if not spec.weights_fingerprint:
+        return None, None
+    from wanwu.config import wanwu_home
+
+    stem = wanwu_home() / "int8" / f"{spec.weights_fingerprint}-{INT8_REWRITE}"
+    return stem.with_suffix(".onnx"), stem.with_suffix(".plain")
+
+
+def _store(path: Path | None, data: bytes) -> None:
+    """Write atomically, or not at all: the cache only saves time."""
+    if path is None:
+        return
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("cannot keep the int8 rewrite at %s: %s", path, e)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def default_threads() -> int:

@@ -19,12 +19,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wanwu.config import wanwu_home
 from wanwu.errors import ModelError, UsageError
 from wanwu.labels import load_labels
-from wanwu.seed import download
 from wanwu.spec import ModelSpec, PreprocessSpec, file_fingerprint
+
+if TYPE_CHECKING:
+    from wanwu.seed import download
 
 CONFIGURATION = "configuration.json"
 CHECKPOINT = "pytorch_model.pt"
@@ -159,6 +162,8 @@ def _marked_complete(folder: Path) -> bool:
 
 def fetch(ref: HubRef) -> Path:
     """Download the files wanwu needs into :func:`hub_dir` (resuming partial ones) and mark it complete."""
+    from wanwu.seed import download  # httpx costs a quarter second to import: only when downloading
+
     base = download.endpoint()
     download.require_online(
         f"model {PREFIX}{ref.model_id} is not downloaded yet (looked in {hub_dir(ref)}"

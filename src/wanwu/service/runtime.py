@@ -3,7 +3,7 @@
 :class:`Runtime` turns a request's inputs into records, one per input, in order, with exactly the CLI's
 record schema (records are built by :meth:`wanwu.engine.Engine.record` / :meth:`Record.failure`). Per
 input: bytes (upload, base64 or URL download) and sha256 in a fetch thread → result-cache lookup →
-decode in a worker process (:func:`wanwu.pipeline.decode_job`) → the shared dynamic batcher. Nothing
+decode in a worker process (:func:`wanwu.imaging.decode_job`) → the shared dynamic batcher. Nothing
 heavy runs on the event loop. A bad input becomes an error record and never affects the others.
 """
 
@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 from collections.abc import Callable
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,8 @@ from wanwu.cache import CachedResult, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.engine import Engine
 from wanwu.errors import CacheError, InputError, OutOfMemoryError, QueueError
-from wanwu.pipeline import DecodeResult, decode_job, open_cache
+from wanwu.imaging import DecodeResult, decode_job, decode_process_pool
+from wanwu.pipeline import open_cache
 from wanwu.records import Record, ScoreKind
 from wanwu.service.batcher import Batcher, BatcherConfig, BatchObserver
 from wanwu.service.config import ServeConfig
@@ -78,9 +78,7 @@ class DecodePool:
             if self.workers == 0:
                 self._pool = ThreadPoolExecutor(4, thread_name_prefix="wanwu-decode")
             else:
-                ctx = multiprocessing.get_context("forkserver")
-                ctx.set_forkserver_preload(["wanwu.imaging"])
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+                self._pool = decode_process_pool(self.workers)
         return self._pool, self._generation
 
     def _reset(self, generation: int) -> None:
