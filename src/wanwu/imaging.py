@@ -172,9 +172,10 @@ def _maybe_draft(image: Image.Image, spec: PreprocessSpec) -> None:
 
 def _upright(image: Image.Image) -> Image.Image:
     try:
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # not in place, it copies even an upright image
     except Exception:  # a broken EXIF block must not cost the picture; use it as stored
-        return image
+        pass
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
