@@ -17,11 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import pytest
 
 import wanwu
 from tests.helpers import image_bytes
 from wanwu.config import RecognizeOptions
-from wanwu.jobs.base import JobInput, JobOptions, JobQueue, JobSpec, open_queue
+from wanwu.jobs.base import JobInput, JobOptions, JobQueue, JobSpec, UnknownJobError, open_queue
 from wanwu.jobs.worker import WorkerConfig, WorkerStats, run_worker
 from wanwu.pipeline import Recognizer
 
@@ -295,4 +296,29 @@ def scenario_poison_task_is_abandoned(queue_url: str) -> None:
     record = next(iter(queue.results(job_id)))
     assert record.error is not None and record.error.type == "internal"
     assert "2 deliveries" in record.error.message
+    queue.close()
+
+
+def scenario_delete(queue_url: str, tiny_model: tuple[Path, Path]) -> None:
+    """A deleted job leaves nothing behind, even mid-run; its neighbours are untouched."""
+    queue = open_queue(queue_url)
+    running = queue.submit(JobSpec(uploads(12), task_size=2))
+    finished = queue.submit(JobSpec(uploads(4), task_size=2))
+    kept = queue.submit(JobSpec(uploads(6, offset=50), task_size=2))
+    work(queue, tiny_model, max_tasks=1, tasks_per_claim=1)  # one task of `running` done, five left
+    assert queue.status(running).state == "running"
+    queue.delete(running)
+    stats = work(queue, tiny_model)
+    assert stats.records == 4 + 6  # nothing more of the deleted job was recognized
+    assert queue.status(finished).state == "done"
+    queue.delete(finished)
+    for gone in (running, finished):
+        with pytest.raises(UnknownJobError):
+            queue.status(gone)
+        with pytest.raises(UnknownJobError):
+            list(queue.results(gone))
+        with pytest.raises(UnknownJobError):
+            queue.delete(gone)
+    assert [s.id for s in queue.jobs()] == [kept] and queue.outstanding() == 0
+    assert [r.input for r in queue.results(kept)] == [f"up-{i:04d}.jpg" for i in range(50, 56)]
     queue.close()

@@ -53,6 +53,10 @@ def test_cancel_stops_remaining_tasks(queue_url: str, tiny_model: TinyModel) -> 
     js.scenario_cancel(queue_url, tiny_model)
 
 
+def test_delete_forgets_a_job_even_mid_run(queue_url: str, tiny_model: TinyModel) -> None:
+    js.scenario_delete(queue_url, tiny_model)
+
+
 def test_redelivered_task_written_once(queue_url: str) -> None:
     js.scenario_redelivery_is_idempotent(queue_url)
 
@@ -218,6 +222,16 @@ def test_cli_submit_status_results_cancel(queue_url: str, tiny_model: TinyModel,
     assert "no job 'nope'" in capsys.readouterr().err
     assert main(["jobs", "status", "--queue", "ftp://x"]) == 2
 
+    assert main(["jobs", "submit", *q, str(folder)]) == 0
+    third = capsys.readouterr().out.strip()  # queued: not finished, so --finished-before leaves it
+    assert main(["jobs", "delete", *q, "--finished-before", "1"]) == 0  # nothing finished an hour ago
+    assert capsys.readouterr().out == ""
+    assert main(["jobs", "delete", *q, "--finished-before", "0"]) == 0
+    assert sorted(capsys.readouterr().out.split()) == sorted([job_id, second])
+    assert main(["jobs", "delete", *q, third]) == 0 and capsys.readouterr().out.split() == [third]
+    assert main(["jobs", "status", *q]) == 0 and capsys.readouterr().out == ""
+    assert main(["jobs", "delete", *q]) == 2
+
 
 def test_cli_by_reference_sends_absolute_paths(queue_url: str, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch,
@@ -281,6 +295,10 @@ def test_http_jobs_api(queue_url: str, tiny_model: TinyModel, tmp_path: Path) ->
         r = client.post("/v1/jobs", json={"inputs": ["/x/a.jpg"]})
         assert client.delete(f"/v1/jobs/{r.json()['id']}").json()["state"] == "cancelled"
         assert client.delete(f"/v1/jobs/{by_upload}").json()["state"] == "done"  # finished: no-op
+        assert client.delete(f"/v1/jobs/{by_upload}", params={"purge": "true"}).json() == {
+            "id": by_upload, "deleted": True}
+        assert client.get(f"/v1/jobs/{by_upload}").status_code == 404
+        assert client.get(f"/v1/jobs/{by_upload}/results").status_code == 404
 
 
 @pytest.mark.slow

@@ -104,6 +104,10 @@ def test_cancel_stops_remaining_tasks(queue_url: str, tiny_model: TinyModel) -> 
     js.scenario_cancel(queue_url, tiny_model)
 
 
+def test_delete_forgets_a_job_even_mid_run(queue_url: str, tiny_model: TinyModel) -> None:
+    js.scenario_delete(queue_url, tiny_model)
+
+
 def test_redelivered_task_written_once(queue_url: str) -> None:
     js.scenario_redelivery_is_idempotent(queue_url)
 

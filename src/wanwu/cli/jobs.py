@@ -1,9 +1,10 @@
-"""``wanwu jobs``: submit inputs to a queue, watch a job, fetch its records, cancel it."""
+"""``wanwu jobs``: submit inputs to a queue, watch a job, fetch its records, cancel or delete it."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, closing
 from pathlib import Path
@@ -119,6 +120,26 @@ def cancel(job_id: str, queue_url: str | None) -> None:
     """Stop JOB_ID: no worker starts any more of its tasks; records already written stay."""
     with _queue(queue_url) as queue:
         click.echo(json.dumps(queue.cancel(job_id).to_dict(), ensure_ascii=False, indent=2))
+
+
+@command.command("delete")
+@click.argument("job_ids", nargs=-1)
+@queue_option
+@click.option("--finished-before", type=float, default=None, metavar="HOURS",
+              help="Also delete every finished (done, failed or cancelled) job last updated this many hours ago.")
+def delete(job_ids: tuple[str, ...], queue_url: str | None, finished_before: float | None) -> None:
+    """Cancel JOB_IDS and forget them: status, records and uploads. Prints the ids deleted."""
+    if not job_ids and finished_before is None:
+        raise click.UsageError("name job ids, or --finished-before HOURS")
+    with _queue(queue_url) as queue:
+        doomed = list(job_ids)
+        if finished_before is not None:
+            cutoff = time.time() - finished_before * 3600
+            doomed += [s.id for s in queue.jobs(limit=1_000_000)
+                       if s.state in ("done", "failed", "cancelled") and s.updated <= cutoff]
+        for job_id in dict.fromkeys(doomed):
+            queue.delete(job_id)
+            click.echo(job_id)
 
 
 def _queue(url: str | None) -> closing[JobQueue]:

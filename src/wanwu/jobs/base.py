@@ -237,6 +237,10 @@ class JobQueue(Protocol):
 
     def cancel(self, job_id: str) -> JobStatus: ...
 
+    def delete(self, job_id: str) -> None:
+        """Cancel the job and forget it: its status, records and uploads. Raises UnknownJobError."""
+        ...
+
     def jobs(self, limit: int = 50) -> list[JobStatus]:
         """The most recently created jobs, newest first."""
         ...

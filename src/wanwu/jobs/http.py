@@ -89,8 +89,12 @@ def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAU
                                  headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
     @api.delete("/{job_id}")
-    def cancel(job_id: str) -> dict[str, Any]:
+    def cancel(job_id: str, purge: bool = Query(False, description="also forget the job and its records")
+               ) -> dict[str, Any]:
         try:
+            if purge:
+                q.delete(job_id)
+                return {"id": job_id, "deleted": True}
             return q.cancel(job_id).to_dict()
         except QueueError as e:
             raise http_error(e) from None

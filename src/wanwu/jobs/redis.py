@@ -220,6 +220,15 @@ class RedisQueue:
             self._drop_blobs(job_id)
             return self._status(self._job(job_id))
 
+    def delete(self, job_id: str) -> None:
+        # Tasks still in the stream find no job when a worker claims them, and are dropped then.
+        with self._errors():
+            self._job(job_id)
+            self._drop_blobs(job_id)
+            key = self._job_key(job_id)
+            self.r.delete(key, f"{key}:results")
+            self.r.zrem(f"{self.p}:jobs", job_id)
+
     def _drop_blobs(self, job_id: str) -> None:
         members = [m.decode() for m in self.r.smembers(f"{self._job_key(job_id)}:blobs")]
         keys = [f"{self.p}:blob:{job_id}:{sha}" for sha in members]

@@ -197,6 +197,13 @@ class SqliteQueue:
             self._cancel(job_id)
             return self._status(self._job_row(job_id))
 
+    def delete(self, job_id: str) -> None:
+        with self._tx():
+            self._job_row(job_id)
+            for table in ("tasks", "blobs", "results"):
+                self._db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
     def _cancel(self, job_id: str) -> None:
         _, _, _, _, _, total, sealed, cancelled, done, failed, _ = self._job_row(job_id)
         if cancelled or (sealed and done + failed >= total):
