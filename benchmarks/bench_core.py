@@ -112,13 +112,15 @@ def main() -> None:
         print(f"peak RSS: 1,000 inputs {small / 1024:.0f} MiB, 10,000 inputs {large / 1024:.0f} MiB "
               f"({(large / small - 1) * 100:+.1f}%)")
 
-    for name, costs, count, seconds in (("(a)", stage_costs(args.int8), 1000, ours),
-                                        ("(b)", costs_b, args.phone, ours_b)):
+    for name, costs, count, seconds, naive_s in (("(a)", stage_costs(args.int8), 1000, ours, naive),
+                                                 ("(b)", costs_b, args.phone, ours_b, naive_b)):
         bound = 1000 / sum(costs.values()) * cores
         print(f"{name} per-image stage costs (1 core): " + ", ".join(f"{k} {v:.2f} ms" for k, v in costs.items()))
         print(f"{name} CPU bound for {cores} cores: {bound:.0f} img/s; wanwu end to end reached "
               f"{count / seconds:.0f} img/s = {count / seconds / bound * 100:.0f}% of it "
               "(process start and model load included)")
+        print(f"{name} a pipeline at that bound, with no start-up cost, would be {naive_s / (count / bound):.2f}x "
+              "the naive script")
 
 
 if __name__ == "__main__":
