@@ -384,6 +384,7 @@ def test_metrics_openapi_docs_and_page(tiny_model: Model) -> None:
         text = httpx.get(f"{base}/metrics").text
         openapi = httpx.get(f"{base}/openapi.json").json()
         docs = httpx.get(f"{base}/docs")
+        docs_js = httpx.get(f"{base}/docs-assets/swagger-ui-bundle.js")
         page = httpx.get(f"{base}/")
         script = httpx.get(f"{base}/static/app.js")
         style = httpx.get(f"{base}/static/app.css")
@@ -400,6 +401,8 @@ def test_metrics_openapi_docs_and_page(tiny_model: Model) -> None:
     assert set(body) == {"multipart/form-data", "application/json"}
     assert {"/v1/models", "/healthz", "/readyz", "/metrics"} <= set(openapi["paths"])
     assert docs.status_code == 200 and "openapi.json" in docs.text
+    assert "/docs-assets/swagger-ui-bundle.js" in docs.text and "cdn" not in docs.text  # offline docs
+    assert docs_js.status_code == 200 and "SwaggerUIBundle" in docs_js.text
     assert page.status_code == 200 and "万物识别" in page.text and "选择图片" in page.text
     for asset in (page, script, style):  # works offline: nothing loaded from elsewhere
         assert "//cdn" not in asset.text and "https://" not in asset.text and "http://" not in asset.text

@@ -5,7 +5,8 @@
 
 * ``POST /v1/recognize`` — multipart ``files`` (+ ``top_k``), or JSON ``{"urls": [...]}`` /
   ``{"images": [base64, ...]}``; answers ``{"results": [record, ...]}`` in request order;
-* ``GET /v1/models``, ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus), ``/openapi.json``, ``/docs``;
+* ``GET /v1/models``, ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus), ``/openapi.json``,
+  ``/docs`` (Swagger UI served locally);
 * ``GET /`` — the 万物识别 web page (``wanwu/web``, no CDN).
 """
 
@@ -123,6 +124,7 @@ def create_app(
         description="Recognize what is in images and name it in Chinese. Records have the same schema as "
         "`wanwu recognize --format jsonl`.",
         lifespan=lifespan,
+        docs_url=None,  # served below from local assets
     )
     app.state.wanwu = state
     app.add_middleware(BodyLimitMiddleware, limit_mb=config.max_upload_mb)
@@ -137,7 +139,31 @@ def create_app(
         app.include_router(jobs_router(config.queue), dependencies=[Depends(require_key)])
     _add_routes(app, state)
     app.mount("/static", StaticFiles(packages=[("wanwu", "web")]), name="static")
+    _add_docs(app)
     return app
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from the swagger-ui-bundle package, so the docs work offline too; without the
+    package, FastAPI's page (which loads Swagger UI from a CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    openapi_url, title = app.openapi_url or "/openapi.json", f"{app.title} — API"
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        swagger_ui_path = None
+    if swagger_ui_path is not None:
+        app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        if swagger_ui_path is None:
+            return get_swagger_ui_html(openapi_url=openapi_url, title=title)
+        return get_swagger_ui_html(
+            openapi_url=openapi_url, title=title, swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
 
 
 def _add_error_handlers(app: FastAPI) -> None:
