@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from wanwu import RecognizeOptions, Recognizer
 from wanwu.backends import BackendOptions
 from wanwu.engine import Engine
 from wanwu.errors import OutOfMemoryError
-from wanwu.imaging import prepare
+from wanwu.imaging import decode_jobs, prepare
 from wanwu.sources import InputItem, expand
 
 COLORS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20), (20, 230, 230), (240, 240, 240)]
@@ -143,6 +144,35 @@ def test_large_jpegs_decode_reduced_unless_full_decode(
     reduced = prepare(path.read_bytes(), spec).pixels
     assert not np.array_equal(full, reduced)  # noise: the reduced decode really differs
     np.testing.assert_array_equal(seen[0], full if full_decode else reduced)
+
+
+def crashing_decode(datas: list[bytes], spec: object, max_pixels: int) -> list[object]:
+    """Decodes like wanwu, except that a file starting with CRASH kills the worker process outright."""
+    if any(d.startswith(b"CRASH") for d in datas):
+        os._exit(1)
+    return decode_jobs(datas, spec, max_pixels)  # type: ignore[arg-type, return-value]
+
+
+def test_a_decoder_crash_costs_only_its_own_file(
+    tiny_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = []
+    for i in range(20):
+        paths.append(str(tmp_path / f"{i:02d}.png"))
+        Path(paths[-1]).write_bytes(image_bytes(COLORS[i % 6], size=(220 + i, 200), fmt="PNG"))
+    for i in (3, 11):
+        Path(paths[i]).write_bytes(b"CRASH" + image_bytes())
+    with _recognizer(tiny_model, workers=0) as rec:
+        singles = {p: rec.recognize_one(p) for p in paths if not Path(p).read_bytes().startswith(b"CRASH")}
+    monkeypatch.setattr("wanwu.pipeline._Run.decode", staticmethod(crashing_decode))
+    with _recognizer(tiny_model, workers=2, batch_size=4) as rec:
+        records = list(rec.recognize(paths))
+    assert [r.input for r in records] == paths
+    for i, r in enumerate(records):
+        if i in (3, 11):
+            assert r.error is not None and r.error.type == "decode_error" and "crashed" in r.error.message
+        else:
+            assert r.ok and [p.index for p in r.predictions] == [p.index for p in singles[r.input].predictions]
 
 
 class _OomBackend:

@@ -82,6 +82,11 @@ def decode_job(data: bytes, spec: PreprocessSpec, max_pixels: int) -> DecodeResu
         return ("decode_error", f"cannot decode image: {type(e).__name__}: {e}")
 
 
+def decode_jobs(datas: list[bytes], spec: PreprocessSpec, max_pixels: int) -> list[DecodeResult]:
+    """:func:`decode_job` for several images in one round trip to a worker."""
+    return [decode_job(data, spec, max_pixels) for data in datas]
+
+
 def decode_process_pool(workers: int) -> ProcessPoolExecutor:
     """Decode worker processes, forked from a server that has imported only this module's dependencies
     (Pillow, numpy): fast to start, and no threads or sockets of the parent inherited."""
