@@ -324,13 +324,13 @@ def test_identical_content_is_decoded_and_inferred_once_per_run(
         paths.append(path)
     copies = sum(1 for p in paths if p.read_bytes() == same)
     decodes: list[int] = []
-    original = wanwu.pipeline.decode_job
+    original = wanwu.pipeline._Run.decode
 
-    def counting_decode(data: bytes, spec: PreprocessSpec, max_pixels: int) -> Any:
-        decodes.append(len(data))
-        return original(data, spec, max_pixels)
+    def counting_decode(datas: list[bytes], spec: PreprocessSpec, max_pixels: int) -> Any:
+        decodes.extend(len(d) for d in datas)
+        return original(datas, spec, max_pixels)
 
-    monkeypatch.setattr(wanwu.pipeline, "decode_job", counting_decode)
+    monkeypatch.setattr(wanwu.pipeline._Run, "decode", staticmethod(counting_decode))
     spy = _InferSpy(monkeypatch)
     records = _run(tiny_model, paths, cache=False)
     distinct = 40 - copies + 1
