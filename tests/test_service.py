@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import subprocess
 import sys
 import threading
@@ -23,6 +24,7 @@ from tests.servers import free_port, metric, static_server, uvicorn_in_thread, w
 from wanwu.cache import MemoryCache, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.engine import Engine
+from wanwu.imaging import decode_job
 from wanwu.pipeline import Recognizer
 from wanwu.service import ServeConfig, create_app
 from wanwu.service.runtime import open_result_cache
@@ -414,6 +416,31 @@ def test_decoding_in_worker_processes(tiny_model: Model) -> None:
     with serve(tiny_model, options=RecognizeOptions(workers=1, cache=False)) as (base, _):
         response = httpx.post(f"{base}/v1/recognize", files=files(*named), timeout=60)
     assert response.json()["results"] == cli_records(tiny_model, named)
+
+
+def crashing_decode(data: bytes, spec: Any, max_pixels: int) -> Any:
+    """Decodes like wanwu, except that a file starting with CRASH kills the worker process outright."""
+    if data.startswith(b"CRASH"):
+        os._exit(1)
+    return decode_job(data, spec, max_pixels)
+
+
+def test_a_decoder_crash_costs_only_its_own_file(tiny_model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = [(f"{i}.png", image_bytes((RED, GREEN, BLUE)[i % 3], size=(60 + i, 50), fmt="PNG")) for i in range(10)]
+    named = [*good[:3], ("bad1.jpg", b"CRASH" + image_bytes()), *good[3:8], ("bad2.jpg", b"CRASH"), *good[8:]]
+    monkeypatch.setattr("wanwu.service.runtime.DecodePool.job", staticmethod(crashing_decode))
+    with serve(tiny_model, options=RecognizeOptions(workers=2, cache=False)) as (base, _):
+        response = httpx.post(f"{base}/v1/recognize", files=files(*named), timeout=60)
+        again = httpx.post(f"{base}/v1/recognize", files=files(*good[:2]), timeout=60)  # the service lives on
+    results = response.json()["results"]
+    assert [r["input"] for r in results] == [name for name, _ in named]
+    expected = {r["input"]: r for r in cli_records(tiny_model, good)}
+    for r in results:
+        if r["input"].startswith("bad"):
+            assert r["error"]["type"] == "decode_error" and "crashed" in r["error"]["message"]
+        else:
+            assert r == expected[r["input"]]
+    assert again.json()["results"] == cli_records(tiny_model, good[:2])
 
 
 @pytest.mark.shared

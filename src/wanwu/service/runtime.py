@@ -66,12 +66,20 @@ def cache_executor() -> ThreadPoolExecutor:
 
 
 class DecodePool:
-    """Decode workers (processes, or threads when ``workers == 0``); a crashed pool is replaced."""
+    """Decode workers (processes, or threads when ``workers == 0``); a crashed pool is replaced.
+
+    A crash breaks every file in flight on the pool. Each of them is then retried alone in a one-process
+    quarantine pool, so a second crash names its file exactly and the others still get their records.
+    """
+
+    job = staticmethod(decode_job)  # what a worker runs (a seam for the crash tests)
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._pool: Executor | None = None
         self._generation = 0
+        self._quarantine: Executor | None = None
+        self._alone = asyncio.Lock()
 
     def _get(self) -> tuple[Executor, int]:
         if self._pool is None:
@@ -89,18 +97,25 @@ class DecodePool:
 
     async def decode(self, data: bytes, options: RecognizeOptions, spec: PreprocessSpec) -> DecodeResult:
         loop = asyncio.get_running_loop()
-        for _ in range(2):  # a crash takes every in-flight file with it: each gets one more try
-            pool, generation = self._get()
+        pool, generation = self._get()
+        try:
+            return await loop.run_in_executor(pool, self.job, data, spec, options.max_pixels)
+        except BrokenProcessPool:
+            self._reset(generation)
+        async with self._alone:
+            self._quarantine = self._quarantine or decode_process_pool(1)
             try:
-                return await loop.run_in_executor(pool, decode_job, data, spec, options.max_pixels)
+                return await loop.run_in_executor(self._quarantine, self.job, data, spec, options.max_pixels)
             except BrokenProcessPool:
-                self._reset(generation)
-        return ("decode_error", "the decoder process crashed on this file")
+                self._quarantine.shutdown(wait=False, cancel_futures=True)
+                self._quarantine = None
+                return ("decode_error", "the decoder process crashed on this file")
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        for pool in (self._pool, self._quarantine):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = self._quarantine = None
 
 
 class Runtime:
