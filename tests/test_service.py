@@ -428,7 +428,7 @@ def crashing_decode(data: bytes, spec: Any, max_pixels: int) -> Any:
 def test_a_decoder_crash_costs_only_its_own_file(tiny_model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
     good = [(f"{i}.png", image_bytes((RED, GREEN, BLUE)[i % 3], size=(60 + i, 50), fmt="PNG")) for i in range(10)]
     named = [*good[:3], ("bad1.jpg", b"CRASH" + image_bytes()), *good[3:8], ("bad2.jpg", b"CRASH"), *good[8:]]
-    monkeypatch.setattr("wanwu.service.runtime.DecodePool.job", staticmethod(crashing_decode))
+    monkeypatch.setattr("wanwu.service.runtime.Decoder.job", staticmethod(crashing_decode))
     with serve(tiny_model, options=RecognizeOptions(workers=2, cache=False)) as (base, _):
         response = httpx.post(f"{base}/v1/recognize", files=files(*named), timeout=60)
         again = httpx.post(f"{base}/v1/recognize", files=files(*good[:2]), timeout=60)  # the service lives on

@@ -34,7 +34,7 @@ from wanwu.cache import CachedResult, MemoryCache, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.engine import Engine
 from wanwu.errors import ErrorType, InputError, OutOfMemoryError
-from wanwu.imaging import DecodeResult, Prepared, decode_jobs, decode_process_pool
+from wanwu.imaging import DecodePool, DecodeResult, Prepared, decode_jobs
 from wanwu.records import Record, TopScores
 from wanwu.sources import Fetched, Fetcher, InputItem, expand
 from wanwu.spec import ModelSpec
@@ -63,12 +63,11 @@ class Recognizer:
     ) -> None:
         self.options = options or RecognizeOptions()
         self._fetch_pool: ThreadPoolExecutor | None = None
-        self._decode_pool: Executor | None = None
+        self.decoders = DecodePool(self.options.decode_workers, max(1, min(4, self.options.fetch_threads)))
         self._infer_pool: ThreadPoolExecutor | None = None
-        self._pool_generation = 0
         if engine is None and self.options.decode_workers > 0:
             # Start the decode processes while the model loads: both take a few hundred milliseconds.
-            threading.Thread(target=self._warm_decoders, args=(self.decode_pool(),), daemon=True).start()
+            threading.Thread(target=self._warm_decoders, args=(self.decoders.get()[0],), daemon=True).start()
         label_path = Path(labels) if labels is not None else None
         self.engine = engine or Engine.load(model, label_path, self.options.backend, self.options.batch_size)
         if cache is _DEFAULT:
@@ -103,40 +102,17 @@ class Recognizer:
             self._infer_pool = ThreadPoolExecutor(self.engine.streams, thread_name_prefix="wanwu-infer")
         return self._infer_pool
 
-    def decode_pool(self) -> Executor:
-        if self._decode_pool is None:
-            workers = self.options.decode_workers
-            if workers == 0:
-                self._decode_pool = ThreadPoolExecutor(
-                    max(1, min(4, self.options.fetch_threads)), thread_name_prefix="wanwu-decode"
-                )
-            else:
-                self._decode_pool = decode_process_pool(workers)
-        return self._decode_pool
-
     def _warm_decoders(self, pool: Executor) -> None:
         with contextlib.suppress(RuntimeError):  # closed before the warm-up got going: nothing to warm
             for _ in range(self.options.decode_workers):
                 pool.submit(int)
 
-    def reset_decode_pool(self, generation: int) -> None:
-        """Replace a broken pool (once per breakage, however many futures report it)."""
-        if generation != self._pool_generation:
-            return
-        if self._decode_pool is not None:
-            self._decode_pool.shutdown(wait=False, cancel_futures=True)
-        self._decode_pool = None
-        self._pool_generation += 1
-
-    @property
-    def pool_generation(self) -> int:
-        return self._pool_generation
-
     def close(self) -> None:
-        for pool in (self._fetch_pool, self._decode_pool, self._infer_pool):
+        for pool in (self._fetch_pool, self._infer_pool):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        self._fetch_pool = self._decode_pool = self._infer_pool = None
+        self._fetch_pool = self._infer_pool = None
+        self.decoders.close()
         self.fetcher.close()
         if self.cache is not None:
             self.cache.close()
@@ -204,9 +180,9 @@ class _Run:
         self.pending_infer = 0
         self.streams = self.engine.streams
         self.exhausted = False
-        workers = max(1, self.opts.decode_workers)
+        self.workers = max(1, self.opts.decode_workers)
         self.max_fetch = max(4, self.opts.fetch_threads * 2)
-        self.max_decode = workers * 2 * self.DECODE_CHUNK  # a task queued behind each running one
+        self.max_decode = self.workers * 2 * self.DECODE_CHUNK  # a task queued behind each running one
         self.max_window = max(256, self.opts.batch_size * 4)
 
     def records(self) -> Iterator[Record]:
@@ -287,16 +263,14 @@ class _Run:
                 slot.isolated = True
                 self._submit_decode([slot])
             return
-        workers = max(1, self.opts.decode_workers)
         while self.to_decode and self.pending_decode < self.max_decode:
             # Several images per task when many wait: each round trip to a worker process costs about a
             # millisecond of CPU, a quarter of decoding a small photo.
-            size = max(1, min(self.DECODE_CHUNK, len(self.to_decode) // workers))
+            size = max(1, min(self.DECODE_CHUNK, len(self.to_decode) // self.workers))
             self._submit_decode([self.to_decode.popleft() for _ in range(size)])
 
     def _submit_decode(self, slots: list[_Slot]) -> None:
-        pool = self.rec.decode_pool()
-        generation = self.rec.pool_generation
+        pool, generation = self.rec.decoders.get()
         for slot in slots:
             slot.generation = generation
         self.pending_decode += len(slots)
@@ -347,7 +321,7 @@ class _Run:
     def _decoded(self, slots: list[_Slot], future: Future[list[DecodeResult]]) -> None:
         exc = future.exception()
         if isinstance(exc, BrokenProcessPool):
-            self.rec.reset_decode_pool(slots[0].generation)
+            self.rec.decoders.reset(slots[0].generation)
             for slot in slots:  # any of them may have crashed it: each is retried alone
                 if slot.isolated:
                     self._fail(slot, "decode_error", "the decoder process crashed on this file")

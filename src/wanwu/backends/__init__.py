@@ -31,6 +31,10 @@ class BackendOptions:
     # (onnxruntime on a CPU: 2, which keeps every core busy while decoders take turns on them)
     streams: int = 0
 
+    def __post_init__(self) -> None:
+        if self.streams < 0 or self.threads < 0:
+            raise UsageError("--streams and --threads must be 0 (auto) or more")
+
 
 class Backend(Protocol):
     """Runs one model. Implementations raise :class:`wanwu.errors.OutOfMemoryError` on OOM."""

@@ -53,8 +53,6 @@ model_options = _compose(
 
 
 def backend_options(kw: dict[str, Any]) -> BackendOptions:
-    if kw["streams"] < 0 or kw["threads"] < 0:
-        raise click.BadParameter("--streams and --threads must be 0 (auto) or more")
     return BackendOptions(
         device=kw["device"], threads=kw["threads"], precision=kw["precision"], int8=kw["int8"], streams=kw["streams"]
     )

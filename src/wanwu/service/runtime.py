@@ -21,7 +21,7 @@ from wanwu.cache import CachedResult, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.engine import Engine
 from wanwu.errors import CacheError, InputError, OutOfMemoryError, QueueError
-from wanwu.imaging import DecodeResult, decode_job, decode_process_pool
+from wanwu.imaging import DecodePool, DecodeResult, decode_job, decode_process_pool
 from wanwu.pipeline import open_cache
 from wanwu.records import Record, ScoreKind
 from wanwu.service.batcher import Batcher, BatcherConfig, BatchObserver
@@ -65,8 +65,8 @@ def cache_executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(1, thread_name_prefix="wanwu-cache")
 
 
-class DecodePool:
-    """Decode workers (processes, or threads when ``workers == 0``); a crashed pool is replaced.
+class Decoder:
+    """Decodes off the event loop, in the shared kind of :class:`~wanwu.imaging.DecodePool`.
 
     A crash breaks every file in flight on the pool. Each of them is then retried alone in a one-process
     quarantine pool, so a second crash names its file exactly and the others still get their records.
@@ -75,33 +75,17 @@ class DecodePool:
     job = staticmethod(decode_job)  # what a worker runs (a seam for the crash tests)
 
     def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._pool: Executor | None = None
-        self._generation = 0
+        self.pool = DecodePool(workers)
         self._quarantine: Executor | None = None
         self._alone = asyncio.Lock()
 
-    def _get(self) -> tuple[Executor, int]:
-        if self._pool is None:
-            if self.workers == 0:
-                self._pool = ThreadPoolExecutor(4, thread_name_prefix="wanwu-decode")
-            else:
-                self._pool = decode_process_pool(self.workers)
-        return self._pool, self._generation
-
-    def _reset(self, generation: int) -> None:
-        if generation == self._generation and self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-            self._generation += 1
-
     async def decode(self, data: bytes, options: RecognizeOptions, spec: PreprocessSpec) -> DecodeResult:
         loop = asyncio.get_running_loop()
-        pool, generation = self._get()
+        pool, generation = self.pool.get()
         try:
             return await loop.run_in_executor(pool, self.job, data, spec, options.max_pixels)
         except BrokenProcessPool:
-            self._reset(generation)
+            self.pool.reset(generation)
         async with self._alone:
             self._quarantine = self._quarantine or decode_process_pool(1)
             try:
@@ -112,10 +96,10 @@ class DecodePool:
                 return ("decode_error", "the decoder process crashed on this file")
 
     def close(self) -> None:
-        for pool in (self._pool, self._quarantine):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = self._quarantine = None
+        self.pool.close(wait=False)
+        if self._quarantine is not None:
+            self._quarantine.shutdown(wait=False, cancel_futures=True)
+            self._quarantine = None
 
 
 class Runtime:
@@ -136,7 +120,7 @@ class Runtime:
             observer,
         )
         self.fetcher = Fetcher(self.options.max_bytes, self.options.fetch_timeout)
-        self.decoder = DecodePool(self.options.decode_workers)
+        self.decoder = Decoder(self.options.decode_workers)
         self._fetch_pool = ThreadPoolExecutor(
             max(2, self.options.fetch_threads), thread_name_prefix="wanwu-fetch"
         )
