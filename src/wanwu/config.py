@@ -9,14 +9,10 @@ from pathlib import Path
 from wanwu.backends import BackendOptions
 from wanwu.errors import UsageError
 from wanwu.imaging import DEFAULT_MAX_PIXELS
+from wanwu.paths import wanwu_home
 from wanwu.records import TOP_N_STORED, ScoreKind
 from wanwu.sources import DEFAULT_MAX_BYTES
 from wanwu.spec import PreprocessSpec
-
-
-def wanwu_home() -> Path:
-    """``$WANWU_HOME`` or ``~/.cache/wanwu``: downloaded models, the result cache, the job queue."""
-    return Path(os.environ.get("WANWU_HOME") or Path.home() / ".cache" / "wanwu")
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from wanwu.config import wanwu_home
 from wanwu.errors import ERROR_TYPES, ErrorType, QueueError, UsageError
+from wanwu.paths import wanwu_home
 from wanwu.records import TOP_N_STORED, Record, ScoreKind
 
 JobState = Literal["queued", "running", "done", "cancelled", "failed"]
