@@ -26,7 +26,7 @@ from wanwu.config import RecognizeOptions
 from wanwu.errors import CacheError, UsageError
 from wanwu.models import write_manifest
 from wanwu.pipeline import Recognizer
-from wanwu.records import top_scores
+from wanwu.records import RecordOptions, top_scores
 from wanwu.spec import PreprocessSpec
 
 SRC = Path(wanwu.__file__).resolve().parents[1]
@@ -77,9 +77,10 @@ class _InferSpy:
 
 
 def _run(model: tuple[Path, Path], inputs: list[Path], **options: Any) -> list[dict[str, Any]]:
+    shape = {key: options.pop(key) for key in ("top_k", "score", "threshold") if key in options}
     opts = RecognizeOptions(workers=0, batch_size=4, **options)
     with Recognizer(str(model[0]), labels=model[1], options=opts) as rec:
-        return [r.to_dict() for r in rec.recognize([str(p) for p in inputs])]
+        return [r.to_dict() for r in rec.recognize([str(p) for p in inputs], RecordOptions(**shape))]
 
 
 # --- encoding and the store -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from wanwu.backends.int8 import cpu_has_vnni, emulate_qoperator, is_qoperator
 from wanwu.backends.onnx import _maybe_exact_int8
-from wanwu.config import wanwu_home
+from wanwu.paths import wanwu_home
 from wanwu.spec import ModelSpec, file_fingerprint
 
 X_SCALE, X_ZERO, Y_SCALE, Y_ZERO = 0.02, 0, 0.5, 128

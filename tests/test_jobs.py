@@ -27,6 +27,7 @@ from wanwu.jobs.base import (
     open_queue,
     parse_queue_url,
 )
+from wanwu.records import RecordOptions
 
 TinyModel = tuple[Path, Path]
 
@@ -77,11 +78,10 @@ def test_job_records_match_plain_recognize(queue_url: str, tiny_model: TinyModel
     assert stats.tasks == 5 and stats.records == 23
     got = {r.input: r for r in queue.results(job_id)}
     with js.recognizer(tiny_model) as rec:
-        rec.options = rec.options.__class__(top_k=3, score="logit", workers=0, cache=False)
         from wanwu.sources import InputItem
 
         items = [InputItem.from_bytes(i.name, js.colour(n)) for n, i in enumerate(inputs)]
-        expected = list(rec.recognize(items))
+        expected = list(rec.recognize(items, RecordOptions(top_k=3, score="logit")))
     assert [got[e.input].predictions for e in expected] == [e.predictions for e in expected]
     assert len({r.predictions[0].label for r in got.values()}) > 1, "the images differ, so must the answers"
     queue.close()

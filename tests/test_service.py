@@ -24,10 +24,10 @@ from tests.servers import free_port, metric, static_server, uvicorn_in_thread, w
 from wanwu.cache import MemoryCache, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.engine import Engine
-from wanwu.imaging import decode_job
+from wanwu.imaging import decode_jobs
 from wanwu.pipeline import Recognizer
+from wanwu.records import RecordOptions
 from wanwu.service import ServeConfig, create_app
-from wanwu.service.runtime import open_result_cache
 from wanwu.sources import InputItem
 
 pytest.importorskip("fastapi")
@@ -51,11 +51,12 @@ def serve(
         yield base, app
 
 
-def cli_records(model: Model, named: list[tuple[str, bytes]], **options: Any) -> list[dict[str, Any]]:
+def cli_records(model: Model, named: list[tuple[str, bytes]], **shape: Any) -> list[dict[str, Any]]:
     """What the library (and so the CLI) says for the same bytes."""
-    opts = RecognizeOptions(workers=0, cache=False, **options)
+    opts = RecognizeOptions(workers=0, cache=False)
     with Recognizer(str(model[0]), labels=model[1], options=opts, cache=None) as rec:
-        return [r.to_dict() for r in rec.recognize([InputItem.from_bytes(n, d) for n, d in named])]
+        items = [InputItem.from_bytes(n, d) for n, d in named]
+        return [r.to_dict() for r in rec.recognize(items, RecordOptions(**shape))]
 
 
 def files(*named: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -283,7 +284,8 @@ def test_the_result_cache_is_consulted(tiny_model: Model) -> None:
     assert metric(text, "wanwu_cache_hits_total") == 1
     assert batches == 1
     assert {**second["results"][0], "input": "a.jpg"} == first["results"][0]
-    assert open_result_cache(RecognizeOptions(cache=False)) is None  # --no-cache: no cache at all
+    with Recognizer(engine=slow_engine(tiny_model, 0.0)(), options=RecognizeOptions(cache=False)) as rec:
+        assert rec.cache is None  # --no-cache: no cache at all
 
 
 class ThreadBoundCache(MemoryCache):
@@ -314,7 +316,7 @@ class ThreadBoundCache(MemoryCache):
 def test_the_configured_cache_is_opened_and_used_on_one_thread(
     tiny_model: Model, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("wanwu.service.runtime.open_cache", lambda options: ThreadBoundCache())
+    monkeypatch.setattr("wanwu.pipeline.open_cache", lambda options: ThreadBoundCache())
     ThreadBoundCache.opened.clear()
     options = RecognizeOptions(workers=0, cache=True)
     with serve(tiny_model, cache=_UNSET, options=options) as (base, _):
@@ -330,10 +332,7 @@ def test_the_configured_cache_is_opened_and_used_on_one_thread(
 def test_a_missing_cache_backend_says_use_no_cache(
     tiny_model: Model, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def unavailable(options: RecognizeOptions) -> ResultCache:
-        raise ModuleNotFoundError("No module named 'wanwu.cache.sqlite'")
-
-    monkeypatch.setattr("wanwu.service.runtime.open_cache", unavailable)
+    monkeypatch.setitem(sys.modules, "wanwu.cache.sqlite", None)  # importing it raises ImportError
     with serve(tiny_model, cache=_UNSET, options=RecognizeOptions(workers=0), ready=False) as (base, _):
         deadline = time.monotonic() + 10
         while (ready := httpx.get(f"{base}/readyz")).json()["status"] == "loading":
@@ -418,17 +417,17 @@ def test_decoding_in_worker_processes(tiny_model: Model) -> None:
     assert response.json()["results"] == cli_records(tiny_model, named)
 
 
-def crashing_decode(data: bytes, spec: Any, max_pixels: int) -> Any:
+def crashing_decode(datas: list[bytes], spec: Any, max_pixels: int) -> Any:
     """Decodes like wanwu, except that a file starting with CRASH kills the worker process outright."""
-    if data.startswith(b"CRASH"):
+    if any(data.startswith(b"CRASH") for data in datas):
         os._exit(1)
-    return decode_job(data, spec, max_pixels)
+    return decode_jobs(datas, spec, max_pixels)
 
 
 def test_a_decoder_crash_costs_only_its_own_file(tiny_model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
     good = [(f"{i}.png", image_bytes((RED, GREEN, BLUE)[i % 3], size=(60 + i, 50), fmt="PNG")) for i in range(10)]
     named = [*good[:3], ("bad1.jpg", b"CRASH" + image_bytes()), *good[3:8], ("bad2.jpg", b"CRASH"), *good[8:]]
-    monkeypatch.setattr("wanwu.service.runtime.Decoder.job", staticmethod(crashing_decode))
+    monkeypatch.setattr("wanwu.pipeline._Run.decode", staticmethod(crashing_decode))
     with serve(tiny_model, options=RecognizeOptions(workers=2, cache=False)) as (base, _):
         response = httpx.post(f"{base}/v1/recognize", files=files(*named), timeout=60)
         again = httpx.post(f"{base}/v1/recognize", files=files(*good[:2]), timeout=60)  # the service lives on

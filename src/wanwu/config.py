@@ -9,21 +9,15 @@ from pathlib import Path
 from wanwu.backends import BackendOptions
 from wanwu.errors import UsageError
 from wanwu.imaging import DEFAULT_MAX_PIXELS
-from wanwu.records import TOP_N_STORED, ScoreKind
+from wanwu.paths import wanwu_home
+from wanwu.records import RecordOptions
 from wanwu.sources import DEFAULT_MAX_BYTES
 from wanwu.spec import PreprocessSpec
 
 
-def wanwu_home() -> Path:
-    """``$WANWU_HOME`` or ``~/.cache/wanwu``: downloaded models, the result cache, the job queue."""
-    return Path(os.environ.get("WANWU_HOME") or Path.home() / ".cache" / "wanwu")
-
-
 @dataclass(frozen=True)
 class RecognizeOptions:
-    top_k: int = 5
-    score: ScoreKind = "softmax"
-    threshold: float | None = None
+    record: RecordOptions = field(default_factory=RecordOptions)  # the default for calls that pass none
     batch_size: int = 32
     workers: int = -1  # decode processes: -1 = one per core, 0 = decode in threads of this process
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -36,10 +30,6 @@ class RecognizeOptions:
     backend: BackendOptions = field(default_factory=BackendOptions)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.top_k <= TOP_N_STORED:
-            raise UsageError(f"--top-k must be between 1 and {TOP_N_STORED}, got {self.top_k}")
-        if self.score not in ("softmax", "logit"):
-            raise UsageError(f"--score must be softmax or logit, got {self.score!r}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers < -1:

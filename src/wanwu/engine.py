@@ -1,9 +1,9 @@
 """The engine: one loaded model and the steps every front end shares.
 
-:class:`Engine` owns the model spec and its backend, turns batches of prepared pixels into
+:class:`Engine` owns the model spec and its backend and turns batches of prepared pixels into
 :class:`~wanwu.records.TopScores` (halving the batch and retrying on out-of-memory, so no image is lost or
-doubled), and builds records. The streaming orchestrator (:mod:`wanwu.pipeline`), the HTTP service's
-dynamic batcher and the queue workers all drive this one object.
+doubled). The orchestrator (:mod:`wanwu.pipeline`) drives it through an :mod:`~wanwu.inference` seam:
+batches of its own locally, the service's dynamic batcher behind the HTTP API.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from wanwu.backends import Backend, BackendOptions, create_backend
 from wanwu.errors import OutOfMemoryError
 from wanwu.imaging import to_batch
 from wanwu.models import resolve_model
-from wanwu.records import Record, ScoreKind, TopScores, top_scores
+from wanwu.records import TopScores, top_scores
 from wanwu.spec import ModelSpec
 
 log = logging.getLogger("wanwu")
@@ -72,15 +72,6 @@ class Engine:
                 f"backend returned shape {raw.shape} for {len(chunk)} images of {self.spec.num_classes} classes"
             )
         return raw
-
-    def record(
-        self, input: str, top: TopScores, *, sha256: str | None, width: int, height: int,
-        top_k: int = 5, score: ScoreKind = "softmax", threshold: float | None = None,
-    ) -> Record:
-        predictions = top.predictions(
-            self.spec.labels, top_k, score, threshold, probabilities=self.spec.output == "probabilities"
-        )
-        return Record(input, "ok", predictions, sha256, width, height)
 
     def close(self) -> None:
         self.backend.close()

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import io
 import math
-import multiprocessing
-import signal
 import warnings
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,49 +82,6 @@ def decode_job(data: bytes, spec: PreprocessSpec, max_pixels: int) -> DecodeResu
 def decode_jobs(datas: list[bytes], spec: PreprocessSpec, max_pixels: int) -> list[DecodeResult]:
     """:func:`decode_job` for several images in one round trip to a worker."""
     return [decode_job(data, spec, max_pixels) for data in datas]
-
-
-def decode_process_pool(workers: int) -> ProcessPoolExecutor:
-    """Decode worker processes, forked from a server that has imported only this module's dependencies
-    (Pillow, numpy): fast to start, and no threads or sockets of the parent inherited."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["wanwu.imaging"])
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
-
-
-def _worker_init() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
-
-
-class DecodePool:
-    """Decode workers (processes, or ``threads`` threads when ``workers == 0``), replaced when a crash
-    breaks them. ``get`` names the pool's generation, so a breakage reported by many futures replaces it
-    once."""
-
-    def __init__(self, workers: int, threads: int = 4) -> None:
-        self.workers, self.threads = workers, threads
-        self._pool: Executor | None = None
-        self.generation = 0
-
-    def get(self) -> tuple[Executor, int]:
-        if self._pool is None:
-            if self.workers == 0:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wanwu-decode")
-            else:
-                self._pool = decode_process_pool(self.workers)
-        return self._pool, self.generation
-
-    def reset(self, generation: int) -> None:
-        """Replace a broken pool (once per breakage, however many futures report it)."""
-        if generation == self.generation and self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-            self.generation += 1
-
-    def close(self, wait: bool = True) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=wait, cancel_futures=True)
-            self._pool = None
 
 
 def to_batch(images: list[npt.NDArray[np.uint8]], spec: PreprocessSpec) -> npt.NDArray[np.float32]:

@@ -1,9 +1,10 @@
 """Model loaders: turn whatever the user passed as ``--model`` into a :class:`~wanwu.spec.ModelSpec`.
 
-Loaders register in :data:`LOADERS`, tried in order; the first whose ``claims`` is true loads the model.
-Built in: an ``.onnx`` file plus ``--labels``, and a wanwu model folder (``wanwu.json`` manifest, written by
-``wanwu convert``). The seed-model loaders (ModelScope folder, ``modelscope:`` hub ids) register from
-:mod:`wanwu.seed`.
+Loaders register in :data:`LOADERS` (a :class:`~wanwu.registry.Registry`; third parties add one through the
+``wanwu.loaders`` entry-point group), tried in order; the first whose ``claims`` is true loads the model.
+Built in: an ``.onnx`` file plus ``--labels``, a wanwu model folder (``wanwu.json`` manifest, written by
+``wanwu convert``), and the seed model's ModelScope folder and ``modelscope:`` hub ids (lazy entries in
+:mod:`wanwu.seed`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 
 from wanwu.errors import ModelError, UsageError
 from wanwu.labels import load_labels
+from wanwu.registry import Registry
 from wanwu.spec import ModelSpec, PreprocessSpec, file_fingerprint
 
 MANIFEST = "wanwu.json"
@@ -46,14 +48,14 @@ class _FnLoader:
         return self.load_fn(ref, labels)
 
 
-LOADERS: list[ModelLoader] = []
+LOADERS: Registry[ModelLoader] = Registry("model loader", group="wanwu.loaders")
 
 
 def register_loader(
     name: str, claims: Callable[[str], bool]
 ) -> Callable[[Callable[[str, Path | None], ModelSpec]], Callable[[str, Path | None], ModelSpec]]:
     def wrap(fn: Callable[[str, Path | None], ModelSpec]) -> Callable[[str, Path | None], ModelSpec]:
-        LOADERS.append(_FnLoader(name, claims, fn))
+        LOADERS.register(name, _FnLoader(name, claims, fn))
         return fn
 
     return wrap
@@ -61,9 +63,8 @@ def register_loader(
 
 def resolve_model(ref: str | None, labels: Path | None = None) -> ModelSpec:
     """Find the loader for ``ref`` (``None`` = the default seed model) and build the spec."""
-    _load_plugins()
     ref = ref or DEFAULT_MODEL
-    for loader in LOADERS:
+    for _, loader in LOADERS.items():
         if loader.claims(ref):
             spec = loader.load(ref, labels)
             return spec if spec.source else _with_source(spec, ref)
@@ -77,13 +78,6 @@ def _with_source(spec: ModelSpec, ref: str) -> ModelSpec:
     from dataclasses import replace
 
     return replace(spec, source=ref)
-
-
-def _load_plugins() -> None:
-    try:
-        import wanwu.seed  # noqa: F401  (registers the ModelScope loaders)
-    except ImportError:
-        pass
 
 
 # --- built-in loaders ---------------------------------------------------------------------------------
@@ -131,6 +125,10 @@ def _load_wanwu_folder(ref: str, labels: Path | None) -> ModelSpec:
         source=ref,
         weights_fingerprint=file_fingerprint(weights),
     )
+
+
+LOADERS.lazy("modelscope-folder", "wanwu.seed:FOLDER_LOADER")
+LOADERS.lazy("modelscope-hub", "wanwu.seed:HUB_LOADER")
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

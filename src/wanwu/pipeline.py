@@ -8,11 +8,17 @@ with the number of inputs:
 * fetch: a thread pool reads files / downloads URLs and hashes the bytes (hashlib and I/O drop the GIL);
 * cache + dedupe: on the orchestrator thread; a cache hit or a repeat of content already in flight never
   reaches a decoder, and every input still gets its own record;
-* decode: worker processes run :func:`wanwu.imaging.prepare`; a decoder crash is retried in isolation, so
-  it costs exactly the file that caused it;
-* infer: full batches (or a partial one when nothing more can arrive soon) go to the engine on up to
-  ``engine.streams`` threads at once (two half-width onnxruntime batches on a CPU), which backs off on
-  out-of-memory; results come back to the orchestrator thread as events, like fetches and decodes.
+* decode: worker processes run :func:`wanwu.imaging.prepare`; after a decoder crash each file that was in
+  flight is retried alone in a quarantine process (:mod:`wanwu.decoders`), so a crash costs exactly its file;
+* infer: prepared crops go to an :class:`~wanwu.inference.Inference`. Locally, full batches (or a partial one
+  when nothing more can arrive soon) run on the engine on up to ``engine.streams`` threads at once, which
+  backs off on out-of-memory; in the service, every crop joins the dynamic batcher shared by all requests.
+  Results come back to the orchestrator thread as events, like fetches and decodes.
+
+Every front end is a shell over this one flow: the CLI and the library iterate :meth:`Recognizer.recognize`,
+the HTTP service runs each request through it on a thread of its own (with the batcher as its inference),
+the queue workers run each claimed group of tasks through it. One :class:`Recognizer` serves concurrent
+runs: its fetch threads, decode processes, quarantine and cache are shared and thread-safe.
 """
 
 from __future__ import annotations
@@ -30,18 +36,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from wanwu.cache import CachedResult, MemoryCache, ResultCache
+from wanwu.cache import CachedResult, MemoryCache, OneThreadCache, ResultCache
 from wanwu.config import RecognizeOptions
+from wanwu.decoders import DecodePool
 from wanwu.engine import Engine
-from wanwu.errors import ErrorType, InputError, OutOfMemoryError
-from wanwu.imaging import DecodePool, DecodeResult, Prepared, decode_jobs
-from wanwu.records import Record, TopScores
+from wanwu.errors import CacheError, ErrorType, InputError, OutOfMemoryError
+from wanwu.imaging import DecodeResult, Prepared, decode_jobs
+from wanwu.inference import Inference, LocalInference
+from wanwu.records import Record, RecordOptions, TopScores
 from wanwu.sources import Fetched, Fetcher, InputItem, expand
 from wanwu.spec import ModelSpec
 
 log = logging.getLogger("wanwu")
 InputLike = str | Path | InputItem
-_DEFAULT = object()
+FROM_OPTIONS: Any = object()  # the result cache that ``options`` names (none with ``options.cache`` off)
 
 
 class Recognizer:
@@ -59,32 +67,54 @@ class Recognizer:
         labels: Path | str | None = None,
         options: RecognizeOptions | None = None,
         engine: Engine | None = None,
-        cache: ResultCache | object | None = _DEFAULT,
+        cache: ResultCache | None = FROM_OPTIONS,
+        inference: Inference | None = None,
+        on_cache_hit: Callable[[], None] | None = None,
     ) -> None:
+        """``engine``: an already loaded model (else ``model`` + ``labels`` are loaded). ``inference``: where
+        prepared crops go (default: batches on the engine). ``on_cache_hit``: told of every result served
+        from the cache (metrics)."""
         self.options = options or RecognizeOptions()
         self._fetch_pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
         self.decoders = DecodePool(self.options.decode_workers, max(1, min(4, self.options.fetch_threads)))
-        self._infer_pool: ThreadPoolExecutor | None = None
         if engine is None and self.options.decode_workers > 0:
             # Start the decode processes while the model loads: both take a few hundred milliseconds.
             threading.Thread(target=self._warm_decoders, args=(self.decoders.get()[0],), daemon=True).start()
         label_path = Path(labels) if labels is not None else None
-        self.engine = engine or Engine.load(model, label_path, self.options.backend, self.options.batch_size)
-        if cache is _DEFAULT:
-            cache = open_cache(self.options) if self.options.cache else None
-        self.cache: ResultCache | None = cache  # type: ignore[assignment]
+        try:
+            self.engine = engine or Engine.load(model, label_path, self.options.backend, self.options.batch_size)
+        except BaseException:
+            self.decoders.close(wait=False)  # a model that fails to load leaves no decode process behind
+            raise
+        self.inference: Inference = inference or LocalInference(self.engine, self.options.batch_size)
+        self.on_cache_hit = on_cache_hit
+        self.cache: ResultCache | None = None
+        try:
+            if cache is FROM_OPTIONS:
+                if self.options.cache:
+                    self.cache = OneThreadCache(lambda: open_cache(self.options))
+            elif cache is not None:
+                given = cache
+                self.cache = OneThreadCache(lambda: given)
+        except BaseException:
+            self.decoders.close(wait=False)
+            self.engine.close()
+            raise
         self.fetcher = Fetcher(self.options.max_bytes, self.options.fetch_timeout)
 
     @property
     def spec(self) -> ModelSpec:
         return self.engine.spec
 
-    def recognize(self, inputs: Iterable[InputLike]) -> Iterator[Record]:
-        """Records in input order. Strings are expanded like CLI arguments (folders, globs, URLs)."""
-        return _Run(self, _items(inputs)).records()
+    def recognize(self, inputs: Iterable[InputLike], record: RecordOptions | None = None) -> Iterator[Record]:
+        """Records in input order. Strings are expanded like CLI arguments (folders, globs, URLs).
 
-    def recognize_one(self, input: InputLike) -> Record:
-        records = list(self.recognize([input]))
+        ``record`` shapes the records (top-k, score, threshold); default: ``options.record``."""
+        return _Run(self, _items(inputs), record or self.options.record).records()
+
+    def recognize_one(self, input: InputLike, record: RecordOptions | None = None) -> Record:
+        records = list(self.recognize([input], record))
         if len(records) != 1:
             raise ValueError(f"{input!r} expanded to {len(records)} inputs; use recognize() for folders")
         return records[0]
@@ -92,15 +122,10 @@ class Recognizer:
     # -- resources ------------------------------------------------------------------------------------
 
     def fetch_pool(self) -> ThreadPoolExecutor:
-        if self._fetch_pool is None:
-            self._fetch_pool = ThreadPoolExecutor(self.options.fetch_threads, thread_name_prefix="wanwu-fetch")
-        return self._fetch_pool
-
-    def infer_pool(self) -> ThreadPoolExecutor:
-        """One thread per batch the engine can run at once."""
-        if self._infer_pool is None:
-            self._infer_pool = ThreadPoolExecutor(self.engine.streams, thread_name_prefix="wanwu-infer")
-        return self._infer_pool
+        with self._lock:
+            if self._fetch_pool is None:
+                self._fetch_pool = ThreadPoolExecutor(self.options.fetch_threads, thread_name_prefix="wanwu-fetch")
+            return self._fetch_pool
 
     def _warm_decoders(self, pool: Executor) -> None:
         with contextlib.suppress(RuntimeError):  # closed before the warm-up got going: nothing to warm
@@ -108,10 +133,11 @@ class Recognizer:
                 pool.submit(int)
 
     def close(self) -> None:
-        for pool in (self._fetch_pool, self._infer_pool):
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-        self._fetch_pool = self._infer_pool = None
+        with self._lock:
+            pool, self._fetch_pool = self._fetch_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.inference.close()
         self.decoders.close()
         self.fetcher.close()
         if self.cache is not None:
@@ -128,8 +154,11 @@ class Recognizer:
 
 
 def open_cache(options: RecognizeOptions) -> ResultCache:
-    from wanwu.cache.sqlite import SqliteCache
-
+    """The persistent result cache the options name."""
+    try:
+        from wanwu.cache.sqlite import SqliteCache
+    except ImportError as e:
+        raise CacheError(f"the result cache is not available ({e}); run with --no-cache") from e
     return SqliteCache(options.resolved_cache_path())
 
 
@@ -161,10 +190,13 @@ class _Run:
     DECODE_CHUNK = 4  # most images sent to a decode worker in one task
     decode = staticmethod(decode_jobs)  # what a decode worker runs (a seam for the crash tests)
 
-    def __init__(self, rec: Recognizer, items: Iterator[InputItem]) -> None:
+    def __init__(self, rec: Recognizer, items: Iterator[InputItem], record: RecordOptions) -> None:
         self.rec = rec
         self.engine = rec.engine
+        self.inference = rec.inference
         self.opts = rec.options
+        self.record_options = record
+        self.probabilities = rec.engine.spec.output == "probabilities"
         self.namespace = rec.engine.spec.cache_namespace()
         self.preprocess = self.opts.decode_spec(rec.engine.spec.preprocess)
         self.items = items
@@ -178,12 +210,14 @@ class _Run:
         self.pending_fetch = 0
         self.pending_decode = 0
         self.pending_infer = 0
-        self.streams = self.engine.streams
+        self.streams = self.inference.in_flight
         self.exhausted = False
         self.workers = max(1, self.opts.decode_workers)
         self.max_fetch = max(4, self.opts.fetch_threads * 2)
         self.max_decode = self.workers * 2 * self.DECODE_CHUNK  # a task queued behind each running one
         self.max_window = max(256, self.opts.batch_size * 4)
+        # crops handed over at once: a batch locally; everything ready when the inference gathers by itself
+        self.handoff = self.inference.gather if self.inference.gather > 1 else self.max_window
 
     def records(self) -> Iterator[Record]:
         try:
@@ -198,7 +232,7 @@ class _Run:
             self._abandon()
 
     def _loop(self) -> Iterator[Record]:
-        batch_size = self.opts.batch_size
+        batch_size = max(1, self.inference.gather)
         while True:
             self._fill()
             while self.window and self.window[0].record is not None:
@@ -210,7 +244,7 @@ class _Run:
             self._submit_decodes()
             can_infer = bool(self.ready) and self.pending_infer < self.streams
             if can_infer and (len(self.ready) >= batch_size or self._starved()):
-                self._infer(min(batch_size, len(self.ready)))
+                self._infer(min(self.handoff, len(self.ready)))
                 continue
             try:
                 event = self.events.get(timeout=self.FLUSH_AFTER_S if can_infer else 1.0)
@@ -255,14 +289,14 @@ class _Run:
             future.add_done_callback(self._notify("fetch", slot))
 
     def _submit_decodes(self) -> None:
-        if self.suspects:
-            # After a decoder crash, suspects run one at a time with nothing else in flight, so a
-            # second crash names its culprit exactly.
-            if self.pending_decode == 0:
-                slot = self.suspects.popleft()
-                slot.isolated = True
-                self._submit_decode([slot])
-            return
+        while self.suspects:
+            # After a decoder crash, each file that was in flight is retried alone in the quarantine
+            # process, so a second crash names its culprit exactly; the main pool goes on meanwhile.
+            slot = self.suspects.popleft()
+            slot.isolated = True
+            self.pending_decode += 1
+            future = self.rec.decoders.isolate(self.decode, [slot.data or b""], self.preprocess, self.opts.max_pixels)
+            future.add_done_callback(self._notify("decode", [slot]))
         while self.to_decode and self.pending_decode < self.max_decode:
             # Several images per task when many wait: each round trip to a worker process costs about a
             # millisecond of CPU, a quarter of decoding a small photo.
@@ -277,9 +311,9 @@ class _Run:
         future = pool.submit(self.decode, [s.data or b"" for s in slots], self.preprocess, self.opts.max_pixels)
         future.add_done_callback(lambda f: self.events.put(("decode", slots, f)))
 
-    def _notify(self, kind: str, slot: _Slot) -> Callable[[Future[Any]], None]:
+    def _notify(self, kind: str, subject: _Slot | list[_Slot]) -> Callable[[Future[Any]], None]:
         def done(future: Future[Any]) -> None:
-            self.events.put((kind, slot, future))
+            self.events.put((kind, subject, future))
 
         return done
 
@@ -311,6 +345,8 @@ class _Run:
         hit = self.memo.get_many(self.namespace, [sha]).get(sha)
         if hit is None and self.rec.cache is not None:
             hit = self.rec.cache.get_many(self.namespace, [sha]).get(sha)
+            if hit is not None and self.rec.on_cache_hit is not None:
+                self.rec.on_cache_hit()
         if hit is not None:
             slot.record = self._ok(slot, hit.top, hit.width, hit.height)
             return
@@ -321,7 +357,8 @@ class _Run:
     def _decoded(self, slots: list[_Slot], future: Future[list[DecodeResult]]) -> None:
         exc = future.exception()
         if isinstance(exc, BrokenProcessPool):
-            self.rec.decoders.reset(slots[0].generation)
+            if not slots[0].isolated:
+                self.rec.decoders.reset(slots[0].generation)
             for slot in slots:  # any of them may have crashed it: each is retried alone
                 if slot.isolated:
                     self._fail(slot, "decode_error", "the decoder process crashed on this file")
@@ -341,11 +378,11 @@ class _Run:
                 self.ready.append(slot)
 
     def _infer(self, n: int) -> None:
-        """Hand the first ``n`` ready images to a free inference stream; the result comes back as an event."""
+        """Hand the first ``n`` ready images to the inference; the result comes back as an event."""
         batch, self.ready = self.ready[:n], self.ready[n:]
         pixels = [s.prepared.pixels for s in batch if s.prepared is not None]
         self.pending_infer += 1
-        future = self.rec.infer_pool().submit(self.engine.infer, pixels)
+        future = self.inference.submit(pixels)
         future.add_done_callback(lambda f: self.events.put(("infer", batch, f)))
 
     def _inferred(self, batch: list[_Slot], future: Future[list[TopScores]]) -> None:
@@ -371,9 +408,9 @@ class _Run:
     # -- records ----------------------------------------------------------------------------------------
 
     def _ok(self, slot: _Slot, top: TopScores, width: int, height: int) -> Record:
-        return self.engine.record(
-            slot.item.input, top, sha256=slot.sha256, width=width, height=height,
-            top_k=self.opts.top_k, score=self.opts.score, threshold=self.opts.threshold,
+        return Record.success(
+            slot.item.input, top, self.engine.spec.labels, self.record_options,
+            sha256=slot.sha256, width=width, height=height, probabilities=self.probabilities,
         )
 
     def _fail(self, slot: _Slot, type: ErrorType, message: str) -> None:

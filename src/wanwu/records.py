@@ -7,16 +7,48 @@ This is also what the result cache stores.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from wanwu.errors import ErrorType
+from wanwu.errors import ErrorType, UsageError
 
 ScoreKind = Literal["softmax", "logit"]
 TOP_N_STORED = 50
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOptions:
+    """What each record carries: the top ``top_k`` labels, scored as ``score``, down to ``threshold``.
+
+    The one place these are checked. It is passed per call (``Recognizer.recognize(inputs, record=...)``,
+    a service request, a job), since it only shapes records: the model and the cache do not depend on it.
+    """
+
+    top_k: int = 5
+    score: ScoreKind = "softmax"
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= TOP_N_STORED:
+            raise UsageError(f"top_k must be an integer between 1 and {TOP_N_STORED}, got {self.top_k!r}")
+        if self.score not in ("softmax", "logit"):
+            raise UsageError(f"score must be 'softmax' or 'logit', got {self.score!r}")
+        if self.threshold is not None and (
+            isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float))
+            or not math.isfinite(self.threshold)
+        ):
+            raise UsageError(f"threshold must be a finite number, got {self.threshold!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top_k": self.top_k, "score": self.score, "threshold": self.threshold}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RecordOptions:
+        return cls(data.get("top_k", 5), data.get("score", "softmax"), data.get("threshold"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +137,17 @@ class Record:
             out["sha256"] = self.sha256
         out["error"] = self.error.to_dict() if self.error else {"type": "internal", "message": "unknown"}
         return out
+
+    @classmethod
+    def success(
+        cls, input: str, top: TopScores, labels: tuple[str, ...], options: RecordOptions, *,
+        sha256: str | None, width: int, height: int, probabilities: bool = False,
+    ) -> Record:
+        """An ``ok`` record: ``top`` shaped by ``options`` (``probabilities``: the model outputs them)."""
+        predictions = top.predictions(
+            labels, options.top_k, options.score, options.threshold, probabilities=probabilities
+        )
+        return cls(input, "ok", predictions, sha256, width, height)
 
     @classmethod
     def failure(cls, input: str, type: ErrorType, message: str, sha256: str | None = None) -> Record:

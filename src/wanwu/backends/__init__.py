@@ -1,7 +1,8 @@
 """Inference backends: a batch of preprocessed images in, a batch of scores out.
 
-Backends register by name in :data:`BACKENDS`; a :class:`~wanwu.spec.ModelSpec` names the one it needs.
-Heavy runtimes are imported inside the factory, so a missing extra costs nothing until it is used.
+Backends register by name in :data:`BACKENDS` (a :class:`~wanwu.registry.Registry`; third parties add one
+through the ``wanwu.backends`` entry-point group); a :class:`~wanwu.spec.ModelSpec` names the one it needs.
+Built-ins are lazy ``"module:attr"`` entries, so a backend's runtime is imported only when it is chosen.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from wanwu.errors import UsageError
+from wanwu.registry import Registry
 from wanwu.spec import ModelSpec
 
 
@@ -55,31 +57,11 @@ class Backend(Protocol):
 
 
 BackendFactory = Callable[[ModelSpec, BackendOptions], Backend]
-BACKENDS: dict[str, BackendFactory] = {}
-
-
-def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
-    def wrap(factory: BackendFactory) -> BackendFactory:
-        BACKENDS[name] = factory
-        return factory
-
-    return wrap
+BACKENDS: Registry[BackendFactory] = Registry("backend", group="wanwu.backends")
+BACKENDS.lazy("onnx", "wanwu.backends.onnx:create")
+BACKENDS.lazy("torch", "wanwu.backends.torch:create", extra="torch")
+register_backend = BACKENDS.register
 
 
 def create_backend(spec: ModelSpec, options: BackendOptions) -> Backend:
-    _load_builtin()
-    try:
-        factory = BACKENDS[spec.backend]
-    except KeyError:
-        raise UsageError(f"unknown backend {spec.backend!r}; available: {sorted(BACKENDS)}") from None
-    return factory(spec, options)
-
-
-def _load_builtin() -> None:
-    # Importing registers. Modules that need extras import them lazily inside their factories.
-    from wanwu.backends import onnx  # noqa: F401
-
-    try:
-        from wanwu.backends import torch  # noqa: F401
-    except ImportError:
-        pass
+    return BACKENDS.get(spec.backend)(spec, options)

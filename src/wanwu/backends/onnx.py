@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from wanwu.backends import BackendOptions, register_backend
+from wanwu.backends import BackendOptions
 from wanwu.errors import ModelError, OutOfMemoryError, UsageError
 from wanwu.spec import ModelSpec
 
@@ -120,7 +120,7 @@ INT8_REWRITE = "u8w1"  # bump when emulate_qoperator changes what it writes
 def _int8_cache(spec: ModelSpec) -> tuple[Path | None, Path | None]:
     if not spec.weights_fingerprint:
         return None, None
-    from wanwu.config import wanwu_home
+    from wanwu.paths import wanwu_home
 
     stem = wanwu_home() / "int8" / f"{spec.weights_fingerprint}-{INT8_REWRITE}"
     return stem.with_suffix(".onnx"), stem.with_suffix(".plain")
@@ -169,6 +169,5 @@ def _providers(device: str, available: list[str]) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-@register_backend("onnx")
-def _create(spec: ModelSpec, options: BackendOptions) -> OnnxBackend:
+def create(spec: ModelSpec, options: BackendOptions) -> OnnxBackend:
     return OnnxBackend(spec, options)

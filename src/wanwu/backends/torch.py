@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from wanwu.backends import Backend, BackendOptions, register_backend
+from wanwu.backends import Backend, BackendOptions
 from wanwu.errors import MissingExtraError, ModelError, OutOfMemoryError, UsageError
 from wanwu.spec import ModelSpec
 
@@ -118,8 +118,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return table[precision]
 
 
-@register_backend("torch")
-def _create(spec: ModelSpec, options: BackendOptions) -> Backend:
+def create(spec: ModelSpec, options: BackendOptions) -> Backend:
     try:
         import torch  # noqa: F401
     except ImportError:

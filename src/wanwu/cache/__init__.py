@@ -7,7 +7,8 @@ implementation (tests, and in-run dedupe of repeated content).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,6 +28,34 @@ class ResultCache(Protocol):
     def put_many(self, namespace: str, items: Iterable[tuple[str, CachedResult]]) -> None: ...
 
     def close(self) -> None: ...
+
+
+class OneThreadCache:
+    """Opens a :class:`ResultCache` and runs every call on it on one thread of its own.
+
+    Implementations need not be thread-safe (a sqlite connection, an LRU), yet concurrent runs of one
+    :class:`~wanwu.pipeline.Recognizer` (the service's requests) share the cache through this.
+    """
+
+    def __init__(self, open: Callable[[], ResultCache]) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="wanwu-cache")
+        try:
+            self.inner = self._thread.submit(open).result()
+        except BaseException:
+            self._thread.shutdown(wait=False)
+            raise
+
+    def get_many(self, namespace: str, keys: list[str]) -> dict[str, CachedResult]:
+        return self._thread.submit(self.inner.get_many, namespace, keys).result()
+
+    def put_many(self, namespace: str, items: Iterable[tuple[str, CachedResult]]) -> None:
+        self._thread.submit(self.inner.put_many, namespace, list(items)).result()
+
+    def close(self) -> None:
+        try:
+            self._thread.submit(self.inner.close).result()
+        finally:
+            self._thread.shutdown(wait=True)
 
 
 class MemoryCache:

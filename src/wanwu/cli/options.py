@@ -10,6 +10,7 @@ import click
 
 from wanwu.backends import BackendOptions
 from wanwu.config import RecognizeOptions
+from wanwu.records import RecordOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,9 +72,10 @@ def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
         "cache_path": kw["cache_path"],
         "backend": backend_options(kw),
     }
-    for key in ("top_k", "score", "threshold", "batch_size"):
-        if key in kw:
-            values[key] = kw[key]
+    if "batch_size" in kw:
+        values["batch_size"] = kw["batch_size"]
+    if "top_k" in kw:
+        values["record"] = RecordOptions(kw["top_k"], kw["score"], kw["threshold"])
     return RecognizeOptions(**{**values, **overrides})
 
 

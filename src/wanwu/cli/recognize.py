@@ -54,14 +54,14 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
     """
     options = _options(kw)
     fmt = fmt or _default_format(output)
-    state = _resume_state(output, fmt, options.top_k, retry_errors) if resume or retry_errors else None
+    state = _resume_state(output, fmt, options.record.top_k, retry_errors) if resume or retry_errors else None
     with ExitStack() as stack:
         stream: TextIO = (
             stack.enter_context(output.open("a" if state else "w", encoding="utf-8", newline=""))
             if output is not None
             else sys.stdout
         )
-        sink_options = SinkOptions(top_k=options.top_k, bom=bom, append=state is not None and state.exists)
+        sink_options = SinkOptions(top_k=options.record.top_k, bom=bom, append=state is not None and state.exists)
         sink = create_sink(fmt, stream, sink_options)
         recognizer = stack.enter_context(Recognizer(kw["model"], labels=kw["labels"], options=options))
         items = expand(inputs) if state is None else state.pending(expand(inputs))

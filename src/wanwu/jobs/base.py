@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from wanwu.config import wanwu_home
 from wanwu.errors import ERROR_TYPES, ErrorType, QueueError, UsageError
-from wanwu.records import TOP_N_STORED, Record, ScoreKind
+from wanwu.paths import wanwu_home
+from wanwu.records import Record, RecordOptions
 
 JobState = Literal["queued", "running", "done", "cancelled", "failed"]
 InputKind = Literal["url", "path", "upload", "missing"]
@@ -97,28 +97,7 @@ class JobInput:
         return cls(name, kind, ref)  # type: ignore[arg-type]
 
 
-@dataclass(frozen=True, slots=True)
-class JobOptions:
-    """What shapes a job's records; the worker's model and its own settings do the rest."""
-
-    top_k: int = 5
-    score: ScoreKind = "softmax"
-    threshold: float | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= TOP_N_STORED:
-            raise UsageError(f"top_k must be between 1 and {TOP_N_STORED}, got {self.top_k!r}")
-        if self.score not in ("softmax", "logit"):
-            raise UsageError(f"score must be softmax or logit, got {self.score!r}")
-        if self.threshold is not None and not isinstance(self.threshold, int | float):
-            raise UsageError(f"threshold must be a number, got {self.threshold!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"top_k": self.top_k, "score": self.score, "threshold": self.threshold}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> JobOptions:
-        return cls(data.get("top_k", 5), data.get("score", "softmax"), data.get("threshold"))
+JobOptions = RecordOptions  # what shapes a job's records; the worker's model and settings do the rest
 
 
 @dataclass(frozen=True)

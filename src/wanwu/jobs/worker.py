@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from wanwu.jobs.base import JobInput, JobOptions, JobQueue, Task
@@ -92,9 +92,8 @@ def _process(queue: JobQueue, recognizer: Recognizer, tasks: list[Task], roots: 
     for task in tasks:
         by_options.setdefault(task.options, []).append(task)
     for options, group in by_options.items():
-        _use_options(recognizer, options)
         items = list(_items(queue, group, roots))
-        records = recognizer.recognize(items)
+        records = recognizer.recognize(items, options)
         for task in group:
             written = [(index, _next(records, item)) for index, item in task.indexed()]
             queue.complete(task, written)
@@ -114,14 +113,6 @@ def _next(records: Iterator[Record], item: JobInput) -> Record:
     for _ in records:  # an interrupted run re-raises KeyboardInterrupt once drained
         pass
     raise RuntimeError(f"the recognizer's records went out of step with the task at {item.name!r}")
-
-
-def _use_options(recognizer: Recognizer, options: JobOptions) -> None:
-    """Apply a job's record options. They only shape records, so the loaded model and pools are kept."""
-    current = recognizer.options
-    if (current.top_k, current.score, current.threshold) != (options.top_k, options.score, options.threshold):
-        recognizer.options = replace(current, top_k=options.top_k, score=options.score,
-                                     threshold=options.threshold)
 
 
 def _items(queue: JobQueue, tasks: list[Task], roots: _Roots) -> Iterator[InputItem]:

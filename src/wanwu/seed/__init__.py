@@ -1,6 +1,6 @@
 """The seed model, 万物识别-中文-通用领域 (ModelScope ``damo/cv_resnest101_general_recognition``).
 
-Importing this package registers two model loaders (no torch needed for that):
+Two model loaders, registered as lazy entries by :mod:`wanwu.models` (no torch needed for either):
 
 * ``modelscope-folder``: a downloaded ModelScope model folder given as ``--model FOLDER``;
 * ``modelscope-hub``: ``modelscope:OWNER/NAME[@REVISION]``, downloaded once into ``$WANWU_HOME/models``.
@@ -13,16 +13,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wanwu.models import register_loader
 from wanwu.seed import modelscope
 from wanwu.spec import ModelSpec
 
 
-@register_loader("modelscope-folder", modelscope.is_modelscope_folder)
-def _load_folder(ref: str, labels: Path | None) -> ModelSpec:
-    return modelscope.load_folder(Path(ref), labels, source=ref)
+class _FolderLoader:
+    name = "modelscope-folder"
+
+    def claims(self, ref: str) -> bool:
+        return modelscope.is_modelscope_folder(ref)
+
+    def load(self, ref: str, labels: Path | None) -> ModelSpec:
+        return modelscope.load_folder(Path(ref), labels, source=ref)
 
 
-@register_loader("modelscope-hub", lambda ref: ref.startswith(modelscope.PREFIX))
-def _load_hub(ref: str, labels: Path | None) -> ModelSpec:
-    return modelscope.load_hub(ref, labels)
+class _HubLoader:
+    name = "modelscope-hub"
+
+    def claims(self, ref: str) -> bool:
+        return ref.startswith(modelscope.PREFIX)
+
+    def load(self, ref: str, labels: Path | None) -> ModelSpec:
+        return modelscope.load_hub(ref, labels)
+
+
+FOLDER_LOADER = _FolderLoader()
+HUB_LOADER = _HubLoader()

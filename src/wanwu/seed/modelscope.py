@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wanwu.config import wanwu_home
 from wanwu.errors import ModelError, UsageError
 from wanwu.labels import load_labels
+from wanwu.paths import wanwu_home
 from wanwu.spec import ModelSpec, PreprocessSpec, file_fingerprint
 
 if TYPE_CHECKING:

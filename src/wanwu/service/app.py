@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from wanwu import __version__
 from wanwu.cache import ResultCache
+from wanwu.pipeline import FROM_OPTIONS
 from wanwu.service.batcher import QueueFullError
 from wanwu.service.config import ServeConfig
 from wanwu.service.metrics import MetricsMiddleware, ServiceMetrics
@@ -41,17 +42,9 @@ from wanwu.service.requests import (
     json_error_body,
     parse_recognize,
 )
-from wanwu.service.runtime import (
-    EngineFactory,
-    RunParams,
-    Runtime,
-    cache_executor,
-    default_engine_factory,
-    open_result_cache,
-)
+from wanwu.service.runtime import EngineFactory, Runtime, default_engine_factory
 
 log = logging.getLogger("wanwu")
-_DEFAULT: Any = object()
 
 
 @dataclass
@@ -75,7 +68,7 @@ def create_app(
     config: ServeConfig,
     *,
     engine_factory: EngineFactory | None = None,
-    cache: ResultCache | None = _DEFAULT,
+    cache: ResultCache | None = FROM_OPTIONS,
     on_load_failed: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
     """``cache``: a ResultCache to use, ``None`` for none; by default the one ``config.options`` names."""
@@ -84,21 +77,18 @@ def create_app(
     factory = engine_factory or default_engine_factory(config)
 
     async def load() -> None:
-        cache_thread = cache_executor()
+        loop = asyncio.get_running_loop()
         try:
             engine = await asyncio.to_thread(factory)
-            result_cache = cache
-            if cache is _DEFAULT:  # opened on the thread that will use it
-                loop = asyncio.get_running_loop()
-                result_cache = await loop.run_in_executor(cache_thread, open_result_cache, config.options)
+            runtime = await asyncio.to_thread(
+                Runtime, config, engine, cache, metrics, loop, metrics.cache_hits.inc
+            )
         except Exception as e:
-            cache_thread.shutdown(wait=False)
             state.load_error = f"{type(e).__name__}: {e}"
             log.error("cannot start: %s", e)
             if on_load_failed is not None:
                 on_load_failed(e)
             return
-        runtime = Runtime(config, engine, result_cache, metrics, metrics.cache_hits.inc, cache_thread)
         runtime.start()
         state.runtime, state.loaded_at = runtime, time.time()
         metrics.ready.set(1)
@@ -247,7 +237,7 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
         parsed = await parse_recognize(request, config)
         params = runtime.defaults
         if parsed.top_k is not None:
-            params = RunParams(parsed.top_k, params.score, params.threshold)
+            params = replace(params, top_k=parsed.top_k)
         try:
             records = await runtime.recognize(parsed.items, params)
         except QueueFullError:
@@ -266,8 +256,8 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
                 {
                     **spec.describe(),
                     "device": runtime.engine.backend.device,
-                    "default_top_k": config.options.top_k,
-                    "score": config.options.score,
+                    "default_top_k": config.options.record.top_k,
+                    "score": config.options.record.score,
                     "max_batch_size": config.max_batch_size,
                     "labels_sample": list(spec.labels[:5]),
                 }

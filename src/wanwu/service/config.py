@@ -27,6 +27,7 @@ class ServeConfig:
     max_queue: int = 256  # images waiting for the batcher; beyond it requests get 503 + Retry-After
     max_upload_mb: float = 50.0  # whole request body
     max_files: int = 64  # inputs in one request
+    max_requests: int = 64  # requests in progress at once (each runs on a thread of its own); more wait
     api_keys: tuple[str, ...] = ()
     retry_after_s: int = 1
     queue: str | None = None  # a job-queue URL: mounts /v1/jobs (see wanwu.jobs)
@@ -41,6 +42,8 @@ class ServeConfig:
             raise UsageError(f"--max-queue must be at least 1, got {self.max_queue}")
         if self.max_upload_mb <= 0:
             raise UsageError(f"--max-upload-mb must be positive, got {self.max_upload_mb}")
+        if self.max_requests < 1:
+            raise UsageError(f"--max-requests must be at least 1, got {self.max_requests}")
         if self.max_files < 1:
             raise UsageError(f"--max-files must be at least 1, got {self.max_files}")
         if not 0 <= self.port < 65536:
