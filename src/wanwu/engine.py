@@ -36,9 +36,9 @@ class Engine:
     @classmethod
     def load(
         cls, model: str | ModelSpec | None, labels: Path | None = None,
-        backend_options: BackendOptions | None = None, max_batch: int = 32,
+        backend_options: BackendOptions | None = None, max_batch: int = 32, label_column: str | None = None,
     ) -> Engine:
-        spec = model if isinstance(model, ModelSpec) else resolve_model(model, labels)
+        spec = model if isinstance(model, ModelSpec) else resolve_model(model, labels, label_column)
         return cls(spec, create_backend(spec, backend_options or BackendOptions()), max_batch)
 
     def infer(self, pixels: list[npt.NDArray[np.uint8]]) -> list[TopScores]:
@@ -78,7 +78,8 @@ class Engine:
         top_k: int = 5, score: ScoreKind = "softmax", threshold: float | None = None,
     ) -> Record:
         predictions = top.predictions(
-            self.spec.labels, top_k, score, threshold, probabilities=self.spec.output == "probabilities"
+            self.spec.labels, top_k, score, threshold, probabilities=self.spec.output == "probabilities",
+            labels_en=self.spec.labels_en,
         )
         return Record(input, "ok", predictions, sha256, width, height)
 

@@ -57,6 +57,7 @@ class Recognizer:
         model: str | ModelSpec | None = None,
         *,
         labels: Path | str | None = None,
+        label_column: str | None = None,
         options: RecognizeOptions | None = None,
         engine: Engine | None = None,
         cache: ResultCache | object | None = _DEFAULT,
@@ -69,7 +70,8 @@ class Recognizer:
             # Start the decode processes while the model loads: both take a few hundred milliseconds.
             threading.Thread(target=self._warm_decoders, args=(self.decoders.get()[0],), daemon=True).start()
         label_path = Path(labels) if labels is not None else None
-        self.engine = engine or Engine.load(model, label_path, self.options.backend, self.options.batch_size)
+        self.engine = engine or Engine.load(model, label_path, self.options.backend, self.options.batch_size,
+                                            label_column)
         if cache is _DEFAULT:
             cache = open_cache(self.options) if self.options.cache else None
         self.cache: ResultCache | None = cache  # type: ignore[assignment]

@@ -23,6 +23,7 @@ class SinkOptions:
     top_k: int = 5
     bom: bool = False  # csv: start with a UTF-8 BOM so Excel reads Chinese correctly
     append: bool = False  # resuming into an existing file: no header / BOM again
+    english: bool = False  # csv: label_en_i columns (the label file has English names)
 
 
 class Sink(Protocol):
@@ -87,10 +88,10 @@ class JsonSink:
         self.stream.flush()
 
 
-def csv_header(top_k: int) -> list[str]:
+def csv_header(top_k: int, english: bool = False) -> list[str]:
     cols = ["input", "status", "sha256", "width", "height"]
     for i in range(1, top_k + 1):
-        cols += [f"label_{i}", f"index_{i}", f"score_{i}"]
+        cols += [f"label_{i}", *([f"label_en_{i}"] if english else []), f"index_{i}", f"score_{i}"]
     return [*cols, "error_type", "error_message"]
 
 
@@ -99,11 +100,12 @@ class CsvSink:
     def __init__(self, stream: TextIO, options: SinkOptions) -> None:
         self.stream = stream
         self.top_k = options.top_k
+        self.english = options.english
         self.writer = csv.writer(stream, lineterminator="\n")
         if not options.append:
             if options.bom:
                 stream.write("\ufeff")
-            self.writer.writerow(csv_header(self.top_k))
+            self.writer.writerow(csv_header(self.top_k, self.english))
             stream.flush()
 
     def write(self, record: Record) -> None:
@@ -112,9 +114,9 @@ class CsvSink:
         for i in range(self.top_k):
             if i < len(record.predictions):
                 p = record.predictions[i]
-                row += [p.label, p.index, p.score]
+                row += [p.label, *([p.label_en or ""] if self.english else []), p.index, p.score]
             else:
-                row += ["", "", ""]
+                row += [""] * (4 if self.english else 3)
         err = record.error
         row += [err.type if err else "", err.message if err else ""]
         self.writer.writerow(row)

@@ -31,7 +31,12 @@ model_options = _compose(
     ),
     click.option(
         "-l", "--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
-        help="Label file, UTF-8, line i = class i (overrides the model folder's).",
+        help="Label file, UTF-8: one label per line (line i = class i), or a .tsv/.csv table with a header "
+        "(an en column is carried as label_en). Overrides the model folder's.",
+    ),
+    click.option(
+        "--label-column", metavar="NAME", default=None,
+        help="The label column of a .tsv/.csv label file (default: zh, label or name, else the last).",
     ),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option(

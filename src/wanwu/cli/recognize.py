@@ -61,9 +61,11 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
             if output is not None
             else sys.stdout
         )
-        sink_options = SinkOptions(top_k=options.top_k, bom=bom, append=state is not None and state.exists)
+        recognizer = stack.enter_context(
+            Recognizer(kw["model"], labels=kw["labels"], label_column=kw["label_column"], options=options))
+        sink_options = SinkOptions(top_k=options.top_k, bom=bom, append=state is not None and state.exists,
+                                   english=bool(recognizer.spec.labels_en))
         sink = create_sink(fmt, stream, sink_options)
-        recognizer = stack.enter_context(Recognizer(kw["model"], labels=kw["labels"], options=options))
         items = expand(inputs) if state is None else state.pending(expand(inputs))
         progress = _Progress(inputs, enabled=not quiet and sys.stderr.isatty(), state=state)
         stack.callback(progress.stop)

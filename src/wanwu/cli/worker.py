@@ -55,7 +55,8 @@ def command(queue_url: str | None, allow_roots: tuple[Path, ...], lease: float |
     stop = threading.Event()
     _on_signals(stop)
     with closing(open_queue(queue_url)) as queue, \
-            Recognizer(kw["model"], labels=kw["labels"], options=options) as recognizer:
+            Recognizer(kw["model"], labels=kw["labels"], label_column=kw["label_column"],
+                       options=options) as recognizer:
         log.info("worker %s: model %s, queue %s", config.worker_id, recognizer.spec.name, queue.url)
         stats = run_worker(queue, recognizer, config, stop)
     log.info("worker %s: %d task(s), %d record(s)", config.worker_id, stats.tasks, stats.records)
