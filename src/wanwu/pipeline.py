@@ -75,6 +75,7 @@ class Recognizer:
         if cache is _DEFAULT:
             cache = open_cache(self.options) if self.options.cache else None
         self.cache: ResultCache | None = cache  # type: ignore[assignment]
+        self.cache_hits = 0  # records answered from the result cache, over every run of this recognizer
         self.fetcher = Fetcher(self.options.max_bytes, self.options.fetch_timeout)
 
     @property
@@ -313,6 +314,7 @@ class _Run:
         hit = self.memo.get_many(self.namespace, [sha]).get(sha)
         if hit is None and self.rec.cache is not None:
             hit = self.rec.cache.get_many(self.namespace, [sha]).get(sha)
+            self.rec.cache_hits += hit is not None
         if hit is not None:
             slot.record = self._ok(slot, hit.top, hit.width, hit.height)
             return

@@ -13,6 +13,8 @@ import sys
 import click
 
 from wanwu import __version__
+from wanwu.cli.messages import t
+from wanwu.cli.progress import ReportedInterrupt
 from wanwu.errors import UsageError, WanwuError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -20,13 +22,25 @@ EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 COMMAND_MODULES = ("recognize", "cache", "convert", "serve", "jobs", "worker")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+VERBOSE_HELP = "More log output on stderr (-vv for debug)."
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """``-v`` before or after the subcommand: each raises the log level, never lowers it."""
+    if value:
+        level = logging.INFO if value == 1 else logging.DEBUG
+        logging.getLogger().setLevel(min(logging.getLogger().getEffectiveLevel(), level))
+    return int(value)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100,
+                               "show_default": True})
 @click.version_option(__version__, prog_name="wanwu")
-@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)
 def cli(verbose: int) -> None:
     """万物 wanwu — recognize what is in large numbers of images, named in Chinese."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="wanwu: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="wanwu: %(message)s", stream=sys.stderr, force=True)
 
 
 for _name in COMMAND_MODULES:
@@ -39,17 +53,31 @@ for _name in COMMAND_MODULES:
     cli.add_command(_module.command)
 
 
+def _accept_verbose(group: click.Group) -> None:
+    """Every subcommand also takes -v/--verbose (``wanwu recognize -v ...`` as well as ``wanwu -v recognize``)."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _accept_verbose(command)
+        elif not any("--verbose" in p.opts for p in command.params):
+            command.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False,
+                                               callback=_verbosity, help=VERBOSE_HELP, show_default=False))
+
+
+_accept_verbose(cli)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         rv = cli.main(args=argv, prog_name="wanwu", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+        click.echo(t("interrupted"), err=True)
         return EXIT_INTERRUPTED
     except click.ClickException as e:
         e.show()
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+    except KeyboardInterrupt as e:
+        if not isinstance(e, ReportedInterrupt):
+            click.echo(t("interrupted"), err=True)
         return EXIT_INTERRUPTED
     except UsageError as e:
         click.echo(f"wanwu: error: {e}", err=True)

@@ -68,8 +68,8 @@ def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
     base = RecognizeOptions()
     values: dict[str, Any] = {
         "workers": kw["workers"],
-        "max_pixels": kw["max_pixels"] or base.max_pixels,
-        "max_bytes": kw["max_bytes"] or base.max_bytes,
+        "max_pixels": kw["max_pixels"] if kw["max_pixels"] is not None else base.max_pixels,
+        "max_bytes": kw["max_bytes"] if kw["max_bytes"] is not None else base.max_bytes,
         "fetch_timeout": kw["timeout"],
         "cache": not kw["no_cache"],
         "full_decode": kw["full_decode"],
@@ -93,25 +93,30 @@ io_options = _compose(
         help="Result cache file (default $WANWU_HOME/cache.sqlite3).",
     ),
     click.option(
-        "--max-pixels", type=int, default=None, help="Refuse images above this many pixels (too_large)."
+        "--max-pixels", type=click.IntRange(min=1), default=RecognizeOptions.max_pixels,
+        help="Refuse images above this many pixels (too_large).",
     ),
     click.option(
         "--full-decode", is_flag=True,
         help="Decode large JPEGs at full size (slower; by default libjpeg scales them down while decoding "
         "as far as the model's resize allows).",
     ),
-    click.option("--max-bytes", type=int, default=None, help="Refuse files/downloads above this size."),
-    click.option("--timeout", type=float, default=30.0, show_default=True, help="URL fetch timeout, seconds."),
+    click.option("--max-bytes", type=click.IntRange(min=1), default=RecognizeOptions.max_bytes,
+                 help="Refuse files/downloads above this many bytes."),
+    click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=RecognizeOptions.fetch_timeout,
+                 show_default=True, help="URL fetch timeout, seconds."),
 )
 """Reading, decoding and caching: the flags every command that recognizes images shares."""
 
 run_options = _compose(
-    click.option("-k", "--top-k", type=int, default=5, show_default=True, help="Labels per image (1-50)."),
+    click.option("-k", "--top-k", type=click.IntRange(1, 50), default=5, show_default=True,
+                 help="Labels per image (1-50)."),
     click.option(
         "--score", type=click.Choice(["softmax", "logit"]), default="softmax", show_default=True,
         help="softmax probabilities, or the raw logits (ModelScope's score).",
     ),
     click.option("--threshold", type=float, default=None, help="Drop predictions scoring below this."),
-    click.option("-b", "--batch-size", type=int, default=32, show_default=True, help="Images per batch."),
+    click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                 help="Images per batch."),
     io_options,
 )
