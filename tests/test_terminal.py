@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import re
 import signal
 import string
@@ -161,7 +160,8 @@ def test_help_shows_defaults_and_verbose_is_accepted_after_every_subcommand(
 ) -> None:
     assert main(["recognize", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    for default in ("[default: 5; 1<=x<=50]", "[default: 32; x>=1]", "[default: 150000000; x>=1]", "[default: 30.0; x>0]"):
+    for default in ("[default: 5; 1<=x<=50]", "[default: 32; x>=1]", "[default: 150000000; x>=1]",
+                    "[default: 30.0; x>0]"):
         assert default in text, default
 
     def leaves(group: object) -> list[object]:
