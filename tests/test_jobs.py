@@ -45,6 +45,7 @@ def test_worker_killed_mid_job_every_input_exactly_once(queue_url: str, tiny_mod
 
 
 @pytest.mark.slow
+@pytest.mark.extra("server")
 def test_pending_jobs_survive_service_and_worker_restarts(queue_url: str, tiny_model: TinyModel) -> None:
     js.scenario_pending_jobs_survive_restarts(queue_url, tiny_model)
 
@@ -261,6 +262,7 @@ def test_cli_by_reference_sends_absolute_paths(queue_url: str, tmp_path: Path,
 # --- HTTP --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.extra("server")
 def test_http_jobs_api(queue_url: str, tiny_model: TinyModel, tmp_path: Path) -> None:
     from fastapi import FastAPI
 

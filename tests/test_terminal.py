@@ -176,3 +176,16 @@ def test_help_shows_defaults_and_verbose_is_accepted_after_every_subcommand(
     assert logging.getLogger().getEffectiveLevel() == logging.DEBUG
     logging.getLogger().setLevel(logging.WARNING)
     assert "cache" in capsys.readouterr().out  # the command itself ran as usual
+
+
+@pytest.mark.parametrize(("lang", "expected", "foreign"), [
+    ("zh_CN.UTF-8", ["用法", "选项", "每张图片的标签数", "[默认：5; 1<=x<=50]"], ["Usage", "Labels per image"]),
+    ("C.UTF-8", ["Usage", "Options", "Labels per image", "[default: 5; 1<=x<=50]"], ["用法", "每张图片"]),
+])
+def test_help_is_in_the_locale_language(lang: str, expected: list[str], foreign: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "wanwu", "recognize", "--help"], capture_output=True, text=True,
+                          env={**_env(), "LANG": lang, "COLUMNS": "200"}, timeout=60, check=True)
+    for text in expected:
+        assert text in proc.stdout, text
+    for text in foreign:
+        assert text not in proc.stdout, text

@@ -13,7 +13,7 @@ import sys
 import click
 
 from wanwu import __version__
-from wanwu.cli.messages import t
+from wanwu.cli.messages import h, install_click_translations, t
 from wanwu.cli.progress import ReportedInterrupt
 from wanwu.errors import UsageError, WanwuError
 
@@ -22,7 +22,8 @@ EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 COMMAND_MODULES = ("recognize", "cache", "convert", "serve", "jobs", "worker")
 
 
-VERBOSE_HELP = "More log output on stderr (-vv for debug)."
+install_click_translations()
+VERBOSE_HELP = h("verbose")
 
 
 def _verbosity(ctx: click.Context, param: click.Parameter, value: int) -> int:
@@ -33,12 +34,12 @@ def _verbosity(ctx: click.Context, param: click.Parameter, value: int) -> int:
     return int(value)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100,
+@click.group(help=h("wanwu"), context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100,
                                "show_default": True})
 @click.version_option(__version__, prog_name="wanwu")
-@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)
+@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP, show_default=False)
 def cli(verbose: int) -> None:
-    """万物 wanwu — recognize what is in large numbers of images, named in Chinese."""
+    """The ``wanwu`` group: -v, then a subcommand."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="wanwu: %(message)s", stream=sys.stderr, force=True)
 

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import click
 
-from wanwu.cli.messages import t
+from wanwu.cli.messages import h, t
 from wanwu.cli.options import model_options, recognize_options, run_options
 from wanwu.cli.progress import ReportedInterrupt, RunProgress, interrupted_message, terminal_console
 from wanwu.config import RecognizeOptions
@@ -24,35 +24,29 @@ from wanwu.sources import count_items, expand
 
 log = logging.getLogger("wanwu")
 
-@click.command("recognize")
+@click.command("recognize", help=h("recognize"))
 @click.argument("inputs", nargs=-1, required=True)
 @model_options
 @run_options
 @click.option(
     "-f", "--format", "fmt", type=click.Choice(sorted(SINKS)), default=None,
-    help="Output format (default: from --output's suffix .csv/.json/.jsonl, else table on a terminal, "
-    "else jsonl).",
+    help=h("format"),
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write records here instead of stdout.")
-@click.option("--bom", is_flag=True, help="csv: begin with a UTF-8 BOM (for Excel).")
+              help=h("output"))
+@click.option("--bom", is_flag=True, help=h("bom"))
 @click.option(
     "--resume", is_flag=True,
-    help="Continue into an existing --output (jsonl or csv): skip the inputs it already records and "
-    "append the rest; a torn last line left by a killed run is repaired.",
+    help=h("resume"),
 )
 @click.option(
     "--retry-errors", is_flag=True,
-    help="With --resume (implied): also redo the inputs recorded as errors, replacing their records.",
+    help=h("retry_errors"),
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option("-q", "--quiet", is_flag=True, help=h("quiet"))
 def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: bool, resume: bool,
             retry_errors: bool, quiet: bool, **kw: Any) -> int:
-    """Recognize INPUTS: files, folders (recursive), globs, http(s) URLs, or - for a list on stdin.
-
-    Records come out in input order, one per input, as soon as each is ready. Rerun with --resume and
-    the same INPUTS to finish an interrupted run.
-    """
+    """``wanwu recognize`` (its help text is ``h("recognize")``, in the locale's language)."""
     options = _options(kw)
     fmt = fmt or _default_format(output)
     state = _resume_state(output, fmt, options.top_k, retry_errors) if resume or retry_errors else None
