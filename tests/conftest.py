@@ -11,6 +11,8 @@ import pytest
 from tests.helpers import make_tiny_onnx
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The CLI speaks the locale's language; tests expect English unless they choose (before wanwu.cli is imported).
+os.environ["WANWU_LANG"] = "en"
 
 # Tests of optional extras. The README's quickstart installs only the ONNX path (and pytest): there these tests
 # are skipped, not failed; in CI (.ci/run installs .[all,dev]) a missing extra fails them.

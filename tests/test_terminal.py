@@ -106,6 +106,7 @@ def test_summary_counts_cache_hits_in_the_locale_language(
     args = ["recognize", *[str(photos / p) for p in PHOTOS], "--model", str(mobilenet[0]), "--labels",
             str(mobilenet[1]), "-j", "0"]
     monkeypatch.setenv("LANG", "en_US.UTF-8")
+    monkeypatch.delenv("WANWU_LANG", raising=False)
     monkeypatch.delenv("LC_ALL", raising=False)
     monkeypatch.delenv("LC_MESSAGES", raising=False)
     assert main(args) == 0
