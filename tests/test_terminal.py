@@ -190,3 +190,18 @@ def test_help_is_in_the_locale_language(lang: str, expected: list[str], foreign:
         assert text in proc.stdout, text
     for text in foreign:
         assert text not in proc.stdout, text
+
+
+def test_command_summaries_in_chinese_name_real_commands() -> None:
+    from wanwu.cli.messages import SHORT_HELP_ZH
+
+    def paths(group: object, prefix: str = "") -> list[str]:
+        out = []
+        for name, command in getattr(group, "commands", {}).items():
+            out += [prefix + name, *paths(command, f"{prefix}{name} ")]
+        return out
+
+    assert set(SHORT_HELP_ZH) <= set(paths(cli))
+    proc = subprocess.run([sys.executable, "-m", "wanwu", "jobs", "--help"], capture_output=True, text=True,
+                          env={**_env(), "LANG": "zh_CN.UTF-8", "COLUMNS": "200"}, timeout=60, check=True)
+    assert "带进度条等待 JOB_ID 结束" in proc.stdout and "Block until" not in proc.stdout

@@ -13,7 +13,7 @@ import sys
 import click
 
 from wanwu import __version__
-from wanwu.cli.messages import h, install_click_translations, t
+from wanwu.cli.messages import h, install_click_translations, short_help, t
 from wanwu.cli.progress import ReportedInterrupt
 from wanwu.errors import UsageError, WanwuError
 
@@ -54,6 +54,16 @@ for _name in COMMAND_MODULES:
     cli.add_command(_module.command)
 
 
+def _localize_short_help(group: click.Group, prefix: str = "") -> None:
+    """Under a Chinese locale, the command lists of ``wanwu --help`` and its groups in Chinese too."""
+    for name, command in group.commands.items():
+        text = short_help(prefix + name)
+        if text is not None:
+            command.short_help = text
+        if isinstance(command, click.Group):
+            _localize_short_help(command, f"{prefix}{name} ")
+
+
 def _accept_verbose(group: click.Group) -> None:
     """Every subcommand also takes -v/--verbose (``wanwu recognize -v ...`` as well as ``wanwu -v recognize``)."""
     for command in group.commands.values():
@@ -65,6 +75,7 @@ def _accept_verbose(group: click.Group) -> None:
 
 
 _accept_verbose(cli)
+_localize_short_help(cli)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,6 +157,26 @@ HELP: dict[str, dict[str, str]] = {
     },
 }
 
+# The one-line summaries in ``wanwu --help`` and ``wanwu jobs|cache --help``, by command path (English: the
+# commands' docstrings).
+SHORT_HELP_ZH = {
+    "cache": "查看和清理结果缓存（按文件内容保存的模型输出）。",
+    "cache stats": "条目数、磁盘占用、时间，按模型/预处理命名空间列出。",
+    "cache clear": "删除缓存的结果（全部，或某个命名空间的）。",
+    "cache prune": "删除过旧或最久未用的结果。",
+    "convert": "把 PyTorch 模型转换为 ONNX，并检查两者的 logits 一致。",
+    "jobs": "面向大型图库的异步任务：现在提交，由工作进程运行，稍后取回。",
+    "jobs submit": "把 INPUTS（文件、文件夹、通配符、网址，或 - 表示标准输入列表）作为一个任务排队，输出任务 id。",
+    "jobs status": "以 JSON 输出 JOB_ID 的状态；不带 id 时列出最近的任务。",
+    "jobs wait": "带进度条等待 JOB_ID 结束；退出码与 recognize 相同。",
+    "jobs results": "按输入顺序写出 JOB_ID 目前的记录。",
+    "jobs cancel": "停止 JOB_ID：不再开始它的子任务；已写出的记录保留。",
+    "jobs delete": "取消 JOB_IDS 并删除其状态、记录和上传的文件。",
+    "recognize": "识别 INPUTS：文件、文件夹、通配符、网址，或 - 表示标准输入列表。",
+    "serve": "通过 HTTP 提供识别服务：/ 为网页，/v1 下为 API。",
+    "worker": "用一个已加载的模型处理队列中的子任务；可在任意机器上启动任意多个。",
+}
+
 # click's own words in --help and usage errors (it looks them up through gettext).
 CLICK_ZH = {
     "Usage:": "用法：", "Options": "选项", "Commands": "命令", "default: {default}": "默认：{default}",
@@ -164,6 +184,11 @@ CLICK_ZH = {
     "required": "必填", "Try {command} for help.": "用 {command} 查看帮助。", "Error": "错误",
     "Invalid value for {name}: {message}": "{name} 的值无效：{message}",
 }
+
+
+def short_help(path: str) -> str | None:
+    """The one-line summary of command ``path`` (e.g. ``"jobs wait"``) in Chinese; None: keep the docstring's."""
+    return SHORT_HELP_ZH.get(path) if language() == "zh" else None
 
 
 def h(key: str) -> str:
