@@ -118,7 +118,7 @@ def _check_done(queue: str, job: str, n: int, env: dict[str, str]) -> None:
     out = subprocess.run([*WANWU, "jobs", "status", "--queue", queue, job], env=env, check=True,
                          capture_output=True, text=True).stdout
     status = json.loads(out)
-    if status["state"] != "done" or status["done"] + status["failed"] != n:
+    if status["state"] != "done" or status["succeeded"] + status["failed"] != n:
         sys.exit(f"job did not finish cleanly: {status}")
     if status["failed"]:
         print(f"note: {status['failed']} input(s) failed in job {job}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -236,12 +237,12 @@ def scenario_pending_jobs_survive_restarts(queue_url: str, tiny_model: tuple[Pat
 
     with service() as client:
         status = client.get(f"/v1/jobs/{job_id}").json()
-        assert status["state"] == "running" and status["done"] == 4 and status["pending"] == 8
+        assert status["state"] == "running" and status["succeeded"] == 4 and status["pending"] == 8
         second = worker_process(queue_url, tiny_model, "--exit-when-idle")
         assert second.wait(timeout=60) == 0, stop(second)
         stop(second)
         status = client.get(f"/v1/jobs/{job_id}").json()
-        assert status["state"] == "done" and status["done"] == 12 and status["rate"] > 0
+        assert status["state"] == "done" and status["succeeded"] == 12 and status["rate_per_s"] > 0
         lines = client.get(f"/v1/jobs/{job_id}/results").text.splitlines()
         assert [json.loads(line)["input"] for line in lines] == [f"f{i}.jpg" for i in range(12)]
         assert all(len(json.loads(line)["predictions"]) == 3 for line in lines)
@@ -322,3 +323,48 @@ def scenario_delete(queue_url: str, tiny_model: tuple[Path, Path]) -> None:
     assert [s.id for s in queue.jobs()] == [kept] and queue.outstanding() == 0
     assert [r.input for r in queue.results(kept)] == [f"up-{i:04d}.jpg" for i in range(50, 56)]
     queue.close()
+
+
+def scenario_follow_a_job(queue_url: str, tiny_model: tuple[Path, Path], folder: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    """What a person following a job sees: the status fields, a lapsed lease named as such, ``jobs wait``
+    blocking until the workers finish and exiting 3 for a failed input, and the worker's progress log."""
+    from wanwu.cli.main import main
+
+    url = add_query(queue_url, lease="1")
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"{i}.jpg").write_bytes(colour(i))
+    (folder / "2.jpg").write_bytes(b"not an image at all")
+    assert main(["jobs", "submit", "--queue", url, "--task-size", "1", str(folder)]) == 0
+    job_id = capsys.readouterr().out.strip()
+
+    def status() -> tuple[dict[str, object], str]:
+        assert main(["jobs", "status", "--queue", url, job_id]) == 0
+        out, err = capsys.readouterr()
+        return json.loads(out), err
+
+    queue = open_queue(url)
+    assert len(queue.claim("w-silent", 1, 1.0)) == 1
+    fields, err = status()
+    assert (fields["state"], fields["total"], fields["succeeded"], fields["failed"], fields["pending"]) == \
+        ("running", 3, 0, 0, 3)
+    assert (fields["workers"], fields["tasks_leased"], fields["tasks_lapsed"]) == (["w-silent"], 1, 0)
+    assert err == ""
+    time.sleep(1.5)  # w-silent never extends its lease
+    fields, err = status()
+    assert (fields["workers_active"], fields["tasks_lapsed"]) == (0, 1)
+    assert "1 task(s) wait for a lapsed lease" in err
+    queue.close()
+
+    worker = worker_process(url, tiny_model, "--exit-when-idle", "--log-every", "0")
+    try:
+        assert main(["jobs", "wait", "--queue", url, job_id, "--interval", "0.2"]) == 3
+        assert f"job {job_id}: done: 2 ok, 1 failed of 3" in capsys.readouterr().err
+        assert worker.wait(timeout=60) == 0
+    finally:
+        log = stop(worker)
+    assert re.search(r"worker \S+: 3 task\(s\), 3 record\(s\) \(1 failed\)", log), log  # no -v needed
+    fields, err = status()
+    assert (fields["state"], fields["succeeded"], fields["failed"], fields["pending"]) == ("done", 2, 1, 0)
+    assert fields["rate_per_s"] > 0 and fields["eta_s"] is None and err == ""

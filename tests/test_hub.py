@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import image_bytes
 from tests.seed_helpers import SEED_LABELS, make_modelscope_folder
 from wanwu.cli.main import main
-from wanwu.errors import DownloadError, ModelError
+from wanwu.errors import DownloadError, MissingExtraError, ModelError
 from wanwu.models import DEFAULT_MODEL, resolve_model
 from wanwu.seed.modelscope import MARKER, HubRef, hub_dir
 
@@ -139,6 +139,15 @@ def test_download_verifies_places_and_loads(hub: FakeHub, model_files: dict[str,
     assert spec.weights_fingerprint == hashlib.sha256(model_files["pytorch_model.pt"]).hexdigest()
     assert (target / MARKER).is_file() and not list(target.glob("*.part"))
     assert not (target / "resources").exists()  # only what wanwu needs
+
+
+def test_missing_torch_is_reported_before_any_download(hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # as if the torch extra were not installed
+    with pytest.raises(MissingExtraError) as e:
+        resolve_model(DEFAULT_MODEL)
+    assert hub.requests == [] and hub.bytes_sent == 0
+    assert "pip install 'wanwu-vision[torch]'" in str(e.value)
+    assert not hub_dir(HubRef.parse(DEFAULT_MODEL.split(":", 1)[1])).exists()
 
 
 def test_second_run_makes_no_request(hub: FakeHub) -> None:

@@ -46,6 +46,7 @@ def test_worker_killed_mid_job_every_input_exactly_once(queue_url: str, tiny_mod
 
 
 @pytest.mark.slow
+@pytest.mark.extra("server")
 def test_pending_jobs_survive_service_and_worker_restarts(queue_url: str, tiny_model: TinyModel) -> None:
     js.scenario_pending_jobs_survive_restarts(queue_url, tiny_model)
 
@@ -129,8 +130,10 @@ def test_urls_uploads_and_bad_inputs_in_one_job(queue_url: str, tiny_model: Tiny
     status = queue.status(job_id)
     assert (status.total, status.done, status.failed, status.state) == (6, 3, 3, "done")
     d = status.to_dict()
-    assert set(d) >= {"id", "state", "total", "done", "failed", "rate", "created", "updated"}
-    assert d["created"].endswith("Z") and d["pending"] == 0
+    assert set(d) >= {"id", "state", "total", "succeeded", "failed", "pending", "rate_per_s", "eta_s", "created",
+                      "updated"}
+    assert "done" not in d and d["succeeded"] + d["failed"] + d["pending"] == d["total"]
+    assert d["created"].endswith("Z") and d["pending"] == 0 and d["eta_s"] is None
     queue.close()
 
 
@@ -170,7 +173,7 @@ def test_queue_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     queue.close()
     monkeypatch.setitem(sys.modules, "redis", None)
     monkeypatch.delitem(sys.modules, "wanwu.jobs.redis", raising=False)
-    with pytest.raises(MissingExtraError, match=r"wanwu\[queue\]"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'wanwu-vision\[queue\]'"):
         open_queue("redis://127.0.0.1:1/0")
 
 
@@ -185,11 +188,16 @@ def test_cli_submit_status_results_cancel(queue_url: str, tiny_model: TinyModel,
     for i in range(5):
         (folder / ("sub" if i % 2 else "") / f"{i}.jpg").write_bytes(js.colour(i))
     q = ["--queue", queue_url]
-    assert main(["jobs", "submit", *q, "--top-k", "2", str(folder), str(tmp_path / "no.jpg")]) == 0
-    job_id = capsys.readouterr().out.strip()
+    assert main(["jobs", "submit", *q, "--top-k", "2", str(folder), str(tmp_path / "no.jpg")]) == 3
+    out, err = capsys.readouterr()
+    job_id = out.strip()  # stdout: the id alone; stderr: what was queued and what was not
+    assert f"queued 5 input(s) as job {job_id}" in err
+    assert f"not queued: {tmp_path / 'no.jpg'}: not_found" in err
     assert main(["jobs", "status", "--queue", queue_url, job_id]) == 0
-    status = json.loads(capsys.readouterr().out)
-    assert (status["id"], status["state"], status["total"], status["done"]) == (job_id, "queued", 6, 0)
+    out, err = capsys.readouterr()
+    status = json.loads(out)
+    assert (status["id"], status["state"], status["total"], status["succeeded"]) == (job_id, "queued", 5, 0)
+    assert (status["workers_active"], status["tasks_waiting"]) == (0, 1) and "no worker holds" in err
 
     model, labels = tiny_model
     monkeypatch.setattr("wanwu.cli.worker._on_signals", lambda stop: None)
@@ -197,18 +205,22 @@ def test_cli_submit_status_results_cancel(queue_url: str, tiny_model: TinyModel,
                  "--no-cache", "--exit-when-idle", "--poll", "0.05"]) == 0
     assert main(["jobs", "status", "--queue", queue_url, job_id]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert (status["state"], status["done"], status["failed"]) == ("done", 5, 1)
+    assert (status["state"], status["succeeded"], status["failed"]) == ("done", 5, 0)
+    assert main(["jobs", "wait", *q, job_id]) == 0
+    assert f"job {job_id}: done: 5 ok, 0 failed of 5" in capsys.readouterr().err
 
     out = tmp_path / "out.jsonl"
     assert main(["jobs", "results", *q, job_id, "--format", "jsonl", "--output", str(out)]) == 0
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 6 and rows[-1]["error"]["type"] == "not_found"
+    assert len(rows) == 5 and all(r["status"] == "ok" for r in rows)
     assert sorted(Path(r["input"]).name for r in rows[:5]) == [f"{i}.jpg" for i in range(5)]
     assert all(len(r["predictions"]) == 2 for r in rows[:5])
     out_csv = tmp_path / "out.csv"
     assert main(["jobs", "results", "--queue", queue_url, job_id, "-f", "csv", "-o", str(out_csv)]) == 0
     table = list(csv.DictReader(out_csv.read_text(encoding="utf-8").splitlines()))
     assert [r["input"] for r in table] == [r["input"] for r in rows]
+    assert main(["jobs", "submit", *q, str(tmp_path / "no.jpg")]) == 2  # nothing to queue: no job
+    assert "nothing to queue" in capsys.readouterr().err
     assert table[0]["label_2"] and "label_3" not in table[0]
 
     assert main(["jobs", "submit", "--queue", queue_url, "--by-reference", str(folder)]) == 0
@@ -250,6 +262,7 @@ def test_cli_by_reference_sends_absolute_paths(queue_url: str, tmp_path: Path,
 # --- HTTP --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.extra("server")
 def test_http_jobs_api(queue_url: str, tiny_model: TinyModel, tmp_path: Path) -> None:
     from fastapi import FastAPI
 
@@ -274,7 +287,7 @@ def test_http_jobs_api(queue_url: str, tiny_model: TinyModel, tmp_path: Path) ->
         queue.close()
 
         status = client.get(f"/v1/jobs/{by_json['id']}").json()
-        assert (status["state"], status["done"], status["failed"]) == ("done", 2, 0)
+        assert (status["state"], status["succeeded"], status["failed"]) == ("done", 2, 0)
         lines = client.get(f"/v1/jobs/{by_json['id']}/results").text.splitlines()
         assert [json.loads(x)["input"] for x in lines] == [f"{server.url}/img/4.jpg", str(tmp_path / "p.jpg")]
         r = client.get(f"/v1/jobs/{by_upload}/results", params={"format": "csv"})
@@ -343,3 +356,8 @@ def _claimable(queue: JobQueue) -> bool:
     tasks = queue.claim("probe", 10, 60)
     queue.release("probe", tasks)
     return bool(tasks)
+
+
+def test_following_a_job_status_wait_and_worker_log(queue_url: str, tiny_model: TinyModel, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    js.scenario_follow_a_job(queue_url, tiny_model, tmp_path / "photos", capsys)

@@ -134,3 +134,8 @@ def test_unreachable_redis_is_a_queue_error() -> None:
     with pytest.raises(QueueError, match="Redis job queue"):
         open_queue(f"redis://127.0.0.1:{js.free_port()}/0")
     assert time.monotonic() - started < 15
+
+
+def test_following_a_job_status_wait_and_worker_log(queue_url: str, tiny_model: TinyModel, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    js.scenario_follow_a_job(queue_url, tiny_model, tmp_path / "photos", capsys)

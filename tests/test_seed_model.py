@@ -206,7 +206,7 @@ def test_torch_backend_returns_the_networks_logits(folder: Path) -> None:
 def test_missing_torch_names_the_extra(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = resolve_model(str(folder))
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
-    with pytest.raises(MissingExtraError, match=r"wanwu\[torch\]"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'wanwu-vision\[torch\]'"):
         create_backend(spec, BackendOptions(device="cpu"))
 
 

@@ -36,9 +36,9 @@ class Engine:
     @classmethod
     def load(
         cls, model: str | ModelSpec | None, labels: Path | None = None,
-        backend_options: BackendOptions | None = None, max_batch: int = 32,
+        backend_options: BackendOptions | None = None, max_batch: int = 32, label_column: str | None = None,
     ) -> Engine:
-        spec = model if isinstance(model, ModelSpec) else resolve_model(model, labels)
+        spec = model if isinstance(model, ModelSpec) else resolve_model(model, labels, label_column)
         return cls(spec, create_backend(spec, backend_options or BackendOptions()), max_batch)
 
     def infer(self, pixels: list[npt.NDArray[np.uint8]]) -> list[TopScores]:

@@ -20,6 +20,15 @@ ERROR_TYPES: tuple[ErrorType, ...] = (
 )
 
 
+DISTRIBUTION = "wanwu-vision"
+"""wanwu's name on PyPI (``wanwu`` there is an unrelated project); the import and the command are ``wanwu``."""
+
+
+def install_hint(extra: str) -> str:
+    """The pip command that installs ``extra`` of this distribution (never a stranger's ``wanwu``)."""
+    return f"pip install '{DISTRIBUTION}[{extra}]'"
+
+
 class WanwuError(Exception):
     """Base class of every error wanwu raises on purpose."""
 
@@ -63,9 +72,8 @@ class MissingExtraError(WanwuError):
     """An optional dependency is not installed; the message names the extra that provides it."""
 
     def __init__(self, package: str, extra: str, purpose: str) -> None:
-        super().__init__(
-            f"{purpose} needs the '{package}' package: install it with  pip install 'wanwu[{extra}]'"
-        )
+        self.package, self.extra = package, extra
+        super().__init__(f"{purpose} needs the '{package}' package: install it with  {install_hint(extra)}")
 
 
 class OutOfMemoryError(WanwuError):

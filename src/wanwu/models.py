@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from wanwu.errors import ModelError, UsageError
-from wanwu.labels import load_labels
+from wanwu.labels import load_label_table, load_labels
 from wanwu.registry import Registry
 from wanwu.spec import ModelSpec, PreprocessSpec, file_fingerprint
 
@@ -61,12 +61,22 @@ def register_loader(
     return wrap
 
 
-def resolve_model(ref: str | None, labels: Path | None = None) -> ModelSpec:
-    """Find the loader for ``ref`` (``None`` = the default seed model) and build the spec."""
+def resolve_model(ref: str | None, labels: Path | None = None, label_column: str | None = None) -> ModelSpec:
+    """Find the loader for ``ref`` (``None`` = the default seed model) and build the spec.
+
+    An explicit label file is read last, as a table when it is one (``label_column``; English names too).
+    """
     ref = ref or DEFAULT_MODEL
     for _, loader in LOADERS.items():
         if loader.claims(ref):
             spec = loader.load(ref, labels)
+            if labels is not None:
+                from dataclasses import replace
+
+                table = load_label_table(labels, label_column)
+                spec = replace(spec, labels=table.labels, labels_en=table.english)
+            elif label_column is not None:
+                raise UsageError("--label-column needs --labels FILE.tsv|FILE.csv")
             return spec if spec.source else _with_source(spec, ref)
     raise UsageError(
         f"don't know how to load model {ref!r}: expected an .onnx file (with --labels), a model folder "

@@ -65,6 +65,7 @@ class Recognizer:
         model: str | ModelSpec | None = None,
         *,
         labels: Path | str | None = None,
+        label_column: str | None = None,
         options: RecognizeOptions | None = None,
         engine: Engine | None = None,
         cache: ResultCache | None = FROM_OPTIONS,
@@ -83,12 +84,15 @@ class Recognizer:
             threading.Thread(target=self._warm_decoders, args=(self.decoders.get()[0],), daemon=True).start()
         label_path = Path(labels) if labels is not None else None
         try:
-            self.engine = engine or Engine.load(model, label_path, self.options.backend, self.options.batch_size)
+            self.engine = engine or Engine.load(
+                model, label_path, self.options.backend, self.options.batch_size, label_column
+            )
         except BaseException:
             self.decoders.close(wait=False)  # a model that fails to load leaves no decode process behind
             raise
         self.inference: Inference = inference or LocalInference(self.engine, self.options.batch_size)
         self.on_cache_hit = on_cache_hit
+        self.cache_hits = 0  # records answered from the result cache, over every run of this recognizer
         self.cache: ResultCache | None = None
         try:
             if cache is FROM_OPTIONS:
@@ -120,6 +124,12 @@ class Recognizer:
         return records[0]
 
     # -- resources ------------------------------------------------------------------------------------
+
+    def count_cache_hit(self) -> None:
+        with self._lock:
+            self.cache_hits += 1
+        if self.on_cache_hit is not None:
+            self.on_cache_hit()
 
     def fetch_pool(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -345,8 +355,8 @@ class _Run:
         hit = self.memo.get_many(self.namespace, [sha]).get(sha)
         if hit is None and self.rec.cache is not None:
             hit = self.rec.cache.get_many(self.namespace, [sha]).get(sha)
-            if hit is not None and self.rec.on_cache_hit is not None:
-                self.rec.on_cache_hit()
+            if hit is not None:
+                self.rec.count_cache_hit()
         if hit is not None:
             slot.record = self._ok(slot, hit.top, hit.width, hit.height)
             return
@@ -411,6 +421,7 @@ class _Run:
         return Record.success(
             slot.item.input, top, self.engine.spec.labels, self.record_options,
             sha256=slot.sha256, width=width, height=height, probabilities=self.probabilities,
+            labels_en=self.engine.spec.labels_en,
         )
 
     def _fail(self, slot: _Slot, type: ErrorType, message: str) -> None:

@@ -56,9 +56,12 @@ class Prediction:
     index: int
     label: str
     score: float
+    label_en: str | None = None  # the English name, when the label file has an ``en`` column
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "label": self.label, "score": self.score}
+        if self.label_en is None:
+            return {"index": self.index, "label": self.label, "score": self.score}
+        return {"index": self.index, "label": self.label, "label_en": self.label_en, "score": self.score}
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,16 +83,18 @@ class TopScores:
 
     def predictions(
         self, labels: tuple[str, ...], top_k: int, score: ScoreKind, threshold: float | None = None,
-        *, probabilities: bool = False,
+        *, probabilities: bool = False, labels_en: tuple[str, ...] = (),
     ) -> list[Prediction]:
-        """``probabilities``: the model already outputs probabilities (then softmax = the values)."""
+        """``probabilities``: the model already outputs probabilities (then softmax = the values).
+        ``labels_en``: English names by class, carried as ``label_en`` (empty: none)."""
         out: list[Prediction] = []
         for idx, value in zip(self.indices[:top_k], self.values[:top_k], strict=True):
             raw = score == "logit" or probabilities
             s = float(value) if raw else float(np.exp(np.float64(value) - self.logsumexp))
             if threshold is not None and s < threshold:
                 break
-            out.append(Prediction(int(idx), labels[int(idx)], round(s, 6)))
+            english = labels_en[int(idx)] if labels_en else None
+            out.append(Prediction(int(idx), labels[int(idx)], round(s, 6), english))
         return out
 
 
@@ -142,10 +147,13 @@ class Record:
     def success(
         cls, input: str, top: TopScores, labels: tuple[str, ...], options: RecordOptions, *,
         sha256: str | None, width: int, height: int, probabilities: bool = False,
+        labels_en: tuple[str, ...] = (),
     ) -> Record:
-        """An ``ok`` record: ``top`` shaped by ``options`` (``probabilities``: the model outputs them)."""
+        """An ``ok`` record: ``top`` shaped by ``options`` (``probabilities``: the model outputs them;
+        ``labels_en``: English names carried as ``label_en``)."""
         predictions = top.predictions(
-            labels, options.top_k, options.score, options.threshold, probabilities=probabilities
+            labels, options.top_k, options.score, options.threshold, probabilities=probabilities,
+            labels_en=labels_en,
         )
         return cls(input, "ok", predictions, sha256, width, height)
 
@@ -159,7 +167,8 @@ class Record:
             return cls(
                 input=data["input"],
                 status="ok",
-                predictions=[Prediction(p["index"], p["label"], p["score"]) for p in data["predictions"]],
+                predictions=[Prediction(p["index"], p["label"], p["score"], p.get("label_en"))
+                             for p in data["predictions"]],
                 sha256=data.get("sha256"),
                 width=data.get("width"),
                 height=data.get("height"),

@@ -166,13 +166,15 @@ def read_jsonl(f: BinaryIO, path: Path, top_k: int) -> Iterator[Unit]:
 @register_reader("csv")
 def read_csv(f: BinaryIO, path: Path, top_k: int) -> Iterator[Unit]:
     """Rows are complete when their quotes balance (a quoted field may hold a line break)."""
-    header = csv_header(top_k)
+    headers = (csv_header(top_k), csv_header(top_k, english=True))  # label_en_i columns or not
+    header = headers[0]
     for number, raw in enumerate(_csv_rows(f)):
         text = raw.decode("utf-8", errors="replace")
         if number == 0:
             text = text.removeprefix("\ufeff")
         row = next(csv.reader([text.rstrip("\r\n")]), [])
         if number == 0:
+            header = row if row in headers else header
             if row != header:
                 raise UsageError(
                     f"{path}: its csv header does not match this run's ({len(header)} columns for --top-k "

@@ -3,7 +3,8 @@
 * ``jsonl`` — one JSON object per line (the canonical format; ``--resume`` reads it back);
 * ``json``  — the same objects in one array, streamed (``[`` first, ``]`` on close);
 * ``csv``   — flattened columns ``label_1, index_1, score_1, …`` up to top-k, optional UTF-8 BOM for Excel;
-* ``table`` — readable terminal lines.
+* ``table`` — a terminal table (rich): aligned columns that never wrap inside a cell, printed through the
+  progress bar's console when there is one, so rows appear above the bar.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import csv
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from wanwu.errors import UsageError
 from wanwu.records import Record
@@ -23,6 +24,8 @@ class SinkOptions:
     top_k: int = 5
     bom: bool = False  # csv: start with a UTF-8 BOM so Excel reads Chinese correctly
     append: bool = False  # resuming into an existing file: no header / BOM again
+    english: bool = False  # csv: label_en_i columns (the label file has English names)
+    console: Any = None  # table: print through this rich Console (the one a live progress bar draws on)
 
 
 class Sink(Protocol):
@@ -87,10 +90,10 @@ class JsonSink:
         self.stream.flush()
 
 
-def csv_header(top_k: int) -> list[str]:
+def csv_header(top_k: int, english: bool = False) -> list[str]:
     cols = ["input", "status", "sha256", "width", "height"]
     for i in range(1, top_k + 1):
-        cols += [f"label_{i}", f"index_{i}", f"score_{i}"]
+        cols += [f"label_{i}", *([f"label_en_{i}"] if english else []), f"index_{i}", f"score_{i}"]
     return [*cols, "error_type", "error_message"]
 
 
@@ -99,11 +102,12 @@ class CsvSink:
     def __init__(self, stream: TextIO, options: SinkOptions) -> None:
         self.stream = stream
         self.top_k = options.top_k
+        self.english = options.english
         self.writer = csv.writer(stream, lineterminator="\n")
         if not options.append:
             if options.bom:
                 stream.write("\ufeff")
-            self.writer.writerow(csv_header(self.top_k))
+            self.writer.writerow(csv_header(self.top_k, self.english))
             stream.flush()
 
     def write(self, record: Record) -> None:
@@ -112,9 +116,9 @@ class CsvSink:
         for i in range(self.top_k):
             if i < len(record.predictions):
                 p = record.predictions[i]
-                row += [p.label, p.index, p.score]
+                row += [p.label, *([p.label_en or ""] if self.english else []), p.index, p.score]
             else:
-                row += ["", "", ""]
+                row += [""] * (4 if self.english else 3)
         err = record.error
         row += [err.type if err else "", err.message if err else ""]
         self.writer.writerow(row)
@@ -126,29 +130,71 @@ class CsvSink:
 
 @register_sink("table")
 class TableSink:
-    """One readable line per record: ✓/✗, the input, then the top labels with percentages."""
+    """A rich table streamed row by row: status, input (its tail when long), top label, score, the others.
+
+    Column widths are fixed from the console width at the start, so the rows of separate prints line up;
+    every cell is one line, cut with an ellipsis rather than wrapped.
+    """
+
+    LABEL, SCORE = 16, 6
 
     def __init__(self, stream: TextIO, options: SinkOptions) -> None:
         from rich.console import Console
 
-        self.console = Console(file=stream, highlight=False, soft_wrap=True)
-        self.top_k = options.top_k
+        from wanwu.cli.messages import t
+
+        self.console = options.console or Console(file=stream, highlight=False)
+        self.headings = (t("table.input"), t("table.label"), t("table.score"), t("table.more"))
+        rest = max(24, self.console.width - 1 - self.LABEL - self.SCORE - 8)  # 8: padding between 5 columns
+        self.input_width = rest // 2
+        self.more_width = rest - self.input_width
+        self.first = True
 
     def write(self, record: Record) -> None:
-        from rich.markup import escape
+        from rich.table import Table
 
+        table = Table(box=None, show_header=self.first, pad_edge=False, padding=(0, 1), header_style="bold")
+        for heading, width, justify in (("", 1, "left"), (self.headings[0], self.input_width, "left"),
+                                        (self.headings[1], self.LABEL, "left"),
+                                        (self.headings[2], self.SCORE, "right"),
+                                        (self.headings[3], self.more_width, "left")):
+            table.add_column(heading, width=width, min_width=width, max_width=width, no_wrap=True,
+                             overflow="ellipsis", justify=justify)  # type: ignore[arg-type]
+        name = _tail(record.input, self.input_width)
         if record.ok:
-            labels = "  ".join(
-                f"[bold]{escape(p.label)}[/bold] [dim]{_fmt_score(p.score)}[/dim]" for p in record.predictions
-            )
-            self.console.print(f"[green]✓[/green] {escape(record.input)}  {labels}")
+            preds = record.predictions
+            more = "  ".join(f"{p.label} {_fmt_score(p.score)}" for p in preds[1:])
+            table.add_row("[green]✓[/green]", _escape(name), _escape(preds[0].label) if preds else "",
+                          _fmt_score(preds[0].score) if preds else "", f"[dim]{_escape(more)}[/dim]")
         else:
             err = record.error
-            what = f"{err.type}: {err.message}" if err else "error"
-            self.console.print(f"[red]✗[/red] {escape(record.input)}  [red]{escape(what)}[/red]")
+            table.add_row("[red]✗[/red]", _escape(name), f"[red]{err.type if err else 'error'}[/red]", "",
+                          f"[red]{_escape(err.message if err else '')}[/red]")
+        self.console.print(table)
+        self.first = False
 
     def close(self) -> None:
         self.console.file.flush()
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _tail(text: str, width: int) -> str:
+    """``text`` cut to ``width`` terminal cells from the left ("…" + its end): a path's file name matters most."""
+    from rich.cells import cell_len
+
+    if cell_len(text) <= width:
+        return text
+    out = ""
+    for ch in reversed(text):
+        if cell_len(ch + out) > width - 1:
+            break
+        out = ch + out
+    return "…" + out
 
 
 def _fmt_score(score: float) -> str:

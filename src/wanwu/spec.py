@@ -85,6 +85,7 @@ class ModelSpec:
     backend: str  # a key of wanwu.backends.BACKENDS, e.g. "onnx" or "torch"
     weights: Path  # the file the backend loads
     labels: tuple[str, ...]
+    labels_en: tuple[str, ...] = ()  # English names, from a zh/en label table (records' label_en); else empty
     preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
     output: OutputKind = "logits"
     source: str = ""  # what the user typed, for messages and /v1/models

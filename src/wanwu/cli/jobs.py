@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -12,8 +13,10 @@ from typing import TextIO
 
 import click
 
-from wanwu.errors import InputError
-from wanwu.jobs.base import JobInput, JobOptions, JobQueue, JobSpec, open_queue
+from wanwu.cli.messages import t
+from wanwu.cli.progress import RunProgress
+from wanwu.errors import InputError, UsageError
+from wanwu.jobs.base import JobActivity, JobInput, JobOptions, JobQueue, JobSpec, JobStatus, open_queue
 from wanwu.sinks import SinkOptions, create_sink
 from wanwu.sources import DEFAULT_MAX_BYTES, Fetcher, InputItem, expand
 
@@ -44,15 +47,44 @@ def command() -> None:
 @click.option("--task-size", type=int, default=16, show_default=True, help="Inputs per unit of work.")
 @click.option("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="Refuse local files above this size.")
 def submit(inputs: tuple[str, ...], queue_url: str | None, top_k: int, score: str, threshold: float | None,
-           by_reference: bool, task_size: int, max_bytes: int) -> None:
+           by_reference: bool, task_size: int, max_bytes: int) -> int:
     """Queue INPUTS (files, folders, globs, URLs, or - for a list on stdin) as one job; print its id.
 
-    Local files are uploaded into the queue unless --by-reference; URLs are fetched by the workers.
+    Local files are uploaded into the queue unless --by-reference; URLs are fetched by the workers. An
+    input that cannot be expanded or read (a missing path, a glob matching nothing, a file too large) is
+    not queued: it is named on stderr, and the exit code is 3.
     """
     options = JobOptions(top_k=top_k, score=score, threshold=threshold)  # type: ignore[arg-type]
-    spec = JobSpec(_job_inputs(inputs, by_reference, max_bytes), options, task_size)
+    tally = _Tally()
+    queued = tally.queued(_job_inputs(inputs, by_reference, max_bytes))
+    first = next(queued, None)
+    if first is None:
+        raise UsageError(t("jobs.none"))
     with _queue(queue_url) as queue:
-        click.echo(queue.submit(spec))
+        job_id = queue.submit(JobSpec(itertools.chain([first], queued), options, task_size))
+    click.echo(job_id)
+    click.echo(t("jobs.queued", n=tally.count, job=job_id), err=True)
+    if tally.refused:
+        click.echo(t("jobs.unexpanded_count", n=tally.refused), err=True)
+    return 3 if tally.refused else 0
+
+
+class _Tally:
+    """Counts what is queued and names on stderr, as they come, the inputs that are not."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.refused = 0
+
+    def queued(self, inputs: Iterator[JobInput]) -> Iterator[JobInput]:
+        for item in inputs:
+            if item.kind == "missing":
+                self.refused += 1
+                type_, message = item.failure()
+                click.echo(t("jobs.unexpanded", input=item.name, reason=f"{type_}: {message}"), err=True)
+                continue
+            self.count += 1
+            yield item
 
 
 def _job_inputs(args: tuple[str, ...], by_reference: bool, max_bytes: int) -> Iterator[JobInput]:
@@ -79,13 +111,65 @@ def _job_input(item: InputItem, fetcher: Fetcher, by_reference: bool) -> JobInpu
 @click.argument("job_id", required=False)
 @queue_option
 def status(job_id: str | None, queue_url: str | None) -> None:
-    """Print JOB_ID's status as JSON (state, total, done, failed, rate); without an id, list recent jobs."""
+    """Print JOB_ID's status as JSON; without an id, list recent jobs (one JSON line each).
+
+    Fields: state, total = succeeded + failed + pending (inputs), rate_per_s, eta_s, and who works on it:
+    workers_active (workers holding its tasks under a live lease), tasks_leased, tasks_lapsed (waiting for
+    another worker to take over from a silent one), tasks_waiting (not claimed yet; null on Redis).
+    """
     with _queue(queue_url) as queue:
         if job_id is None:
             for job in queue.jobs():
                 click.echo(json.dumps(job.to_dict(), ensure_ascii=False))
-        else:
-            click.echo(json.dumps(queue.status(job_id).to_dict(), ensure_ascii=False, indent=2))
+            return
+        job = queue.status(job_id)
+        activity = queue.activity(job_id)
+        click.echo(json.dumps({**job.to_dict(), **activity.to_dict()}, ensure_ascii=False, indent=2))
+        for note in _notes(job, activity):
+            click.echo(f"wanwu: {note}", err=True)
+
+
+def _notes(job: JobStatus, activity: JobActivity) -> list[str]:
+    if job.state not in ("queued", "running"):
+        return []
+    notes = [t("jobs.lapsed", n=activity.lapsed)] if activity.lapsed else []
+    if not activity.workers and not activity.lapsed:
+        notes.append(t("jobs.no_workers"))
+    return notes
+
+
+@command.command("wait")
+@click.argument("job_id")
+@queue_option
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              help="Seconds between looks at the job.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+def wait(job_id: str, queue_url: str | None, interval: float, quiet: bool) -> int:
+    """Block until JOB_ID is over, with a progress bar; exit like recognize.
+
+    Exit 0: every input ok · 3: some failed (or tasks were given up) · 1: the job was cancelled ·
+    130: Ctrl-C (the job goes on).
+    """
+    with _queue(queue_url) as queue:
+        job = queue.status(job_id)
+        progress = RunProgress(t("progress.job", job=job_id), not quiet and sys.stderr.isatty())
+        try:
+            while True:
+                if job.sealed:
+                    progress.set_total(job.total)
+                progress.show(job.finished, job.failed)
+                if job.state not in ("queued", "running"):
+                    break
+                time.sleep(interval)
+                job = queue.status(job_id)
+        finally:
+            progress.stop()
+    if not quiet:
+        click.echo("wanwu: " + t("jobs.wait_done", job=job_id, state=job.state, ok=job.done, failed=job.failed,
+                                 total=job.total), err=True)
+    if job.state == "cancelled":
+        return 1
+    return 3 if job.failed or job.state == "failed" else 0
 
 
 @command.command("results")

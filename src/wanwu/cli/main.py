@@ -13,6 +13,8 @@ import sys
 import click
 
 from wanwu import __version__
+from wanwu.cli.messages import h, install_click_translations, short_help, t
+from wanwu.cli.progress import ReportedInterrupt
 from wanwu.errors import UsageError, WanwuError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -20,13 +22,26 @@ EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 COMMAND_MODULES = ("recognize", "cache", "convert", "serve", "jobs", "worker")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+install_click_translations()
+VERBOSE_HELP = h("verbose")
+
+
+def _verbosity(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """``-v`` before or after the subcommand: each raises the log level, never lowers it."""
+    if value:
+        level = logging.INFO if value == 1 else logging.DEBUG
+        logging.getLogger().setLevel(min(logging.getLogger().getEffectiveLevel(), level))
+    return int(value)
+
+
+@click.group(help=h("wanwu"), context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100,
+                               "show_default": True})
 @click.version_option(__version__, prog_name="wanwu")
-@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP, show_default=False)
 def cli(verbose: int) -> None:
-    """万物 wanwu — recognize what is in large numbers of images, named in Chinese."""
+    """The ``wanwu`` group: -v, then a subcommand."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="wanwu: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="wanwu: %(message)s", stream=sys.stderr, force=True)
 
 
 for _name in COMMAND_MODULES:
@@ -39,17 +54,42 @@ for _name in COMMAND_MODULES:
     cli.add_command(_module.command)
 
 
+def _localize_short_help(group: click.Group, prefix: str = "") -> None:
+    """Under a Chinese locale, the command lists of ``wanwu --help`` and its groups in Chinese too."""
+    for name, command in group.commands.items():
+        text = short_help(prefix + name)
+        if text is not None:
+            command.short_help = text
+        if isinstance(command, click.Group):
+            _localize_short_help(command, f"{prefix}{name} ")
+
+
+def _accept_verbose(group: click.Group) -> None:
+    """Every subcommand also takes -v/--verbose (``wanwu recognize -v ...`` as well as ``wanwu -v recognize``)."""
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _accept_verbose(command)
+        elif not any("--verbose" in p.opts for p in command.params):
+            command.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False,
+                                               callback=_verbosity, help=VERBOSE_HELP, show_default=False))
+
+
+_accept_verbose(cli)
+_localize_short_help(cli)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         rv = cli.main(args=argv, prog_name="wanwu", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+        click.echo(t("interrupted"), err=True)
         return EXIT_INTERRUPTED
     except click.ClickException as e:
         e.show()
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+    except KeyboardInterrupt as e:
+        if not isinstance(e, ReportedInterrupt):
+            click.echo(t("interrupted"), err=True)
         return EXIT_INTERRUPTED
     except UsageError as e:
         click.echo(f"wanwu: error: {e}", err=True)

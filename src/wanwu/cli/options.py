@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from wanwu.backends import BackendOptions
+from wanwu.cli.messages import h
 from wanwu.config import RecognizeOptions
 from wanwu.records import RecordOptions
 
@@ -27,28 +28,31 @@ def _compose(*decorators: Callable[[F], F]) -> Callable[[F], F]:
 model_options = _compose(
     click.option(
         "-m", "--model", "model", metavar="MODEL", default=None,
-        help="An .onnx file (with --labels), a model folder, or modelscope:OWNER/NAME[@REV]. "
-        "Default: the 万物识别 general model from ModelScope.",
+        help=h("model"),
     ),
     click.option(
         "-l", "--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
-        help="Label file, UTF-8, line i = class i (overrides the model folder's).",
+        help=h("labels"),
     ),
-    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option(
-        "--threads", type=int, default=0, help="Inference threads per stream (0 = the cores shared among streams)."
+        "--label-column", metavar="NAME", default=None,
+        help=h("label_column"),
+    ),
+    click.option("--device", default="auto", show_default=True, help=h("device")),
+    click.option(
+        "--threads", type=int, default=0, help=h("threads")
     ),
     click.option(
         "--streams", type=int, default=0,
-        help="Batches inferred at once (0 = auto: 2 for onnxruntime on a CPU, else 1).",
+        help=h("streams"),
     ),
     click.option(
         "--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto", show_default=True,
-        help="GPU autocast precision (torch backend).",
+        help=h("precision"),
     ),
     click.option(
         "--int8", type=click.Choice(["auto", "exact", "native"]), default="auto", show_default=True,
-        help="int8 ONNX models: exact integer kernels (auto: on CPUs without VNNI) or the fastest native ones.",
+        help=h("int8"),
     ),
 )
 
@@ -64,8 +68,8 @@ def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
     base = RecognizeOptions()
     values: dict[str, Any] = {
         "workers": kw["workers"],
-        "max_pixels": kw["max_pixels"] or base.max_pixels,
-        "max_bytes": kw["max_bytes"] or base.max_bytes,
+        "max_pixels": kw["max_pixels"] if kw["max_pixels"] is not None else base.max_pixels,
+        "max_bytes": kw["max_bytes"] if kw["max_bytes"] is not None else base.max_bytes,
         "fetch_timeout": kw["timeout"],
         "cache": not kw["no_cache"],
         "full_decode": kw["full_decode"],
@@ -82,33 +86,37 @@ def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
 io_options = _compose(
     click.option(
         "-j", "--workers", type=int, default=-1,
-        help="Decode worker processes (-1 = one per core, 0 = decode in threads).",
+        help=h("workers"),
     ),
-    click.option("--no-cache", is_flag=True, help="Neither read nor write the result cache."),
+    click.option("--no-cache", is_flag=True, help=h("no_cache")),
     click.option(
         "--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-        help="Result cache file (default $WANWU_HOME/cache.sqlite3).",
+        help=h("cache"),
     ),
     click.option(
-        "--max-pixels", type=int, default=None, help="Refuse images above this many pixels (too_large)."
+        "--max-pixels", type=click.IntRange(min=1), default=RecognizeOptions.max_pixels,
+        help=h("max_pixels"),
     ),
     click.option(
         "--full-decode", is_flag=True,
-        help="Decode large JPEGs at full size (slower; by default libjpeg scales them down while decoding "
-        "as far as the model's resize allows).",
+        help=h("full_decode"),
     ),
-    click.option("--max-bytes", type=int, default=None, help="Refuse files/downloads above this size."),
-    click.option("--timeout", type=float, default=30.0, show_default=True, help="URL fetch timeout, seconds."),
+    click.option("--max-bytes", type=click.IntRange(min=1), default=RecognizeOptions.max_bytes,
+                 help=h("max_bytes")),
+    click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=RecognizeOptions.fetch_timeout,
+                 show_default=True, help=h("timeout")),
 )
 """Reading, decoding and caching: the flags every command that recognizes images shares."""
 
 run_options = _compose(
-    click.option("-k", "--top-k", type=int, default=5, show_default=True, help="Labels per image (1-50)."),
+    click.option("-k", "--top-k", type=click.IntRange(1, 50), default=5, show_default=True,
+                 help=h("top_k")),
     click.option(
         "--score", type=click.Choice(["softmax", "logit"]), default="softmax", show_default=True,
-        help="softmax probabilities, or the raw logits (ModelScope's score).",
+        help=h("score"),
     ),
-    click.option("--threshold", type=float, default=None, help="Drop predictions scoring below this."),
-    click.option("-b", "--batch-size", type=int, default=32, show_default=True, help="Images per batch."),
+    click.option("--threshold", type=float, default=None, help=h("threshold")),
+    click.option("-b", "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+                 help=h("batch_size")),
     io_options,
 )

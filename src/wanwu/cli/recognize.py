@@ -12,74 +12,100 @@ from typing import Any, TextIO
 
 import click
 
+from wanwu.cli.messages import h, t
 from wanwu.cli.options import model_options, recognize_options, run_options
+from wanwu.cli.progress import ReportedInterrupt, RunProgress, interrupted_message, terminal_console
 from wanwu.config import RecognizeOptions
 from wanwu.errors import UsageError
 from wanwu.pipeline import Recognizer
-from wanwu.records import Record
 from wanwu.resume import ResumeState, prepare_resume, resumable_formats
 from wanwu.sinks import SINKS, SinkOptions, create_sink
 from wanwu.sources import count_items, expand
 
 log = logging.getLogger("wanwu")
 
-@click.command("recognize")
+@click.command("recognize", help=h("recognize"))
 @click.argument("inputs", nargs=-1, required=True)
 @model_options
 @run_options
 @click.option(
     "-f", "--format", "fmt", type=click.Choice(sorted(SINKS)), default=None,
-    help="Output format (default: from --output's suffix .csv/.json/.jsonl, else table on a terminal, "
-    "else jsonl).",
+    help=h("format"),
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write records here instead of stdout.")
-@click.option("--bom", is_flag=True, help="csv: begin with a UTF-8 BOM (for Excel).")
+              help=h("output"))
+@click.option("--bom", is_flag=True, help=h("bom"))
 @click.option(
     "--resume", is_flag=True,
-    help="Continue into an existing --output (jsonl or csv): skip the inputs it already records and "
-    "append the rest; a torn last line left by a killed run is repaired.",
+    help=h("resume"),
 )
 @click.option(
     "--retry-errors", is_flag=True,
-    help="With --resume (implied): also redo the inputs recorded as errors, replacing their records.",
+    help=h("retry_errors"),
 )
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option("-q", "--quiet", is_flag=True, help=h("quiet"))
 def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: bool, resume: bool,
             retry_errors: bool, quiet: bool, **kw: Any) -> int:
-    """Recognize INPUTS: files, folders (recursive), globs, http(s) URLs, or - for a list on stdin.
-
-    Records come out in input order, one per input, as soon as each is ready. Rerun with --resume and
-    the same INPUTS to finish an interrupted run.
-    """
+    """``wanwu recognize`` (its help text is ``h("recognize")``, in the locale's language)."""
     options = _options(kw)
     fmt = fmt or _default_format(output)
     state = _resume_state(output, fmt, options.record.top_k, retry_errors) if resume or retry_errors else None
     with ExitStack() as stack:
+        # The model loads first: a run that cannot start leaves an existing output untouched.
+        recognizer = stack.enter_context(
+            Recognizer(kw["model"], labels=kw["labels"], label_column=kw["label_column"], options=options))
+        if output is not None and state is None:
+            _warn_if_overwriting(output)
         stream: TextIO = (
             stack.enter_context(output.open("a" if state else "w", encoding="utf-8", newline=""))
             if output is not None
             else sys.stdout
         )
-        sink_options = SinkOptions(top_k=options.record.top_k, bom=bom, append=state is not None and state.exists)
+        # A table on the terminal and the progress bar share one console: rows print above the bar.
+        shared = fmt == "table" and output is None and sys.stdout.isatty()
+        console = terminal_console(stdout=shared)
+        sink_options = SinkOptions(
+            top_k=options.record.top_k, bom=bom, append=state is not None and state.exists,
+            english=bool(recognizer.spec.labels_en), console=console if shared else None,
+        )
         sink = create_sink(fmt, stream, sink_options)
-        recognizer = stack.enter_context(Recognizer(kw["model"], labels=kw["labels"], options=options))
         items = expand(inputs) if state is None else state.pending(expand(inputs))
-        progress = _Progress(inputs, enabled=not quiet and sys.stderr.isatty(), state=state)
+        progress = _progress(inputs, not quiet, state, console)
         stack.callback(progress.stop)
         counts = {"ok": 0, "error": 0}
         start = time.perf_counter()
+        interrupted = False
         try:
             for record in recognizer.recognize(items):
                 sink.write(record)
                 counts[record.status] += 1
-                progress.advance(record)
+                progress.advance(record.ok)
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
             sink.close()
             progress.stop()
-            if not quiet:
-                _summary(counts, time.perf_counter() - start, state)
+        if interrupted:
+            earlier = _already_recorded(state)
+            total = None if progress.total is None else progress.total + earlier
+            resumable = output is not None and fmt in resumable_formats()
+            click.echo(interrupted_message(earlier + progress.done, total, resumable), err=True)
+            raise ReportedInterrupt
+        if not quiet:
+            _summary(counts, time.perf_counter() - start, state, recognizer.cache_hits)
     return 3 if counts["error"] or (state is not None and state.errors_kept) else 0
+
+
+def _warn_if_overwriting(output: Path) -> None:
+    """Say so on stderr before a run without --resume replaces an earlier output that holds records."""
+    try:
+        size = output.stat().st_size
+    except OSError:
+        return
+    if size > 0:
+        click.echo(
+            f"wanwu: overwriting {output} ({size:,} bytes); use --resume to continue it instead", err=True
+        )
 
 
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"}
@@ -108,74 +134,37 @@ def _options(kw: dict[str, Any]) -> RecognizeOptions:
     return recognize_options(kw)
 
 
-def _summary(counts: dict[str, int], elapsed: float, state: ResumeState | None) -> None:
+def _summary(counts: dict[str, int], elapsed: float, state: ResumeState | None, cached: int) -> None:
     total = counts["ok"] + counts["error"]
-    rate = total / elapsed if elapsed > 0 else 0.0
-    failed = f", [red]{counts['error']} failed[/red]" if counts["error"] else ""
     resumed = ""
     if state is not None:
-        resumed = f"; {state.skipped} already recorded, skipped"
+        resumed = t("summary.skipped", n=state.skipped)
         if state.errors_removed:
-            resumed += f" ({state.errors_removed} earlier error record(s) retried)"
+            resumed += t("summary.retried", n=state.errors_removed)
         if state.errors_kept:
-            resumed += f" ([red]{state.errors_kept} earlier error record(s) kept[/red])"
-    from rich.console import Console
+            resumed += t("summary.kept", n=state.errors_kept)
+    terminal_console().print("wanwu: " + t(
+        "summary", total=total, ok=counts["ok"], elapsed=elapsed, rate=total / elapsed if elapsed > 0 else 0.0,
+        failed=t("summary.failed", n=counts["error"]) if counts["error"] else "",
+        cached=t("summary.cached", n=cached) if cached else "", resumed=resumed,
+    ))
 
-    Console(stderr=True, highlight=False).print(
-        f"wanwu: {total} input(s): {counts['ok']} ok{failed} in {elapsed:.1f}s ({rate:.1f}/s){resumed}"
-    )
+
+def _already_recorded(state: ResumeState | None) -> int:
+    """Inputs a resumed run found already recorded (they count as done, not as this run's work)."""
+    return sum(state.done.values()) + state.skipped if state is not None else 0
 
 
-class _Progress:
-    """A rich progress bar on stderr; its total is counted in the background (never for stdin)."""
+def _progress(inputs: tuple[str, ...], loud: bool, state: ResumeState | None, console: Any) -> RunProgress:
+    """The bar (on a terminal); unless quiet, the total is counted in the background (never for stdin), for
+    the bar and for the message after Ctrl-C."""
+    progress = RunProgress(t("progress.recognize"), loud and sys.stderr.isatty(), console)
+    if loud:
+        threading.Thread(target=_count, args=(progress, inputs, state), daemon=True).start()
+    return progress
 
-    def __init__(self, inputs: tuple[str, ...], enabled: bool, state: ResumeState | None = None) -> None:
-        self.enabled = enabled
-        self._state = state
-        self._bar: Any = None
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
 
-        self._bar = Progress(
-            TextColumn("[bold]识别中[/bold]"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TextColumn("[red]{task.fields[failed]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
-        )
-        self._task = self._bar.add_task("recognize", total=None, rate="", failed="")
-        self._bar.start()
-        self._failed = 0
-        self._start = time.perf_counter()
-        self._done = 0
-        threading.Thread(target=self._count, args=(inputs,), daemon=True).start()
-
-    def _count(self, inputs: tuple[str, ...]) -> None:
-        total = count_items(inputs)
-        if total is not None and self._bar is not None:
-            # Resuming: inputs already recorded are not part of this run's work.
-            done = sum(self._state.done.values()) + self._state.skipped if self._state is not None else 0
-            self._bar.update(self._task, total=max(0, total - done))
-
-    def advance(self, record: Record) -> None:
-        if self._bar is None:
-            return
-        self._done += 1
-        if not record.ok:
-            self._failed += 1
-        elapsed = time.perf_counter() - self._start
-        self._bar.update(
-            self._task, advance=1, rate=f"{self._done / elapsed:.1f} 张/秒" if elapsed > 0 else "",
-            failed=f"{self._failed} 失败" if self._failed else "",
-        )
-
-    def stop(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+def _count(progress: RunProgress, inputs: tuple[str, ...], state: ResumeState | None) -> None:
+    total = count_items(inputs)
+    if total is not None:
+        progress.set_total(max(0, total - _already_recorded(state)))  # resuming: only what is left

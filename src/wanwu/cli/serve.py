@@ -84,6 +84,7 @@ def _config(host: str, port: int, kw: dict[str, Any]) -> ServeConfig:
     return ServeConfig(
         model=kw["model"],
         labels=kw["labels"],
+        label_column=kw["label_column"],
         host=host,
         port=port,
         max_batch_size=kw["max_batch_size"],

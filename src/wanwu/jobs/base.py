@@ -115,8 +115,9 @@ class JobSpec:
 
 @dataclass(frozen=True)
 class JobStatus:
-    """``done``: inputs with an ok record · ``failed``: inputs with an error record · ``rate``: records/s
-    since the first task was claimed. ``sealed`` is false while the submitter is still adding inputs."""
+    """``done``: inputs with an ok record (``succeeded`` in :meth:`to_dict`) · ``failed``: inputs with an
+    error record · ``rate``: records/s since the first task was claimed. ``sealed`` is false while the
+    submitter is still adding inputs."""
 
     id: str
     state: JobState
@@ -134,13 +135,44 @@ class JobStatus:
     def finished(self) -> int:
         return self.done + self.failed
 
+    @property
+    def pending(self) -> int:
+        return max(0, self.total - self.finished)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the rate so far; None before any record or once nothing runs."""
+        if self.state != "running" or self.rate <= 0:
+            return None
+        return self.pending / self.rate
+
     def to_dict(self) -> dict[str, Any]:
+        """``succeeded`` + ``failed`` + ``pending`` = ``total`` (inputs); ``rate_per_s`` in records per second."""
+        eta = self.eta_s
         return {
-            "id": self.id, "state": self.state, "total": self.total, "done": self.done, "failed": self.failed,
-            "pending": max(0, self.total - self.finished), "rate": round(self.rate, 2),
+            "id": self.id, "state": self.state, "total": self.total, "succeeded": self.done,
+            "failed": self.failed, "pending": self.pending, "rate_per_s": round(self.rate, 2),
+            "eta_s": None if eta is None else round(eta, 1),
             "created": _iso(self.created), "updated": _iso(self.updated), "options": self.options.to_dict(),
             "sealed": self.sealed, "abandoned_tasks": self.abandoned,
         }
+
+
+@dataclass(frozen=True)
+class JobActivity:
+    """Who works on a job now. ``workers``: ids of workers holding its tasks under a live lease ·
+    ``leased``: tasks held under a live lease · ``lapsed``: tasks whose worker went silent past its lease,
+    waiting for another worker to take them over · ``waiting``: tasks no worker has claimed (None: this
+    queue cannot count them cheaply)."""
+
+    workers: tuple[str, ...] = ()
+    leased: int = 0
+    lapsed: int = 0
+    waiting: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"workers_active": len(self.workers), "workers": list(self.workers), "tasks_leased": self.leased,
+                "tasks_lapsed": self.lapsed, "tasks_waiting": self.waiting}
 
 
 def derive_state(*, cancelled: bool, sealed: bool, total: int, finished: int, started: bool,
@@ -222,6 +254,10 @@ class JobQueue(Protocol):
 
     def jobs(self, limit: int = 50) -> list[JobStatus]:
         """The most recently created jobs, newest first."""
+        ...
+
+    def activity(self, job_id: str) -> JobActivity:
+        """Which workers hold the job's unfinished tasks, and how many tasks wait on a lapsed lease."""
         ...
 
     # -- workers ------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from wanwu.errors import MissingExtraError, QueueError, UsageError
 from wanwu.jobs.base import (
+    JobActivity,
     JobInput,
     JobOptions,
     JobSpec,
@@ -48,6 +49,7 @@ from wanwu.records import Record
 PIPELINE_TASKS = 256
 RESULT_PAGE = 1000
 RELEASED_IDLE_MS = 10 * 365 * 86400 * 1000  # a released task looks long abandoned: reclaimed at once
+ACTIVITY_SCAN = 10_000  # claimed tasks looked at by activity() (workers x tasks per claim, normally far fewer)
 
 # KEYS: job, results, stream · ARGV: group, message id, now, abandoned (0/1), then (index, ok, json)...
 COMPLETE_LUA = """
@@ -240,6 +242,29 @@ class RedisQueue:
         status = self._status(self._job(job_id))
         if status.sealed and status.finished >= status.total:
             self._drop_blobs(job_id)
+
+    def activity(self, job_id: str) -> JobActivity:
+        """From the group's pending entries (claimed tasks): their consumer and idle time. Tasks not claimed
+        yet are not counted (that would mean reading the whole stream)."""
+        lease_ms = self.settings.lease_s * 1000
+        with self._errors():
+            self._job(job_id)
+            pending = self.r.xpending_range(self.stream, self.group, min="-", max="+", count=ACTIVITY_SCAN)
+            pipe = self.r.pipeline(transaction=False)
+            for entry in pending:
+                pipe.xrange(self.stream, min=entry["message_id"], max=entry["message_id"], count=1)
+            found = pipe.execute() if pending else []
+        live: list[str] = []
+        lapsed = 0
+        for entry, messages in zip(pending, found, strict=True):
+            if not messages or messages[0][1].get(b"job", b"").decode() != job_id:
+                continue
+            idle = int(entry["time_since_delivered"])
+            if idle < lease_ms:
+                live.append(entry["consumer"].decode())
+            elif idle < RELEASED_IDLE_MS // 2:  # a released task is not a lapsed lease: it is simply free
+                lapsed += 1
+        return JobActivity(tuple(sorted(set(live))), len(live), lapsed, None)
 
     # -- workers -----------------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from wanwu.errors import QueueError, UsageError
 from wanwu.jobs.base import (
+    JobActivity,
     JobInput,
     JobOptions,
     JobSpec,
@@ -211,6 +212,16 @@ class SqliteQueue:
         self._db.execute("UPDATE jobs SET cancelled = 1, updated = ? WHERE id = ?", (time.time(), job_id))
         self._db.execute("DELETE FROM tasks WHERE job_id = ?", (job_id,))
         self._db.execute("DELETE FROM blobs WHERE job_id = ?", (job_id,))
+
+    def activity(self, job_id: str) -> JobActivity:
+        now = time.time()
+        with self._lock:
+            self._job_row(job_id)
+            rows = self._db.execute("SELECT owner, lease_until FROM tasks WHERE job_id = ?", (job_id,)).fetchall()
+        live = [owner for owner, until in rows if owner is not None and until >= now]
+        lapsed = sum(owner is not None and until < now for owner, until in rows)
+        waiting = sum(owner is None for owner, _ in rows)
+        return JobActivity(tuple(sorted(set(live))), len(live), lapsed, waiting)
 
     # -- workers -----------------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,12 +42,21 @@ class WorkerConfig:
     max_tasks: int | None = None  # stop after this many tasks (benchmarks, tests)
     exit_when_idle: bool = False  # stop once no task is left in the queue, claimed or not
     worker_id: str = field(default_factory=default_worker_id)
+    on_progress: Callable[[WorkerStats], None] | None = None  # called after each claim's tasks are written
 
 
 @dataclass
 class WorkerStats:
     tasks: int = 0
     records: int = 0
+    failed: int = 0  # error records among ``records``
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def rate(self) -> float:
+        """Records per second since the worker started (idle time included)."""
+        elapsed = time.monotonic() - self.started
+        return self.records / elapsed if elapsed > 0 else 0.0
 
 
 def run_worker(queue: JobQueue, recognizer: Recognizer, config: WorkerConfig,
@@ -81,6 +91,8 @@ def run_worker(queue: JobQueue, recognizer: Recognizer, config: WorkerConfig,
                 raise
             finally:
                 heartbeat.drop_all()
+            if config.on_progress is not None:
+                config.on_progress(stats)
     finally:
         heartbeat.stop()
     return stats
@@ -100,6 +112,7 @@ def _process(queue: JobQueue, recognizer: Recognizer, tasks: list[Task], roots: 
             heartbeat.drop(task)
             stats.tasks += 1
             stats.records += len(written)
+            stats.failed += sum(not record.ok for _, record in written)
         for extra in records:
             raise RuntimeError(f"recognizer returned an unexpected extra record for {extra.input!r}")
 

@@ -14,6 +14,7 @@ preprocessing (the :class:`~wanwu.spec.PreprocessSpec` defaults). A hub id is lo
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wanwu.errors import ModelError, UsageError
+from wanwu.errors import MissingExtraError, ModelError, UsageError
 from wanwu.labels import load_labels
 from wanwu.paths import wanwu_home
 from wanwu.spec import ModelSpec, PreprocessSpec, file_fingerprint
@@ -164,6 +165,7 @@ def fetch(ref: HubRef) -> Path:
     """Download the files wanwu needs into :func:`hub_dir` (resuming partial ones) and mark it complete."""
     from wanwu.seed import download  # httpx costs a quarter second to import: only when downloading
 
+    require_torch(f"the ModelScope model {ref.model_id} (a PyTorch checkpoint; checked before downloading it)")
     base = download.endpoint()
     download.require_online(
         f"model {PREFIX}{ref.model_id} is not downloaded yet (looked in {hub_dir(ref)}"
@@ -201,6 +203,16 @@ def fetch(ref: HubRef) -> Path:
     tmp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, target / MARKER)
     return target
+
+
+def require_torch(purpose: str) -> None:
+    """Raise MissingExtraError now, not after a 630 MB download, when torch is not installed."""
+    try:
+        found = importlib.util.find_spec("torch") is not None
+    except ValueError:  # sys.modules["torch"] is None: deliberately hidden
+        found = False
+    if not found:
+        raise MissingExtraError("torch", "torch", purpose)
 
 
 def _select(listing: dict[str, download.RemoteFile], ref: HubRef) -> list[download.RemoteFile]:

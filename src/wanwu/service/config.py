@@ -20,6 +20,7 @@ class ServeConfig:
 
     model: str | None = None
     labels: Path | None = None
+    label_column: str | None = None  # the label column of a .tsv/.csv label file
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch_size: int = 32

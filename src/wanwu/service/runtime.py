@@ -29,7 +29,8 @@ EngineFactory = Callable[[], Engine]
 
 def default_engine_factory(config: ServeConfig) -> EngineFactory:
     def load() -> Engine:
-        return Engine.load(config.model, config.labels, config.options.backend, config.max_batch_size)
+        return Engine.load(config.model, config.labels, config.options.backend, config.max_batch_size,
+                           config.label_column)
 
     return load
 

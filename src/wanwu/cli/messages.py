@@ -1,0 +1,231 @@
+"""What the command line says to a person, in one language at a time: a small message catalogue.
+
+The rule: ``WANWU_LANG`` (``zh`` or ``en``) if set; else the locale, the first set of ``LC_ALL``,
+``LC_MESSAGES``, ``LANG`` (POSIX precedence): a value starting with ``zh`` (``zh_CN.UTF-8``, ``zh_TW``...)
+means Chinese, anything else English. Records (JSONL/CSV/JSON) and error texts raised by the library are
+not translated; only what the CLI itself prints around them (progress, summaries, table headings, job
+messages) and the help of ``wanwu`` and ``wanwu recognize`` (with click's own headings) are.
+"""
+
+from __future__ import annotations
+
+import os
+
+LANGUAGES = ("en", "zh")
+
+MESSAGES: dict[str, dict[str, str]] = {
+    "en": {
+        "progress.recognize": "recognizing",
+        "progress.job": "job {job}",
+        "progress.rate": "{rate:.1f} img/s",
+        "progress.failed": "{n} failed",
+        "summary": "{total} input(s): {ok} ok{failed} in {elapsed:.1f}s ({rate:.1f}/s){cached}{resumed}",
+        "summary.failed": ", [red]{n} failed[/red]",
+        "summary.cached": "; {n} from the cache",
+        "summary.skipped": "; {n} already recorded, skipped",
+        "summary.retried": " ({n} earlier error record(s) retried)",
+        "summary.kept": " ([red]{n} earlier error record(s) kept[/red])",
+        "interrupted": "interrupted",
+        "interrupted.count": "interrupted: {done} of {total} done",
+        "interrupted.count_open": "interrupted: {done} done",
+        "interrupted.resume": "; rerun with --resume to finish",
+        "interrupted.no_file": " (write to a file with -o to be able to --resume)",
+        "table.input": "input",
+        "table.label": "label",
+        "table.score": "score",
+        "table.more": "more",
+        "jobs.queued": "queued {n} input(s) as job {job}",
+        "jobs.unexpanded": "not queued: {input}: {reason}",
+        "jobs.unexpanded_count": "{n} input(s) could not be expanded and were not queued",
+        "jobs.none": "nothing to queue: no input could be expanded",
+        "jobs.wait_done": "job {job}: {state}: {ok} ok, {failed} failed of {total}",
+        "jobs.lapsed": "{n} task(s) wait for a lapsed lease (their worker went silent); another worker takes "
+        "them over",
+        "jobs.no_workers": "no worker holds any of its tasks: start one with  wanwu worker --queue URL --model M",
+        "worker.start": "worker {worker}: model {model}, queue {queue}",
+        "worker.progress": "worker {worker}: {tasks} task(s), {records} record(s) ({failed} failed), "
+        "{rate:.1f} img/s",
+        "worker.stop": "worker {worker}: stopped after {tasks} task(s), {records} record(s)",
+    },
+    "zh": {
+        "progress.recognize": "识别中",
+        "progress.job": "任务 {job}",
+        "progress.rate": "{rate:.1f} 张/秒",
+        "progress.failed": "{n} 失败",
+        "summary": "{total} 个输入：{ok} 个成功{failed}，用时 {elapsed:.1f} 秒（{rate:.1f} 张/秒）{cached}{resumed}",
+        "summary.failed": "，[red]{n} 个失败[/red]",
+        "summary.cached": "；{n} 个来自缓存",
+        "summary.skipped": "；{n} 个已有记录，跳过",
+        "summary.retried": "（重做了 {n} 条先前的错误记录）",
+        "summary.kept": "（[red]保留了 {n} 条先前的错误记录[/red]）",
+        "interrupted": "已中断",
+        "interrupted.count": "已中断：{total} 个中完成了 {done} 个",
+        "interrupted.count_open": "已中断：完成了 {done} 个",
+        "interrupted.resume": "；加 --resume 重新运行即可完成",
+        "interrupted.no_file": "（用 -o 写入文件，才能以 --resume 继续）",
+        "table.input": "输入",
+        "table.label": "标签",
+        "table.score": "分数",
+        "table.more": "其他",
+        "jobs.queued": "已将 {n} 个输入排入任务 {job}",
+        "jobs.unexpanded": "未排入：{input}：{reason}",
+        "jobs.unexpanded_count": "{n} 个输入无法展开，未排入",
+        "jobs.none": "没有可排入的输入：没有一个输入能展开",
+        "jobs.wait_done": "任务 {job}：{state}：共 {total} 个，{ok} 个成功，{failed} 个失败",
+        "jobs.lapsed": "{n} 个子任务在等待过期的租约（其工作进程已无响应），将由其他工作进程接手",
+        "jobs.no_workers": "没有工作进程持有它的子任务：用  wanwu worker --queue URL --model M  启动一个",
+        "worker.start": "工作进程 {worker}：模型 {model}，队列 {queue}",
+        "worker.progress": "工作进程 {worker}：{tasks} 个子任务，{records} 条记录（{failed} 个失败），{rate:.1f} 张/秒",
+        "worker.stop": "工作进程 {worker}：已停止，共 {tasks} 个子任务，{records} 条记录",
+    },
+}
+
+
+# --help texts: English is the source; a key missing from "zh" falls back to it.
+HELP: dict[str, dict[str, str]] = {
+    "en": {
+        "wanwu": "万物 wanwu — recognize what is in large numbers of images, named in Chinese.",
+        "verbose": "More log output on stderr (-vv for debug).",
+        "recognize": "Recognize INPUTS: files, folders (recursive), globs, http(s) URLs, or - for a list on "
+        "stdin.\n\nRecords come out in input order, one per input, as soon as each is ready. Rerun with --resume "
+        "and the same INPUTS to finish an interrupted run.",
+        "model": "An .onnx file (with --labels), a model folder, or modelscope:OWNER/NAME[@REV]. Default: the "
+        "万物识别 general model from ModelScope.",
+        "labels": "Label file, UTF-8: one label per line (line i = class i), or a .tsv/.csv table with a header "
+        "(an en column is carried as label_en). Overrides the model folder's.",
+        "label_column": "The label column of a .tsv/.csv label file (default: zh, label or name, else the last).",
+        "device": "auto, cpu, cuda or cuda:N.",
+        "threads": "Inference threads per stream (0 = the cores shared among streams).",
+        "streams": "Batches inferred at once (0 = auto: 2 for onnxruntime on a CPU, else 1).",
+        "precision": "GPU autocast precision (torch backend).",
+        "int8": "int8 ONNX models: exact integer kernels (auto: on CPUs without VNNI) or the fastest native ones.",
+        "top_k": "Labels per image (1-50).",
+        "score": "softmax probabilities, or the raw logits (ModelScope's score).",
+        "threshold": "Drop predictions scoring below this.",
+        "batch_size": "Images per batch.",
+        "workers": "Decode worker processes (-1 = one per core, 0 = decode in threads).",
+        "no_cache": "Neither read nor write the result cache.",
+        "cache": "Result cache file (default $WANWU_HOME/cache.sqlite3).",
+        "max_pixels": "Refuse images above this many pixels (too_large).",
+        "full_decode": "Decode large JPEGs at full size (slower; by default libjpeg scales them down while "
+        "decoding as far as the model's resize allows).",
+        "max_bytes": "Refuse files/downloads above this many bytes.",
+        "timeout": "URL fetch timeout, seconds.",
+        "format": "Output format (default: from --output's suffix .csv/.json/.jsonl, else table on a terminal, "
+        "else jsonl).",
+        "output": "Write records here instead of stdout.",
+        "bom": "csv: begin with a UTF-8 BOM (for Excel).",
+        "resume": "Continue into an existing --output (jsonl or csv): skip the inputs it already records and "
+        "append the rest; a torn last line left by a killed run is repaired.",
+        "retry_errors": "With --resume (implied): also redo the inputs recorded as errors, replacing their "
+        "records.",
+        "quiet": "No progress bar and no summary.",
+    },
+    "zh": {
+        "wanwu": "万物 wanwu — 识别大量图片中的内容，用中文命名。",
+        "verbose": "在 stderr 输出更多日志（-vv 为调试级）。",
+        "recognize": "识别 INPUTS：文件、文件夹（递归）、通配符、http(s) 网址，或用 - 从标准输入读取列表。\n\n"
+        "记录按输入顺序输出，每个输入一条，一完成就写出。中断后用 --resume 和相同的 INPUTS 重新运行即可完成。",
+        "model": "一个 .onnx 文件（配合 --labels）、一个模型文件夹，或 modelscope:OWNER/NAME[@REV]。"
+        "默认：ModelScope 上的万物识别通用模型。",
+        "labels": "标签文件，UTF-8：每行一个标签（第 i 行 = 第 i 类），或带表头的 .tsv/.csv 表格"
+        "（en 列会作为 label_en 一并输出）。优先于模型文件夹自带的标签。",
+        "label_column": ".tsv/.csv 标签文件中的标签列（默认：zh、label 或 name，否则最后一列）。",
+        "device": "auto、cpu、cuda 或 cuda:N。",
+        "threads": "每个推理流的线程数（0 = 各推理流平分 CPU 核心）。",
+        "streams": "同时推理的批次数（0 = 自动：CPU 上的 onnxruntime 为 2，否则为 1）。",
+        "precision": "GPU 自动混合精度（torch 后端）。",
+        "int8": "int8 ONNX 模型：精确的整数内核（auto：在没有 VNNI 的 CPU 上），或最快的原生内核。",
+        "top_k": "每张图片的标签数（1-50）。",
+        "score": "softmax 概率，或原始 logits（ModelScope 的分数）。",
+        "threshold": "丢弃分数低于此值的预测。",
+        "batch_size": "每批图片数。",
+        "workers": "解码进程数（-1 = 每核一个，0 = 在线程中解码）。",
+        "no_cache": "既不读也不写结果缓存。",
+        "cache": "结果缓存文件（默认 $WANWU_HOME/cache.sqlite3）。",
+        "max_pixels": "拒绝像素数超过此值的图片（too_large）。",
+        "full_decode": "以原尺寸解码大 JPEG（较慢；默认 libjpeg 在模型缩放允许的范围内边解码边缩小）。",
+        "max_bytes": "拒绝超过此字节数的文件或下载。",
+        "timeout": "网址下载超时，秒。",
+        "format": "输出格式（默认：按 --output 的后缀 .csv/.json/.jsonl，否则终端上为 table，否则为 jsonl）。",
+        "output": "把记录写到这里，而不是标准输出。",
+        "bom": "csv：以 UTF-8 BOM 开头（供 Excel 使用）。",
+        "resume": "接着写入已有的 --output（jsonl 或 csv）：跳过其中已有记录的输入，追加其余的；"
+        "被杀死的运行留下的残缺末行会被修复。",
+        "retry_errors": "配合 --resume（自动启用）：也重做记录为错误的输入，替换其记录。",
+        "quiet": "不显示进度条和汇总。",
+    },
+}
+
+# The one-line summaries in ``wanwu --help`` and ``wanwu jobs|cache --help``, by command path (English: the
+# commands' docstrings).
+SHORT_HELP_ZH = {
+    "cache": "查看和清理结果缓存（按文件内容保存的模型输出）。",
+    "cache stats": "条目数、磁盘占用、时间，按模型/预处理命名空间列出。",
+    "cache clear": "删除缓存的结果（全部，或某个命名空间的）。",
+    "cache prune": "删除过旧或最久未用的结果。",
+    "convert": "把 PyTorch 模型转换为 ONNX，并检查两者的 logits 一致。",
+    "jobs": "面向大型图库的异步任务：现在提交，由工作进程运行，稍后取回。",
+    "jobs submit": "把 INPUTS（文件、文件夹、通配符、网址，或 - 表示标准输入列表）作为一个任务排队，输出任务 id。",
+    "jobs status": "以 JSON 输出 JOB_ID 的状态；不带 id 时列出最近的任务。",
+    "jobs wait": "带进度条等待 JOB_ID 结束；退出码与 recognize 相同。",
+    "jobs results": "按输入顺序写出 JOB_ID 目前的记录。",
+    "jobs cancel": "停止 JOB_ID：不再开始它的子任务；已写出的记录保留。",
+    "jobs delete": "取消 JOB_IDS 并删除其状态、记录和上传的文件。",
+    "recognize": "识别 INPUTS：文件、文件夹、通配符、网址，或 - 表示标准输入列表。",
+    "serve": "通过 HTTP 提供识别服务：/ 为网页，/v1 下为 API。",
+    "worker": "用一个已加载的模型处理队列中的子任务；可在任意机器上启动任意多个。",
+}
+
+# click's own words in --help and usage errors (it looks them up through gettext).
+CLICK_ZH = {
+    "Usage:": "用法：", "Options": "选项", "Commands": "命令", "default: {default}": "默认：{default}",
+    "Show this message and exit.": "显示此帮助并退出。", "Show the version and exit.": "显示版本并退出。",
+    "required": "必填", "Try {command} for help.": "用 {command} 查看帮助。", "Error": "错误",
+    "Invalid value for {name}: {message}": "{name} 的值无效：{message}",
+}
+
+
+def short_help(path: str) -> str | None:
+    """The one-line summary of command ``path`` (e.g. ``"jobs wait"``) in Chinese; None: keep the docstring's."""
+    return SHORT_HELP_ZH.get(path) if language() == "zh" else None
+
+
+def h(key: str) -> str:
+    """The --help text ``key`` in the current language."""
+    return HELP[language()].get(key) or HELP["en"][key]
+
+
+def install_click_translations() -> None:
+    """Under a Chinese locale, click's headings (Usage, Options, default...) in Chinese too."""
+    if language() != "zh":
+        return
+    import click.core
+    import click.decorators
+    import click.exceptions
+    import click.formatting
+
+    def gettext(message: str) -> str:
+        return CLICK_ZH.get(message, message)
+
+    for module in (click.core, click.decorators, click.exceptions, click.formatting):
+        if hasattr(module, "_"):
+            module._ = gettext  # type: ignore[attr-defined]
+
+
+def language(environ: dict[str, str] | None = None) -> str:
+    """``zh`` or ``en``, by the rule in the module docstring."""
+    env = os.environ if environ is None else environ
+    forced = env.get("WANWU_LANG", "").strip().lower()[:2]
+    if forced in LANGUAGES:
+        return forced
+    for name in ("LC_ALL", "LC_MESSAGES", "LANG"):
+        value = env.get(name, "")
+        if value:
+            return "zh" if value.lower().startswith("zh") else "en"
+    return "en"
+
+
+def t(key: str, **values: object) -> str:
+    """The message ``key`` in the current language, formatted with ``values``."""
+    return MESSAGES[language()][key].format(**values)

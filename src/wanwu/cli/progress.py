@@ -1,0 +1,88 @@
+"""The live progress bar of ``wanwu recognize`` and ``wanwu jobs wait``, and how an interrupted run ends.
+
+The bar owns a rich Console; anything printed while it runs (the ``table`` format's rows) goes through that
+same Console, so rows appear above the bar instead of on its line.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from wanwu.cli.messages import t
+
+
+class ReportedInterrupt(KeyboardInterrupt):
+    """Ctrl-C, after the command already said how far it got (the entry point then says nothing more)."""
+
+
+def terminal_console(stdout: bool = False) -> Any:
+    """A rich Console on stderr, or on stdout when records are printed there as a table."""
+    from rich.console import Console
+
+    return Console(file=sys.stdout) if stdout else Console(stderr=True, highlight=False)
+
+
+class RunProgress:
+    """A bar with done/total, rate, failures, elapsed and ETA; a no-op when not ``enabled``."""
+
+    def __init__(self, label: str, enabled: bool, console: Any = None) -> None:
+        self.done = 0
+        self.failed = 0
+        self.total: int | None = None
+        self._bar: Any = None
+        self._start = time.perf_counter()
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._bar = Progress(
+            TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TextColumn("[red]{task.fields[failed]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=console or terminal_console(), transient=False,
+        )
+        self._task = self._bar.add_task(label, total=None, rate="", failed="")
+        self._bar.start()
+
+    @property
+    def active(self) -> bool:
+        return self._bar is not None
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self._bar is not None:
+            self._bar.update(self._task, total=total)
+
+    def advance(self, ok: bool) -> None:
+        self.show(self.done + 1, self.failed + (not ok))
+
+    def show(self, done: int, failed: int) -> None:
+        """Set the absolute counts (``done`` includes ``failed``)."""
+        self.done, self.failed = done, failed
+        if self._bar is None:
+            return
+        elapsed = time.perf_counter() - self._start
+        self._bar.update(
+            self._task, completed=done, rate=t("progress.rate", rate=done / elapsed) if elapsed > 0 else "",
+            failed=t("progress.failed", n=failed) if failed else "",
+        )
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def interrupted_message(done: int, total: int | None, resumable: bool) -> str:
+    """``interrupted: 416 of 1000 done; rerun with --resume to finish`` (in the current language)."""
+    text = t("interrupted.count", done=done, total=total) if total is not None else t(
+        "interrupted.count_open", done=done)
+    return text + (t("interrupted.resume") if resumable else t("interrupted.no_file"))
