@@ -230,8 +230,11 @@ class _Run:
         self.streams = self.inference.in_flight
         self.exhausted = False
         self.workers = max(1, self.opts.decode_workers)
+        # Several images per task amortize a process round trip; threads need none, and a task of one image
+        # is what a deadline can give up on without taking its neighbours along (a thread cannot be stopped).
+        self.chunk = self.DECODE_CHUNK if self.opts.decode_workers > 0 else 1
         self.max_fetch = max(4, self.opts.fetch_threads * 2)
-        self.max_decode = self.workers * 2 * self.DECODE_CHUNK  # a task queued behind each running one
+        self.max_decode = self.workers * 2 * self.chunk  # a task queued behind each running one
         self.max_window = max(256, self.opts.batch_size * 4)
         # crops handed over at once: a batch locally; everything ready when the inference gathers by itself
         self.handoff = self.inference.gather if self.inference.gather > 1 else self.max_window
@@ -324,7 +327,7 @@ class _Run:
         while self.to_decode and self.pending_decode < self.max_decode:
             # Several images per task when many wait: each round trip to a worker process costs about a
             # millisecond of CPU, a quarter of decoding a small photo.
-            size = max(1, min(self.DECODE_CHUNK, len(self.to_decode) // self.workers))
+            size = max(1, min(self.chunk, len(self.to_decode) // self.workers))
             self._submit_decode([self.to_decode.popleft() for _ in range(size)])
 
     def _submit_decode(self, slots: list[_Slot]) -> None:
@@ -334,7 +337,7 @@ class _Run:
         self.pending_decode += len(slots)
         future = pool.submit(self.decode, [s.data or b"" for s in slots], self.preprocess, self.decode_options)
         # A task may wait behind one other on its worker: allow for that, then give up on it.
-        deadline = time.monotonic() + self.timeout * (len(slots) + self.DECODE_CHUNK)
+        deadline = time.monotonic() + self.timeout * (len(slots) + self.chunk)
         self.decoding[future] = (deadline, slots, generation)
         future.add_done_callback(lambda f: self.events.put(("decode", slots, f)))
 
@@ -454,7 +457,7 @@ class _Run:
             assert slot.prepared is not None and slot.sha256 is not None
             if not math.isfinite(top.logsumexp):  # NaN or inf among the scores: never a record, never cached
                 slot.prepared = None
-                self._fail(slot, "model_error", "the model returned non-finite scores (NaN or inf) for this image")
+                self._fail(slot, "model_error", "the model returned scores that are not finite numbers for this image")
                 continue
             result = CachedResult(top, slot.prepared.width, slot.prepared.height)
             notes = slot.prepared.warnings

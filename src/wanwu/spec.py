@@ -63,7 +63,10 @@ class PreprocessSpec:
     def fingerprint(self) -> str:
         """A short stable hash of every field that can change the model's input."""
         payload = asdict(self)
-        payload.pop("jpeg_draft_factor")  # changes speed, not (materially) the pixels
+        # A reduced-scale decode changes speed, not (materially) the pixels; but a full decode
+        # (--full-decode) is asked for exactly: its results are never served from a reduced one.
+        if payload.pop("jpeg_draft_factor") <= 0:
+            payload["full_decode"] = True
         return _digest(payload)
 
     @classmethod
