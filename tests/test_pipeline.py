@@ -34,13 +34,11 @@ def _recognizer(model: tuple[Path, Path], **kw: object) -> Recognizer:
 
 
 @pytest.fixture
-def mixed(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
-    """Good images of different colours interleaved with every kind of bad input."""
+def mixed(tmp_path: Path, photos: Path) -> tuple[list[str], dict[str, str]]:
+    """18 distinct real photos (18 different answers) interleaved with every kind of bad input."""
     good, bad = {}, {}
-    for i, color in enumerate(COLORS * 3):
-        p = tmp_path / f"good_{i:02d}.jpg"
-        p.write_bytes(image_bytes(color, size=(300 + i * 7, 200 + i * 3)))
-        good[str(p)] = "ok"
+    for path in sorted(photos.iterdir())[::55][:18]:
+        good[str(path)] = "ok"
     cases = {
         "corrupt.jpg": b"\xff\xd8\xff\xe0garbage-not-a-jpeg" * 3,
         "truncated.jpg": image_bytes(size=(900, 700))[:3000],
@@ -64,15 +62,18 @@ def mixed(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
     return order, {**good, **bad}
 
 
+@pytest.mark.shared
 @pytest.mark.parametrize("workers", [0, 2])
 def test_each_input_gets_its_own_record(
-    tiny_model: tuple[Path, Path], mixed: tuple[list[str], dict[str, str]], workers: int
+    mobilenet: tuple[Path, Path], mixed: tuple[list[str], dict[str, str]], workers: int
 ) -> None:
     order, expected = mixed
-    with _recognizer(tiny_model, workers=workers, batch_size=4) as rec:
+    with _recognizer(mobilenet, workers=workers, batch_size=4) as rec:
         records = list(rec.recognize(order))
         singles = {p: rec.recognize_one(p) for p in order if expected[p] == "ok"}
     assert [r.input for r in records] == order  # input order, exactly once each
+    tops = {singles[p].predictions[0].index for p in singles}
+    assert len(tops) >= 15, "the photos must have distinguishable answers, or a swap could go unseen"
     for r in records:
         want = expected[r.input]
         if want == "ok":

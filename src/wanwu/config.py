@@ -8,7 +8,7 @@ from pathlib import Path
 
 from wanwu.backends import BackendOptions
 from wanwu.errors import UsageError
-from wanwu.imaging import DEFAULT_MAX_PIXELS
+from wanwu.imaging import DEFAULT_MAX_PIXELS, DecodeOptions
 from wanwu.paths import wanwu_home
 from wanwu.records import RecordOptions
 from wanwu.sources import DEFAULT_MAX_BYTES
@@ -25,6 +25,8 @@ class RecognizeOptions:
     fetch_timeout: float = 30.0
     fetch_threads: int = 8
     full_decode: bool = False  # decode large JPEGs at full size instead of a reduced DCT scale
+    decode_timeout: float = 30.0  # seconds one image may take to decode before its worker is replaced
+    formats: tuple[str, ...] = ()  # image formats decoded beyond the defaults (--formats psd,dds or all)
     cache: bool = True
     cache_path: Path | None = None  # None = $WANWU_HOME/cache.sqlite3
     backend: BackendOptions = field(default_factory=BackendOptions)
@@ -36,6 +38,9 @@ class RecognizeOptions:
             raise UsageError(f"--workers must be >= 0 (or -1 for one per core), got {self.workers}")
         if self.max_pixels < 1 or self.max_bytes < 1:
             raise UsageError("--max-pixels and --max-bytes must be positive")
+        if not self.decode_timeout > 0:
+            raise UsageError(f"--decode-timeout must be positive, got {self.decode_timeout}")
+        self.decode_options()  # unknown --formats names fail here, before any work
 
     @property
     def decode_workers(self) -> int:
@@ -44,6 +49,9 @@ class RecognizeOptions:
     def decode_spec(self, spec: PreprocessSpec) -> PreprocessSpec:
         """The model's preprocessing as decoding should apply it for this run."""
         return replace(spec, jpeg_draft_factor=0.0) if self.full_decode else spec
+
+    def decode_options(self) -> DecodeOptions:
+        return DecodeOptions.with_formats(self.max_pixels, self.formats)
 
     def resolved_cache_path(self) -> Path:
         return self.cache_path or wanwu_home() / "cache.sqlite3"

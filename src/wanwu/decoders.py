@@ -9,26 +9,76 @@ exactly, while the main pool goes on with everything else. The quarantine is sha
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import signal
+import sys
 import threading
+import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+_PR_SET_PDEATHSIG = 1
+
 
 def decode_process_pool(workers: int) -> ProcessPoolExecutor:
     """Decode worker processes, forked from a server that has imported only what decoding needs
-    (Pillow, numpy): fast to start, and no threads or sockets of the parent inherited."""
+    (Pillow, numpy): fast to start, no threads or sockets of the parent inherited, and the caller's
+    ``__main__`` never re-run (:mod:`wanwu._decode_server`)."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["wanwu.imaging", "wanwu.decoders"])
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+    ctx.set_forkserver_preload(["wanwu._decode_server", "wanwu.imaging", "wanwu.decoders"])
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
 
 
-def _worker_init() -> None:
+def _worker_init(owner: int) -> None:
+    """In each decode worker: die with the process that owns the pool, keep stderr for wanwu's own messages."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
+    _die_with(owner)
+    _quiet_stderr()
+    warnings.simplefilter("always")  # every file's warnings reach its record (imaging collects them)
+
+
+def _die_with(owner: int) -> None:
+    """Exit as soon as ``owner`` is gone, even if it was SIGKILLed and could not shut the pool down.
+
+    A worker's parent is the forkserver, so PR_SET_PDEATHSIG covers the server's death; a watch thread
+    covers the owner's (the server itself exits once the owner and the workers are gone)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # the pid was reused by another user's process: the owner is gone
+                os._exit(1)
+            if os.getppid() == 1:  # re-parented to init: the forkserver died
+                os._exit(1)
+
+    threading.Thread(target=watch, name="wanwu-owner-watch", daemon=True).start()
+
+
+def _quiet_stderr() -> None:
+    """C libraries (libtiff, libjpeg) print about odd files straight to file descriptor 2; in a decode worker
+    that text says nothing the record does not, so it goes to /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except OSError:
+        pass
 
 
 class DecodePool:
@@ -60,20 +110,76 @@ class DecodePool:
                 self._pool = None
                 self.generation += 1
 
-    def isolate(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    def isolate(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Future[Any]:
         """Run ``fn(*args)`` alone in the quarantine process. The future raises BrokenProcessPool only when
-        this very call crashed its process."""
+        this very call crashed its process, and DecodeTimeoutError when it ran past ``timeout`` seconds (its
+        process is then killed)."""
         if self._quarantine is None:  # threads cannot crash each other's process: run it in the pool
             return self.get()[0].submit(fn, *args)
-        return self._quarantine.submit(fn, *args)
+        return self._quarantine.submit(fn, *args, timeout=timeout)
+
+    def kill(self, generation: int) -> bool:
+        """Kill the worker processes of pool ``generation`` (a decode ran past its deadline): every task in
+        flight on it then fails with BrokenProcessPool. False for threads, which cannot be stopped."""
+        with self._lock:
+            if self.workers == 0:
+                return False
+            if generation != self.generation or self._pool is None:
+                return True  # already replaced
+            pool = self._pool
+        if isinstance(pool, ProcessPoolExecutor):
+            _kill_workers(pool)
+        return True
 
     def close(self, wait: bool = True) -> None:
+        """Stop the workers. Idle ones exit; one still busy (a hung decoder) is killed, never waited for."""
         with self._lock:
             pool, self._pool = self._pool, None
-        if pool is not None:
+        if isinstance(pool, ProcessPoolExecutor):
+            _stop(pool, grace=2.0 if wait else 0.0)
+        elif pool is not None:
             pool.shutdown(wait=wait, cancel_futures=True)
         if self._quarantine is not None:
             self._quarantine.close()
+
+
+class DecodeTimeoutError(Exception):
+    """A decode ran past its deadline and its process was killed."""
+
+
+def _workers(pool: ProcessPoolExecutor) -> list[Any]:
+    # ProcessPoolExecutor has no public way to stop a running task (Python 3.14 adds terminate_workers()).
+    return list((getattr(pool, "_processes", None) or {}).values())
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    for process in _workers(pool):
+        try:
+            process.kill()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _stop(pool: ProcessPoolExecutor, grace: float) -> None:
+    processes = _workers(pool)
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.join(max(0.0, deadline - time.monotonic()))
+        except (OSError, ValueError, AssertionError):
+            pass
+    _kill_workers_of(processes)
+
+
+def _kill_workers_of(processes: list[Any]) -> None:
+    for process in processes:
+        try:
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+        except (OSError, ValueError, AssertionError):
+            pass
 
 
 class _Quarantine:
@@ -81,17 +187,19 @@ class _Quarantine:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiting: deque[tuple[Callable[..., Any], tuple[Any, ...], Future[Any]]] = deque()
+        self._waiting: deque[tuple[Callable[..., Any], tuple[Any, ...], Future[Any], float | None]] = deque()
         self._busy = False
         self._pool: ProcessPoolExecutor | None = None
         self._closed = False
+        self._expired: Future[Any] | None = None  # the task whose deadline killed the process
+        self._timer: threading.Timer | None = None
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    def submit(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Future[Any]:
         outer: Future[Any] = Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("the decode pool is closed")
-            self._waiting.append((fn, args, outer))
+            self._waiting.append((fn, args, outer, timeout))
         self._next()
         return outer
 
@@ -99,23 +207,43 @@ class _Quarantine:
         with self._lock:
             if self._busy or not self._waiting or self._closed:
                 return
-            fn, args, outer = self._waiting.popleft()
+            fn, args, outer, timeout = self._waiting.popleft()
             self._busy = True
             self._pool = self._pool or decode_process_pool(1)
             pool = self._pool
         try:
             inner = pool.submit(fn, *args)
         except Exception as e:  # the pool broke between tasks
-            self._finished(outer, None, e)
+            self._finished(outer, None, e, timeout)
             return
-        inner.add_done_callback(lambda f: self._finished(outer, f, None))
+        if timeout is not None:
+            timer = threading.Timer(timeout, self._expire, (pool, inner))
+            timer.daemon = True
+            with self._lock:
+                self._timer = timer
+            timer.start()
+        inner.add_done_callback(lambda f: self._finished(outer, f, None, timeout))
 
-    def _finished(self, outer: Future[Any], inner: Future[Any] | None, error: BaseException | None) -> None:
+    def _expire(self, pool: ProcessPoolExecutor, inner: Future[Any]) -> None:
+        if not inner.done():
+            with self._lock:
+                self._expired = inner
+            _kill_workers(pool)
+
+    def _finished(
+        self, outer: Future[Any], inner: Future[Any] | None, error: BaseException | None, timeout: float | None
+    ) -> None:
         if inner is not None:
             error = inner.exception()
         with self._lock:
             self._busy = False
-            if isinstance(error, BrokenProcessPool) and self._pool is not None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if inner is not None and inner is self._expired:
+                self._expired = None
+                error = DecodeTimeoutError(f"decoding took longer than {timeout:g} s")
+            if isinstance(error, (BrokenProcessPool, DecodeTimeoutError)) and self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
         if error is not None:
@@ -129,7 +257,9 @@ class _Quarantine:
             self._closed = True
             pool, self._pool = self._pool, None
             waiting, self._waiting = list(self._waiting), deque()
-        for _, _, outer in waiting:
+            if self._timer is not None:
+                self._timer.cancel()
+        for _, _, outer, _ in waiting:
             outer.cancel()
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            _stop(pool, grace=0.0)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-ErrorType = Literal["not_found", "decode_error", "too_large", "unsupported", "fetch_error", "internal"]
+ErrorType = Literal[
+    "not_found", "decode_error", "too_large", "unsupported", "fetch_error", "model_error", "internal"
+]
 ERROR_TYPES: tuple[ErrorType, ...] = (
     "not_found",
     "decode_error",
     "too_large",
     "unsupported",
     "fetch_error",
+    "model_error",
     "internal",
 )
 

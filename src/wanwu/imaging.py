@@ -7,14 +7,21 @@ and decodes large JPEGs at a reduced DCT scale when that cannot change the resiz
 
 Workers return the center crop as uint8 HWC (4x less to move between processes than float32);
 :func:`to_batch` normalizes a whole batch at once in the model's layout.
+
+The work per image is bounded by what the crop needs: a 320-byte 1x60000 PNG would otherwise be resized to
+256x15,360,000 before the crop (16 GB); such extreme shapes resample only the crop's source window.
+Warnings a decoder raises about one file (a corrupt EXIF block, an invalid APNG chunk) travel with that
+file's record instead of going to stderr.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 import numpy as np
 import numpy.typing as npt
@@ -24,9 +31,16 @@ from wanwu.errors import DecodeError, ErrorType, InputError, TooLargeError, Unsu
 from wanwu.spec import PreprocessSpec
 
 DEFAULT_MAX_PIXELS = 150_000_000
-# Formats we decode. Anything else (EPS, PDF, …) is refused as unsupported rather than handed to a
-# plugin that may shell out or be slow.
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "ICO", "TGA")  # JPEG covers MPO
+# Formats decoded by default: what users upload (JPEG covers MPO; HEIF needs the pillow-heif extra). The other
+# formats Pillow reads (PSD, DDS, FLI, SGI, …) are off unless named with --formats, and EPS (which runs
+# Ghostscript) is never part of "all".
+FORMATS = (
+    "JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "PPM", "ICO", "TGA", "AVIF", "JPEG2000", "HEIF",
+)
+NEVER_IN_ALL = frozenset({"EPS", "PDF", "MPEG", "IPTC"})
+# Above this many pixels after the short-side resize, only the crop's source window is resampled. Photos
+# (anything up to about 60:1) stay on the plain resize-then-crop path, bit for bit.
+RESIZE_AREA_LIMIT = 4_000_000
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -38,17 +52,63 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeOptions:
+    """What decoding may take on: the pixel limit and the image formats tried."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    formats: tuple[str, ...] = FORMATS
+
+    @classmethod
+    def with_formats(cls, max_pixels: int, extra: tuple[str, ...] = ()) -> DecodeOptions:
+        """The default formats plus ``extra`` (Pillow format names, case-insensitive; "all" = every reader
+        Pillow has but EPS/PDF). Unknown names are a UsageError."""
+        if not extra:
+            return cls(max_pixels)
+        from wanwu.errors import UsageError
+
+        Image.init()
+        known = set(Image.OPEN) | {"HEIF"}
+        wanted = {name.strip().upper() for name in extra if name.strip()}
+        if "ALL" in wanted:
+            wanted = (wanted - {"ALL"}) | (known - NEVER_IN_ALL)
+        unknown = sorted(wanted - known)
+        if unknown:
+            raise UsageError(
+                f"--formats: unknown format(s) {', '.join(unknown)}; Pillow reads {', '.join(sorted(known))}"
+            )
+        return cls(max_pixels, (*FORMATS, *sorted(wanted - set(FORMATS))))
+
+
+@dataclass(frozen=True, slots=True)
 class Prepared:
-    """A decoded, resized, center-cropped image: uint8 HWC RGB, plus the upright source size."""
+    """A decoded, resized, center-cropped image: uint8 HWC RGB, the upright source size, and any warnings
+    the decoder raised about this file."""
 
     pixels: npt.NDArray[np.uint8]
     width: int
     height: int
+    warnings: tuple[str, ...] = field(default=())
 
 
-def prepare(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
-    """Decode ``data`` and apply ``spec`` up to the crop. Raises an :class:`~wanwu.errors.InputError`."""
-    image = _open(data, max_pixels)
+def prepare(data: bytes, spec: PreprocessSpec, options: DecodeOptions | int = DEFAULT_MAX_PIXELS) -> Prepared:
+    """Decode ``data`` and apply ``spec`` up to the crop. Raises an :class:`~wanwu.errors.InputError`.
+
+    ``options``: a :class:`DecodeOptions` (or just the pixel limit)."""
+    if isinstance(options, int):
+        options = DecodeOptions(options)
+    caught: list[str] = []
+    _collector.caught = caught
+    try:
+        prepared = _prepare(data, spec, options)
+    finally:
+        _collector.caught = None
+    if caught:
+        prepared = Prepared(prepared.pixels, prepared.width, prepared.height, tuple(dict.fromkeys(caught)))
+    return prepared
+
+
+def _prepare(data: bytes, spec: PreprocessSpec, options: DecodeOptions) -> Prepared:
+    image = _open(data, options)
     try:
         width, height = image.size  # as stored, before any DCT scaling
         _maybe_draft(image, spec)
@@ -69,19 +129,43 @@ def prepare(data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIX
 DecodeResult = Prepared | tuple[ErrorType, str]
 
 
-def decode_job(data: bytes, spec: PreprocessSpec, max_pixels: int) -> DecodeResult:
+def decode_job(data: bytes, spec: PreprocessSpec, options: DecodeOptions | int) -> DecodeResult:
     """Runs in a decode worker. Errors come back as values: cheap to pickle, never a traceback."""
     try:
-        return prepare(data, spec, max_pixels)
+        return prepare(data, spec, options)
     except InputError as e:
         return (e.type, str(e))
     except Exception as e:  # a hostile file can trip any code path in a decoder plugin
         return ("decode_error", f"cannot decode image: {type(e).__name__}: {e}")
 
 
-def decode_jobs(datas: list[bytes], spec: PreprocessSpec, max_pixels: int) -> list[DecodeResult]:
+def decode_jobs(datas: list[bytes], spec: PreprocessSpec, options: DecodeOptions | int) -> list[DecodeResult]:
     """:func:`decode_job` for several images in one round trip to a worker."""
-    return [decode_job(data, spec, max_pixels) for data in datas]
+    return [decode_job(data, spec, options) for data in datas]
+
+
+# --- warnings: per file, not on stderr -----------------------------------------------------------------------
+
+
+class _Collector(threading.local):
+    caught: list[str] | None = None
+
+
+_collector = _Collector()
+_original_showwarning = warnings.showwarning
+
+
+def _showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+    """While a thread prepares an image, warnings go to that image's record; elsewhere, as before."""
+    caught = _collector.caught
+    if caught is not None:
+        caught.append(f"{category.__name__}: {message}")
+    else:
+        _original_showwarning(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _showwarning
 
 
 def to_batch(images: list[npt.NDArray[np.uint8]], spec: PreprocessSpec) -> npt.NDArray[np.float32]:
@@ -103,19 +187,19 @@ def to_batch(images: list[npt.NDArray[np.uint8]], spec: PreprocessSpec) -> npt.N
     return out
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def _open(data: bytes, options: DecodeOptions) -> Image.Image:
     if not data:
         raise DecodeError("empty file")
+    max_pixels = options.max_pixels
+    formats = options.formats
+    if "HEIF" in formats and not _heif_ready():
+        formats = tuple(f for f in formats if f != "HEIF")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
+            image = Image.open(io.BytesIO(data), formats=formats)
     except UnidentifiedImageError:
-        if (kind := _sniff(data)) is not None:
-            raise DecodeError(f"corrupt {kind} file: its header cannot be read") from None
-        raise UnsupportedError(
-            f"not an image in a supported format ({', '.join(f.lower() for f in FORMATS[:8])}, …)"
-        ) from None
+        _refuse(data, formats)
     except Image.DecompressionBombError as e:
         raise TooLargeError(str(e)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -141,10 +225,62 @@ _MAGIC = {
 }
 
 
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+_heif_state: list[bool] = []  # [registered?] once tried
+
+
+def _heif_ready() -> bool:
+    """Register pillow-heif's HEIF opener on first use; False where the extra is not installed."""
+    if not _heif_state:
+        try:
+            import pillow_heif
+
+            pillow_heif.register_heif_opener()
+            _heif_state.append(True)
+        except ImportError:
+            _heif_state.append(False)
+    return _heif_state[0]
+
+
 def _sniff(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WebP"
     return next((kind for magic, kind in _MAGIC.items() if data.startswith(magic)), None)
+
+
+def _refuse(data: bytes, formats: tuple[str, ...]) -> NoReturn:
+    """Why ``data`` was not opened: a corrupt file of a format we read, or a format that is off or unknown."""
+    if (kind := _sniff(data)) is not None:
+        raise DecodeError(f"corrupt {kind} file: its header cannot be read") from None
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS and "HEIF" not in formats:
+        raise UnsupportedError(
+            "HEIC/HEIF image: decoding it needs the pillow-heif package: pip install 'wanwu-vision[heif]'"
+        ) from None
+    detected = _detect(data)
+    if detected is not None and detected not in formats:
+        raise UnsupportedError(
+            f"{detected} image: this format is off by default; enable it with --formats {detected.lower()}"
+        ) from None
+    if detected is not None:
+        raise DecodeError(f"corrupt {detected} file: its header cannot be read") from None
+    raise UnsupportedError(
+        f"not an image in a supported format ({', '.join(f.lower() for f in FORMATS[:8])}, …)"
+    ) from None
+
+
+def _detect(data: bytes) -> str | None:
+    """The format whose magic bytes ``data`` starts with, by Pillow's own checks (nothing is decoded)."""
+    Image.init()
+    head = data[:64]
+    for name, (_, accept) in Image.OPEN.items():
+        if accept is None or name in ("MPEG", "IPTC"):
+            continue
+        try:
+            if accept(head):
+                return name
+        except Exception:  # an accept check that cannot read a short header
+            continue
+    return None
 
 
 def _maybe_draft(image: Image.Image, spec: PreprocessSpec) -> None:
@@ -203,7 +339,9 @@ def _resize_crop(image: Image.Image, spec: PreprocessSpec) -> npt.NDArray[np.uin
     """Short side -> resize_short (long side truncated), then center crop -> crop_size, as uint8 HWC.
 
     Deliberately the plain resize-then-crop: resampling only the crop's source box is ~25% faster but
-    moves ~2% of pixels by one level, which flips the top-1 of an int8 model on ~5% of photos.
+    moves ~2% of pixels by one level, which flips the top-1 of an int8 model on ~5% of photos. Only when
+    the resized image would exceed :data:`RESIZE_AREA_LIMIT` pixels (a 1x60000 strip: 3.9 billion) is the
+    crop's source window resampled alone, so the work stays that of the crop.
     """
     width, height = image.size
     short = spec.resize_short
@@ -214,5 +352,10 @@ def _resize_crop(image: Image.Image, spec: PreprocessSpec) -> npt.NDArray[np.uin
     crop = spec.crop_size
     left = round((new_w - crop) / 2.0)
     top = round((new_h - crop) / 2.0)
+    if new_w * new_h > RESIZE_AREA_LIMIT:
+        sx, sy = width / new_w, height / new_h
+        box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+        window = image.resize((crop, crop), _RESAMPLE[spec.interpolation], box=box)
+        return np.asarray(window, dtype=np.uint8)
     resized = image.resize((new_w, new_h), _RESAMPLE[spec.interpolation])
     return np.asarray(resized.crop((left, top, left + crop, top + crop)), dtype=np.uint8)

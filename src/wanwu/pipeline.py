@@ -25,20 +25,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from wanwu.cache import CachedResult, MemoryCache, OneThreadCache, ResultCache
 from wanwu.config import RecognizeOptions
-from wanwu.decoders import DecodePool
+from wanwu.decoders import DecodePool, DecodeTimeoutError
 from wanwu.engine import Engine
 from wanwu.errors import CacheError, ErrorType, InputError, OutOfMemoryError
 from wanwu.imaging import DecodeResult, Prepared, decode_jobs
@@ -207,8 +209,13 @@ class _Run:
         self.opts = rec.options
         self.record_options = record
         self.probabilities = rec.engine.spec.output == "probabilities"
-        self.namespace = rec.engine.spec.cache_namespace()
         self.preprocess = self.opts.decode_spec(rec.engine.spec.preprocess)
+        # results depend on how images were decoded (--full-decode): the cache key says so
+        self.namespace = replace(rec.engine.spec, preprocess=self.preprocess).cache_namespace()
+        self.decode_options = self.opts.decode_options()
+        self.timeout = self.opts.decode_timeout
+        self.decoding: dict[Future[Any], tuple[float, list[_Slot], int]] = {}  # deadline, slots, generation
+        self.abandoned: set[Future[Any]] = set()
         self.items = items
         self.events: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
         self.window: deque[_Slot] = deque()
@@ -223,8 +230,11 @@ class _Run:
         self.streams = self.inference.in_flight
         self.exhausted = False
         self.workers = max(1, self.opts.decode_workers)
+        # Several images per task amortize a process round trip; threads need none, and a task of one image
+        # is what a deadline can give up on without taking its neighbours along (a thread cannot be stopped).
+        self.chunk = self.DECODE_CHUNK if self.opts.decode_workers > 0 else 1
         self.max_fetch = max(4, self.opts.fetch_threads * 2)
-        self.max_decode = self.workers * 2 * self.DECODE_CHUNK  # a task queued behind each running one
+        self.max_decode = self.workers * 2 * self.chunk  # a task queued behind each running one
         self.max_window = max(256, self.opts.batch_size * 4)
         # crops handed over at once: a batch locally; everything ready when the inference gathers by itself
         self.handoff = self.inference.gather if self.inference.gather > 1 else self.max_window
@@ -256,9 +266,14 @@ class _Run:
             if can_infer and (len(self.ready) >= batch_size or self._starved()):
                 self._infer(min(self.handoff, len(self.ready)))
                 continue
+            wait = self.FLUSH_AFTER_S if can_infer else 1.0
+            if self.decoding:
+                nearest = min(deadline for deadline, _, _ in self.decoding.values())
+                wait = max(0.0, min(wait, nearest - time.monotonic()))
             try:
-                event = self.events.get(timeout=self.FLUSH_AFTER_S if can_infer else 1.0)
+                event = self.events.get(timeout=wait)
             except queue.Empty:
+                self._enforce_deadlines()
                 if can_infer:
                     self._infer(len(self.ready))
                 continue
@@ -305,12 +320,14 @@ class _Run:
             slot = self.suspects.popleft()
             slot.isolated = True
             self.pending_decode += 1
-            future = self.rec.decoders.isolate(self.decode, [slot.data or b""], self.preprocess, self.opts.max_pixels)
+            future = self.rec.decoders.isolate(
+                self.decode, [slot.data or b""], self.preprocess, self.decode_options, timeout=self.timeout
+            )
             future.add_done_callback(self._notify("decode", [slot]))
         while self.to_decode and self.pending_decode < self.max_decode:
             # Several images per task when many wait: each round trip to a worker process costs about a
             # millisecond of CPU, a quarter of decoding a small photo.
-            size = max(1, min(self.DECODE_CHUNK, len(self.to_decode) // self.workers))
+            size = max(1, min(self.chunk, len(self.to_decode) // self.workers))
             self._submit_decode([self.to_decode.popleft() for _ in range(size)])
 
     def _submit_decode(self, slots: list[_Slot]) -> None:
@@ -318,7 +335,10 @@ class _Run:
         for slot in slots:
             slot.generation = generation
         self.pending_decode += len(slots)
-        future = pool.submit(self.decode, [s.data or b"" for s in slots], self.preprocess, self.opts.max_pixels)
+        future = pool.submit(self.decode, [s.data or b"" for s in slots], self.preprocess, self.decode_options)
+        # A task may wait behind one other on its worker: allow for that, then give up on it.
+        deadline = time.monotonic() + self.timeout * (len(slots) + self.chunk)
+        self.decoding[future] = (deadline, slots, generation)
         future.add_done_callback(lambda f: self.events.put(("decode", slots, f)))
 
     def _notify(self, kind: str, subject: _Slot | list[_Slot]) -> Callable[[Future[Any]], None]:
@@ -333,6 +353,10 @@ class _Run:
             self.pending_fetch -= 1
             self._fetched(subject, future)
         elif kind == "decode":
+            self.decoding.pop(future, None)
+            if future in self.abandoned:  # given up on at its deadline (a thread that finally returned)
+                self.abandoned.discard(future)
+                return
             self.pending_decode -= len(subject)
             self._decoded(subject, future)
         else:
@@ -364,8 +388,30 @@ class _Run:
         slot.data = fetched.data
         self.to_decode.append(slot)
 
+    def _enforce_deadlines(self) -> None:
+        """A decode past its deadline: kill its pool's workers (its files become suspects, retried alone in
+        the quarantine under the same deadline). Threads cannot be stopped: give up on their files."""
+        now = time.monotonic()
+        for future, (deadline, slots, generation) in list(self.decoding.items()):
+            if now < deadline or future.done():
+                continue
+            del self.decoding[future]
+            if self.rec.decoders.kill(generation):
+                continue  # the broken pool reports this task (and its neighbours) as an event
+            self.abandoned.add(future)
+            self.pending_decode -= len(slots)
+            for slot in slots:
+                self._fail(slot, "decode_error", self._timed_out())
+
+    def _timed_out(self) -> str:
+        return f"decoding took longer than {self.timeout:g} s (--decode-timeout); the decoder was stopped"
+
     def _decoded(self, slots: list[_Slot], future: Future[list[DecodeResult]]) -> None:
         exc = future.exception()
+        if isinstance(exc, DecodeTimeoutError):
+            for slot in slots:
+                self._fail(slot, "decode_error", self._timed_out())
+            return
         if isinstance(exc, BrokenProcessPool):
             if not slots[0].isolated:
                 self.rec.decoders.reset(slots[0].generation)
@@ -381,6 +427,8 @@ class _Run:
             return
         for slot, result in zip(slots, future.result(), strict=True):
             slot.data = None
+            if slot.record is not None:
+                continue  # already answered (given up on at a deadline)
             if isinstance(result, tuple):
                 self._fail(slot, result[0], result[1])
             else:
@@ -407,22 +455,29 @@ class _Run:
         fresh = []
         for slot, top in zip(batch, tops, strict=True):
             assert slot.prepared is not None and slot.sha256 is not None
+            if not math.isfinite(top.logsumexp):  # NaN or inf among the scores: never a record, never cached
+                slot.prepared = None
+                self._fail(slot, "model_error", "the model returned scores that are not finite numbers for this image")
+                continue
             result = CachedResult(top, slot.prepared.width, slot.prepared.height)
+            notes = slot.prepared.warnings
             slot.prepared = None
             fresh.append((slot.sha256, result))
-            self._finish(slot, lambda s, r=result: self._ok(s, r.top, r.width, r.height))
+            self._finish(slot, lambda s, r=result, w=notes: self._ok(s, r.top, r.width, r.height, w))
         self.memo.put_many(self.namespace, fresh)
         if self.rec.cache is not None:
             self.rec.cache.put_many(self.namespace, fresh)
 
     # -- records ----------------------------------------------------------------------------------------
 
-    def _ok(self, slot: _Slot, top: TopScores, width: int, height: int) -> Record:
-        return Record.success(
+    def _ok(self, slot: _Slot, top: TopScores, width: int, height: int, warnings: tuple[str, ...] = ()) -> Record:
+        record = Record.success(
             slot.item.input, top, self.engine.spec.labels, self.record_options,
             sha256=slot.sha256, width=width, height=height, probabilities=self.probabilities,
             labels_en=self.engine.spec.labels_en,
         )
+        record.warnings = warnings
+        return record
 
     def _fail(self, slot: _Slot, type: ErrorType, message: str) -> None:
         self._finish(slot, lambda s: Record.failure(s.item.input, type, message, s.sha256))

@@ -122,6 +122,7 @@ class Record:
     width: int | None = None
     height: int | None = None
     error: ErrorInfo | None = None
+    warnings: tuple[str, ...] = ()  # what the decoder said about this file (a corrupt EXIF block, …)
 
     @property
     def ok(self) -> bool:
@@ -129,7 +130,7 @@ class Record:
 
     def to_dict(self) -> dict[str, Any]:
         if self.status == "ok":
-            return {
+            out_ok: dict[str, Any] = {
                 "input": self.input,
                 "status": "ok",
                 "predictions": [p.to_dict() for p in self.predictions],
@@ -137,6 +138,9 @@ class Record:
                 "width": self.width,
                 "height": self.height,
             }
+            if self.warnings:
+                out_ok["warnings"] = list(self.warnings)
+            return out_ok
         out: dict[str, Any] = {"input": self.input, "status": "error"}
         if self.sha256 is not None:
             out["sha256"] = self.sha256
@@ -172,6 +176,7 @@ class Record:
                 sha256=data.get("sha256"),
                 width=data.get("width"),
                 height=data.get("height"),
+                warnings=tuple(data.get("warnings") or ()),
             )
         err = data.get("error") or {}
         return cls.failure(data["input"], err.get("type", "internal"), err.get("message", ""), data.get("sha256"))

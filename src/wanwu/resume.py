@@ -38,6 +38,7 @@ class Unit:
     raw: bytes
     input: str | None = None  # None: not a record (a csv header, a blank line)
     status: str | None = None
+    predictions: int | None = None  # an ok record's number of predictions, where the format tells
 
 
 Reader = Callable[[BinaryIO, Path, int], Iterator[Unit]]
@@ -82,11 +83,15 @@ def resumable_formats() -> tuple[str, ...]:
     return tuple(sorted(READERS))
 
 
-def prepare_resume(path: Path, fmt: str, *, top_k: int, retry_errors: bool = False) -> ResumeState:
+def prepare_resume(
+    path: Path, fmt: str, *, top_k: int, retry_errors: bool = False, expect_predictions: int | None = None
+) -> ResumeState:
     """Repair ``path`` (cut a torn tail; drop error records when ``retry_errors``) and say what is done.
 
-    A missing file is a fresh start. Raises :class:`UsageError` for a format that cannot be resumed or a
-    file that is not this format's wanwu output.
+    A missing file is a fresh start. Raises :class:`UsageError` for a format that cannot be resumed, a
+    file that is not this format's wanwu output, or one written with another top-k (records with more than
+    ``top_k`` predictions, or, with ``expect_predictions`` (no threshold), any other count), so that a
+    resumed file never mixes two shapes of record.
     """
     reader = READERS.get(fmt)
     if reader is None:
@@ -104,6 +109,15 @@ def prepare_resume(path: Path, fmt: str, *, top_k: int, retry_errors: bool = Fal
             consumed += len(unit.raw)
             if unit.input is None:
                 continue
+            if unit.predictions is not None and (
+                unit.predictions > top_k
+                or (expect_predictions is not None and unit.predictions != expect_predictions)
+            ):
+                raise UsageError(
+                    f"{path} holds records with {unit.predictions} predictions, and this run would write "
+                    f"{expect_predictions or top_k}: resume with the -k (and --threshold) it was written with, "
+                    "or write to a new file"
+                )
             if unit.status == "error":
                 if retry_errors:
                     state.errors_removed += 1
@@ -160,7 +174,9 @@ def read_jsonl(f: BinaryIO, path: Path, top_k: int) -> Iterator[Unit]:
             or data.get("status") not in ("ok", "error")
         ):
             raise _not_ours(path, number, "no input and status")
-        yield Unit(line, data["input"], data["status"])
+        predictions = data.get("predictions")
+        count = len(predictions) if data["status"] == "ok" and isinstance(predictions, list) else None
+        yield Unit(line, data["input"], data["status"], count)
 
 
 @register_reader("csv")

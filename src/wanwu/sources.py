@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob as globlib
 import hashlib
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -102,8 +103,26 @@ def _expand_file(arg: str) -> Iterator[InputItem]:
     yield InputItem(arg, "file", arg)
 
 
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def _is_other_scheme(arg: str) -> bool:
+    """``s3://…``, ``oss://…``, ``ftp://…``: a URL of a kind no registered source reads."""
+    return _SCHEME.match(arg) is not None
+
+
+def _expand_other_scheme(arg: str) -> Iterator[InputItem]:
+    match = _SCHEME.match(arg)
+    scheme = match.group(1).lower() if match else "?"
+    yield InputItem(
+        arg, "missing", f"unsupported scheme '{scheme}://': inputs are files, folders, globs and http(s) URLs",
+        error_type="unsupported",
+    )
+
+
 SOURCES: list[Source] = [
     _Source("url", _is_url, _expand_url),
+    _Source("other-scheme", _is_other_scheme, _expand_other_scheme),
     _Source("folder", os.path.isdir, _expand_dir),
     _Source("glob", _is_glob, _expand_glob),
     _Source("file", lambda arg: True, _expand_file),

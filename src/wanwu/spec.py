@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from wanwu.errors import ModelError
+from wanwu.paths import wanwu_home
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 ChannelOrder = Literal["RGB", "BGR"]
@@ -61,7 +63,10 @@ class PreprocessSpec:
     def fingerprint(self) -> str:
         """A short stable hash of every field that can change the model's input."""
         payload = asdict(self)
-        payload.pop("jpeg_draft_factor")  # changes speed, not (materially) the pixels
+        # A reduced-scale decode changes speed, not (materially) the pixels; but a full decode
+        # (--full-decode) is asked for exactly: its results are never served from a reduced one.
+        if payload.pop("jpeg_draft_factor") <= 0:
+            payload["full_decode"] = True
         return _digest(payload)
 
     @classmethod
@@ -127,13 +132,16 @@ def _digest(payload: Any) -> str:
 
 
 def file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a weights file, memoised beside it by (size, mtime) so big checkpoints hash once."""
+    """sha256 of a weights file, memoised under ``$WANWU_HOME/fingerprints`` by (path, size, mtime), so big
+    checkpoints hash once. Nothing is written beside the user's model (a read-only or shared folder), and
+    a memo is trusted only for the very file it was made from."""
     stat = path.stat()
-    memo = path.with_name(path.name + ".sha256")
-    tag = f"{stat.st_size}:{stat.st_mtime_ns}"
+    resolved = str(path.resolve())
+    memo = wanwu_home() / "fingerprints" / (hashlib.sha256(resolved.encode()).hexdigest()[:32] + ".txt")
+    tag = f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
     try:
-        saved_tag, saved = memo.read_text().split()
-        if saved_tag == tag:
+        saved_path, saved_tag, saved = memo.read_text(encoding="utf-8").split("\n")[:3]
+        if saved_path == resolved and saved_tag == tag and len(saved) == 64:
             return saved
     except (OSError, ValueError):
         pass
@@ -143,7 +151,10 @@ def file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
             h.update(block)
     digest = h.hexdigest()
     try:
-        memo.write_text(f"{tag} {digest}\n")
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(f"{resolved}\n{tag}\n{digest}\n", encoding="utf-8")
+        os.replace(tmp, memo)
     except OSError:
-        pass  # read-only model folder: just hash again next time
+        pass  # an unwritable home: just hash again next time
     return digest

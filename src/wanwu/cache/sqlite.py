@@ -90,6 +90,9 @@ def encode_top(top: TopScores) -> bytes:
 
 
 def decode_top(blob: bytes) -> TopScores:
+    """Raises ValueError for anything that is not a whole encoded result (never struct.error)."""
+    if not isinstance(blob, bytes) or len(blob) < _HEADER.size:
+        raise ValueError("truncated result")
     version, flags, n, lse = _HEADER.unpack_from(blob)
     if version != _BLOB_VERSION:
         raise ValueError(f"unknown result encoding {version}")
@@ -182,7 +185,13 @@ class SqliteCache:
         with self._lock:
             try:
                 return self._get_many(namespace, keys)
-            except (sqlite3.Error, CacheError, ValueError) as e:
+            except sqlite3.OperationalError as e:
+                if _transient(e):  # another process holds the write lock longer than the timeout: a miss
+                    log.debug("result cache %s busy (%s); treated as a miss", self.path, e)
+                    return {}
+                self._disable("read", e)
+                return {}
+            except (sqlite3.Error, CacheError) as e:
                 self._disable("read", e)
                 return {}
 
@@ -208,6 +217,11 @@ class SqliteCache:
                         [(ns, *row) for row in rows],
                     )
                     self._write_touches(conn)
+            except sqlite3.OperationalError as e:
+                if _transient(e):  # these results are just not stored this time
+                    log.debug("result cache %s busy (%s); %d result(s) not stored", self.path, e, len(rows))
+                    return
+                self._disable("write", e)
             except (sqlite3.Error, CacheError) as e:
                 self._disable("write", e)
 
@@ -333,7 +347,11 @@ class SqliteCache:
                 (ns, *chunk),
             )
             for key, top, width, height, accessed in rows:
-                out[by_blob[key]] = CachedResult(decode_top(top), width, height)
+                try:
+                    out[by_blob[key]] = CachedResult(decode_top(top), width, height)
+                except ValueError as e:  # one damaged entry is a miss (and is rewritten), not a broken cache
+                    log.debug("result cache %s: unreadable entry (%s); treated as a miss", self.path, e)
+                    continue
                 if now - accessed >= self.touch_interval:
                     self._touches[(ns, key)] = now
         if len(self._touches) >= _TOUCH_BATCH:
@@ -465,11 +483,19 @@ class SqliteCache:
         return _Errors(self.path, what)
 
     def _disable(self, what: str, error: BaseException) -> None:
+        """Carry on without the cache after an error that will not go away by itself (a damaged file, a full
+        disk). Lock timeouts (another process writing) and a damaged entry never get here."""
         if not self._disabled:
             log.warning(
                 "result cache %s: cannot %s it (%s); carrying on without the cache", self.path, what, error
             )
         self._disabled = True
+
+
+def _transient(error: sqlite3.OperationalError) -> bool:
+    """"database is locked" / "busy": another process held the lock past the timeout; the next call may work."""
+    text = str(error).lower()
+    return "locked" in text or "busy" in text
 
 
 class _Errors:

@@ -110,6 +110,10 @@ HELP: dict[str, dict[str, str]] = {
         "full_decode": "Decode large JPEGs at full size (slower; by default libjpeg scales them down while "
         "decoding as far as the model's resize allows).",
         "max_bytes": "Refuse files/downloads above this many bytes.",
+        "decode_timeout": "Seconds one image may take to decode; past it the decoder is stopped and the record "
+        "says decode_error (timed out).",
+        "formats": "Also decode these formats, comma-separated Pillow names (psd,dds,fli,…), or 'all'. "
+        "Default: JPEG, PNG, WebP, GIF, BMP, TIFF, PPM, ICO, TGA, AVIF, JPEG 2000, HEIC (with the heif extra).",
         "timeout": "URL fetch timeout, seconds.",
         "format": "Output format (default: from --output's suffix .csv/.json/.jsonl, else table on a terminal, "
         "else jsonl).",
@@ -146,6 +150,9 @@ HELP: dict[str, dict[str, str]] = {
         "max_pixels": "拒绝像素数超过此值的图片（too_large）。",
         "full_decode": "以原尺寸解码大 JPEG（较慢；默认 libjpeg 在模型缩放允许的范围内边解码边缩小）。",
         "max_bytes": "拒绝超过此字节数的文件或下载。",
+        "decode_timeout": "单张图片解码的时限（秒）；超时则停止解码器，记录为 decode_error（超时）。",
+        "formats": "另外解码这些格式（逗号分隔的 Pillow 格式名，如 psd,dds,fli），或 all。默认：JPEG、PNG、WebP、"
+        "GIF、BMP、TIFF、PPM、ICO、TGA、AVIF、JPEG 2000、HEIC（需 heif 扩展）。",
         "timeout": "网址下载超时，秒。",
         "format": "输出格式（默认：按 --output 的后缀 .csv/.json/.jsonl，否则终端上为 table，否则为 jsonl）。",
         "output": "把记录写到这里，而不是标准输出。",

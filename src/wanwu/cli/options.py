@@ -73,6 +73,8 @@ def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
         "fetch_timeout": kw["timeout"],
         "cache": not kw["no_cache"],
         "full_decode": kw["full_decode"],
+        "decode_timeout": kw["decode_timeout"],
+        "formats": tuple(name for part in kw["formats"] for name in part.split(",") if name.strip()),
         "cache_path": kw["cache_path"],
         "backend": backend_options(kw),
     }
@@ -103,6 +105,9 @@ io_options = _compose(
     ),
     click.option("--max-bytes", type=click.IntRange(min=1), default=RecognizeOptions.max_bytes,
                  help=h("max_bytes")),
+    click.option("--decode-timeout", type=click.FloatRange(min=0, min_open=True),
+                 default=RecognizeOptions.decode_timeout, show_default=True, help=h("decode_timeout")),
+    click.option("--formats", multiple=True, metavar="LIST", help=h("formats")),
     click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=RecognizeOptions.fetch_timeout,
                  show_default=True, help=h("timeout")),
 )

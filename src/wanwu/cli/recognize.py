@@ -49,11 +49,15 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
     """``wanwu recognize`` (its help text is ``h("recognize")``, in the locale's language)."""
     options = _options(kw)
     fmt = fmt or _default_format(output)
-    state = _resume_state(output, fmt, options.record.top_k, retry_errors) if resume or retry_errors else None
+    if (resume or retry_errors) and output is None:
+        raise UsageError("--resume needs --output FILE (the file of the run to continue)")
     with ExitStack() as stack:
         # The model loads first: a run that cannot start leaves an existing output untouched.
         recognizer = stack.enter_context(
             Recognizer(kw["model"], labels=kw["labels"], label_column=kw["label_column"], options=options))
+        shape = options.record
+        expect = min(shape.top_k, recognizer.spec.num_classes) if shape.threshold is None else None
+        state = _resume_state(output, fmt, shape.top_k, retry_errors, expect) if resume or retry_errors else None
         if output is not None and state is None:
             _warn_if_overwriting(output)
         stream: TextIO = (
@@ -118,12 +122,14 @@ def _default_format(output: Path | None) -> str:
     return "table" if sys.stdout.isatty() else "jsonl"
 
 
-def _resume_state(output: Path | None, fmt: str, top_k: int, retry_errors: bool) -> ResumeState:
+def _resume_state(
+    output: Path | None, fmt: str, top_k: int, retry_errors: bool, expect: int | None = None
+) -> ResumeState:
     if output is None:
         raise UsageError("--resume needs --output FILE (the file of the run to continue)")
     if fmt not in resumable_formats():
         raise UsageError(f"--resume works with {' and '.join(resumable_formats())} output, not {fmt}")
-    state = prepare_resume(output, fmt, top_k=top_k, retry_errors=retry_errors)
+    state = prepare_resume(output, fmt, top_k=top_k, retry_errors=retry_errors, expect_predictions=expect)
     if state.torn_bytes:
         log.warning("%s: removed a torn last record (%d bytes) left by an interrupted run", output,
                     state.torn_bytes)
