@@ -3,7 +3,8 @@
 * ``jsonl`` — one JSON object per line (the canonical format; ``--resume`` reads it back);
 * ``json``  — the same objects in one array, streamed (``[`` first, ``]`` on close);
 * ``csv``   — flattened columns ``label_1, index_1, score_1, …`` up to top-k, optional UTF-8 BOM for Excel;
-* ``table`` — readable terminal lines.
+* ``table`` — readable terminal lines;
+* ``parquet`` — columns with predictions as a list of structs, in row groups (see :mod:`wanwu.parquet`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import csv
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, TextIO
 
 from wanwu.errors import UsageError
@@ -153,3 +155,26 @@ class TableSink:
 
 def _fmt_score(score: float) -> str:
     return f"{score * 100:.1f}%" if 0.0 <= score <= 1.0 else f"{score:.2f}"
+
+
+@register_sink("parquet")
+def _parquet_sink(stream: TextIO, options: SinkOptions) -> Sink:
+    from wanwu.parquet import ParquetSink
+
+    return ParquetSink(stream, options)
+
+
+SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+                  ".pq": "parquet"}
+
+
+def format_for_path(path: Path) -> str:
+    """The output format an output file's suffix names; an unknown suffix is a usage error."""
+    try:
+        return SUFFIX_FORMATS[path.suffix.lower()]
+    except KeyError:
+        known = ", ".join(sorted(SUFFIX_FORMATS))
+        raise UsageError(
+            f"cannot tell the output format from {path.name!r}: use a suffix {known}, or name it with --format "
+            f"({', '.join(f for f in SINKS if f != 'table')})"
+        ) from None

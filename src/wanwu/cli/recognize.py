@@ -18,7 +18,7 @@ from wanwu.errors import UsageError
 from wanwu.pipeline import Recognizer
 from wanwu.records import Record
 from wanwu.resume import ResumeState, prepare_resume, resumable_formats
-from wanwu.sinks import SINKS, SinkOptions, create_sink
+from wanwu.sinks import SINKS, SinkOptions, create_sink, format_for_path
 from wanwu.sources import count_items, expand
 
 log = logging.getLogger("wanwu")
@@ -29,7 +29,7 @@ log = logging.getLogger("wanwu")
 @run_options
 @click.option(
     "-f", "--format", "fmt", type=click.Choice(sorted(SINKS)), default=None,
-    help="Output format (default: from --output's suffix .csv/.json/.jsonl, else table on a terminal, "
+    help="Output format (default: from --output's suffix .csv/.json/.jsonl/.parquet, else table on a terminal, "
     "else jsonl).",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -37,7 +37,7 @@ log = logging.getLogger("wanwu")
 @click.option("--bom", is_flag=True, help="csv: begin with a UTF-8 BOM (for Excel).")
 @click.option(
     "--resume", is_flag=True,
-    help="Continue into an existing --output (jsonl or csv): skip the inputs it already records and "
+    help="Continue into an existing --output (jsonl, csv or parquet): skip the inputs it already records and "
     "append the rest; a torn last line left by a killed run is repaired.",
 )
 @click.option(
@@ -82,13 +82,10 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
     return 3 if counts["error"] or (state is not None and state.errors_kept) else 0
 
 
-_SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"}
-
-
 def _default_format(output: Path | None) -> str:
-    """By the output file's suffix; else jsonl, or a table when writing to a terminal."""
+    """By the output file's suffix (unknown: a usage error); else jsonl, or a table on a terminal."""
     if output is not None:
-        return _SUFFIX_FORMATS.get(output.suffix.lower(), "jsonl")
+        return format_for_path(output)
     return "table" if sys.stdout.isatty() else "jsonl"
 
 
