@@ -26,7 +26,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo"}
 )
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
-ItemKind = Literal["file", "url", "bytes", "missing"]
+ItemKind = Literal["file", "url", "bytes", "missing", "object"]  # object: s3:// (wanwu.objstore)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +102,20 @@ def _expand_file(arg: str) -> Iterator[InputItem]:
     yield InputItem(arg, "file", arg)
 
 
+def _is_object(arg: str) -> bool:
+    from wanwu import objstore
+
+    return objstore.claims(arg)
+
+
+def _expand_object(arg: str) -> Iterator[InputItem]:
+    from wanwu import objstore
+
+    return objstore.expand(arg)
+
+
 SOURCES: list[Source] = [
+    _Source("object", _is_object, _expand_object),
     _Source("url", _is_url, _expand_url),
     _Source("folder", os.path.isdir, _expand_dir),
     _Source("glob", _is_glob, _expand_glob),
@@ -186,6 +199,10 @@ class Fetcher:
             self._check_size(len(data))
         elif item.kind == "url":
             data = self._download(item.locator)
+        elif item.kind == "object":
+            from wanwu import objstore
+
+            data = objstore.read(item.locator, self.max_bytes)
         else:
             data = self._read(item.locator)
         return Fetched(data, hashlib.sha256(data).hexdigest())
