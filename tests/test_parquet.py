@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+import wanwu
 from wanwu import parquet
 from wanwu.cli.main import main
 from wanwu.parquet import ParquetSink, parts_dir
@@ -110,3 +117,42 @@ def test_resume_refuses_a_foreign_file(tmp_path: Path, mobilenet: tuple[Path, Pa
     assert _run(mobilenet, *_photos(photos, 1), "-o", str(out), "--resume") == 2
     assert "refusing to resume" in capsys.readouterr().err
     assert out.read_text() == "not parquet"
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume(tmp_path: Path, mobilenet: tuple[Path, Path], photos: Path) -> None:
+    """A real process killed with SIGKILL mid-run; --resume ends with one row per input, as a clean run."""
+    inputs = _photos(photos, 120)
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{p}\n" for p in inputs))
+    code = ("import sys; from wanwu import parquet; parquet.ROW_GROUP_SIZE = 8; "
+            "from wanwu.cli.main import main; sys.exit(main())")
+    args = ["recognize", "-", "--model", str(mobilenet[0]), "--labels", str(mobilenet[1]), "-q", "--no-cache",
+            "-j", "1", "-b", "4"]
+    env = {**os.environ, "PYTHONPATH": str(Path(wanwu.__file__).resolve().parents[1])}
+    out = tmp_path / "out.parquet"
+    with listing.open() as stdin:
+        proc = subprocess.Popen([sys.executable, "-c", code, *args, "-o", str(out)], stdin=stdin, env=env,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while len(list(parts_dir(out).glob("*.parquet"))) < 3 and proc.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL  # it really was killed mid-run
+    assert not out.exists() or out.stat().st_size == 0
+    with listing.open() as stdin:
+        assert subprocess.run([sys.executable, "-c", code, *args, "-o", str(out), "--resume"], stdin=stdin,
+                              env=env, timeout=300).returncode == 0
+    ref = tmp_path / "ref.jsonl"
+    assert _run(mobilenet, *inputs, "-o", str(ref)) == 0
+    expected = {r["input"]: r["predictions"] for r in map(json.loads, ref.read_text().splitlines())}
+    rows = pq.read_table(out).to_pylist()
+    assert sorted(r["input"] for r in rows) == sorted(inputs)
+    assert all(r["predictions"] == expected[r["input"]] for r in rows)

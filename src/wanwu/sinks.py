@@ -74,7 +74,7 @@ class JsonlSink:
 class JsonSink:
     def __init__(self, stream: TextIO, options: SinkOptions) -> None:
         if options.append:
-            raise UsageError("--resume works with jsonl and csv output, not json")
+            raise UsageError("--resume works with jsonl, csv and parquet output, not json")
         self.stream = stream
         self.count = 0
         self.stream.write("[")

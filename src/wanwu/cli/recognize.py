@@ -93,7 +93,7 @@ def _resume_state(output: Path | None, fmt: str, top_k: int, retry_errors: bool)
     if output is None:
         raise UsageError("--resume needs --output FILE (the file of the run to continue)")
     if fmt not in resumable_formats():
-        raise UsageError(f"--resume works with {' and '.join(resumable_formats())} output, not {fmt}")
+        raise UsageError(f"--resume works with {', '.join(resumable_formats())} output, not {fmt}")
     state = prepare_resume(output, fmt, top_k=top_k, retry_errors=retry_errors)
     if state.torn_bytes:
         log.warning("%s: removed a torn last record (%d bytes) left by an interrupted run", output,
