@@ -89,3 +89,16 @@ def test_unreachable_endpoint_is_an_error_record(s3: object, mobilenet: tuple[Pa
     (record,) = _records(capsys.readouterr().out)
     assert record["status"] == "error" and record["input"] == "s3://cat/p.jpg"
     assert record["error"]["type"] == "fetch_error"  # type: ignore[index]
+
+
+def test_jobs_submit_uploads_objects_even_by_reference(s3: object, photos: Path) -> None:
+    """A worker cannot read s3:// as a path: the submitter reads the object and uploads its bytes."""
+    from wanwu.cli.jobs import _job_input
+    from wanwu.sources import Fetcher, expand
+
+    photo = sorted(photos.glob("*.JPEG"))[1]
+    s3.create_bucket(Bucket="cat")  # type: ignore[attr-defined]
+    s3.put_object(Bucket="cat", Key="p.jpg", Body=photo.read_bytes())  # type: ignore[attr-defined]
+    (item,) = expand(["s3://cat/p.jpg"])
+    job_input = _job_input(item, Fetcher(), True)
+    assert (job_input.name, job_input.kind, job_input.data) == ("s3://cat/p.jpg", "upload", photo.read_bytes())
