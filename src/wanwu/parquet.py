@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 ROW_GROUP_SIZE = 2048
 
 
-def _pa() -> Any:
+def require_pyarrow() -> Any:
     try:
         import pyarrow
         import pyarrow.compute
@@ -43,7 +43,7 @@ def _pa() -> Any:
 
 
 def schema() -> pa.Schema:
-    pa = _pa()
+    pa = require_pyarrow()
     prediction = pa.struct([("index", pa.int32()), ("label", pa.string()), ("score", pa.float64())])
     return pa.schema([
         ("input", pa.string()), ("status", pa.string()), ("predictions", pa.list_(prediction)),
@@ -67,7 +67,7 @@ def _row(record: Record) -> dict[str, Any]:
 
 
 def _write_atomic(table: pa.Table, dest: Path) -> None:
-    pq = _pa().parquet
+    pq = require_pyarrow().parquet
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
         pq.write_table(table, tmp)
@@ -84,7 +84,7 @@ class ParquetSink:
         name = getattr(stream, "name", None)
         if not isinstance(name, str) or name.startswith("<"):
             raise UsageError("parquet output needs --output FILE.parquet (it cannot stream to stdout)")
-        self._pa = _pa()
+        self._pa = require_pyarrow()
         self.path = Path(name)
         self.parts = parts_dir(self.path)
         self.row_group_size = row_group_size or ROW_GROUP_SIZE
@@ -143,7 +143,7 @@ def scan(path: Path, retry_errors: bool) -> tuple[Counter[str], int, int, int, b
 
     With ``retry_errors`` each file holding error records is rewritten without them (temporary file, rename).
     """
-    pa = _pa()
+    pa = require_pyarrow()
     pq = pa.parquet
     done: Counter[str] = Counter()
     kept = errors_kept = errors_removed = 0

@@ -98,9 +98,9 @@ def read_records(path: Path) -> Iterator[dict[str, Any] | None]:
 
 
 def _read_parquet(path: Path) -> Iterator[dict[str, Any] | None]:
-    from wanwu.parquet import _pa
+    from wanwu.parquet import require_pyarrow
 
-    pq = _pa().parquet
+    pq = require_pyarrow().parquet
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
