@@ -100,3 +100,18 @@ def test_sampling_keeps_best_per_label_and_page_is_bounded(tmp_path: Path, photo
     assert sum(len(p) * 3 // 4 for p in pictures) <= budget
     assert len(page.encode()) < budget * 4 // 3 + 200_000
     assert "只列出前 50 个失败" in page
+
+
+def test_parquet_results_give_the_same_page(run: Path, tmp_path: Path) -> None:
+    from wanwu.parquet import ParquetSink
+    from wanwu.records import Record
+    from wanwu.sinks import SinkOptions
+
+    parquet_path = tmp_path / "run.parquet"
+    with parquet_path.open("w") as stream:
+        sink = ParquetSink(stream, SinkOptions())
+        for data in _records(run):
+            sink.write(Record.from_dict(data))
+        sink.close()
+    from_jsonl = render(summarize([run]), title="t")
+    assert "说明.jpg" in from_jsonl and render(summarize([parquet_path]), title="t") == from_jsonl
