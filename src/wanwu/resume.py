@@ -9,7 +9,8 @@ With ``retry_errors`` the error records are not counted as done: the file is rew
 (to a temporary file, then renamed over the original, so a crash leaves either the old or the new file) and
 those inputs are redone.
 
-Readers are registered per output format (jsonl and csv; a json array cannot be appended to). Anything
+Readers are registered per output format (jsonl and csv; a json array cannot be appended to; Parquet,
+which keeps finished row groups as files, has a whole-file reader). Anything
 in the file that is not a record of that format stops the resume with a :class:`~wanwu.errors.UsageError`
 rather than risk damaging a file that was never wanwu's.
 """
@@ -80,7 +81,7 @@ class ResumeState:
 
 
 def resumable_formats() -> tuple[str, ...]:
-    return tuple(sorted(READERS))
+    return tuple(sorted({*READERS, *WHOLE_FILE_READERS}))
 
 
 def prepare_resume(
@@ -93,6 +94,9 @@ def prepare_resume(
     ``top_k`` predictions, or, with ``expect_predictions`` (no threshold), any other count), so that a
     resumed file never mixes two shapes of record.
     """
+    whole = WHOLE_FILE_READERS.get(fmt)
+    if whole is not None:
+        return whole(path, retry_errors)
     reader = READERS.get(fmt)
     if reader is None:
         raise UsageError(f"--resume works with {' and '.join(resumable_formats())} output, not {fmt}")
@@ -213,3 +217,18 @@ def _csv_rows(f: BinaryIO) -> Iterator[bytes]:
         if line.endswith(b"\n") and quotes % 2 == 0:
             yield b"".join(parts)
             parts, quotes = [], 0
+
+
+# Formats that are not a stream of byte units (Parquet): the reader gives the whole state itself.
+WHOLE_FILE_READERS: dict[str, Callable[[Path, bool], ResumeState]] = {}
+
+
+def _resume_parquet(path: Path, retry_errors: bool) -> ResumeState:
+    """Parquet: the finished file and/or the finished row-group parts a killed run kept (see wanwu.parquet)."""
+    from wanwu.parquet import scan
+
+    done, kept, errors_kept, errors_removed, exists = scan(path, retry_errors)
+    return ResumeState(done=done, exists=exists, kept=kept, errors_kept=errors_kept, errors_removed=errors_removed)
+
+
+WHOLE_FILE_READERS["parquet"] = _resume_parquet

@@ -5,6 +5,7 @@
 * ``csv``   — flattened columns ``label_1, index_1, score_1, …`` up to top-k, optional UTF-8 BOM for Excel;
 * ``table`` — a terminal table (rich): aligned columns that never wrap inside a cell, printed through the
   progress bar's console when there is one, so rows appear above the bar.
+* ``parquet`` — columns with predictions as a list of structs, in row groups (see :mod:`wanwu.parquet`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import csv
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from wanwu.errors import UsageError
@@ -75,7 +77,7 @@ class JsonlSink:
 class JsonSink:
     def __init__(self, stream: TextIO, options: SinkOptions) -> None:
         if options.append:
-            raise UsageError("--resume works with jsonl and csv output, not json")
+            raise UsageError("--resume works with jsonl, csv and parquet output, not json")
         self.stream = stream
         self.count = 0
         self.stream.write("[")
@@ -199,3 +201,26 @@ def _tail(text: str, width: int) -> str:
 
 def _fmt_score(score: float) -> str:
     return f"{score * 100:.1f}%" if 0.0 <= score <= 1.0 else f"{score:.2f}"
+
+
+@register_sink("parquet")
+def _parquet_sink(stream: TextIO, options: SinkOptions) -> Sink:
+    from wanwu.parquet import ParquetSink
+
+    return ParquetSink(stream, options)
+
+
+SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
+                  ".pq": "parquet"}
+
+
+def format_for_path(path: Path) -> str:
+    """The output format an output file's suffix names; an unknown suffix is a usage error."""
+    try:
+        return SUFFIX_FORMATS[path.suffix.lower()]
+    except KeyError:
+        known = ", ".join(sorted(SUFFIX_FORMATS))
+        raise UsageError(
+            f"cannot tell the output format from {path.name!r}: use a suffix {known}, or name it with --format "
+            f"({', '.join(f for f in SINKS if f != 'table')})"
+        ) from None

@@ -27,7 +27,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo"}
 )
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
-ItemKind = Literal["file", "url", "bytes", "missing"]
+ItemKind = Literal["file", "url", "bytes", "missing", "object"]  # object: s3:// (wanwu.objstore)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +120,20 @@ def _expand_other_scheme(arg: str) -> Iterator[InputItem]:
     )
 
 
+def _is_object(arg: str) -> bool:
+    from wanwu import objstore
+
+    return objstore.claims(arg)
+
+
+def _expand_object(arg: str) -> Iterator[InputItem]:
+    from wanwu import objstore
+
+    return objstore.expand(arg)
+
+
 SOURCES: list[Source] = [
+    _Source("object", _is_object, _expand_object),
     _Source("url", _is_url, _expand_url),
     _Source("other-scheme", _is_other_scheme, _expand_other_scheme),
     _Source("folder", os.path.isdir, _expand_dir),
@@ -205,6 +218,10 @@ class Fetcher:
             self._check_size(len(data))
         elif item.kind == "url":
             data = self._download(item.locator)
+        elif item.kind == "object":
+            from wanwu import objstore
+
+            data = objstore.read(item.locator, self.max_bytes)
         else:
             data = self._read(item.locator)
         return Fetched(data, hashlib.sha256(data).hexdigest())

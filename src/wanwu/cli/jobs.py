@@ -99,7 +99,7 @@ def _job_input(item: InputItem, fetcher: Fetcher, by_reference: bool) -> JobInpu
         return JobInput.url(item.locator)
     if item.kind == "missing":
         return JobInput.missing(item.input, item.error_type, item.locator)
-    if by_reference:
+    if by_reference and item.kind != "object":  # an s3:// object has no path a worker could read: upload it
         return JobInput.path(str(Path(item.locator).absolute()), name=item.input)
     try:
         return JobInput.upload(item.input, fetcher.fetch(item).data)

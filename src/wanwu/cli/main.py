@@ -19,7 +19,7 @@ from wanwu.errors import UsageError, WanwuError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # Each module defines ``command``; a module whose extra is missing still registers (it fails on use).
-COMMAND_MODULES = ("recognize", "cache", "convert", "serve", "jobs", "worker")
+COMMAND_MODULES = ("recognize", "cache", "convert", "serve", "jobs", "worker", "report")
 
 
 install_click_translations()

@@ -115,11 +115,11 @@ HELP: dict[str, dict[str, str]] = {
         "formats": "Also decode these formats, comma-separated Pillow names (psd,dds,fli,…), or 'all'. "
         "Default: JPEG, PNG, WebP, GIF, BMP, TIFF, PPM, ICO, TGA, AVIF, JPEG 2000, HEIC (with the heif extra).",
         "timeout": "URL fetch timeout, seconds.",
-        "format": "Output format (default: from --output's suffix .csv/.json/.jsonl, else table on a terminal, "
-        "else jsonl).",
+        "format": "Output format (default: from --output's suffix .csv/.json/.jsonl/.parquet, else table on a "
+        "terminal, else jsonl).",
         "output": "Write records here instead of stdout.",
         "bom": "csv: begin with a UTF-8 BOM (for Excel).",
-        "resume": "Continue into an existing --output (jsonl or csv): skip the inputs it already records and "
+        "resume": "Continue into an existing --output (jsonl, csv or parquet): skip the inputs it already records and "
         "append the rest; a torn last line left by a killed run is repaired.",
         "retry_errors": "With --resume (implied): also redo the inputs recorded as errors, replacing their "
         "records.",
@@ -154,10 +154,10 @@ HELP: dict[str, dict[str, str]] = {
         "formats": "另外解码这些格式（逗号分隔的 Pillow 格式名，如 psd,dds,fli），或 all。默认：JPEG、PNG、WebP、"
         "GIF、BMP、TIFF、PPM、ICO、TGA、AVIF、JPEG 2000、HEIC（需 heif 扩展）。",
         "timeout": "网址下载超时，秒。",
-        "format": "输出格式（默认：按 --output 的后缀 .csv/.json/.jsonl，否则终端上为 table，否则为 jsonl）。",
+        "format": "输出格式（默认：按 --output 的后缀 .csv/.json/.jsonl/.parquet，否则终端上为 table，否则为 jsonl）。",
         "output": "把记录写到这里，而不是标准输出。",
         "bom": "csv：以 UTF-8 BOM 开头（供 Excel 使用）。",
-        "resume": "接着写入已有的 --output（jsonl 或 csv）：跳过其中已有记录的输入，追加其余的；"
+        "resume": "接着写入已有的 --output（jsonl、csv 或 parquet）：跳过其中已有记录的输入，追加其余的；"
         "被杀死的运行留下的残缺末行会被修复。",
         "retry_errors": "配合 --resume（自动启用）：也重做记录为错误的输入，替换其记录。",
         "quiet": "不显示进度条和汇总。",

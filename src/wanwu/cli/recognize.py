@@ -19,7 +19,7 @@ from wanwu.config import RecognizeOptions
 from wanwu.errors import UsageError
 from wanwu.pipeline import Recognizer
 from wanwu.resume import ResumeState, prepare_resume, resumable_formats
-from wanwu.sinks import SINKS, SinkOptions, create_sink
+from wanwu.sinks import SINKS, SinkOptions, create_sink, format_for_path
 from wanwu.sources import count_items, expand
 
 log = logging.getLogger("wanwu")
@@ -116,9 +116,9 @@ _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv
 
 
 def _default_format(output: Path | None) -> str:
-    """By the output file's suffix; else jsonl, or a table when writing to a terminal."""
+    """By the output file's suffix (unknown: a usage error); else jsonl, or a table on a terminal."""
     if output is not None:
-        return _SUFFIX_FORMATS.get(output.suffix.lower(), "jsonl")
+        return format_for_path(output)
     return "table" if sys.stdout.isatty() else "jsonl"
 
 
@@ -128,7 +128,7 @@ def _resume_state(
     if output is None:
         raise UsageError("--resume needs --output FILE (the file of the run to continue)")
     if fmt not in resumable_formats():
-        raise UsageError(f"--resume works with {' and '.join(resumable_formats())} output, not {fmt}")
+        raise UsageError(f"--resume works with {', '.join(resumable_formats())} output, not {fmt}")
     state = prepare_resume(output, fmt, top_k=top_k, retry_errors=retry_errors, expect_predictions=expect)
     if state.torn_bytes:
         log.warning("%s: removed a torn last record (%d bytes) left by an interrupted run", output,

@@ -1,0 +1,100 @@
+"""Object storage inputs: ``s3://bucket/prefix/`` is read like a folder, ``s3://bucket/key.jpg`` like a file.
+
+Through fsspec's s3fs (the ``s3`` extra), so the standard AWS credential chain applies (``AWS_ACCESS_KEY_ID``
+/ ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, ``~/.aws``, instance roles), and
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` points it at any S3-compatible server (MinIO, Ceph, Aliyun OSS's
+S3-compatible endpoint, …). A prefix is walked lazily, folder level by folder level, sorted by key in each,
+picking image keys by extension like a local folder walk. A listing that fails (no such bucket, denied, no
+credentials) becomes one error record for that argument; each object's read failure is that object's record.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from wanwu.errors import FetchError, MissingExtraError, NotFoundError, TooLargeError
+from wanwu.sources import IMAGE_EXTENSIONS, InputItem
+
+SCHEMES = ("s3://",)
+
+_lock = threading.Lock()
+_cache: dict[tuple[str | None, ...], Any] = {}
+
+
+def claims(arg: str) -> bool:
+    return arg.lower().startswith(SCHEMES)
+
+
+def filesystem() -> Any:
+    """One s3fs filesystem per endpoint and credentials in the environment (they may change between runs)."""
+    try:
+        import s3fs
+    except ModuleNotFoundError:
+        raise MissingExtraError("s3fs", "s3", "Reading s3:// inputs") from None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    key = (endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    with _lock:
+        fs = _cache.get(key)
+        if fs is None:
+            fs = _cache[key] = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+        return fs
+
+
+def _is_image(key: str) -> bool:
+    return os.path.splitext(key)[1].lower() in IMAGE_EXTENSIONS
+
+
+def expand(arg: str) -> Iterator[InputItem]:
+    """A key that is an object: that object. Otherwise a prefix: its image objects, walked lazily."""
+    bare = arg[len("s3://"):]
+    if not bare.strip("/"):
+        yield InputItem(arg, "missing", "no bucket named", error_type="not_found")
+        return
+    try:
+        fs = filesystem()
+        if not arg.endswith("/") and fs.isfile(bare):
+            yield InputItem(arg, "object", arg)
+            return
+        found = False
+        for folder, _dirs, files in fs.walk(bare.rstrip("/"), detail=False):
+            for name in sorted(files):
+                if _is_image(name):
+                    found = True
+                    yield InputItem(f"s3://{folder.rstrip('/')}/{name}", "object", f"s3://{folder}/{name}")
+        if not found:
+            yield InputItem(arg, "missing", "no image objects under this prefix", error_type="not_found")
+    except MissingExtraError:
+        raise
+    except FileNotFoundError:
+        yield InputItem(arg, "missing", "no such bucket or key", error_type="not_found")
+    except PermissionError as e:
+        yield InputItem(arg, "missing", f"access denied listing {arg}: {e}", error_type="fetch_error")
+    except OSError as e:
+        yield InputItem(arg, "missing", f"cannot list {arg}: {e}", error_type="fetch_error")
+    except Exception as e:  # botocore's NoCredentialsError, EndpointConnectionError … are not OSErrors
+        yield InputItem(arg, "missing", f"cannot list {arg}: {type(e).__name__}: {e}", error_type="fetch_error")
+
+
+def read(url: str, max_bytes: int) -> bytes:
+    """The object's bytes, at most ``max_bytes``; raises :class:`~wanwu.errors.InputError` with the reason."""
+    path = url[len("s3://"):]
+    try:
+        fs = filesystem()
+        size = fs.size(path)
+        if size is not None and size > max_bytes:
+            raise TooLargeError(f"{size:,} bytes, above the limit of {max_bytes:,}")
+        data: bytes = fs.cat_file(path)
+    except (TooLargeError, MissingExtraError):
+        raise
+    except FileNotFoundError:
+        raise NotFoundError(f"no such object {url}") from None
+    except PermissionError as e:
+        raise FetchError(f"access denied reading {url}: {e}") from None
+    except Exception as e:  # botocore errors are not OSErrors
+        raise FetchError(f"cannot read {url}: {type(e).__name__}: {e}") from None
+    if len(data) > max_bytes:
+        raise TooLargeError(f"{len(data):,} bytes, above the limit of {max_bytes:,}")
+    return data
