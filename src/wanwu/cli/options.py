@@ -10,6 +10,7 @@ import click
 
 from wanwu.backends import BackendOptions
 from wanwu.config import RecognizeOptions
+from wanwu.runners import RUNNERS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -110,3 +111,15 @@ run_options = _compose(
     click.option("-b", "--batch-size", type=int, default=32, show_default=True, help="Images per batch."),
     io_options,
 )
+
+runner_options = _compose(
+    click.option(
+        "--runner", type=click.Choice(sorted(RUNNERS)), default="local", show_default=True,
+        help="Where records are computed: this machine, or a Ray cluster (pip install 'wanwu[cluster]').",
+    ),
+    click.option(
+        "--ray-address", default=None, metavar="ADDR",
+        help="--runner ray: the cluster to join (HOST:PORT from `ray start --head`); default: a local Ray.",
+    ),
+)
+"""Where a run executes: the runner registry (:mod:`wanwu.runners`)."""

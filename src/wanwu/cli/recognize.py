@@ -12,12 +12,12 @@ from typing import Any, TextIO
 
 import click
 
-from wanwu.cli.options import model_options, recognize_options, run_options
+from wanwu.cli.options import model_options, recognize_options, run_options, runner_options
 from wanwu.config import RecognizeOptions
 from wanwu.errors import UsageError
-from wanwu.pipeline import Recognizer
 from wanwu.records import Record
 from wanwu.resume import ResumeState, prepare_resume, resumable_formats
+from wanwu.runners import RunnerConfig, create_runner
 from wanwu.sinks import SINKS, SinkOptions, create_sink
 from wanwu.sources import count_items, expand
 
@@ -27,6 +27,7 @@ log = logging.getLogger("wanwu")
 @click.argument("inputs", nargs=-1, required=True)
 @model_options
 @run_options
+@runner_options
 @click.option(
     "-f", "--format", "fmt", type=click.Choice(sorted(SINKS)), default=None,
     help="Output format (default: from --output's suffix .csv/.json/.jsonl, else table on a terminal, "
@@ -63,7 +64,8 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         )
         sink_options = SinkOptions(top_k=options.top_k, bom=bom, append=state is not None and state.exists)
         sink = create_sink(fmt, stream, sink_options)
-        recognizer = stack.enter_context(Recognizer(kw["model"], labels=kw["labels"], options=options))
+        runner_config = RunnerConfig(kw["model"], kw["labels"], options, kw["ray_address"])
+        recognizer = stack.enter_context(create_runner(kw["runner"], runner_config))
         items = expand(inputs) if state is None else state.pending(expand(inputs))
         progress = _Progress(inputs, enabled=not quiet and sys.stderr.isatty(), state=state)
         stack.callback(progress.stop)
