@@ -98,9 +98,11 @@ def test_recognize_dataset_on_read_binary_files_rows_uses_the_cache(
         assert set(cache.get_many(namespace, fresh)) == set(fresh)
 
 
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([*WANWU, "recognize", *args], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """The CLI in a session of its own (so it and whatever it starts can be killed exactly); stderr to ``log``."""
+    with log.open("wb") as err:
+        return subprocess.Popen([*WANWU, "recognize", *args], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=err)
 
 
 def _wait_lines(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
@@ -138,7 +140,7 @@ def test_killed_driver_resumes_and_redoes_only_what_is_not_recorded(
     args = [str(folder), "--runner", "ray", "-m", str(mobilenet[0]), "-l", str(mobilenet[1]), "-b", "8",
             "--no-cache", "-q", "-o", str(out)]
     try:
-        proc = _cli(args, env)
+        proc = _cli(args, env, tmp_path / "driver.log")
         _wait_lines(out, 10, proc)
         kill_session(proc.pid)  # SIGKILL: the driver and the local Ray it started
         proc.wait(timeout=10)
@@ -170,14 +172,15 @@ def test_a_node_killed_mid_run_costs_no_record(
         node2 = cluster.add_node("node2", num_cpus=2)
         cluster.wait_nodes(2)
         proc = _cli([str(folder), "--runner", "ray", "--ray-address", cluster.address, "-m", str(mobilenet[0]),
-                     "-l", str(mobilenet[1]), "-b", "8", "--no-cache", "-q", "-o", str(out)], cluster.env)
+                     "-l", str(mobilenet[1]), "-b", "8", "--no-cache", "-q", "-o", str(out)], cluster.env,
+                    tmp_path / "driver.log")
         _wait_lines(out, 10, proc)
         titles = [_title(pid) for pid in session_pids(node2.sid)]
         assert any("MapBatches" in t or "MapWorker" in t for t in titles), titles  # node 2 was working
         node2.kill()
         assert session_pids(node2.sid) == []
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 3, err.decode()[-3000:]
+        proc.wait(timeout=300)
+        assert proc.returncode == 3, (tmp_path / "driver.log").read_text(errors="replace")[-3000:]
         _one_record_each(out, _local(mobilenet, [str(folder)]))
     finally:
         if "proc" in locals() and proc.poll() is None:

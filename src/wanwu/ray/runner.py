@@ -68,8 +68,8 @@ class RayRunner:
                     yield Record.from_dict(json.loads(line))
 
     def _blocks(self, n: int) -> int:
-        """Blocks of about four decode calls each: enough to spread over the cluster, few enough to plan."""
-        return max(1, min(1000, n // (4 * self.ray_options.decode_batch)))
+        """Blocks of one decode call (records stream back as blocks finish), at most 1,000 per shard to plan."""
+        return max(1, min(1000, n // self.ray_options.decode_batch))
 
     def close(self) -> None:
         if self._connected:
