@@ -194,3 +194,11 @@ def _title(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_ray_address_without_the_ray_runner_is_a_usage_error(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    from wanwu.cli.main import main
+
+    args = ["recognize", str(tmp_path), "-m", str(tiny_model[0]), "-l", str(tiny_model[1]), "-q",
+            "-o", str(tmp_path / "out.jsonl"), "--ray-address", "127.0.0.1:1"]
+    assert main(args) == 2
