@@ -18,12 +18,13 @@ os.environ["WANWU_LANG"] = "en"
 # are skipped, not failed; in CI (.ci/run installs .[all,dev]) a missing extra fails them.
 EXTRA_PROBES = {
     "torch": "torch", "server": "fastapi", "queue": "redis", "dev": "playwright", "parquet": "pyarrow",
-    "s3": "s3fs", "heif": "pillow_heif",
+    "s3": "s3fs", "heif": "pillow_heif", "cluster": "ray",
 }
 MODULE_EXTRAS = {  # modules that import an extra at the top
     "test_convert.py": ("torch",), "test_hub.py": ("torch",), "test_seed_model.py": ("torch",),
     "test_service.py": ("server",), "test_web.py": ("server", "dev"), "test_jobs_redis.py": ("queue",),
     "test_parquet.py": ("parquet",), "test_s3.py": ("s3", "dev"), "test_report.py": ("server", "dev", "parquet"),
+    "test_ray.py": ("cluster",),
 }
 
 

@@ -280,7 +280,7 @@ def test_expand_folder_glob_and_stdin(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     (item,) = list(expand([str(empty)]))
-    assert item.kind == "missing" and "no image" in item.locator
+    assert item.kind == "missing" and "no image" in item.error
     (nomatch,) = list(expand([str(tmp_path / "*.nothing")]))
     assert nomatch.kind == "missing"
 

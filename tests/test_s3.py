@@ -94,7 +94,8 @@ def test_unreachable_endpoint_is_an_error_record(s3: object, mobilenet: tuple[Pa
 def test_jobs_submit_uploads_objects_even_by_reference(s3: object, photos: Path) -> None:
     """A worker cannot read s3:// as a path: the submitter reads the object and uploads its bytes."""
     from wanwu.cli.jobs import _job_input
-    from wanwu.sources import Fetcher, expand
+    from wanwu.fetch import Fetcher
+    from wanwu.sources import expand
 
     photo = sorted(photos.glob("*.JPEG"))[1]
     s3.create_bucket(Bucket="cat")  # type: ignore[attr-defined]

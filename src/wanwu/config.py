@@ -12,7 +12,7 @@ from wanwu.imaging import DEFAULT_MAX_PIXELS, DecodeOptions
 from wanwu.paths import wanwu_home
 from wanwu.records import RecordOptions
 from wanwu.sources import DEFAULT_MAX_BYTES
-from wanwu.spec import PreprocessSpec
+from wanwu.spec import ModelSpec, PreprocessSpec
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,10 @@ class RecognizeOptions:
     def decode_spec(self, spec: PreprocessSpec) -> PreprocessSpec:
         """The model's preprocessing as decoding should apply it for this run."""
         return replace(spec, jpeg_draft_factor=0.0) if self.full_decode else spec
+
+    def cache_namespace(self, spec: ModelSpec) -> str:
+        """The result cache's namespace for ``spec`` run with these options (a full decode is its own)."""
+        return replace(spec, preprocess=self.decode_spec(spec.preprocess)).cache_namespace()
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions.with_formats(self.max_pixels, self.formats)

@@ -51,7 +51,7 @@ def expand(arg: str) -> Iterator[InputItem]:
     """A key that is an object: that object. Otherwise a prefix: its image objects, walked lazily."""
     bare = arg[len("s3://"):]
     if not bare.strip("/"):
-        yield InputItem(arg, "missing", "no bucket named", error_type="not_found")
+        yield InputItem.failed(arg, "no bucket named")
         return
     try:
         fs = filesystem()
@@ -65,17 +65,17 @@ def expand(arg: str) -> Iterator[InputItem]:
                     found = True
                     yield InputItem(f"s3://{folder.rstrip('/')}/{name}", "object", f"s3://{folder}/{name}")
         if not found:
-            yield InputItem(arg, "missing", "no image objects under this prefix", error_type="not_found")
+            yield InputItem.failed(arg, "no image objects under this prefix")
     except MissingExtraError:
         raise
     except FileNotFoundError:
-        yield InputItem(arg, "missing", "no such bucket or key", error_type="not_found")
+        yield InputItem.failed(arg, "no such bucket or key")
     except PermissionError as e:
-        yield InputItem(arg, "missing", f"access denied listing {arg}: {e}", error_type="fetch_error")
+        yield InputItem.failed(arg, f"access denied listing {arg}: {e}", "fetch_error")
     except OSError as e:
-        yield InputItem(arg, "missing", f"cannot list {arg}: {e}", error_type="fetch_error")
+        yield InputItem.failed(arg, f"cannot list {arg}: {e}", "fetch_error")
     except Exception as e:  # botocore's NoCredentialsError, EndpointConnectionError … are not OSErrors
-        yield InputItem(arg, "missing", f"cannot list {arg}: {type(e).__name__}: {e}", error_type="fetch_error")
+        yield InputItem.failed(arg, f"cannot list {arg}: {type(e).__name__}: {e}", "fetch_error")
 
 
 def read(url: str, max_bytes: int) -> bytes:
@@ -98,3 +98,18 @@ def read(url: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise TooLargeError(f"{len(data):,} bytes, above the limit of {max_bytes:,}")
     return data
+
+
+class _ObjectSource:
+    """The ``object`` entry of :data:`wanwu.sources.SOURCES`: ``s3://`` prefixes and keys."""
+
+    name = "object"
+
+    def claims(self, arg: str) -> bool:
+        return claims(arg)
+
+    def expand(self, arg: str) -> Iterator[InputItem]:
+        return expand(arg)
+
+
+SOURCE = _ObjectSource()

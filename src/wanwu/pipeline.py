@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -43,10 +43,11 @@ from wanwu.config import RecognizeOptions
 from wanwu.decoders import DecodePool, DecodeTimeoutError
 from wanwu.engine import Engine
 from wanwu.errors import CacheError, ErrorType, InputError, OutOfMemoryError
+from wanwu.fetch import Fetched, Fetcher
 from wanwu.imaging import DecodeResult, Prepared, decode_jobs
 from wanwu.inference import Inference, LocalInference
 from wanwu.records import Record, RecordOptions, TopScores
-from wanwu.sources import Fetched, Fetcher, InputItem, expand
+from wanwu.sources import InputItem, expand
 from wanwu.spec import ModelSpec
 
 log = logging.getLogger("wanwu")
@@ -211,7 +212,7 @@ class _Run:
         self.probabilities = rec.engine.spec.output == "probabilities"
         self.preprocess = self.opts.decode_spec(rec.engine.spec.preprocess)
         # results depend on how images were decoded (--full-decode): the cache key says so
-        self.namespace = replace(rec.engine.spec, preprocess=self.preprocess).cache_namespace()
+        self.namespace = self.opts.cache_namespace(rec.engine.spec)
         self.decode_options = self.opts.decode_options()
         self.timeout = self.opts.decode_timeout
         self.decoding: dict[Future[Any], tuple[float, list[_Slot], int]] = {}  # deadline, slots, generation
@@ -306,7 +307,7 @@ class _Run:
             slot = _Slot(item)
             self.window.append(slot)
             if item.kind == "missing":
-                slot.record = Record.failure(item.input, item.error_type, item.locator)
+                slot.record = Record.failure(item.input, item.error_type, item.error)
                 continue
             pool = pool or self.rec.fetch_pool()
             self.pending_fetch += 1

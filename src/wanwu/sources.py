@@ -1,27 +1,25 @@
-"""Inputs: what the user named, expanded lazily into items, and each item's bytes fetched.
+"""Inputs: what the user named, expanded lazily into items (:mod:`wanwu.fetch` reads their bytes).
 
-Expansion is a registry of :class:`Source` kinds tried in order (stdin, URL, folder, glob, file), and it is
-lazy: a folder of a million photos is walked as it is consumed, never listed in memory. A file named
-explicitly is always attempted, whatever its extension; folder walks pick files by image extension.
-Anything that yields no item still yields one (an error record), so no input silently disappears.
+Expansion is a registry of :class:`Source` kinds tried in order (object storage, URL, other schemes, folder,
+glob, file; ``-`` = stdin), and it is lazy: a folder of a million photos is walked as it is consumed, never
+listed in memory. A file named explicitly is always attempted, whatever its extension; folder walks pick files
+by image extension. Anything that yields no item still yields one (an error record), so no input silently
+disappears. Third parties add sources through the ``wanwu.sources`` entry-point group.
 """
 
 from __future__ import annotations
 
 import glob as globlib
-import hashlib
 import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, TextIO
+from typing import Literal, Protocol, TextIO
 
-from wanwu.errors import ErrorType, FetchError, InputError, NotFoundError, TooLargeError
-
-if TYPE_CHECKING:
-    import httpx
+from wanwu.errors import ErrorType
+from wanwu.registry import Registry
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo"}
@@ -36,13 +34,19 @@ class InputItem:
 
     input: str
     kind: ItemKind
-    locator: str = ""  # path or URL; for "missing" the reason
+    locator: str = ""  # path, URL or object URL
     data: bytes | None = None  # kind == "bytes": uploaded content
-    error_type: ErrorType = "not_found"
+    error_type: ErrorType = "not_found"  # kind == "missing": why it gets an error record
+    error: str = ""
 
     @classmethod
     def from_bytes(cls, name: str, data: bytes) -> InputItem:
         return cls(name, "bytes", data=data)
+
+    @classmethod
+    def failed(cls, name: str, message: str, error_type: ErrorType = "not_found") -> InputItem:
+        """An input that cannot be read at all: it still gets its (error) record."""
+        return cls(name, "missing", error_type=error_type, error=message)
 
 
 class Source(Protocol):
@@ -67,7 +71,8 @@ class _Source:
         return self.expand_fn(arg)
 
 
-def _is_url(arg: str) -> bool:
+def is_url(arg: str) -> bool:
+    """An http(s) URL: the one test of it (sources, job inputs, service requests)."""
     return arg.lower().startswith(("http://", "https://"))
 
 
@@ -85,7 +90,7 @@ def _expand_dir(arg: str) -> Iterator[InputItem]:
         found = True
         yield InputItem(str(path), "file", str(path))
     if not found:
-        yield InputItem(arg, "missing", "folder contains no image files")
+        yield InputItem.failed(arg, "folder contains no image files")
 
 
 def _expand_glob(arg: str) -> Iterator[InputItem]:
@@ -96,7 +101,7 @@ def _expand_glob(arg: str) -> Iterator[InputItem]:
         found = True
         yield InputItem(match, "file", match)
     if not found:
-        yield InputItem(arg, "missing", "no file matches this pattern")
+        yield InputItem.failed(arg, "no file matches this pattern")
 
 
 def _expand_file(arg: str) -> Iterator[InputItem]:
@@ -114,32 +119,23 @@ def _is_other_scheme(arg: str) -> bool:
 def _expand_other_scheme(arg: str) -> Iterator[InputItem]:
     match = _SCHEME.match(arg)
     scheme = match.group(1).lower() if match else "?"
-    yield InputItem(
-        arg, "missing", f"unsupported scheme '{scheme}://': inputs are files, folders, globs and http(s) URLs",
-        error_type="unsupported",
+    yield InputItem.failed(
+        arg, f"unsupported scheme '{scheme}://': inputs are files, folders, globs and http(s) URLs", "unsupported"
     )
 
 
-def _is_object(arg: str) -> bool:
-    from wanwu import objstore
-
-    return objstore.claims(arg)
 
 
-def _expand_object(arg: str) -> Iterator[InputItem]:
-    from wanwu import objstore
-
-    return objstore.expand(arg)
-
-
-SOURCES: list[Source] = [
-    _Source("object", _is_object, _expand_object),
-    _Source("url", _is_url, _expand_url),
+SOURCES: Registry[Source] = Registry("input source", group="wanwu.sources")
+SOURCES.lazy("object", "wanwu.objstore:SOURCE", extra="s3")
+for _source in (
+    _Source("url", is_url, _expand_url),
     _Source("other-scheme", _is_other_scheme, _expand_other_scheme),
     _Source("folder", os.path.isdir, _expand_dir),
     _Source("glob", _is_glob, _expand_glob),
     _Source("file", lambda arg: True, _expand_file),
-]
+):
+    SOURCES.register(_source.name, _source)
 
 
 def expand(args: Iterable[str], stdin: TextIO | None = None) -> Iterator[InputItem]:
@@ -155,7 +151,7 @@ def expand(args: Iterable[str], stdin: TextIO | None = None) -> Iterator[InputIt
 
 
 def _expand_one(arg: str) -> Iterator[InputItem]:
-    for source in SOURCES:
+    for _, source in SOURCES.items():
         if source.claims(arg):
             yield from source.expand(arg)
             return
@@ -190,101 +186,3 @@ def count_items(args: Iterable[str]) -> int | None:
             return None
         total += sum(1 for _ in _expand_one(arg))
     return total
-
-
-# --- fetching -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Fetched:
-    data: bytes
-    sha256: str
-
-
-class Fetcher:
-    """Reads files and downloads URLs with a size limit and timeouts; thread-safe."""
-
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = 30.0) -> None:
-        self.max_bytes = max_bytes
-        self.timeout = timeout
-        self._client: httpx.Client | None = None
-
-    def fetch(self, item: InputItem) -> Fetched:
-        """Raises :class:`~wanwu.errors.InputError` with the reason."""
-        if item.kind == "missing":
-            raise NotFoundError(item.locator)
-        if item.kind == "bytes":
-            data = item.data or b""
-            self._check_size(len(data))
-        elif item.kind == "url":
-            data = self._download(item.locator)
-        elif item.kind == "object":
-            from wanwu import objstore
-
-            data = objstore.read(item.locator, self.max_bytes)
-        else:
-            data = self._read(item.locator)
-        return Fetched(data, hashlib.sha256(data).hexdigest())
-
-    def _check_size(self, size: int) -> None:
-        if size > self.max_bytes:
-            raise TooLargeError(f"{size:,} bytes, above the limit of {self.max_bytes:,}")
-
-    def _read(self, path: str) -> bytes:
-        try:
-            with open(path, "rb") as f:
-                self._check_size(os.fstat(f.fileno()).st_size)
-                return f.read(self.max_bytes + 1)
-        except FileNotFoundError:
-            raise NotFoundError("no such file") from None
-        except IsADirectoryError:
-            raise NotFoundError("is a folder, not a file") from None
-        except PermissionError:
-            raise FetchError("permission denied") from None
-        except InputError:
-            raise
-        except OSError as e:
-            raise FetchError(f"cannot read file: {e.strerror or e}") from None
-
-    def _download(self, url: str) -> bytes:
-        import httpx
-
-        client = self._http()
-        try:
-            with client.stream("GET", url) as response:
-                if response.status_code in (404, 410):
-                    raise NotFoundError(f"HTTP {response.status_code} from {url}")
-                if response.status_code >= 400:
-                    raise FetchError(f"HTTP {response.status_code} from {url}")
-                declared = response.headers.get("content-length")
-                if declared and declared.isdigit():
-                    self._check_size(int(declared))
-                chunks, size = [], 0
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    self._check_size(size)
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except InputError:
-            raise
-        except httpx.TimeoutException:
-            raise FetchError(f"timed out after {self.timeout:g}s fetching {url}") from None
-        except httpx.HTTPError as e:
-            raise FetchError(f"cannot fetch {url}: {type(e).__name__}: {e}") from None
-
-    def _http(self) -> httpx.Client:
-        import httpx
-
-        if self._client is None:
-            self._client = httpx.Client(
-                timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
-                follow_redirects=True,
-                headers={"User-Agent": "wanwu/0.1"},
-                limits=httpx.Limits(max_connections=32),
-            )
-        return self._client
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        self._client = None

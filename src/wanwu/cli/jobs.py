@@ -16,9 +16,10 @@ import click
 from wanwu.cli.messages import t
 from wanwu.cli.progress import RunProgress
 from wanwu.errors import InputError, UsageError
+from wanwu.fetch import Fetcher
 from wanwu.jobs.base import JobActivity, JobInput, JobOptions, JobQueue, JobSpec, JobStatus, open_queue
 from wanwu.sinks import SinkOptions, create_sink
-from wanwu.sources import DEFAULT_MAX_BYTES, Fetcher, InputItem, expand
+from wanwu.sources import DEFAULT_MAX_BYTES, InputItem, expand
 
 queue_option = click.option(
     "--queue", "queue_url", metavar="URL", envvar="WANWU_QUEUE", default=None,
@@ -98,7 +99,7 @@ def _job_input(item: InputItem, fetcher: Fetcher, by_reference: bool) -> JobInpu
     if item.kind == "url":
         return JobInput.url(item.locator)
     if item.kind == "missing":
-        return JobInput.missing(item.input, item.error_type, item.locator)
+        return JobInput.missing(item.input, item.error_type, item.error)
     if by_reference and item.kind != "object":  # an s3:// object has no path a worker could read: upload it
         return JobInput.path(str(Path(item.locator).absolute()), name=item.input)
     try:

@@ -12,6 +12,7 @@ from wanwu.backends import BackendOptions
 from wanwu.cli.messages import h
 from wanwu.config import RecognizeOptions
 from wanwu.records import RecordOptions
+from wanwu.runners import RUNNERS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -125,3 +126,15 @@ run_options = _compose(
                  help=h("batch_size")),
     io_options,
 )
+
+runner_options = _compose(
+    click.option(
+        "--runner", type=click.Choice(sorted(RUNNERS.names())), default="local", show_default=True,
+        help="Where records are computed: this machine, or a Ray cluster (pip install 'wanwu-vision[cluster]').",
+    ),
+    click.option(
+        "--ray-address", default=None, metavar="ADDR",
+        help="--runner ray: the cluster to join (HOST:PORT from `ray start --head`); default: a local Ray.",
+    ),
+)
+"""Where a run executes: the runner registry (:mod:`wanwu.runners`)."""

@@ -13,12 +13,12 @@ from typing import Any, TextIO
 import click
 
 from wanwu.cli.messages import h, t
-from wanwu.cli.options import model_options, recognize_options, run_options
+from wanwu.cli.options import model_options, recognize_options, run_options, runner_options
 from wanwu.cli.progress import ReportedInterrupt, RunProgress, interrupted_message, terminal_console
 from wanwu.config import RecognizeOptions
 from wanwu.errors import UsageError
-from wanwu.pipeline import Recognizer
 from wanwu.resume import ResumeState, prepare_resume, resumable_formats
+from wanwu.runners import RunnerConfig, create_runner
 from wanwu.sinks import SINKS, SinkOptions, create_sink, format_for_path
 from wanwu.sources import count_items, expand
 
@@ -28,6 +28,7 @@ log = logging.getLogger("wanwu")
 @click.argument("inputs", nargs=-1, required=True)
 @model_options
 @run_options
+@runner_options
 @click.option(
     "-f", "--format", "fmt", type=click.Choice(sorted(SINKS)), default=None,
     help=h("format"),
@@ -53,8 +54,8 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         raise UsageError("--resume needs --output FILE (the file of the run to continue)")
     with ExitStack() as stack:
         # The model loads first: a run that cannot start leaves an existing output untouched.
-        recognizer = stack.enter_context(
-            Recognizer(kw["model"], labels=kw["labels"], label_column=kw["label_column"], options=options))
+        runner_config = RunnerConfig(kw["model"], kw["labels"], options, kw["ray_address"], kw["label_column"])
+        recognizer = stack.enter_context(create_runner(kw["runner"], runner_config))
         shape = options.record
         expect = min(shape.top_k, recognizer.spec.num_classes) if shape.threshold is None else None
         state = _resume_state(output, fmt, shape.top_k, retry_errors, expect) if resume or retry_errors else None

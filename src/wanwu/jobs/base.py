@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from wanwu.errors import ERROR_TYPES, ErrorType, QueueError, UsageError
 from wanwu.paths import wanwu_home
 from wanwu.records import Record, RecordOptions
+from wanwu.sources import is_url
 
 JobState = Literal["queued", "running", "done", "cancelled", "failed"]
 InputKind = Literal["url", "path", "upload", "missing"]
@@ -77,7 +78,7 @@ class JobInput:
     @classmethod
     def parse(cls, text: str) -> JobInput:
         """A URL or an absolute path, as given to the HTTP API."""
-        if text.lower().startswith(("http://", "https://")):
+        if is_url(text):
             return cls.url(text)
         return cls.path(text)
 

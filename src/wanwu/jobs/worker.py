@@ -142,16 +142,15 @@ def _item(item: JobInput, blobs: dict[str, bytes], roots: _Roots) -> InputItem:
     if item.kind == "upload":
         data = blobs.get(item.ref)
         if data is None:
-            return InputItem(item.name, "missing", "the uploaded file is no longer in the queue",
-                             error_type="not_found")
+            return InputItem.failed(item.name, "the uploaded file is no longer in the queue")
         return InputItem.from_bytes(item.name, data)
     if item.kind == "path":
         refusal = roots.refusal(item.ref)
         if refusal:
-            return InputItem(item.name, "missing", refusal, error_type="fetch_error")
+            return InputItem.failed(item.name, refusal, "fetch_error")
         return InputItem(item.name, "file", item.ref)
     type, message = item.failure()
-    return InputItem(item.name, "missing", message, error_type=type)
+    return InputItem.failed(item.name, message, type)
 
 
 class _Roots:

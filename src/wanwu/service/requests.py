@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wanwu.records import TOP_N_STORED
 from wanwu.service.config import ServeConfig
-from wanwu.sources import InputItem
+from wanwu.sources import InputItem, is_url
 
 
 class ApiError(Exception):
@@ -149,9 +149,9 @@ def _parse_json_body(raw: bytes) -> Parsed:
 
 
 def _url_item(url: str) -> InputItem:
-    if not url.lower().startswith(("http://", "https://")):
+    if not is_url(url):
         reason = "only http:// and https:// URLs are accepted"
-        return InputItem(url, "missing", reason, error_type="unsupported")
+        return InputItem.failed(url, reason, "unsupported")
     return InputItem(url, "url", url)
 
 
@@ -161,7 +161,7 @@ def _b64_item(name: str, text: str) -> InputItem:
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        return InputItem(name, "missing", "not valid base64", error_type="decode_error")
+        return InputItem.failed(name, "not valid base64", "decode_error")
     return InputItem.from_bytes(name, data)
 
 

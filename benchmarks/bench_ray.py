@@ -1,0 +1,150 @@
+"""The Ray Data runner against the local runner (``wanwu recognize``), side by side in one run.
+
+    python benchmarks/bench_ray.py            # 1,000 photos of ../shared/data
+    python benchmarks/bench_ray.py --quick    # 100 photos: a smoke run
+
+Each runner runs in a fresh process on the same photos with the result cache off, and reports:
+
+* ``start-up``   — creating the runner (model load; for Ray also starting or joining Ray);
+* ``img/s``      — photos / (wall time after start-up until the last record), the steady throughput;
+* ``wall``       — the whole run, start-up included;
+* ``peak RSS``   — the largest sum of resident memory over every process of the run (the driver, its
+  children, and the Ray nodes' processes), sampled every 0.1 s.
+
+Ray layouts: ``ray local`` (``--runner ray``: a private Ray on this machine, all cores), ``ray 1 node``
+(``ray start --head`` with all cores, the driver joins it) and ``ray 2 nodes`` (the same cores split over two
+nodes, so work and blocks cross nodes). On one machine two nodes cannot add cores: that row measures what
+crossing nodes costs, not scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks._common import LABELS, MODEL, PHOTOS, require_shared  # noqa: E402
+from tests.ray_support import Cluster, session_pids  # noqa: E402
+
+DRIVER = r"""
+import json, sys, time
+from pathlib import Path
+from wanwu.config import RecognizeOptions
+from wanwu.runners import RunnerConfig, create_runner
+from wanwu.sources import expand
+runner, address, folder, model, labels = sys.argv[1:6]
+t0 = time.perf_counter()
+config = RunnerConfig(model, Path(labels), RecognizeOptions(cache=False), address or None)
+with create_runner(runner, config) as run:
+    t1 = time.perf_counter()
+    n, first = 0, None
+    for record in run.recognize(expand([folder])):
+        first = first or time.perf_counter()
+        n += record.ok
+    t2 = time.perf_counter()
+print(json.dumps({"startup": t1 - t0, "first": first - t1, "run": t2 - t1, "ok": n}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="100 photos only")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+    require_shared()
+    photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))[: 100 if args.quick else None]
+    n = len(photos)
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="wanwu-bench-ray-") as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        for p in photos:
+            os.symlink(p, folder / p.name)
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANWU_HOME": str(Path(tmp) / "home"),
+               "RAY_USAGE_STATS_ENABLED": "0"}
+        rows = {"local (wanwu recognize)": _drive("local", "", folder, env, [])}
+        rows["ray local"] = _drive("ray", "", folder, env, [])
+        for label, split in (("ray 1 node", [cores]), ("ray 2 nodes", [max(1, cores // 2)] * 2)):
+            cluster = Cluster(env)
+            try:
+                cluster.start_head(split[0])
+                for i, cpus in enumerate(split[1:], 2):
+                    cluster.add_node(f"node{i}", cpus)
+                cluster.wait_nodes(len(split))
+                rows[label] = _drive("ray", cluster.address, folder, cluster.env, [x.sid for x in cluster.nodes])
+            finally:
+                cluster.stop()
+    base = rows["local (wanwu recognize)"]
+    print(f"{n} photos, {cores} cores, result cache off")
+    print(f"{'runner':<26}{'start-up s':>11}{'img/s':>9}{'vs local':>10}{'wall s':>9}{'peak RSS MiB':>14}")
+    for label, r in rows.items():
+        rate = n / r["run"]
+        print(f"{label:<26}{r['startup']:>11.2f}{rate:>9.1f}{rate / (n / base['run']):>9.2f}x"
+              f"{r['startup'] + r['run']:>9.2f}{r['peak_rss'] / 2**20:>14.0f}")
+        if r["ok"] != n:
+            sys.exit(f"{label}: {r['ok']} ok records of {n}")
+    if args.json:
+        args.json.write_text(json.dumps({"images": n, "cores": cores, "runs": rows}, indent=2))
+
+
+def _drive(runner: str, address: str, folder: Path, env: dict[str, str], sessions: list[int]) -> dict[str, float]:
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, runner, address, str(folder), str(MODEL), str(LABELS)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            pids = set(_descendants(proc.pid)) | {p for s in sessions for p in session_pids(s)}
+            peak[0] = max(peak[0], sum(_rss(p) for p in pids))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        sys.exit(f"{runner} run failed with exit code {proc.returncode}")
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss": peak[0]}
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        out.append(pid)
+        stack.extend(children.get(pid, []))
+    return out
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    main()

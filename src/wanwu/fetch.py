@@ -1,0 +1,113 @@
+"""Each input's bytes: files read, URLs downloaded, objects fetched, uploads taken as they are; sha256 of each.
+
+:class:`Fetcher` bounds what it reads (``max_bytes``) and how long a download may take; it is thread-safe, and
+the orchestrator runs it on its fetch threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from wanwu.errors import FetchError, InputError, NotFoundError, TooLargeError
+from wanwu.sources import DEFAULT_MAX_BYTES, InputItem
+
+if TYPE_CHECKING:
+    import httpx
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    data: bytes
+    sha256: str
+
+
+class Fetcher:
+    """Reads files and downloads URLs with a size limit and timeouts; thread-safe."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = 30.0) -> None:
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+        self._client: httpx.Client | None = None
+
+    def fetch(self, item: InputItem) -> Fetched:
+        """Raises :class:`~wanwu.errors.InputError` with the reason."""
+        if item.kind == "missing":
+            raise NotFoundError(item.error)
+        if item.kind == "bytes":
+            data = item.data or b""
+            self._check_size(len(data))
+        elif item.kind == "url":
+            data = self._download(item.locator)
+        elif item.kind == "object":
+            from wanwu import objstore
+
+            data = objstore.read(item.locator, self.max_bytes)
+        else:
+            data = self._read(item.locator)
+        return Fetched(data, hashlib.sha256(data).hexdigest())
+
+    def _check_size(self, size: int) -> None:
+        if size > self.max_bytes:
+            raise TooLargeError(f"{size:,} bytes, above the limit of {self.max_bytes:,}")
+
+    def _read(self, path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                self._check_size(os.fstat(f.fileno()).st_size)
+                return f.read(self.max_bytes + 1)
+        except FileNotFoundError:
+            raise NotFoundError("no such file") from None
+        except IsADirectoryError:
+            raise NotFoundError("is a folder, not a file") from None
+        except PermissionError:
+            raise FetchError("permission denied") from None
+        except InputError:
+            raise
+        except OSError as e:
+            raise FetchError(f"cannot read file: {e.strerror or e}") from None
+
+    def _download(self, url: str) -> bytes:
+        import httpx
+
+        client = self._http()
+        try:
+            with client.stream("GET", url) as response:
+                if response.status_code in (404, 410):
+                    raise NotFoundError(f"HTTP {response.status_code} from {url}")
+                if response.status_code >= 400:
+                    raise FetchError(f"HTTP {response.status_code} from {url}")
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit():
+                    self._check_size(int(declared))
+                chunks, size = [], 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    self._check_size(size)
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except InputError:
+            raise
+        except httpx.TimeoutException:
+            raise FetchError(f"timed out after {self.timeout:g}s fetching {url}") from None
+        except httpx.HTTPError as e:
+            raise FetchError(f"cannot fetch {url}: {type(e).__name__}: {e}") from None
+
+    def _http(self) -> httpx.Client:
+        import httpx
+
+        if self._client is None:
+            self._client = httpx.Client(
+                timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
+                follow_redirects=True,
+                headers={"User-Agent": "wanwu/0.1"},
+                limits=httpx.Limits(max_connections=32),
+            )
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._client = None

@@ -1,0 +1,213 @@
+"""The two Ray Data stages: decode on CPU tasks, inference in an actor pool.
+
+Rows in (any of these shapes, mixed blocks are fine):
+
+* ``{"input": str}``: a path or URL, as the CLI would take it (``kind``/``locator``/``error_type`` columns,
+  as :func:`item_rows` writes them, are used when present);
+* ``{"path": str, "bytes": bytes}``: what ``ray.data.read_binary_files(..., include_paths=True)`` gives
+  (``s3://``, ``gs://``, HDFS, ... are read by Ray itself; the record's ``input`` is the path).
+
+:func:`decode_batch` (a plain function: Ray runs it as CPU tasks) turns each row into pixels, a cache hit or an
+error through :func:`wanwu.stage.prepare_item`; :class:`Infer` (a callable class: Ray runs it in an actor pool,
+one model per actor) turns those into records. Rows out: ``input``, ``status`` (``ok``/``error``) and
+``record``, the record as one JSON line exactly as ``wanwu recognize -f jsonl`` writes it. A bad image is an
+error row, never a failed task, so ``max_errored_blocks`` is never needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from wanwu.cache import CachedResult, ResultCache
+from wanwu.config import RecognizeOptions
+from wanwu.engine import Engine
+from wanwu.fetch import Fetcher
+from wanwu.records import Record, RecordOptions, TopScores
+from wanwu.sinks import dumps
+from wanwu.sources import InputItem, expand
+from wanwu.spec import ModelSpec
+from wanwu.stage import StageContext, Staged, prepare_item
+
+Batch = dict[str, npt.NDArray[Any]]
+_PER_PROCESS: dict[tuple[str, Any], Any] = {}  # one fetcher / cache per Ray worker process, reused by its tasks
+
+
+def item_rows(items: Iterable[InputItem]) -> list[dict[str, str]]:
+    """Rows for ``ray.data.from_items``: the expanded inputs, each exactly as the local runner would see it."""
+    return [
+        {"input": i.input, "kind": i.kind, "locator": i.locator or i.error, "error_type": i.error_type}
+        for i in items
+    ]
+
+
+def decode_batch(batch: Batch, *, context: StageContext, options: RecognizeOptions) -> Batch:
+    """The CPU stage (``map_batches(decode_batch, fn_kwargs=...)``): fetch, hash, cache lookup, decode."""
+    fetcher = _fetcher(options)
+    cache = _cache(options)
+    staged = [prepare_item(item, fetcher, context, cache, data) for item, data in _items(batch)]
+    return _staged_columns(staged)
+
+
+class Infer:
+    """The inference stage: an actor per model copy (``compute=ray.data.ActorPoolStrategy(size=n)``).
+
+    The model is loaded once, in ``__init__``; fresh results go to the result cache when one is configured
+    and reachable from the actor's node.
+    """
+
+    def __init__(self, spec: ModelSpec, options: RecognizeOptions, record: RecordOptions | None = None) -> None:
+        self.engine = Engine.load(spec, None, options.backend, options.batch_size)
+        self.options = options
+        self.record = record or options.record
+        # A batch is split over the engine's streams (two half-width onnxruntime batches on a CPU, as the
+        # local runner does): one stream alone leaves the cores it was not given idle.
+        self.streams = ThreadPoolExecutor(self.engine.streams, thread_name_prefix="wanwu-infer")
+        self.namespace = options.cache_namespace(spec)
+        crop = spec.preprocess.crop_size
+        self.shape = (crop, crop, 3)
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["input"])
+        records: list[Record | None] = [None] * n
+        todo: list[int] = []
+        for i in range(n):
+            if batch["error_type"][i]:
+                records[i] = Record.failure(
+                    str(batch["input"][i]), batch["error_type"][i], str(batch["error_message"][i]),
+                    _str_or_none(batch["sha256"][i]),
+                )
+            elif batch["cached"][i]:
+                from wanwu.cache.sqlite import decode_top
+
+                records[i] = self._ok(batch, i, decode_top(bytes(batch["cached"][i])))
+            else:
+                todo.append(i)
+        if todo:
+            pixels = [np.frombuffer(bytes(batch["pixels"][i]), np.uint8).reshape(self.shape) for i in todo]
+            tops = self._infer(pixels)
+            fresh = []
+            for i, top in zip(todo, tops, strict=True):
+                if not math.isfinite(top.logsumexp):  # never NaN in a record, never cached
+                    records[i] = Record.failure(
+                        str(batch["input"][i]), "model_error",
+                        "the model returned scores that are not finite numbers for this image",
+                        str(batch["sha256"][i]),
+                    )
+                    continue
+                records[i] = self._ok(batch, i, top)
+                fresh.append((str(batch["sha256"][i]), CachedResult(top, int(batch["width"][i]),
+                                                                    int(batch["height"][i]))))
+            cache = _cache(self.options)
+            if cache is not None:
+                cache.put_many(self.namespace, fresh)
+        done = [r for r in records if r is not None]
+        return {
+            "input": np.array([r.input for r in done], dtype=object),
+            "status": np.array([r.status for r in done], dtype=object),
+            "record": np.array([dumps(r) for r in done], dtype=object),
+        }
+
+    def _infer(self, pixels: list[npt.NDArray[np.uint8]]) -> list[TopScores]:
+        size = -(-len(pixels) // self.engine.streams)
+        chunks = [pixels[i : i + size] for i in range(0, len(pixels), size)]
+        return [top for tops in self.streams.map(self.engine.infer, chunks) for top in tops]
+
+    def _ok(self, batch: Batch, i: int, top: Any) -> Record:
+        spec = self.engine.spec
+        return Record.success(
+            str(batch["input"][i]), top, spec.labels, self.record, sha256=str(batch["sha256"][i]),
+            width=int(batch["width"][i]), height=int(batch["height"][i]),
+            probabilities=spec.output == "probabilities", labels_en=spec.labels_en,
+        )
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def _items(batch: Batch) -> Iterable[tuple[InputItem, bytes | None]]:
+    if "input" in batch:
+        kinds, locators, types = batch.get("kind"), batch.get("locator"), batch.get("error_type")
+        for i, value in enumerate(batch["input"]):
+            if kinds is not None and locators is not None and types is not None:
+                if kinds[i] == "missing":  # the row's locator column carries the reason
+                    yield InputItem.failed(str(value), str(locators[i]), types[i]), None
+                else:
+                    yield InputItem(str(value), kinds[i], str(locators[i])), None
+            else:
+                yield _single(str(value)), None
+    else:
+        datas = batch.get("bytes")
+        for i, path in enumerate(batch["path"]):
+            data = None if datas is None else bytes(datas[i])
+            yield InputItem(str(path), "file", str(path)), data
+
+
+def _single(value: str) -> InputItem:
+    """A path or URL row: one item (a folder or glob here would be one input with many records)."""
+    items = list(expand([value]))
+    return items[0] if len(items) == 1 else InputItem.failed(value, "not a single file or URL")
+
+
+def _staged_columns(staged: list[Staged]) -> Batch:
+    def col(values: list[Any]) -> npt.NDArray[Any]:
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+
+    return {
+        "input": col([s.input for s in staged]),
+        "sha256": col([s.sha256 or "" for s in staged]),
+        "error_type": col([s.error[0] if s.error else "" for s in staged]),
+        "error_message": col([s.error[1] if s.error else "" for s in staged]),
+        "cached": col([_encoded(s.cached) for s in staged]),
+        "pixels": col([s.prepared.pixels.tobytes() if s.prepared else b"" for s in staged]),
+        "width": np.array([_size(s)[0] for s in staged], dtype=np.int64),
+        "height": np.array([_size(s)[1] for s in staged], dtype=np.int64),
+    }
+
+
+def _encoded(cached: CachedResult | None) -> bytes:
+    if cached is None:
+        return b""
+    from wanwu.cache.sqlite import encode_top
+
+    return encode_top(cached.top)
+
+
+def _size(s: Staged) -> tuple[int, int]:
+    if s.prepared is not None:
+        return s.prepared.width, s.prepared.height
+    if s.cached is not None:
+        return s.cached.width, s.cached.height
+    return 0, 0
+
+
+def _str_or_none(value: Any) -> str | None:
+    return str(value) if value else None
+
+
+def _fetcher(options: RecognizeOptions) -> Fetcher:
+    key = ("fetcher", (options.max_bytes, options.fetch_timeout))
+    if key not in _PER_PROCESS:
+        _PER_PROCESS[key] = Fetcher(options.max_bytes, options.fetch_timeout)
+    fetcher: Fetcher = _PER_PROCESS[key]
+    return fetcher
+
+
+def _cache(options: RecognizeOptions) -> ResultCache | None:
+    """The result cache at ``options``' path on this node, opened once per process; None when off."""
+    if not options.cache:
+        return None
+    key = ("cache", str(options.resolved_cache_path()))
+    if key not in _PER_PROCESS:
+        from wanwu.cache.sqlite import SqliteCache
+
+        _PER_PROCESS[key] = SqliteCache(options.resolved_cache_path())
+    cache: ResultCache = _PER_PROCESS[key]
+    return cache

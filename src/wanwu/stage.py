@@ -1,0 +1,70 @@
+"""One input, prepared for inference: fetch → sha256 → cache lookup → decode + preprocess, errors as values.
+
+:func:`prepare_item` is the per-item stage a runner calls where it cannot use the streaming orchestrator's
+own machinery (the Ray Data runner's CPU decode tasks). It is built only from the functions the orchestrator
+uses itself (:class:`~wanwu.sources.Fetcher`, the result cache, :func:`wanwu.imaging.decode_job`), so its
+outcome for an input is the orchestrator's: the same pixels, the same error types and messages.
+
+It never raises for a bad input: the outcome is a :class:`Staged` holding exactly one of an error, a cache
+hit, or model-ready pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wanwu.cache import CachedResult, ResultCache
+from wanwu.config import RecognizeOptions
+from wanwu.errors import ErrorType, InputError
+from wanwu.fetch import Fetcher
+from wanwu.imaging import DecodeOptions, Prepared, decode_job
+from wanwu.sources import InputItem
+from wanwu.spec import ModelSpec, PreprocessSpec
+
+
+@dataclass(frozen=True, slots=True)
+class StageContext:
+    """What the stage needs to know about the run: where preprocessing and cache keys come from."""
+
+    preprocess: PreprocessSpec
+    namespace: str
+    decode: DecodeOptions
+
+    @classmethod
+    def of(cls, spec: ModelSpec, options: RecognizeOptions) -> StageContext:
+        return cls(options.decode_spec(spec.preprocess), options.cache_namespace(spec), options.decode_options())
+
+
+@dataclass(frozen=True, slots=True)
+class Staged:
+    """Exactly one of ``error``, ``cached`` and ``prepared`` is set."""
+
+    input: str
+    sha256: str | None = None
+    error: tuple[ErrorType, str] | None = None
+    cached: CachedResult | None = None
+    prepared: Prepared | None = None
+
+
+def prepare_item(
+    item: InputItem, fetcher: Fetcher, context: StageContext, cache: ResultCache | None = None,
+    data: bytes | None = None,
+) -> Staged:
+    """``data``: the bytes when the caller already read them (e.g. Ray's ``read_binary_files``)."""
+    if item.kind == "missing":
+        return Staged(item.input, error=(item.error_type, item.error))
+    try:
+        fetched = fetcher.fetch(item if data is None else InputItem.from_bytes(item.input, data))
+    except InputError as e:
+        return Staged(item.input, error=(e.type, str(e)))
+    except Exception as e:  # a download library can fail in ways of its own
+        return Staged(item.input, error=("fetch_error", f"{type(e).__name__}: {e}"))
+    sha = fetched.sha256
+    if cache is not None:
+        hit = cache.get_many(context.namespace, [sha]).get(sha)
+        if hit is not None:
+            return Staged(item.input, sha, cached=hit)
+    result = decode_job(fetched.data, context.preprocess, context.decode)
+    if isinstance(result, tuple):
+        return Staged(item.input, sha, error=result)
+    return Staged(item.input, sha, prepared=result)

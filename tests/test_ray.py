@@ -1,0 +1,204 @@
+"""The Ray Data runner on a real local Ray (not mocked): the local runner's records, resume, a killed node."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.ray_support import Cluster, kill_session, session_pids
+from wanwu.config import RecognizeOptions
+from wanwu.pipeline import Recognizer
+from wanwu.sinks import dumps
+from wanwu.sources import expand
+
+ray = pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parents[1]
+WANWU = [sys.executable, "-c", "from wanwu.cli.main import run; run()"]
+pytestmark = [
+    pytest.mark.shared,
+    pytest.mark.filterwarnings(r"ignore::DeprecationWarning:ray\..*"),  # Ray's own, about its own settings
+]
+
+
+def _photo_folder(photos: Path, tmp: Path, step: int, count: int, bad: bool = True) -> Path:
+    """``count`` distinct real photos (every ``step``-th), plus a truncated JPEG and a non-image."""
+    folder = tmp / "in"
+    folder.mkdir()
+    chosen = sorted(photos.iterdir())[::step][:count]
+    for p in chosen:
+        os.symlink(p, folder / p.name)
+    if bad:
+        (folder / "zz_truncated.jpg").write_bytes(chosen[0].read_bytes()[:3000])
+        (folder / "zz_notes.png").write_bytes("不是图片".encode())
+    return folder
+
+
+def _local(mobilenet: tuple[Path, Path], inputs: list[str]) -> list[str]:
+    with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=RecognizeOptions(cache=False)) as rec:
+        return [dumps(r) for r in rec.recognize(expand(inputs))]
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Any:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_records_equal_the_local_runners(
+    local_ray: Any, mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
+) -> None:
+    from wanwu.ray import RayRunner
+
+    folder = _photo_folder(photos, tmp_path, step=41, count=20)
+    inputs = [str(folder), str(folder / "missing.jpg")]
+    expected = _local(mobilenet, inputs)
+    with RayRunner(str(mobilenet[0]), labels=mobilenet[1], options=RecognizeOptions(cache=False)) as runner:
+        got = [dumps(r) for r in runner.recognize(expand(inputs))]
+    assert got == expected  # same records, same input order
+    kinds = Counter(json.loads(line).get("error", {}).get("type", "ok") for line in got)
+    assert kinds == {"ok": 20, "decode_error": 1, "unsupported": 1, "not_found": 1}
+
+
+def test_recognize_dataset_on_read_binary_files_rows_uses_the_cache(
+    local_ray: Any, mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
+) -> None:
+    from wanwu.cache.sqlite import SqliteCache
+    from wanwu.models import resolve_model
+    from wanwu.ray import recognize_dataset
+
+    folder = _photo_folder(photos, tmp_path, step=97, count=8)
+    paths = sorted(str(p) for p in folder.iterdir())
+    expected = {json.loads(line)["sha256"]: line for line in _local(mobilenet, paths)}
+    cache_path = tmp_path / "cache.sqlite3"
+    options = RecognizeOptions(cache_path=cache_path)
+    ds = ray.data.read_binary_files(paths, include_paths=True)
+    rows = recognize_dataset(ds, str(mobilenet[0]), labels=mobilenet[1], options=options).take_all()
+    assert len(rows) == len(paths)
+    by_sha = {}
+    for row in rows:
+        record = json.loads(row["record"])
+        assert record["status"] == row["status"]
+        assert Path(record["input"]).name in {Path(p).name for p in paths}
+        by_sha[record["sha256"]] = record
+    for sha, line in expected.items():  # the same record, the input aside (Ray names the path its way)
+        assert {**by_sha[sha], "input": ""} == {**json.loads(line), "input": ""}
+    fresh = [sha for sha, line in expected.items() if json.loads(line)["status"] == "ok"]
+    namespace = resolve_model(str(mobilenet[0]), mobilenet[1]).cache_namespace()
+    with SqliteCache(cache_path) as cache:  # the actors wrote every fresh result
+        assert set(cache.get_many(namespace, fresh)) == set(fresh)
+
+
+def _cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """The CLI in a session of its own (so it and whatever it starts can be killed exactly); stderr to ``log``."""
+    with log.open("wb") as err:
+        return subprocess.Popen([*WANWU, "recognize", *args], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+
+def _wait_lines(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= n:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before {n} records were written")
+        time.sleep(0.05)
+    pytest.fail(f"fewer than {n} records after {timeout}s")
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANWU_HOME": str(tmp_path / "home"),
+            "RAY_USAGE_STATS_ENABLED": "0", **extra}
+
+
+def _one_record_each(out: Path, expected: list[str]) -> None:
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert Counter(json.loads(line)["input"] for line in lines) == Counter(
+        json.loads(line)["input"] for line in expected
+    )
+    assert sorted(lines) == sorted(expected)
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_and_redoes_only_what_is_not_recorded(
+    mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
+) -> None:
+    folder = _photo_folder(photos, tmp_path, step=6, count=150)
+    out = tmp_path / "out.jsonl"
+    raytmp = Path(f"/tmp/wrk{os.getpid()}")
+    env = _env(tmp_path, RAY_TMPDIR=str(raytmp))
+    args = [str(folder), "--runner", "ray", "-m", str(mobilenet[0]), "-l", str(mobilenet[1]), "-b", "8",
+            "--no-cache", "-q", "-o", str(out)]
+    try:
+        proc = _cli(args, env, tmp_path / "driver.log")
+        _wait_lines(out, 10, proc)
+        kill_session(proc.pid)  # SIGKILL: the driver and the local Ray it started
+        proc.wait(timeout=10)
+        time.sleep(1)
+        leftovers = subprocess.run(["pgrep", "-f", str(raytmp)], capture_output=True, text=True).stdout.split()
+        assert leftovers == [], "a Ray process outlived its driver"
+        before = out.read_bytes()
+        done = before.count(b"\n")
+        assert 10 <= done < 152
+        rerun = subprocess.run([*WANWU, "recognize", *args, "--resume"], env=env, capture_output=True, timeout=300)
+        assert rerun.returncode == 3, rerun.stderr.decode()[-2000:]  # two bad files: "some inputs failed"
+        after = out.read_bytes()
+        assert after[: before.rfind(b"\n") + 1] == before[: before.rfind(b"\n") + 1]  # recorded: kept as is
+        _one_record_each(out, _local(mobilenet, [str(folder)]))
+    finally:
+        subprocess.run(["pkill", "-9", "-f", str(raytmp)], check=False)
+        subprocess.run(["rm", "-rf", str(raytmp)], check=False)
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_run_costs_no_record(
+    mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
+) -> None:
+    folder = _photo_folder(photos, tmp_path, step=5, count=160)
+    out = tmp_path / "out.jsonl"
+    cluster = Cluster(_env(tmp_path))
+    try:
+        cluster.start_head(num_cpus=1)
+        node2 = cluster.add_node("node2", num_cpus=2)
+        cluster.wait_nodes(2)
+        proc = _cli([str(folder), "--runner", "ray", "--ray-address", cluster.address, "-m", str(mobilenet[0]),
+                     "-l", str(mobilenet[1]), "-b", "8", "--no-cache", "-q", "-o", str(out)], cluster.env,
+                    tmp_path / "driver.log")
+        _wait_lines(out, 10, proc)
+        titles = [_title(pid) for pid in session_pids(node2.sid)]
+        assert any("MapBatches" in t or "MapWorker" in t for t in titles), titles  # node 2 was working
+        node2.kill()
+        assert session_pids(node2.sid) == []
+        proc.wait(timeout=300)
+        assert proc.returncode == 3, (tmp_path / "driver.log").read_text(errors="replace")[-3000:]
+        _one_record_each(out, _local(mobilenet, [str(folder)]))
+    finally:
+        if "proc" in locals() and proc.poll() is None:
+            kill_session(proc.pid)
+        cluster.stop()
+    assert all(session_pids(node.sid) == [] for node in cluster.nodes)
+
+
+def _title(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_ray_address_without_the_ray_runner_is_a_usage_error(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
+    from wanwu.cli.main import main
+
+    args = ["recognize", str(tmp_path), "-m", str(tiny_model[0]), "-l", str(tiny_model[1]), "-q",
+            "-o", str(tmp_path / "out.jsonl"), "--ray-address", "127.0.0.1:1"]
+    assert main(args) == 2
