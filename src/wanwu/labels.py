@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wanwu.errors import ModelError, UsageError
+from wanwu.registry import Registry
 
 LabelParser = Callable[[list[str]], list[str]]
 
@@ -42,10 +43,10 @@ def _tab_or_plain(lines: list[str]) -> list[str]:
     return _plain(lines)
 
 
-LABEL_PARSERS: dict[str, LabelParser] = {
-    "meta_info.txt": _meta_info,
-    "label_mapping.txt": _tab_or_plain,
-}
+# By file name; anything else is plain text. Third parties add parsers through the wanwu.label_parsers group.
+LABEL_PARSERS: Registry[LabelParser] = Registry("label file format", group="wanwu.label_parsers")
+LABEL_PARSERS.register("meta_info.txt", _meta_info)
+LABEL_PARSERS.register("label_mapping.txt", _tab_or_plain)
 
 
 TABLE_DELIMITERS = {".tsv": "\t", ".csv": ","}
@@ -76,7 +77,7 @@ def load_label_table(path: Path, column: str | None = None) -> LabelTable:
         return _table(path, lines, column)
     if column is not None:
         raise UsageError(f"--label-column {column!r} needs a .tsv or .csv label file with a header, not {path.name}")
-    parser = LABEL_PARSERS.get(path.name, _plain)
+    parser = LABEL_PARSERS.get(path.name) if path.name in LABEL_PARSERS else _plain
     return LabelTable(tuple(parser(lines)))
 
 

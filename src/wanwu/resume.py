@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from wanwu.errors import UsageError
+from wanwu.registry import Registry
 from wanwu.sinks import csv_header
 from wanwu.sources import InputItem
 
@@ -43,15 +44,8 @@ class Unit:
 
 
 Reader = Callable[[BinaryIO, Path, int], Iterator[Unit]]
-READERS: dict[str, Reader] = {}
-
-
-def register_reader(fmt: str) -> Callable[[Reader], Reader]:
-    def wrap(reader: Reader) -> Reader:
-        READERS[fmt] = reader
-        return reader
-
-    return wrap
+READERS: Registry[Reader] = Registry("resumable format", group="wanwu.resume_readers")
+register_reader = READERS.register
 
 
 @dataclass
@@ -81,7 +75,7 @@ class ResumeState:
 
 
 def resumable_formats() -> tuple[str, ...]:
-    return tuple(sorted({*READERS, *WHOLE_FILE_READERS}))
+    return tuple(sorted({*READERS.names(), *WHOLE_FILE_READERS.names()}))
 
 
 def prepare_resume(
@@ -94,12 +88,11 @@ def prepare_resume(
     ``top_k`` predictions, or, with ``expect_predictions`` (no threshold), any other count), so that a
     resumed file never mixes two shapes of record.
     """
-    whole = WHOLE_FILE_READERS.get(fmt)
-    if whole is not None:
-        return whole(path, retry_errors)
-    reader = READERS.get(fmt)
-    if reader is None:
+    if fmt in WHOLE_FILE_READERS:
+        return WHOLE_FILE_READERS.get(fmt)(path, retry_errors)
+    if fmt not in READERS:
         raise UsageError(f"--resume works with {' and '.join(resumable_formats())} output, not {fmt}")
+    reader = READERS.get(fmt)
     state = ResumeState()
     try:
         size = path.stat().st_size
@@ -220,7 +213,9 @@ def _csv_rows(f: BinaryIO) -> Iterator[bytes]:
 
 
 # Formats that are not a stream of byte units (Parquet): the reader gives the whole state itself.
-WHOLE_FILE_READERS: dict[str, Callable[[Path, bool], ResumeState]] = {}
+WHOLE_FILE_READERS: Registry[Callable[[Path, bool], ResumeState]] = Registry(
+    "resumable format", group="wanwu.resume_whole_file_readers"
+)
 
 
 def _resume_parquet(path: Path, retry_errors: bool) -> ResumeState:
@@ -231,4 +226,4 @@ def _resume_parquet(path: Path, retry_errors: bool) -> ResumeState:
     return ResumeState(done=done, exists=exists, kept=kept, errors_kept=errors_kept, errors_removed=errors_removed)
 
 
-WHOLE_FILE_READERS["parquet"] = _resume_parquet
+WHOLE_FILE_READERS.register("parquet", _resume_parquet)

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TextIO
 
 from wanwu.errors import UsageError
 from wanwu.records import Record
+from wanwu.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -37,23 +38,13 @@ class Sink(Protocol):
 
 
 SinkFactory = Callable[[TextIO, SinkOptions], Sink]
-SINKS: dict[str, SinkFactory] = {}
-
-
-def register_sink(name: str) -> Callable[[SinkFactory], SinkFactory]:
-    def wrap(factory: SinkFactory) -> SinkFactory:
-        SINKS[name] = factory
-        return factory
-
-    return wrap
+SINKS: Registry[SinkFactory] = Registry("format", group="wanwu.sinks")  # third parties: entry points
+SINKS.lazy("parquet", "wanwu.parquet:ParquetSink", extra="parquet")
+register_sink = SINKS.register
 
 
 def create_sink(name: str, stream: TextIO, options: SinkOptions) -> Sink:
-    try:
-        factory = SINKS[name]
-    except KeyError:
-        raise UsageError(f"unknown format {name!r}; choose from {', '.join(SINKS)}") from None
-    return factory(stream, options)
+    return SINKS.get(name)(stream, options)
 
 
 def dumps(record: Record) -> str:
@@ -203,13 +194,6 @@ def _fmt_score(score: float) -> str:
     return f"{score * 100:.1f}%" if 0.0 <= score <= 1.0 else f"{score:.2f}"
 
 
-@register_sink("parquet")
-def _parquet_sink(stream: TextIO, options: SinkOptions) -> Sink:
-    from wanwu.parquet import ParquetSink
-
-    return ParquetSink(stream, options)
-
-
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
                   ".pq": "parquet"}
 
@@ -222,5 +206,5 @@ def format_for_path(path: Path) -> str:
         known = ", ".join(sorted(SUFFIX_FORMATS))
         raise UsageError(
             f"cannot tell the output format from {path.name!r}: use a suffix {known}, or name it with --format "
-            f"({', '.join(f for f in SINKS if f != 'table')})"
+            f"({', '.join(f for f in SINKS.names() if f != 'table')})"
         ) from None

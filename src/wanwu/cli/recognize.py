@@ -30,7 +30,7 @@ log = logging.getLogger("wanwu")
 @run_options
 @runner_options
 @click.option(
-    "-f", "--format", "fmt", type=click.Choice(sorted(SINKS)), default=None,
+    "-f", "--format", "fmt", type=click.Choice(sorted(SINKS.names())), default=None,
     help=h("format"),
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
