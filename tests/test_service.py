@@ -25,6 +25,7 @@ from wanwu.cache import MemoryCache, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.engine import Engine
 from wanwu.imaging import decode_jobs
+from wanwu.netguard import REFUSED_MESSAGE
 from wanwu.pipeline import Recognizer
 from wanwu.records import RecordOptions
 from wanwu.service import ServeConfig, create_app
@@ -153,7 +154,8 @@ def test_urls_are_downloaded_by_the_server(tiny_model: Model, tmp_path: Path) ->
     site.mkdir()
     green = image_bytes(GREEN)
     (site / "green.jpg").write_bytes(green)
-    with static_server(site) as web, serve(tiny_model) as (base, _):
+    opts = RecognizeOptions(workers=0, cache=False, allow_private_urls=True)
+    with static_server(site) as web, serve(tiny_model, options=opts) as (base, _):
         urls = [f"{web}/green.jpg", f"{web}/missing.jpg", "file:///etc/passwd", f"{web}/green.jpg"]
         response = httpx.post(f"{base}/v1/recognize", json={"urls": urls}, timeout=30)
     assert response.status_code == 200, response.text
@@ -163,6 +165,25 @@ def test_urls_are_downloaded_by_the_server(tiny_model: Model, tmp_path: Path) ->
     assert results[0] == cli_records(tiny_model, [(urls[0], green)])[0] == results[3]
     assert results[1]["error"]["type"] == "not_found"
     assert results[2]["error"]["type"] == "unsupported"
+
+
+def test_urls_on_this_machine_are_refused_by_default(tiny_model: Model, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "green.jpg").write_bytes(image_bytes(GREEN))
+    with static_server(site) as web, serve(tiny_model) as (base, _):
+        urls = [f"{web}/green.jpg", f"{web}/missing.jpg", f"{base}/healthz", "http://169.254.169.254/latest"]
+        results = httpx.post(f"{base}/v1/recognize", json={"urls": urls}, timeout=30).json()["results"]
+    assert [r["status"] for r in results] == ["error"] * 4
+    # Present or absent, live or not: the same words, so a caller learns nothing about the network.
+    assert {r["error"]["message"] for r in results} == {REFUSED_MESSAGE}
+
+
+def test_no_urls_turns_url_inputs_off(tiny_model: Model) -> None:
+    with serve(tiny_model, allow_urls=False) as (base, _):
+        results = httpx.post(f"{base}/v1/recognize", json={"urls": ["https://example.org/a.jpg"]},
+                             timeout=30).json()["results"]
+    assert results[0]["error"] == {"type": "unsupported", "message": "this server does not fetch URLs (--no-urls)"}
 
 
 # --- request-level errors ----------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ class Recognizer:
             self.decoders.close(wait=False)
             self.engine.close()
             raise
-        self.fetcher = Fetcher(self.options.max_bytes, self.options.fetch_timeout)
+        self.fetcher = Fetcher(self.options.max_bytes, self.options.fetch_timeout, self.options.allow_private_urls)
 
     @property
     def spec(self) -> ModelSpec:

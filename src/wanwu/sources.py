@@ -172,9 +172,12 @@ class Fetched:
 class Fetcher:
     """Reads files and downloads URLs with a size limit and timeouts; thread-safe."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = 30.0) -> None:
+    def __init__(
+        self, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = 30.0, allow_private: bool = False
+    ) -> None:
         self.max_bytes = max_bytes
-        self.timeout = timeout
+        self.timeout = timeout  # the whole download, not each read
+        self.allow_private = allow_private  # see wanwu.netguard: by default only public addresses
         self._client: httpx.Client | None = None
 
     def fetch(self, item: InputItem) -> Fetched:
@@ -213,9 +216,11 @@ class Fetcher:
     def _download(self, url: str) -> bytes:
         import httpx
 
+        from wanwu.netguard import deadline
+
         client = self._http()
         try:
-            with client.stream("GET", url) as response:
+            with deadline(self.timeout), client.stream("GET", url) as response:
                 if response.status_code in (404, 410):
                     raise NotFoundError(f"HTTP {response.status_code} from {url}")
                 if response.status_code >= 400:
@@ -237,15 +242,10 @@ class Fetcher:
             raise FetchError(f"cannot fetch {url}: {type(e).__name__}: {e}") from None
 
     def _http(self) -> httpx.Client:
-        import httpx
+        from wanwu.netguard import guarded_client
 
         if self._client is None:
-            self._client = httpx.Client(
-                timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
-                follow_redirects=True,
-                headers={"User-Agent": "wanwu/0.1"},
-                limits=httpx.Limits(max_connections=32),
-            )
+            self._client = guarded_client(self.timeout, self.allow_private)
         return self._client
 
     def close(self) -> None:

@@ -67,6 +67,7 @@ def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
         "max_pixels": kw["max_pixels"] or base.max_pixels,
         "max_bytes": kw["max_bytes"] or base.max_bytes,
         "fetch_timeout": kw["timeout"],
+        "allow_private_urls": kw.get("allow_private_urls", False),
         "cache": not kw["no_cache"],
         "full_decode": kw["full_decode"],
         "cache_path": kw["cache_path"],
@@ -98,7 +99,13 @@ io_options = _compose(
         "as far as the model's resize allows).",
     ),
     click.option("--max-bytes", type=int, default=None, help="Refuse files/downloads above this size."),
-    click.option("--timeout", type=float, default=30.0, show_default=True, help="URL fetch timeout, seconds."),
+    click.option(
+        "--timeout", type=float, default=30.0, show_default=True, help="URL fetch deadline (whole download), seconds."
+    ),
+    click.option(
+        "--allow-private-urls", is_flag=True,
+        help="Also fetch URLs whose host is loopback, private, link-local or reserved (off: public only).",
+    ),
 )
 """Reading, decoding and caching: the flags every command that recognizes images shares."""
 

@@ -30,6 +30,7 @@ class ServeConfig:
     max_requests: int = 64  # requests in progress at once (each runs on a thread of its own); more wait
     api_keys: tuple[str, ...] = ()
     retry_after_s: int = 1
+    allow_urls: bool = True  # False (--no-urls): URL inputs become error records, nothing is fetched
     queue: str | None = None  # a job-queue URL: mounts /v1/jobs (see wanwu.jobs)
     options: RecognizeOptions = field(default_factory=RecognizeOptions)
 

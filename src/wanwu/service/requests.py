@@ -74,7 +74,7 @@ async def parse_recognize(request: Request, config: ServeConfig) -> Parsed:
     if media == "multipart/form-data":
         parsed = await _parse_multipart(request, config)
     elif media == "application/json" or media.endswith("+json"):
-        parsed = await _parse_json(request)
+        parsed = await _parse_json(request, config.allow_urls)
     else:
         raise ApiError(
             415, "unsupported_media_type",
@@ -124,12 +124,12 @@ def _top_k(text: str | None) -> int | None:
     return value
 
 
-async def _parse_json(request: Request) -> Parsed:
+async def _parse_json(request: Request, allow_urls: bool = True) -> Parsed:
     # Parsing, validating and base64-decoding a body of many megabytes takes a while: off the event loop.
-    return await asyncio.to_thread(_parse_json_body, await request.body())
+    return await asyncio.to_thread(_parse_json_body, await request.body(), allow_urls)
 
 
-def _parse_json_body(raw: bytes) -> Parsed:
+def _parse_json_body(raw: bytes, allow_urls: bool = True) -> Parsed:
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -140,7 +140,7 @@ def _parse_json_body(raw: bytes) -> Parsed:
         raise ApiError(422, "invalid_body", _describe(e)) from None
     if body.urls and body.images:
         raise ApiError(422, "invalid_body", "give either 'urls' or 'images', not both")
-    items = [_url_item(url) for url in body.urls or []]
+    items = [_url_item(url, allow_urls) for url in body.urls or []]
     for i, image in enumerate(body.images or []):
         name, text = (image.name or f"images[{i}]", image.data) if isinstance(image, ImageIn) else (
             f"images[{i}]", image)
@@ -148,7 +148,9 @@ def _parse_json_body(raw: bytes) -> Parsed:
     return Parsed(items, body.top_k)
 
 
-def _url_item(url: str) -> InputItem:
+def _url_item(url: str, allow_urls: bool = True) -> InputItem:
+    if not allow_urls:
+        return InputItem(url, "missing", "this server does not fetch URLs (--no-urls)", error_type="unsupported")
     if not url.lower().startswith(("http://", "https://")):
         reason = "only http:// and https:// URLs are accepted"
         return InputItem(url, "missing", reason, error_type="unsupported")
