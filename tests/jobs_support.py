@@ -115,7 +115,7 @@ def free_port() -> int:
 
 def recognizer(tiny_model: tuple[Path, Path]) -> Recognizer:
     model, labels = tiny_model
-    options = RecognizeOptions(workers=0, cache=False, batch_size=8)
+    options = RecognizeOptions(workers=0, cache=False, batch_size=8, allow_private_urls=True)  # the local server
     return Recognizer(str(model), labels=labels, options=options)
 
 
@@ -136,7 +136,7 @@ def worker_process(queue_url: str, tiny_model: tuple[Path, Path], *extra: str) -
     env = {**os.environ, "PYTHONPATH": str(Path(wanwu.__file__).resolve().parents[1])}
     cmd = [sys.executable, "-c", "from wanwu.cli.main import run; run()", "worker", "--queue", queue_url,
            "--model", str(model), "--labels", str(labels), "-j", "0", "--threads", "1", "--no-cache",
-           "--batch-size", "4", "--tasks-per-claim", "4", "--poll", "0.2", *extra]
+           "--batch-size", "4", "--tasks-per-claim", "4", "--poll", "0.2", "--allow-private-urls", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
