@@ -12,7 +12,7 @@ from tests import jobs_support as js
 from wanwu.cli.main import main
 from wanwu.sinks import csv_cell
 
-HOSTILE = ["=HYPERLINK(\"x\",\"y\").jpg", "+1+2.jpg", "-3.jpg", "@SUM(1).jpg"]
+HOSTILE = ["=SUM(1,2)*cmd.jpg", "+1+2.jpg", "-3.jpg", "@SUM(1).jpg"]
 
 
 def test_csv_cell_rule() -> None:
@@ -27,7 +27,8 @@ def test_cli_csv_relative_names(tiny_model: tuple[Path, Path], tmp_path: Path, m
     for i, name in enumerate(HOSTILE):
         (tmp_path / name).write_bytes(js.colour(i))
     assert main(["recognize", "--model", str(tiny_model[0]), "--labels", str(tiny_model[1]), "--no-cache",
-                 "-j", "0", "-q", "-f", "csv", "--score", "logit", "-o", "o.csv", "--", *HOSTILE]) == 0, capsys.readouterr().err
+                 "-j", "0", "-q", "-f", "csv", "--score", "logit", "-o", "o.csv", "--", *HOSTILE]) == 0, \
+        capsys.readouterr().err
     rows = list(csv.DictReader(io.StringIO((tmp_path / "o.csv").read_text(encoding="utf-8"))))
     assert [r["input"] for r in rows] == ["'" + n for n in HOSTILE]
     assert all(r["status"] == "ok" for r in rows)
