@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -229,6 +230,42 @@ def test_uploads_over_the_limit_get_413(tiny_model: Model) -> None:
     assert small.status_code == 200
     assert too_many.status_code == 413
     assert too_many.json()["error"]["code"] == "too_many_files"
+
+
+def test_bytes_in_flight_are_bounded(tiny_model: Model) -> None:
+    """Two bodies of 0.6 MB may not be held at once under a 1 MB budget: the second gets 503 + Retry-After
+    while the first is still arriving, and goes through once the first is done."""
+    import socket
+
+    photo = image_bytes(size=(64, 48))
+    padded = base64.b64encode(photo).decode() + " " * 600_000  # white space in base64 is skipped
+    payload = json.dumps({"images": [padded]}).encode()
+    with serve(tiny_model, max_upload_mb=0.9, max_inflight_mb=1.0) as (base, _):
+        host, port = base.removeprefix("http://").split(":")
+        head = (f"POST /v1/recognize HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+        with socket.create_connection((host, int(port)), timeout=30) as slow:
+            slow.sendall(head + payload[:1000])  # the first request holds its reservation, body unfinished
+            wait_for_metric(base, "wanwu_request_body_bytes_in_flight", len(payload))
+            second = httpx.post(f"{base}/v1/recognize", content=payload,
+                                headers={"content-type": "application/json"}, timeout=30)
+            slow.sendall(payload[1000:])
+            first = b""
+            while chunk := slow.recv(65536):
+                first += chunk
+        again = httpx.post(f"{base}/v1/recognize", content=payload, headers={"content-type": "application/json"},
+                           timeout=30)
+    assert second.status_code == 503, second.text
+    assert second.headers["retry-after"] == "1" and second.json()["error"]["code"] == "busy"
+    assert first.startswith(b"HTTP/1.1 200"), first[:200]
+    assert again.status_code == 200 and again.json()["results"][0]["status"] == "ok"
+
+
+def wait_for_metric(base: str, name: str, value: float) -> None:
+    deadline = time.monotonic() + 30
+    while metric(httpx.get(f"{base}/metrics").text, name) < value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.02)
 
 
 def test_api_keys(tiny_model: Model) -> None:

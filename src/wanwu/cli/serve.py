@@ -26,6 +26,9 @@ from wanwu.service.config import ServeConfig
               help="Images that may wait for the batcher; beyond it requests get 503 + Retry-After.")
 @click.option("--max-upload-mb", type=float, default=50.0, show_default=True,
               help="Largest request body, in MB (413 above it).")
+@click.option("--max-inflight-mb", type=float, default=0.0,
+              help="Request bytes held at once, all requests together (503 + Retry-After beyond; "
+              "default 4 × --max-upload-mb).")
 @click.option("--max-files", type=int, default=64, show_default=True, help="Most images in one request.")
 @click.option("--api-key", "api_keys", multiple=True, envvar="WANWU_API_KEYS", metavar="KEY",
               help="Require this key (Authorization: Bearer KEY or X-API-Key); repeatable. "
@@ -118,6 +121,7 @@ def _config(host: str, port: int, kw: dict[str, Any]) -> ServeConfig:
         max_queue=kw["max_queue"],
         max_upload_mb=kw["max_upload_mb"],
         max_files=kw["max_files"],
+        max_inflight_mb=kw["max_inflight_mb"],
         api_keys=tuple(kw["api_keys"]),
         queue=kw["queue"],
         allow_urls=not kw["no_urls"],

@@ -117,7 +117,8 @@ def create_app(
         docs_url=None,  # served below from local assets
     )
     app.state.wanwu = state
-    app.add_middleware(BodyLimitMiddleware, limit_mb=config.max_upload_mb)
+    app.add_middleware(BodyLimitMiddleware, limit_mb=config.max_upload_mb, inflight_mb=config.inflight_mb,
+                       retry_after_s=config.retry_after_s, observe=metrics.body_bytes.set)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _add_error_handlers(app)
     if config.queue:

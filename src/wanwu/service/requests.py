@@ -12,6 +12,7 @@ import base64
 import binascii
 import hmac
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -197,37 +198,69 @@ def check_api_key(request: Request, keys: tuple[str, ...]) -> None:
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies above ``limit`` bytes with 413: at once from Content-Length, else while reading."""
+    """Bounds request bodies: each at ``limit_mb`` (413), and all those held at once at ``inflight_mb``
+    (503 + Retry-After: the server holds too many bytes, retry shortly).
 
-    def __init__(self, app: ASGIApp, limit_mb: float) -> None:
+    A body's declared Content-Length is reserved before anything is read (refused at once above either
+    bound); a body without one is counted as it arrives. The bytes stay reserved until the response is sent,
+    since the body (and its decoded images) are held that long.
+    """
+
+    def __init__(self, app: ASGIApp, limit_mb: float, inflight_mb: float | None = None,
+                 retry_after_s: int = 1, observe: Callable[[int], None] = lambda n: None) -> None:
         self.app = app
         self.limit_mb = limit_mb
         self.limit = int(limit_mb * 1024 * 1024)
+        self.inflight_limit = int((inflight_mb if inflight_mb is not None else 4 * limit_mb) * 1024 * 1024)
+        self.retry_after_s = retry_after_s
+        self.inflight = 0  # touched only on the event loop
+        self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
+        reserved = int(declared) if declared.isdigit() else 0
+        if reserved > self.limit:
             await self._too_large().response()(scope, receive, send)
             return
+        if reserved and self.inflight + reserved > self.inflight_limit:
+            await self._busy().response()(scope, receive, send)
+            return
+        self.inflight += reserved
+        self.observe(self.inflight)
         seen = 0
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, reserved
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise self._too_large()
+                if seen > reserved:  # no (or a wrong) Content-Length: count what arrives
+                    extra = seen - reserved
+                    if self.inflight + extra > self.inflight_limit:
+                        raise self._busy()
+                    self.inflight += extra
+                    self.observe(self.inflight)
+                    reserved = seen
             return message
 
-        await self.app(scope, limited, send)
+        try:
+            await self.app(scope, limited, send)
+        finally:
+            self.inflight -= reserved
+            self.observe(self.inflight)
 
     def _too_large(self) -> ApiError:
         message = f"the request body is larger than the limit of {self.limit_mb:g} MB"
         return ApiError(413, "payload_too_large", message)
+
+    def _busy(self) -> ApiError:
+        return ApiError(503, "busy", "the server holds too many request bytes at once; retry shortly",
+                        {"Retry-After": str(self.retry_after_s)})
 
 
 def json_error_body(status: int, detail: Any) -> tuple[str, str]:
