@@ -12,10 +12,12 @@ import base64
 import binascii
 import hmac
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -55,12 +57,19 @@ class ImageIn(BaseModel):
     data: str = Field(description="The file's bytes, base64 (a `data:...;base64,` prefix is allowed).")
 
 
-class RecognizeJson(BaseModel):
-    """Either `urls` or `images`. Records come back in the order given."""
+def _one_of_urls_or_images(schema: dict[str, Any]) -> None:
+    schema["oneOf"] = [{"required": ["urls"]}, {"required": ["images"]}]
+    for key in ("urls", "images"):
+        schema["properties"][key].pop("default", None)
 
-    model_config = ConfigDict(extra="forbid")
-    urls: list[str] | None = Field(None, description="http(s) URLs for the server to download.")
-    images: list[str | ImageIn] | None = Field(None, description="base64 strings or {name, data} objects.")
+
+class RecognizeJson(BaseModel):
+    """Either `urls` or `images` (not both, not empty). Records come back in the order given."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of_urls_or_images)
+    urls: list[str] = Field(default_factory=list, min_length=1, description="http(s) URLs for the server to download.")
+    images: list[str | ImageIn] = Field(default_factory=list, min_length=1,
+                                        description="base64 strings or {name, data} objects.")
     top_k: int | None = Field(None, ge=1, le=TOP_N_STORED, description="Labels per image.")
 
 
@@ -179,19 +188,40 @@ def _describe(error: ValidationError) -> str:
 # --- API keys -------------------------------------------------------------------------------------------
 
 
-def check_api_key(request: Request, keys: tuple[str, ...]) -> None:
-    """``Authorization: Bearer KEY`` or ``X-API-Key: KEY``; constant-time comparison."""
-    if not keys:
-        return
-    given = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        given = auth[7:].strip()
-    if not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
-        raise ApiError(
-            401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
-            {"WWW-Authenticate": "Bearer"},
-        )
+def api_key_dependency(keys: tuple[str, ...]) -> Callable[..., Awaitable[None]]:
+    """A FastAPI security dependency (so /docs shows the schemes): ``Authorization: Bearer KEY`` or
+    ``X-API-Key: KEY``, compared in constant time.
+
+    The model is single-tenant: every key opens the same service and the same job queue (a key holder sees
+    and can delete every job). Give different tenants different servers and queues.
+    """
+
+    def valid(given: str) -> bool:
+        return any(hmac.compare_digest(given.encode(), key.encode()) for key in keys)
+
+    async def require_key(
+        request: Request,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
+        header: Annotated[str | None, Security(_KEY_HEADER)],
+    ) -> None:
+        # Every credential presented must be valid: a bad Authorization is not rescued by a good X-API-Key.
+        presented = [request.headers["authorization"]] if "authorization" in request.headers else []
+        if bearer is not None:
+            presented = [bearer.credentials]
+        if header is not None:
+            presented.append(header)
+        if not presented or not all(valid(given) for given in presented):
+            raise ApiError(
+                401, "unauthorized",
+                "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    return require_key
+
+
+_BEARER = HTTPBearer(auto_error=False, scheme_name="bearerKey", description="Authorization: Bearer KEY")
+_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey", description="X-API-Key: KEY")
 
 
 # --- upload size ----------------------------------------------------------------------------------------
