@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -17,7 +18,7 @@ DATA = os.urandom(300_000)
 
 
 class _Slow(http.server.BaseHTTPRequestHandler):
-    gets: list[str] = []
+    gets: ClassVar[list[str]] = []
 
     def do_GET(self) -> None:
         self.gets.append(self.path)
@@ -50,7 +51,7 @@ def test_two_downloads_of_one_file_take_turns(tmp_path: Path, monkeypatch: pytes
             with ModelScopeClient("a/b", base=base) as client:
                 start.wait()
                 client.download(remote, "master", dest, progress("test"))
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             failures.append(e)
 
     threads = [threading.Thread(target=fetch) for _ in range(2)]
