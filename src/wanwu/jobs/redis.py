@@ -46,6 +46,24 @@ from wanwu.jobs.base import (
 from wanwu.records import Record
 
 PIPELINE_TASKS = 256
+PIPELINE_BYTES = 32 * 1024 * 1024  # uploads buffered for one round trip: submit holds at most about this much
+# Re-claim (or release) only the tasks this worker still owns: XCLAIM with min-idle 0 would otherwise take a
+# task back from the worker that already took it over after this one's lease lapsed.
+_CLAIM_OWN = """
+local n = 0
+for i = 4, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    if ARGV[3] == '' then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    else
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    end
+    n = n + 1
+  end
+end
+return n
+"""
 RESULT_PAGE = 1000
 RELEASED_IDLE_MS = 10 * 365 * 86400 * 1000  # a released task looks long abandoned: reclaimed at once
 
@@ -157,13 +175,17 @@ class RedisQueue:
     def _fill(self, job_id: str, spec: JobSpec) -> None:
         key = self._job_key(job_id)
         pipe = self.r.pipeline(transaction=False)
-        total, chunk, queued = 0, [], 0
+        total, chunk, queued, buffered = 0, [], 0, 0
         for item in spec.inputs:
             if item.kind == "upload":
                 if item.data is None:
                     raise UsageError(f"upload {item.name!r} has no data")
                 pipe.set(f"{self.p}:blob:{job_id}:{item.ref}", item.data, nx=True)
                 pipe.sadd(f"{key}:blobs", item.ref)
+                buffered += len(item.data)
+                if buffered >= PIPELINE_BYTES:  # blobs before their task: a worker never misses one
+                    pipe.execute()
+                    buffered = 0
             chunk.append(JobInput(item.name, item.kind, item.ref))
             total += 1
             if len(chunk) == spec.task_size:
@@ -172,6 +194,7 @@ class RedisQueue:
                 if queued % PIPELINE_TASKS == 0:
                     pipe.hset(key, "total", total)
                     pipe.execute()
+                    buffered = 0
         if chunk:
             self._add_task(pipe, job_id, total - len(chunk), chunk)
         if total == 0:
@@ -299,15 +322,15 @@ class RedisQueue:
         return tasks
 
     def extend(self, worker: str, tasks: list[Task], lease_s: float) -> None:
-        if tasks:
-            with self._errors():
-                self.r.xclaim(self.stream, self.group, worker, 0, [t.task_id for t in tasks], justid=True)
+        self._claim_own(worker, tasks, "")
 
     def release(self, worker: str, tasks: list[Task]) -> None:
+        self._claim_own(worker, tasks, str(RELEASED_IDLE_MS))
+
+    def _claim_own(self, worker: str, tasks: list[Task], idle: str) -> None:
         if tasks:
             with self._errors():
-                self.r.xclaim(self.stream, self.group, worker, 0, [t.task_id for t in tasks],
-                              idle=RELEASED_IDLE_MS, justid=True)
+                self.r.eval(_CLAIM_OWN, 1, self.stream, self.group, worker, idle, *[t.task_id for t in tasks])
 
     def complete(self, task: Task, records: list[tuple[int, Record]]) -> None:
         with self._errors():
