@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
+import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +18,7 @@ import pytest
 from tests.helpers import image_bytes
 from wanwu import netguard
 from wanwu.cli.serve import check_exposure
-from wanwu.errors import FetchError, UsageError
+from wanwu.errors import FetchError, InputError, UsageError
 from wanwu.netguard import REFUSED_MESSAGE, is_public
 from wanwu.sources import Fetcher, InputItem
 
@@ -211,3 +213,33 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_a_fifo_path_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A worker reading a path must not wait for ever for a writer to open a FIFO."""
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(outcome, str(fifo)), daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():  # unblock it, then fail
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("opening the FIFO blocked")
+    assert len(outcome) == 1 and isinstance(outcome[0], FetchError) and "regular file" in str(outcome[0])
+    folder = _fetch_error_file(str(tmp_path))
+    assert folder.type == "not_found" and "folder" in str(folder)
+
+
+def _capture(outcome: list[BaseException], path: str) -> None:
+    try:
+        Fetcher().fetch(InputItem(path, "file", path))
+    except Exception as e:
+        outcome.append(e)
+
+
+def _fetch_error_file(path: str) -> InputError:
+    with pytest.raises(InputError) as info:
+        Fetcher().fetch(InputItem(path, "file", path))
+    return info.value

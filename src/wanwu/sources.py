@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob as globlib
 import hashlib
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -199,7 +200,14 @@ class Fetcher:
 
     def _read(self, path: str) -> bytes:
         try:
-            with open(path, "rb") as f:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it would hold the thread for ever);
+            # anything but a regular file is then refused before a byte is read.
+            with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                if stat.S_ISDIR(mode):
+                    raise NotFoundError("is a folder, not a file")
+                if not stat.S_ISREG(mode):
+                    raise FetchError("not a regular file (a pipe, socket or device)")
                 self._check_size(os.fstat(f.fileno()).st_size)
                 return f.read(self.max_bytes + 1)
         except FileNotFoundError:
