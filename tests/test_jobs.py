@@ -392,3 +392,7 @@ def test_a_stuck_worker_stops_renewing_so_its_tasks_go_back(queue_url: str) -> N
         stuck.released.set()
         thread.join(30)
         queue.close()
+
+
+def test_a_killed_submission_is_cancelled_once_stale(queue_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    js.scenario_killed_submit_is_reaped(queue_url, monkeypatch)

@@ -183,3 +183,7 @@ def test_a_heartbeat_does_not_take_a_task_back_from_its_new_owner(queue_url: str
     (entry,) = r.xpending_range(queue.stream, queue.group, "-", "+", 10)  # type: ignore[attr-defined]
     assert entry["consumer"] == b"b"
     queue.close()
+
+
+def test_a_killed_submission_is_cancelled_once_stale(queue_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    js.scenario_killed_submit_is_reaped(queue_url, monkeypatch)

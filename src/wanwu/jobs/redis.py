@@ -18,6 +18,7 @@ Durability is Redis's: run it with AOF or RDB snapshots if queued jobs must surv
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from wanwu.errors import MissingExtraError, QueueError, UsageError
 from wanwu.jobs.base import (
+    STALE_SUBMISSION_S,
     JobInput,
     JobOptions,
     JobSpec,
@@ -44,6 +46,8 @@ from wanwu.jobs.base import (
     with_query,
 )
 from wanwu.records import Record
+
+log = logging.getLogger("wanwu")
 
 PIPELINE_TASKS = 256
 PIPELINE_BYTES = 32 * 1024 * 1024  # uploads buffered for one round trip: submit holds at most about this much
@@ -164,6 +168,7 @@ class RedisQueue:
                 "total": 0, "sealed": 0, "cancelled": 0, "done": 0, "failed": 0, "abandoned": 0,
             })
             self.r.zadd(f"{self.p}:jobs", {job_id: now})
+            self.r.zadd(f"{self.p}:unsealed", {job_id: now})  # the submitter's heartbeat: see _fill
             try:
                 self._fill(job_id, spec)
             except BaseException:
@@ -193,6 +198,7 @@ class RedisQueue:
                 chunk, queued = [], queued + 1
                 if queued % PIPELINE_TASKS == 0:
                     pipe.hset(key, "total", total)
+                    pipe.zadd(f"{self.p}:unsealed", {job_id: time.time()})
                     pipe.execute()
                     buffered = 0
         if chunk:
@@ -200,6 +206,7 @@ class RedisQueue:
         if total == 0:
             raise UsageError("a job needs at least one input")
         pipe.hset(key, mapping={"total": total, "sealed": 1, "updated": time.time()})
+        pipe.zrem(f"{self.p}:unsealed", job_id)
         pipe.execute()
         self._maybe_finish(job_id)
 
@@ -266,8 +273,20 @@ class RedisQueue:
 
     # -- workers -----------------------------------------------------------------------------------------
 
+    def _reap_stale_submissions(self) -> None:
+        """Cancel jobs whose submitter stopped adding inputs long ago (killed): free their uploads."""
+        unsealed = f"{self.p}:unsealed"
+        for raw in self.r.zrangebyscore(unsealed, 0, time.time() - STALE_SUBMISSION_S):
+            job_id = raw.decode()
+            if self.r.zrem(unsealed, job_id):  # one reaper per job, whichever worker gets here first
+                log.warning("job %s: its submission stopped before it was complete; cancelling it", job_id)
+                if self.r.exists(self._job_key(job_id)):
+                    self.r.hset(self._job_key(job_id), mapping={"cancelled": 1, "updated": time.time()})
+                self._drop_blobs(job_id)
+
     def claim(self, worker: str, max_tasks: int, lease_s: float) -> list[Task]:
         with self._errors():
+            self._reap_stale_submissions()
             try:
                 return self._claim(worker, max_tasks, lease_s)
             except self._response_error as e:
