@@ -180,6 +180,24 @@ def test_urls_on_this_machine_are_refused_by_default(tiny_model: Model, tmp_path
     assert {r["error"]["message"] for r in results} == {REFUSED_MESSAGE}
 
 
+def test_a_hanging_url_does_not_stall_uploads(tiny_model: Model) -> None:
+    """URL downloads have a pool of their own: with every download thread waiting on a slow server, an
+    upload in another request is still read, hashed and answered."""
+    from tests.jobs_support import image_server
+
+    opts = RecognizeOptions(workers=0, cache=False, fetch_threads=1, allow_private_urls=True)
+    with image_server() as slow, serve(tiny_model, options=opts) as (base, _), ThreadPoolExecutor(1) as pool:
+        hanging = pool.submit(httpx.post, f"{base}/v1/recognize", json={"urls": [f"{slow.url}/slow.jpg"]},
+                              timeout=90)
+        assert slow.slow_hit.wait(30)
+        upload = httpx.post(f"{base}/v1/recognize", files=files(("a.jpg", image_bytes())), timeout=90)
+        still_waiting = not hanging.done()
+        slow.release()
+        assert hanging.result().status_code == 200
+    assert upload.status_code == 200 and upload.json()["results"][0]["status"] == "ok"
+    assert still_waiting
+
+
 def test_no_urls_turns_url_inputs_off(tiny_model: Model) -> None:
     with serve(tiny_model, allow_urls=False) as (base, _):
         results = httpx.post(f"{base}/v1/recognize", json={"urls": ["https://example.org/a.jpg"]},
