@@ -3,6 +3,7 @@ and the scenarios both queue backends must pass (imported by test_jobs.py and te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import pytest
 import wanwu
 from tests.helpers import image_bytes
 from wanwu.config import RecognizeOptions
+from wanwu.errors import QueueError
 from wanwu.jobs.base import JobInput, JobOptions, JobQueue, JobSpec, UnknownJobError, open_queue
 from wanwu.jobs.worker import WorkerConfig, WorkerStats, run_worker
 from wanwu.pipeline import Recognizer
@@ -116,7 +118,7 @@ def free_port() -> int:
 
 def recognizer(tiny_model: tuple[Path, Path]) -> Recognizer:
     model, labels = tiny_model
-    options = RecognizeOptions(workers=0, cache=False, batch_size=8)
+    options = RecognizeOptions(workers=0, cache=False, batch_size=8, allow_private_urls=True)  # the local server
     return Recognizer(str(model), labels=labels, options=options)
 
 
@@ -137,7 +139,7 @@ def worker_process(queue_url: str, tiny_model: tuple[Path, Path], *extra: str) -
     env = {**os.environ, "PYTHONPATH": str(Path(wanwu.__file__).resolve().parents[1])}
     cmd = [sys.executable, "-c", "from wanwu.cli.main import run; run()", "worker", "--queue", queue_url,
            "--model", str(model), "--labels", str(labels), "-j", "0", "--threads", "1", "--no-cache",
-           "--batch-size", "4", "--tasks-per-claim", "4", "--poll", "0.2", *extra]
+           "--batch-size", "4", "--tasks-per-claim", "4", "--poll", "0.2", "--allow-private-urls", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -368,3 +370,44 @@ def scenario_follow_a_job(queue_url: str, tiny_model: tuple[Path, Path], folder:
     fields, err = status()
     assert (fields["state"], fields["succeeded"], fields["failed"], fields["pending"]) == ("done", 2, 1, 0)
     assert fields["rate_per_s"] > 0 and fields["eta_s"] is None and err == ""
+
+
+def scenario_killed_submit_is_reaped(queue_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A submitter that stops half-way (killed) leaves an unsealed job; once it is stale, the next claim
+    cancels it and frees its uploads, instead of leaving it "running" for ever."""
+    import importlib
+
+    backend = importlib.import_module(f"wanwu.jobs.{'redis' if queue_url.startswith('redis') else 'sqlite'}")
+    monkeypatch.setattr(backend, "COMMIT_EVERY_TASKS", 1, raising=False)  # sqlite: commit every task
+    monkeypatch.setattr(backend, "PIPELINE_TASKS", 1, raising=False)  # redis: the same
+    queue = open_queue(queue_url)
+    stopped, release = threading.Event(), threading.Event()
+
+    def inputs() -> Iterator[JobInput]:
+        yield from uploads(3)
+        stopped.set()
+        release.wait(60)  # the submitter "dies" here: nothing more, and no clean-up
+        raise KeyboardInterrupt
+
+    def submit() -> None:
+        with contextlib.suppress(KeyboardInterrupt, QueueError):
+            queue.submit(JobSpec(inputs(), JobOptions(), task_size=1))
+
+    thread = threading.Thread(target=submit, daemon=True)
+    thread.start()
+    try:
+        assert stopped.wait(30)
+        (job,) = queue.jobs()
+        wait_for(lambda: queue.status(job.id).total >= 2, 30, "the first tasks")
+        assert queue.status(job.id).state in ("queued", "running") and not queue.status(job.id).sealed
+        assert queue.claim("w", 1, 30) != []  # not stale yet: a worker may work on it
+        monkeypatch.setattr(backend, "STALE_SUBMISSION_S", 0.0)
+        time.sleep(0.01)
+        assert queue.claim("w", 10, 30) == []
+        assert queue.status(job.id).state == "cancelled"
+        uploaded = [i.ref for i in uploads(3)]
+        assert queue.blobs(job.id, uploaded) == {}
+    finally:
+        release.set()
+        thread.join(30)
+        queue.close()

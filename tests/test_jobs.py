@@ -361,3 +361,56 @@ def _claimable(queue: JobQueue) -> bool:
 def test_following_a_job_status_wait_and_worker_log(queue_url: str, tiny_model: TinyModel, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     js.scenario_follow_a_job(queue_url, tiny_model, tmp_path / "photos", capsys)
+
+
+# --- review fixes ---------------------------------------------------------------------------------------------
+
+
+class _StuckRecognizer:
+    """Hangs on its first image until released (a stuck decode or backend)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.entered, self.released = threading.Event(), threading.Event()
+
+    def recognize(self, items: object, options: object) -> object:
+        self.entered.set()
+        self.released.wait(60)
+        return iter(())
+
+
+def test_a_stuck_worker_stops_renewing_so_its_tasks_go_back(queue_url: str) -> None:
+    import threading
+
+    from wanwu.jobs.worker import WorkerConfig, run_worker
+
+    queue = open_queue(queue_url)
+    queue.submit(JobSpec(js.uploads(2), JobOptions(), task_size=16))
+    stuck, stop, errors = _StuckRecognizer(), threading.Event(), []
+
+    def work() -> None:
+        try:
+            run_worker(queue, stuck, WorkerConfig(lease_s=0.3, stall_s=0.6, poll_s=0.05), stop)  # type: ignore[arg-type]
+        except RuntimeError as e:  # released with no records: out of step, as expected
+            errors.append(e)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        assert stuck.entered.wait(30)
+        taken: list[object] = []
+        deadline = time.monotonic() + 30
+        while not taken and time.monotonic() < deadline:
+            taken = list(queue.claim("healthy", 1, 30))
+            time.sleep(0.05)
+        assert len(taken) == 1  # the stuck worker's heartbeat let the lease lapse
+    finally:
+        stop.set()
+        stuck.released.set()
+        thread.join(30)
+        queue.close()
+
+
+def test_a_killed_submission_is_cancelled_once_stale(queue_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    js.scenario_killed_submit_is_reaped(queue_url, monkeypatch)

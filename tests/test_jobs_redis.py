@@ -13,12 +13,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests import jobs_support as js
 from wanwu.errors import QueueError
-from wanwu.jobs.base import JobSpec, open_queue
+from wanwu.jobs.base import JobInput, JobOptions, JobSpec, open_queue
 
 TinyModel = tuple[Path, Path]
 
@@ -139,3 +140,55 @@ def test_unreachable_redis_is_a_queue_error() -> None:
 def test_following_a_job_status_wait_and_worker_log(queue_url: str, tiny_model: TinyModel, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     js.scenario_follow_a_job(queue_url, tiny_model, tmp_path / "photos", capsys)
+
+
+# --- review fixes ---------------------------------------------------------------------------------------------
+
+
+def test_submit_holds_a_bounded_number_of_upload_bytes(queue_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wanwu.jobs import redis as redis_queue
+
+    monkeypatch.setattr(redis_queue, "PIPELINE_BYTES", 50_000)
+    queue = open_queue(queue_url)
+    held: list[int] = []
+    real_pipeline = queue.r.pipeline  # type: ignore[attr-defined]
+
+    def spying_pipeline(*args: object, **kwargs: object) -> object:
+        pipe = real_pipeline(*args, **kwargs)
+        real_execute = pipe.execute
+
+        def execute(*a: object, **k: object) -> object:
+            held.append(sum(len(x) for cmd, _ in pipe.command_stack for x in cmd if isinstance(x, bytes)))
+            return real_execute(*a, **k)
+
+        pipe.execute = execute
+        return pipe
+
+    monkeypatch.setattr(queue.r, "pipeline", spying_pipeline)  # type: ignore[attr-defined]
+    uploads = [JobInput.upload(f"u{i}.bin", bytes([i % 256]) * 20_000 + str(i).encode()) for i in range(40)]
+    job = queue.submit(JobSpec(uploads, JobOptions(), task_size=16))
+    assert queue.status(job).total == 40
+    assert max(held) <= 50_000 + 20_010  # the bound plus the one upload that crossed it
+    queue.close()
+
+
+def test_a_heartbeat_does_not_take_a_task_back_from_its_new_owner(queue_url: str) -> None:
+    queue = open_queue(queue_url)
+    queue.submit(JobSpec(js.uploads(1), JobOptions(), task_size=16))
+    (mine,) = queue.claim("a", 1, 0.05)
+    taken: list[Any] = []
+    deadline = time.monotonic() + 30
+    while not taken and time.monotonic() < deadline:  # a's lease lapses; b takes the task over
+        taken = queue.claim("b", 1, 0.05)
+        time.sleep(0.02)
+    assert [t.task_id for t in taken] == [mine.task_id]
+    queue.extend("a", [mine], 0.05)  # a's heartbeat, late
+    queue.release("a", [mine])  # and a giving it up
+    r: Any = queue.r  # type: ignore[attr-defined]
+    (entry,) = r.xpending_range(queue.stream, queue.group, "-", "+", 10)  # type: ignore[attr-defined]
+    assert entry["consumer"] == b"b"
+    queue.close()
+
+
+def test_a_killed_submission_is_cancelled_once_stale(queue_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    js.scenario_killed_submit_is_reaped(queue_url, monkeypatch)

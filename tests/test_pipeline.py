@@ -322,7 +322,7 @@ def http_images() -> Iterator[str]:
 
 
 def test_urls(tiny_model: tuple[Path, Path], http_images: str) -> None:
-    opts = RecognizeOptions(cache=False, workers=0, max_bytes=200_000, fetch_timeout=1.0)
+    opts = RecognizeOptions(cache=False, workers=0, max_bytes=200_000, fetch_timeout=1.0, allow_private_urls=True)
     urls = [f"{http_images}/red.jpg", f"{http_images}/missing.jpg", f"{http_images}/big.png",
             f"{http_images}/slow.jpg", "http://127.0.0.1:9/refused.jpg"]
     with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=opts) as rec:

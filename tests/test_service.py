@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from wanwu.cache import MemoryCache, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.engine import Engine
 from wanwu.imaging import decode_jobs
+from wanwu.netguard import REFUSED_MESSAGE
 from wanwu.pipeline import Recognizer
 from wanwu.records import RecordOptions
 from wanwu.service import ServeConfig, create_app
@@ -153,7 +155,8 @@ def test_urls_are_downloaded_by_the_server(tiny_model: Model, tmp_path: Path) ->
     site.mkdir()
     green = image_bytes(GREEN)
     (site / "green.jpg").write_bytes(green)
-    with static_server(site) as web, serve(tiny_model) as (base, _):
+    opts = RecognizeOptions(workers=0, cache=False, allow_private_urls=True)
+    with static_server(site) as web, serve(tiny_model, options=opts) as (base, _):
         urls = [f"{web}/green.jpg", f"{web}/missing.jpg", "file:///etc/passwd", f"{web}/green.jpg"]
         response = httpx.post(f"{base}/v1/recognize", json={"urls": urls}, timeout=30)
     assert response.status_code == 200, response.text
@@ -163,6 +166,43 @@ def test_urls_are_downloaded_by_the_server(tiny_model: Model, tmp_path: Path) ->
     assert results[0] == cli_records(tiny_model, [(urls[0], green)])[0] == results[3]
     assert results[1]["error"]["type"] == "not_found"
     assert results[2]["error"]["type"] == "unsupported"
+
+
+def test_urls_on_this_machine_are_refused_by_default(tiny_model: Model, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "green.jpg").write_bytes(image_bytes(GREEN))
+    with static_server(site) as web, serve(tiny_model) as (base, _):
+        urls = [f"{web}/green.jpg", f"{web}/missing.jpg", f"{base}/healthz", "http://169.254.169.254/latest"]
+        results = httpx.post(f"{base}/v1/recognize", json={"urls": urls}, timeout=30).json()["results"]
+    assert [r["status"] for r in results] == ["error"] * 4
+    # Present or absent, live or not: the same words, so a caller learns nothing about the network.
+    assert {r["error"]["message"] for r in results} == {REFUSED_MESSAGE}
+
+
+def test_a_hanging_url_does_not_stall_uploads(tiny_model: Model) -> None:
+    """URL downloads have a pool of their own: with every download thread waiting on a slow server, an
+    upload in another request is still read, hashed and answered."""
+    from tests.jobs_support import image_server
+
+    opts = RecognizeOptions(workers=0, cache=False, fetch_threads=1, allow_private_urls=True)
+    with image_server() as slow, serve(tiny_model, options=opts) as (base, _), ThreadPoolExecutor(1) as pool:
+        hanging = pool.submit(httpx.post, f"{base}/v1/recognize", json={"urls": [f"{slow.url}/slow.jpg"]},
+                              timeout=90)
+        assert slow.slow_hit.wait(30)
+        upload = httpx.post(f"{base}/v1/recognize", files=files(("a.jpg", image_bytes())), timeout=90)
+        still_waiting = not hanging.done()
+        slow.release()
+        assert hanging.result().status_code == 200
+    assert upload.status_code == 200 and upload.json()["results"][0]["status"] == "ok"
+    assert still_waiting
+
+
+def test_no_urls_turns_url_inputs_off(tiny_model: Model) -> None:
+    with serve(tiny_model, allow_urls=False) as (base, _):
+        results = httpx.post(f"{base}/v1/recognize", json={"urls": ["https://example.org/a.jpg"]},
+                             timeout=30).json()["results"]
+    assert results[0]["error"] == {"type": "unsupported", "message": "this server does not fetch URLs (--no-urls)"}
 
 
 # --- request-level errors ----------------------------------------------------------------------------------
@@ -208,6 +248,42 @@ def test_uploads_over_the_limit_get_413(tiny_model: Model) -> None:
     assert small.status_code == 200
     assert too_many.status_code == 413
     assert too_many.json()["error"]["code"] == "too_many_files"
+
+
+def test_bytes_in_flight_are_bounded(tiny_model: Model) -> None:
+    """Two bodies of 0.6 MB may not be held at once under a 1 MB budget: the second gets 503 + Retry-After
+    while the first is still arriving, and goes through once the first is done."""
+    import socket
+
+    photo = image_bytes(size=(64, 48))
+    padded = base64.b64encode(photo).decode() + " " * 600_000  # white space in base64 is skipped
+    payload = json.dumps({"images": [padded]}).encode()
+    with serve(tiny_model, max_upload_mb=0.9, max_inflight_mb=1.0) as (base, _):
+        host, port = base.removeprefix("http://").split(":")
+        head = (f"POST /v1/recognize HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode()
+        with socket.create_connection((host, int(port)), timeout=30) as slow:
+            slow.sendall(head + payload[:1000])  # the first request holds its reservation, body unfinished
+            wait_for_metric(base, "wanwu_request_body_bytes_in_flight", len(payload))
+            second = httpx.post(f"{base}/v1/recognize", content=payload,
+                                headers={"content-type": "application/json"}, timeout=30)
+            slow.sendall(payload[1000:])
+            first = b""
+            while chunk := slow.recv(65536):
+                first += chunk
+        again = httpx.post(f"{base}/v1/recognize", content=payload, headers={"content-type": "application/json"},
+                           timeout=30)
+    assert second.status_code == 503, second.text
+    assert second.headers["retry-after"] == "1" and second.json()["error"]["code"] == "busy"
+    assert first.startswith(b"HTTP/1.1 200"), first[:200]
+    assert again.status_code == 200 and again.json()["results"][0]["status"] == "ok"
+
+
+def wait_for_metric(base: str, name: str, value: float) -> None:
+    deadline = time.monotonic() + 30
+    while metric(httpx.get(f"{base}/metrics").text, name) < value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.02)
 
 
 def test_api_keys(tiny_model: Model) -> None:

@@ -22,7 +22,8 @@ class RecognizeOptions:
     workers: int = -1  # decode processes: -1 = one per core, 0 = decode in threads of this process
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
-    fetch_timeout: float = 30.0
+    fetch_timeout: float = 30.0  # a whole URL download
+    allow_private_urls: bool = False  # fetch URLs on loopback/private/link-local addresses (wanwu.netguard)
     fetch_threads: int = 8
     full_decode: bool = False  # decode large JPEGs at full size instead of a reduced DCT scale
     decode_timeout: float = 30.0  # seconds one image may take to decode before its worker is replaced

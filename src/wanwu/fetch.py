@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,9 +28,12 @@ class Fetched:
 class Fetcher:
     """Reads files and downloads URLs with a size limit and timeouts; thread-safe."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = 30.0) -> None:
+    def __init__(
+        self, max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = 30.0, allow_private: bool = False
+    ) -> None:
         self.max_bytes = max_bytes
-        self.timeout = timeout
+        self.timeout = timeout  # the whole download, not each read
+        self.allow_private = allow_private  # see wanwu.netguard: by default only public addresses
         self._client: httpx.Client | None = None
 
     def fetch(self, item: InputItem) -> Fetched:
@@ -55,7 +59,14 @@ class Fetcher:
 
     def _read(self, path: str) -> bytes:
         try:
-            with open(path, "rb") as f:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (it would hold the thread for ever);
+            # anything but a regular file is then refused before a byte is read.
+            with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                if stat.S_ISDIR(mode):
+                    raise NotFoundError("is a folder, not a file")
+                if not stat.S_ISREG(mode):
+                    raise FetchError("not a regular file (a pipe, socket or device)")
                 self._check_size(os.fstat(f.fileno()).st_size)
                 return f.read(self.max_bytes + 1)
         except FileNotFoundError:
@@ -72,9 +83,11 @@ class Fetcher:
     def _download(self, url: str) -> bytes:
         import httpx
 
+        from wanwu.netguard import deadline
+
         client = self._http()
         try:
-            with client.stream("GET", url) as response:
+            with deadline(self.timeout), client.stream("GET", url) as response:
                 if response.status_code in (404, 410):
                     raise NotFoundError(f"HTTP {response.status_code} from {url}")
                 if response.status_code >= 400:
@@ -96,15 +109,10 @@ class Fetcher:
             raise FetchError(f"cannot fetch {url}: {type(e).__name__}: {e}") from None
 
     def _http(self) -> httpx.Client:
-        import httpx
+        from wanwu.netguard import guarded_client
 
         if self._client is None:
-            self._client = httpx.Client(
-                timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)),
-                follow_redirects=True,
-                headers={"User-Agent": "wanwu/0.1"},
-                limits=httpx.Limits(max_connections=32),
-            )
+            self._client = guarded_client(self.timeout, self.allow_private)
         return self._client
 
     def close(self) -> None:

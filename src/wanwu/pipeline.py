@@ -80,6 +80,7 @@ class Recognizer:
         from the cache (metrics)."""
         self.options = options or RecognizeOptions()
         self._fetch_pool: ThreadPoolExecutor | None = None
+        self._url_pool: ThreadPoolExecutor | None = None  # downloads apart: slow URLs never stall file reads
         self._lock = threading.Lock()
         self.decoders = DecodePool(self.options.decode_workers, max(1, min(4, self.options.fetch_threads)))
         if engine is None and self.options.decode_workers > 0:
@@ -108,7 +109,7 @@ class Recognizer:
             self.decoders.close(wait=False)
             self.engine.close()
             raise
-        self.fetcher = Fetcher(self.options.max_bytes, self.options.fetch_timeout)
+        self.fetcher = Fetcher(self.options.max_bytes, self.options.fetch_timeout, self.options.allow_private_urls)
 
     @property
     def spec(self) -> ModelSpec:
@@ -140,6 +141,12 @@ class Recognizer:
                 self._fetch_pool = ThreadPoolExecutor(self.options.fetch_threads, thread_name_prefix="wanwu-fetch")
             return self._fetch_pool
 
+    def url_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._url_pool is None:
+                self._url_pool = ThreadPoolExecutor(self.options.fetch_threads, thread_name_prefix="wanwu-url")
+            return self._url_pool
+
     def _warm_decoders(self, pool: Executor) -> None:
         with contextlib.suppress(RuntimeError):  # closed before the warm-up got going: nothing to warm
             for _ in range(self.options.decode_workers):
@@ -147,9 +154,10 @@ class Recognizer:
 
     def close(self) -> None:
         with self._lock:
-            pool, self._fetch_pool = self._fetch_pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pools, self._fetch_pool, self._url_pool = (self._fetch_pool, self._url_pool), None, None
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         self.inference.close()
         self.decoders.close()
         self.fetcher.close()
@@ -309,7 +317,7 @@ class _Run:
             if item.kind == "missing":
                 slot.record = Record.failure(item.input, item.error_type, item.error)
                 continue
-            pool = pool or self.rec.fetch_pool()
+            pool = self.rec.url_pool() if item.kind == "url" else (pool or self.rec.fetch_pool())
             self.pending_fetch += 1
             future = pool.submit(self.rec.fetcher.fetch, item)
             future.add_done_callback(self._notify("fetch", slot))

@@ -3,6 +3,7 @@
 * ``jsonl`` — one JSON object per line (the canonical format; ``--resume`` reads it back);
 * ``json``  — the same objects in one array, streamed (``[`` first, ``]`` on close);
 * ``csv``   — flattened columns ``label_1, index_1, score_1, …`` up to top-k, optional UTF-8 BOM for Excel;
+  text cells that a spreadsheet would run as formulas are neutralised (:func:`csv_cell`);
 * ``table`` — a terminal table (rich): aligned columns that never wrap inside a cell, printed through the
   progress bar's console when there is one, so rows appear above the bar.
 * ``parquet`` — columns with predictions as a list of structs, in row groups (see :mod:`wanwu.parquet`).
@@ -90,6 +91,17 @@ def csv_header(top_k: int, english: bool = False) -> list[str]:
     return [*cols, "error_type", "error_message"]
 
 
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """OWASP's rule against CSV (formula) injection: a text cell that a spreadsheet would run as a formula
+    (it starts with = + - @ tab or CR) gets a leading apostrophe. Numbers are left as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 @register_sink("csv")
 class CsvSink:
     def __init__(self, stream: TextIO, options: SinkOptions) -> None:
@@ -114,7 +126,7 @@ class CsvSink:
                 row += [""] * (4 if self.english else 3)
         err = record.error
         row += [err.type if err else "", err.message if err else ""]
-        self.writer.writerow(row)
+        self.writer.writerow([csv_cell(cell) for cell in row])
         self.stream.flush()
 
     def close(self) -> None:

@@ -2,7 +2,7 @@
 
 :func:`prepare_item` is the per-item stage a runner calls where it cannot use the streaming orchestrator's
 own machinery (the Ray Data runner's CPU decode tasks). It is built only from the functions the orchestrator
-uses itself (:class:`~wanwu.sources.Fetcher`, the result cache, :func:`wanwu.imaging.decode_job`), so its
+uses itself (:class:`~wanwu.fetch.Fetcher`, the result cache, :func:`wanwu.imaging.decode_job`), so its
 outcome for an input is the orchestrator's: the same pixels, the same error types and messages.
 
 It never raises for a bad input: the outcome is a :class:`Staged` holding exactly one of an error, a cache

@@ -114,7 +114,9 @@ HELP: dict[str, dict[str, str]] = {
         "says decode_error (timed out).",
         "formats": "Also decode these formats, comma-separated Pillow names (psd,dds,fli,…), or 'all'. "
         "Default: JPEG, PNG, WebP, GIF, BMP, TIFF, PPM, ICO, TGA, AVIF, JPEG 2000, HEIC (with the heif extra).",
-        "timeout": "URL fetch timeout, seconds.",
+        "timeout": "URL fetch deadline (the whole download), seconds.",
+        "allow_private_urls": "Also fetch URLs whose host is loopback, private, link-local or reserved (default: "
+        "public addresses only).",
         "format": "Output format (default: from --output's suffix .csv/.json/.jsonl/.parquet, else table on a "
         "terminal, else jsonl).",
         "output": "Write records here instead of stdout.",
@@ -153,7 +155,8 @@ HELP: dict[str, dict[str, str]] = {
         "decode_timeout": "单张图片解码的时限（秒）；超时则停止解码器，记录为 decode_error（超时）。",
         "formats": "另外解码这些格式（逗号分隔的 Pillow 格式名，如 psd,dds,fli），或 all。默认：JPEG、PNG、WebP、"
         "GIF、BMP、TIFF、PPM、ICO、TGA、AVIF、JPEG 2000、HEIC（需 heif 扩展）。",
-        "timeout": "网址下载超时，秒。",
+        "timeout": "网址下载的总时限（整个下载），秒。",
+        "allow_private_urls": "也下载主机为回环、私有、链路本地或保留地址的网址（默认：只下载公网地址）。",
         "format": "输出格式（默认：按 --output 的后缀 .csv/.json/.jsonl/.parquet，否则终端上为 table，否则为 jsonl）。",
         "output": "把记录写到这里，而不是标准输出。",
         "bom": "csv：以 UTF-8 BOM 开头（供 Excel 使用）。",

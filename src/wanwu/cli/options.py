@@ -72,6 +72,7 @@ def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
         "max_pixels": kw["max_pixels"] if kw["max_pixels"] is not None else base.max_pixels,
         "max_bytes": kw["max_bytes"] if kw["max_bytes"] is not None else base.max_bytes,
         "fetch_timeout": kw["timeout"],
+        "allow_private_urls": kw.get("allow_private_urls", False),
         "cache": not kw["no_cache"],
         "full_decode": kw["full_decode"],
         "decode_timeout": kw["decode_timeout"],
@@ -111,6 +112,7 @@ io_options = _compose(
     click.option("--formats", multiple=True, metavar="LIST", help=h("formats")),
     click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=RecognizeOptions.fetch_timeout,
                  show_default=True, help=h("timeout")),
+    click.option("--allow-private-urls", is_flag=True, help=h("allow_private_urls")),
 )
 """Reading, decoding and caching: the flags every command that recognizes images shares."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any
 
@@ -9,7 +10,7 @@ import click
 
 from wanwu.cli.options import io_options, model_options, recognize_options
 from wanwu.config import RecognizeOptions
-from wanwu.errors import MissingExtraError
+from wanwu.errors import MissingExtraError, UsageError
 from wanwu.service.config import ServeConfig
 
 
@@ -25,6 +26,9 @@ from wanwu.service.config import ServeConfig
               help="Images that may wait for the batcher; beyond it requests get 503 + Retry-After.")
 @click.option("--max-upload-mb", type=float, default=50.0, show_default=True,
               help="Largest request body, in MB (413 above it).")
+@click.option("--max-inflight-mb", type=float, default=0.0,
+              help="Request bytes held at once, all requests together (503 + Retry-After beyond; "
+              "default 4 × --max-upload-mb).")
 @click.option("--max-files", type=int, default=64, show_default=True, help="Most images in one request.")
 @click.option("--api-key", "api_keys", multiple=True, envvar="WANWU_API_KEYS", metavar="KEY",
               help="Require this key (Authorization: Bearer KEY or X-API-Key); repeatable. "
@@ -37,6 +41,9 @@ from wanwu.service.config import ServeConfig
 @io_options
 @click.option("--queue", default=None, metavar="URL",
               help="Also serve /v1/jobs on this job queue (sqlite:///PATH or redis://HOST:PORT/DB).")
+@click.option("--no-urls", is_flag=True, help="Do not fetch URL inputs (they become error records).")
+@click.option("--insecure", is_flag=True,
+              help="Allow listening on a non-loopback address without --api-key (anyone who can reach it may use it).")
 @click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")
 def command(host: str, port: int, access_log: bool, **kw: Any) -> int:
     """Serve recognition over HTTP, with a web page at / and the API under /v1.
@@ -46,6 +53,7 @@ def command(host: str, port: int, access_log: bool, **kw: Any) -> int:
     `wanwu recognize`. Also: /v1/models, /healthz, /readyz, /metrics, /docs.
     """
     config = _config(host, port, kw)
+    check_exposure(config.host, config.api_keys, kw["insecure"])
     try:
         import uvicorn
 
@@ -78,6 +86,28 @@ def command(host: str, port: int, access_log: bool, **kw: Any) -> int:
     return 0
 
 
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(host: str, api_keys: tuple[str, ...], insecure: bool) -> None:
+    """Refuse to listen beyond this machine with no API key, unless the user says --insecure."""
+    if api_keys or is_loopback(host):
+        return
+    if not insecure:
+        raise UsageError(
+            f"refusing to serve on {host} without an API key: anyone who can reach it could use it. "
+            "Give --api-key KEY (or WANWU_API_KEYS), listen on 127.0.0.1, or pass --insecure to accept the risk"
+        )
+    click.echo(f"wanwu: WARNING: serving on {host} with no API key (--insecure): anyone who can reach it "
+               "can use it", err=True)
+
+
 def _config(host: str, port: int, kw: dict[str, Any]) -> ServeConfig:
     batch = kw["max_batch_size"] if kw["max_batch_size"] > 0 else RecognizeOptions().batch_size
     options = recognize_options(kw, batch_size=batch)
@@ -92,8 +122,10 @@ def _config(host: str, port: int, kw: dict[str, Any]) -> ServeConfig:
         max_queue=kw["max_queue"],
         max_upload_mb=kw["max_upload_mb"],
         max_files=kw["max_files"],
+        max_inflight_mb=kw["max_inflight_mb"],
         api_keys=tuple(kw["api_keys"]),
         queue=kw["queue"],
+        allow_urls=not kw["no_urls"],
         options=options,
     )
 

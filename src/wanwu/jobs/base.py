@@ -32,6 +32,9 @@ from wanwu.sources import is_url
 JobState = Literal["queued", "running", "done", "cancelled", "failed"]
 InputKind = Literal["url", "path", "upload", "missing"]
 DEFAULT_TASK_SIZE = 16
+# A submission that has added nothing for this long while unsealed is dead (a killed `jobs submit`): queues
+# cancel it and free its uploads when a worker next claims, so it is not "running" for ever.
+STALE_SUBMISSION_S = 600.0
 QUEUE_ENV = "WANWU_QUEUE"
 
 

@@ -27,6 +27,41 @@ if TYPE_CHECKING:
 
 MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8", "json": "application/json"}
 MAX_JSON_INPUTS = 1_000_000
+_OPTION_PROPERTIES: dict[str, Any] = {
+    "top_k": {"type": "integer", "minimum": 1, "maximum": 50, "default": 5},
+    "score": {"type": "string", "enum": ["softmax", "logit"], "default": "softmax"},
+    "threshold": {"type": ["number", "null"], "description": "drop predictions scoring below this"},
+    "task_size": {"type": "integer", "minimum": 1, "maximum": 10_000, "default": 16,
+                  "description": "inputs per task (the unit a worker claims)"},
+}
+_INPUT = {"type": "string", "pattern": "^(https?://|/)", "description": "an http(s) URL or an absolute path"}
+SUBMIT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {
+                "type": "object", "required": ["inputs"], "additionalProperties": False,
+                "properties": {"inputs": {"type": "array", "minItems": 1, "items": _INPUT}, **_OPTION_PROPERTIES},
+            }},
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["files"],
+                "properties": {
+                    "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
+                    "inputs": {"type": "array", "items": _INPUT}, **_OPTION_PROPERTIES,
+                    "threshold": {"type": "number", "description": "drop predictions scoring below this"},
+                },
+            }},
+        },
+    }
+}
+_ERROR: dict[str, Any] = {"content": {"application/json": {"schema": {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "properties": {"code": {"type": "string"},
+                                                           "message": {"type": "string"}}}},
+}}}}
+_400: dict[int | str, dict[str, Any]] = {400: {"description": "Invalid job (bad input, option or body)", **_ERROR}}
+_404: dict[int | str, dict[str, Any]] = {404: {"description": "No such job", **_ERROR}}
+_503: dict[int | str, dict[str, Any]] = {503: {"description": "The queue cannot be reached", **_ERROR}}
 
 
 def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAULT_MAX_BYTES) -> "APIRouter":
@@ -48,7 +83,7 @@ def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAU
             return HTTPException(400, str(e))
         return HTTPException(503, str(e))
 
-    @api.post("", status_code=201)
+    @api.post("", status_code=201, openapi_extra=SUBMIT_BODY, responses={**_400, **_503})
     async def submit(request: Request) -> JSONResponse:
         try:
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
@@ -61,21 +96,24 @@ def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAU
             raise http_error(e) from None
         return JSONResponse(status.to_dict(), status_code=201, headers={"Location": f"/v1/jobs/{job_id}"})
 
-    @api.get("")
+    @api.get("", responses=_503)
     def list_jobs(limit: int = Query(50, ge=1, le=1000)) -> list[dict[str, Any]]:
         try:
             return [s.to_dict() for s in q.jobs(limit)]
         except QueueError as e:
             raise http_error(e) from None
 
-    @api.get("/{job_id}")
+    @api.get("/{job_id}", responses={**_404, **_503})
     def status(job_id: str) -> dict[str, Any]:
         try:
             return q.status(job_id).to_dict()
         except QueueError as e:
             raise http_error(e) from None
 
-    @api.get("/{job_id}/results")
+    @api.get("/{job_id}/results", responses={
+        200: {"description": "Records in input order", "content": {t.split(";")[0]: {"schema": {"type": "string"}}
+                                                                  for t in MEDIA_TYPES.values()}},
+        **_404, **_503})
     def results(job_id: str, format: str = Query("jsonl", pattern="^(jsonl|csv|json)$"),
                 bom: bool = False) -> StreamingResponse:
         try:
@@ -88,7 +126,7 @@ def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAU
         return StreamingResponse(body, media_type=MEDIA_TYPES[format],
                                  headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
-    @api.delete("/{job_id}")
+    @api.delete("/{job_id}", responses={**_404, **_503})
     def cancel(job_id: str, purge: bool = Query(False, description="also forget the job and its records")
                ) -> dict[str, Any]:
         try:
@@ -148,6 +186,20 @@ def _options(data: Any) -> tuple[JobOptions, int]:
 
 
 def _json_spec(body: dict[str, Any]) -> JobSpec:
+    unknown = set(body) - {"inputs", *_OPTION_PROPERTIES}
+    if unknown:
+        raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    for key in ("top_k", "task_size"):  # JSON is typed: no "5" or true where an integer belongs (5.0 is one)
+        value = body.get(key, 0)
+        if isinstance(value, float) and value.is_integer():
+            body[key] = int(value)
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{key} must be an integer")
+    if body.get("threshold") is not None and (
+            isinstance(body["threshold"], bool) or not isinstance(body["threshold"], int | float)):
+        raise UsageError("threshold must be a number")
+    if "score" in body and not isinstance(body["score"], str):
+        raise UsageError("score must be 'softmax' or 'logit'")
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
         raise UsageError('"inputs" must be a non-empty list of URLs or absolute paths')

@@ -18,6 +18,7 @@ Durability is Redis's: run it with AOF or RDB snapshots if queued jobs must surv
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from wanwu.errors import MissingExtraError, QueueError, UsageError
 from wanwu.jobs.base import (
+    STALE_SUBMISSION_S,
     JobActivity,
     JobInput,
     JobOptions,
@@ -46,7 +48,27 @@ from wanwu.jobs.base import (
 )
 from wanwu.records import Record
 
+log = logging.getLogger("wanwu")
+
 PIPELINE_TASKS = 256
+PIPELINE_BYTES = 32 * 1024 * 1024  # uploads buffered for one round trip: submit holds at most about this much
+# Re-claim (or release) only the tasks this worker still owns: XCLAIM with min-idle 0 would otherwise take a
+# task back from the worker that already took it over after this one's lease lapsed.
+_CLAIM_OWN = """
+local n = 0
+for i = 4, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    if ARGV[3] == '' then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    else
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
+    end
+    n = n + 1
+  end
+end
+return n
+"""
 RESULT_PAGE = 1000
 RELEASED_IDLE_MS = 10 * 365 * 86400 * 1000  # a released task looks long abandoned: reclaimed at once
 ACTIVITY_SCAN = 10_000  # claimed tasks looked at by activity() (workers x tasks per claim, normally far fewer)
@@ -148,6 +170,7 @@ class RedisQueue:
                 "total": 0, "sealed": 0, "cancelled": 0, "done": 0, "failed": 0, "abandoned": 0,
             })
             self.r.zadd(f"{self.p}:jobs", {job_id: now})
+            self.r.zadd(f"{self.p}:unsealed", {job_id: now})  # the submitter's heartbeat: see _fill
             try:
                 self._fill(job_id, spec)
             except BaseException:
@@ -159,13 +182,17 @@ class RedisQueue:
     def _fill(self, job_id: str, spec: JobSpec) -> None:
         key = self._job_key(job_id)
         pipe = self.r.pipeline(transaction=False)
-        total, chunk, queued = 0, [], 0
+        total, chunk, queued, buffered = 0, [], 0, 0
         for item in spec.inputs:
             if item.kind == "upload":
                 if item.data is None:
                     raise UsageError(f"upload {item.name!r} has no data")
                 pipe.set(f"{self.p}:blob:{job_id}:{item.ref}", item.data, nx=True)
                 pipe.sadd(f"{key}:blobs", item.ref)
+                buffered += len(item.data)
+                if buffered >= PIPELINE_BYTES:  # blobs before their task: a worker never misses one
+                    pipe.execute()
+                    buffered = 0
             chunk.append(JobInput(item.name, item.kind, item.ref))
             total += 1
             if len(chunk) == spec.task_size:
@@ -173,12 +200,15 @@ class RedisQueue:
                 chunk, queued = [], queued + 1
                 if queued % PIPELINE_TASKS == 0:
                     pipe.hset(key, "total", total)
+                    pipe.zadd(f"{self.p}:unsealed", {job_id: time.time()})
                     pipe.execute()
+                    buffered = 0
         if chunk:
             self._add_task(pipe, job_id, total - len(chunk), chunk)
         if total == 0:
             raise UsageError("a job needs at least one input")
         pipe.hset(key, mapping={"total": total, "sealed": 1, "updated": time.time()})
+        pipe.zrem(f"{self.p}:unsealed", job_id)
         pipe.execute()
         self._maybe_finish(job_id)
 
@@ -268,8 +298,20 @@ class RedisQueue:
 
     # -- workers -----------------------------------------------------------------------------------------
 
+    def _reap_stale_submissions(self) -> None:
+        """Cancel jobs whose submitter stopped adding inputs long ago (killed): free their uploads."""
+        unsealed = f"{self.p}:unsealed"
+        for raw in self.r.zrangebyscore(unsealed, 0, time.time() - STALE_SUBMISSION_S):
+            job_id = raw.decode()
+            if self.r.zrem(unsealed, job_id):  # one reaper per job, whichever worker gets here first
+                log.warning("job %s: its submission stopped before it was complete; cancelling it", job_id)
+                if self.r.exists(self._job_key(job_id)):
+                    self.r.hset(self._job_key(job_id), mapping={"cancelled": 1, "updated": time.time()})
+                self._drop_blobs(job_id)
+
     def claim(self, worker: str, max_tasks: int, lease_s: float) -> list[Task]:
         with self._errors():
+            self._reap_stale_submissions()
             try:
                 return self._claim(worker, max_tasks, lease_s)
             except self._response_error as e:
@@ -324,15 +366,15 @@ class RedisQueue:
         return tasks
 
     def extend(self, worker: str, tasks: list[Task], lease_s: float) -> None:
-        if tasks:
-            with self._errors():
-                self.r.xclaim(self.stream, self.group, worker, 0, [t.task_id for t in tasks], justid=True)
+        self._claim_own(worker, tasks, "")
 
     def release(self, worker: str, tasks: list[Task]) -> None:
+        self._claim_own(worker, tasks, str(RELEASED_IDLE_MS))
+
+    def _claim_own(self, worker: str, tasks: list[Task], idle: str) -> None:
         if tasks:
             with self._errors():
-                self.r.xclaim(self.stream, self.group, worker, 0, [t.task_id for t in tasks],
-                              idle=RELEASED_IDLE_MS, justid=True)
+                self.r.eval(_CLAIM_OWN, 1, self.stream, self.group, worker, idle, *[t.task_id for t in tasks])
 
     def complete(self, task: Task, records: list[tuple[int, Record]]) -> None:
         with self._errors():

@@ -10,6 +10,7 @@ at any instant leaves either all of a task's results and its deletion, or none.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 
 from wanwu.errors import QueueError, UsageError
 from wanwu.jobs.base import (
+    STALE_SUBMISSION_S,
     JobActivity,
     JobInput,
     JobOptions,
@@ -38,6 +40,8 @@ from wanwu.jobs.base import (
     register_queue,
 )
 from wanwu.records import Record
+
+log = logging.getLogger("wanwu")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -205,6 +209,14 @@ class SqliteQueue:
                 self._db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
             self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
+    def _reap_stale_submissions(self, now: float) -> None:
+        stale = self._db.execute(
+            "SELECT id FROM jobs WHERE sealed = 0 AND cancelled = 0 AND updated < ?", (now - STALE_SUBMISSION_S,)
+        ).fetchall()
+        for (job_id,) in stale:
+            log.warning("job %s: its submission stopped before it was complete; cancelling it", job_id)
+            self._cancel(job_id)
+
     def _cancel(self, job_id: str) -> None:
         _, _, _, _, _, total, sealed, cancelled, done, failed, _ = self._job_row(job_id)
         if cancelled or (sealed and done + failed >= total):
@@ -229,6 +241,7 @@ class SqliteQueue:
         now = time.time()
         claimed: list[Task] = []
         with self._tx():
+            self._reap_stale_submissions(now)
             rows = self._db.execute(
                 "SELECT t.id, t.job_id, t.start, t.inputs, t.attempts, j.options FROM tasks t "
                 "JOIN jobs j ON j.id = t.job_id WHERE t.lease_until < ? ORDER BY t.id LIMIT ?",

@@ -43,6 +43,10 @@ class WorkerConfig:
     exit_when_idle: bool = False  # stop once no task is left in the queue, claimed or not
     worker_id: str = field(default_factory=default_worker_id)
     on_progress: Callable[[WorkerStats], None] | None = None  # called after each claim's tasks are written
+    # The heartbeat keeps leases only while records keep coming: after this long with none (a stuck decode,
+    # a hung backend), it stops renewing, so the tasks go back to the queue for another worker.
+    # None: max(4 × lease, 120 s) (a URL fetch has its own deadline, 30 s by default).
+    stall_s: float | None = None
 
 
 @dataclass
@@ -66,7 +70,8 @@ def run_worker(queue: JobQueue, recognizer: Recognizer, config: WorkerConfig,
     lease = config.lease_s or queue.settings.lease_s
     roots = _Roots(config.allow_roots)
     stats = WorkerStats()
-    heartbeat = _Heartbeat(queue, config.worker_id, lease)
+    stall = config.stall_s if config.stall_s is not None else max(4 * lease, 120.0)
+    heartbeat = _Heartbeat(queue, config.worker_id, lease, stall)
     heartbeat.start()
     try:
         while not stop.is_set():
@@ -105,7 +110,7 @@ def _process(queue: JobQueue, recognizer: Recognizer, tasks: list[Task], roots: 
         by_options.setdefault(task.options, []).append(task)
     for options, group in by_options.items():
         items = list(_items(queue, group, roots))
-        records = recognizer.recognize(items, options)
+        records = heartbeat.watch(recognizer.recognize(items, options))
         for task in group:
             written = [(index, _next(records, item)) for index, item in task.indexed()]
             queue.complete(task, written)
@@ -170,12 +175,15 @@ class _Roots:
 
 
 class _Heartbeat:
-    """Extends the leases of held tasks every third of the lease, from a daemon thread."""
+    """Extends the leases of held tasks every third of the lease, from a daemon thread, while the worker
+    makes progress (a record within ``stall_s``); a stuck worker's tasks are let go back to the queue."""
 
-    def __init__(self, queue: JobQueue, worker: str, lease_s: float) -> None:
+    def __init__(self, queue: JobQueue, worker: str, lease_s: float, stall_s: float = float("inf")) -> None:
         self.queue = queue
         self.worker = worker
         self.lease_s = lease_s
+        self.stall_s = stall_s
+        self._progress = time.monotonic()
         self._held: dict[str, Task] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -191,6 +199,13 @@ class _Heartbeat:
     def hold(self, tasks: list[Task]) -> None:
         with self._lock:
             self._held.update((t.task_id, t) for t in tasks)
+            self._progress = time.monotonic()
+
+    def watch(self, records: Iterator[Record]) -> Iterator[Record]:
+        """``records``, noting each as progress."""
+        for record in records:
+            self._progress = time.monotonic()
+            yield record
 
     def drop(self, task: Task) -> None:
         with self._lock:
@@ -208,6 +223,10 @@ class _Heartbeat:
         while not self._stop.wait(self.lease_s / 3):
             tasks = self.held()
             if not tasks:
+                continue
+            if time.monotonic() - self._progress > self.stall_s:
+                log.warning("no record for %.0f s: not renewing the leases of %d task(s), so they go back to "
+                            "the queue", time.monotonic() - self._progress, len(tasks))
                 continue
             try:
                 self.queue.extend(self.worker, tasks, self.lease_s)

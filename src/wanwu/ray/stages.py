@@ -193,9 +193,9 @@ def _str_or_none(value: Any) -> str | None:
 
 
 def _fetcher(options: RecognizeOptions) -> Fetcher:
-    key = ("fetcher", (options.max_bytes, options.fetch_timeout))
+    key = ("fetcher", (options.max_bytes, options.fetch_timeout, options.allow_private_urls))
     if key not in _PER_PROCESS:
-        _PER_PROCESS[key] = Fetcher(options.max_bytes, options.fetch_timeout)
+        _PER_PROCESS[key] = Fetcher(options.max_bytes, options.fetch_timeout, options.allow_private_urls)
     fetcher: Fetcher = _PER_PROCESS[key]
     return fetcher
 

@@ -112,8 +112,20 @@ class ModelScopeClient:
     # -- files ----------------------------------------------------------------------------------------
 
     def download(self, remote: RemoteFile, revision: str, dest: Path, progress: _Progress) -> None:
-        """Fetch ``remote`` to ``dest`` (resuming ``dest.part``), verify size and sha256, place atomically."""
+        """Fetch ``remote`` to ``dest`` (resuming ``dest.part``), verify size and sha256, place atomically.
+
+        Processes on one machine downloading the same file take turns (a ``filelock`` beside it): one writes
+        ``.part``, the others then find the verified file in place and do not fetch it again."""
+        from filelock import FileLock
+
         dest.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(dest) + ".lock"):
+            if dest.exists() and dest.stat().st_size == remote.size and (
+                    not remote.sha256 or sha256_file(dest) == remote.sha256):
+                return
+            self._download_locked(remote, revision, dest, progress)
+
+    def _download_locked(self, remote: RemoteFile, revision: str, dest: Path, progress: _Progress) -> None:
         part = dest.with_name(dest.name + ".part")
         url = f"{self.base}/api/v1/models/{self.model_id}/repo"
         params = {"Revision": revision, "FilePath": remote.path}

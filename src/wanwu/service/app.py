@@ -32,12 +32,13 @@ from wanwu.cache import ResultCache
 from wanwu.pipeline import FROM_OPTIONS
 from wanwu.service.batcher import QueueFullError
 from wanwu.service.config import ServeConfig
+from wanwu.service.contract import allowed_methods, errors, install_openapi, json_body_schema
 from wanwu.service.metrics import MetricsMiddleware, ServiceMetrics
 from wanwu.service.requests import (
     ApiError,
     BodyLimitMiddleware,
     RecognizeJson,
-    check_api_key,
+    api_key_dependency,
     error_response,
     json_error_body,
     parse_recognize,
@@ -117,42 +118,36 @@ def create_app(
         docs_url=None,  # served below from local assets
     )
     app.state.wanwu = state
-    app.add_middleware(BodyLimitMiddleware, limit_mb=config.max_upload_mb)
+    app.add_middleware(BodyLimitMiddleware, limit_mb=config.max_upload_mb, inflight_mb=config.inflight_mb,
+                       retry_after_s=config.retry_after_s, observe=metrics.body_bytes.set)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _add_error_handlers(app)
+    guard = [Depends(api_key_dependency(config.api_keys))] if config.api_keys else []
     if config.queue:
         from wanwu.jobs.http import router as jobs_router
 
-        def require_key(request: Request) -> None:
-            check_api_key(request, config.api_keys)
-
-        app.include_router(jobs_router(config.queue), dependencies=[Depends(require_key)])
-    _add_routes(app, state)
+        app.include_router(jobs_router(config.queue, max_upload_bytes=config.max_upload_bytes), dependencies=guard,
+                           responses=errors(401) if guard else None)
+    _add_routes(app, state, guard)
+    install_openapi(app, _JSON_COMPONENTS)
     app.mount("/static", StaticFiles(packages=[("wanwu", "web")]), name="static")
     _add_docs(app)
     return app
 
 
 def _add_docs(app: FastAPI) -> None:
-    """Swagger UI at /docs from the swagger-ui-bundle package, so the docs work offline too; without the
-    package, FastAPI's page (which loads Swagger UI from a CDN)."""
+    """Swagger UI 5 (it reads OpenAPI 3.1) at /docs from the fastapi-offline package's assets: no CDN."""
     from fastapi.openapi.docs import get_swagger_ui_html
 
     openapi_url, title = app.openapi_url or "/openapi.json", f"{app.title} — API"
-    try:
-        from swagger_ui_bundle import swagger_ui_path
-    except ImportError:
-        swagger_ui_path = None
-    if swagger_ui_path is not None:
-        app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+    assets = resources.files("fastapi_offline").joinpath("static")
+    app.mount("/docs-assets", StaticFiles(directory=str(assets)), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
-        if swagger_ui_path is None:
-            return get_swagger_ui_html(openapi_url=openapi_url, title=title)
         return get_swagger_ui_html(
             openapi_url=openapi_url, title=title, swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-            swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon-32x32.png",
+            swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon.png",
         )
 
 
@@ -166,7 +161,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         if not isinstance(exc, HTTPException):
             raise exc
         code, message = json_error_body(exc.status_code, exc.detail)
-        return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # name every method this path serves, not only the first route's
+            headers["Allow"] = ", ".join(allowed_methods(app, dict(request.scope)))
+        return error_response(exc.status_code, code, message, headers)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
@@ -178,6 +176,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
 
 
+_JSON_REF, _JSON_COMPONENTS = json_body_schema(RecognizeJson)
 _RECOGNIZE_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -187,14 +186,13 @@ _RECOGNIZE_BODY: dict[str, Any] = {
                     "type": "object",
                     "required": ["files"],
                     "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "files": {"type": "array", "minItems": 1,
+                                  "items": {"type": "string", "format": "binary"}},
                         "top_k": {"type": "integer", "minimum": 1, "maximum": 50},
                     },
                 }
             },
-            "application/json": {
-                "schema": RecognizeJson.model_json_schema(ref_template="#/components/schemas/{model}")
-            },
+            "application/json": {"schema": _JSON_REF},
         },
     }
 }
@@ -210,7 +208,7 @@ _RECORD_EXAMPLE = {
 }
 
 
-def _add_routes(app: FastAPI, state: ServiceState) -> None:
+def _add_routes(app: FastAPI, state: ServiceState, guard: list[Any]) -> None:
     config = state.config
     retry = {"Retry-After": str(config.retry_after_s)}
 
@@ -218,18 +216,14 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
         "/v1/recognize",
         summary="Recognize images (uploads, base64 or URLs)",
         openapi_extra=_RECOGNIZE_BODY,
+        dependencies=guard,
         responses={
             200: {"description": "One record per input, in request order",
                   "content": {"application/json": {"example": _RECORD_EXAMPLE}}},
-            401: {"description": "Missing or wrong API key"},
-            413: {"description": "Body above --max-upload-mb, or too many files"},
-            415: {"description": "Neither multipart nor JSON"},
-            422: {"description": "Malformed request"},
-            503: {"description": "Queue full or model not loaded yet (see Retry-After)"},
+            **errors(400, *([401] if guard else []), 413, 415, 422, 503),
         },
     )
     async def recognize(request: Request) -> Response:
-        check_api_key(request, config.api_keys)
         runtime = state.require()
         if runtime.batcher.room() <= 0:
             state.metrics.rejected.inc()
@@ -246,9 +240,9 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
         state.metrics.records(records)
         return JSONResponse({"results": [r.to_dict() for r in records]})
 
-    @app.get("/v1/models", summary="The loaded model")
-    async def models(request: Request) -> dict[str, Any]:
-        check_api_key(request, config.api_keys)
+    @app.get("/v1/models", summary="The loaded model", dependencies=guard,
+             responses=errors(*([401] if guard else []), 503))
+    async def models() -> dict[str, Any]:
         runtime = state.require()
         spec = runtime.engine.spec
         return {
@@ -268,7 +262,9 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="200 once the model is loaded, else 503")
+    @app.get("/readyz", summary="200 once the model is loaded, else 503",
+             responses={503: {"description": "Loading, or failed to load (see message)",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def readyz() -> Response:
         if state.runtime is None:
             status = "failed" if state.load_error else "loading"
@@ -278,7 +274,9 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
             return JSONResponse(body, status_code=503, headers=retry)
         return JSONResponse({"status": "ready", "model": state.runtime.engine.spec.name})
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
+             responses={200: {"description": "Prometheus text format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=state.metrics.content_type)
 

@@ -27,10 +27,12 @@ class ServeConfig:
     max_delay_ms: float = 10.0  # a batch waits at most this long after its first image arrived
     max_queue: int = 256  # images waiting for the batcher; beyond it requests get 503 + Retry-After
     max_upload_mb: float = 50.0  # whole request body
+    max_inflight_mb: float = 0.0  # request bodies held at once, all requests together (0: 4 × max_upload_mb)
     max_files: int = 64  # inputs in one request
     max_requests: int = 64  # requests in progress at once (each runs on a thread of its own); more wait
     api_keys: tuple[str, ...] = ()
     retry_after_s: int = 1
+    allow_urls: bool = True  # False (--no-urls): URL inputs become error records, nothing is fetched
     queue: str | None = None  # a job-queue URL: mounts /v1/jobs (see wanwu.jobs)
     options: RecognizeOptions = field(default_factory=RecognizeOptions)
 
@@ -43,6 +45,8 @@ class ServeConfig:
             raise UsageError(f"--max-queue must be at least 1, got {self.max_queue}")
         if self.max_upload_mb <= 0:
             raise UsageError(f"--max-upload-mb must be positive, got {self.max_upload_mb}")
+        if self.max_inflight_mb < 0:
+            raise UsageError(f"--max-inflight-mb must be >= 0, got {self.max_inflight_mb}")
         if self.max_requests < 1:
             raise UsageError(f"--max-requests must be at least 1, got {self.max_requests}")
         if self.max_files < 1:
@@ -51,6 +55,10 @@ class ServeConfig:
             raise UsageError(f"--port must be between 0 and 65535, got {self.port}")
         if any(not key for key in self.api_keys):
             raise UsageError("--api-key must not be empty")
+
+    @property
+    def inflight_mb(self) -> float:
+        return max(self.max_inflight_mb, self.max_upload_mb) if self.max_inflight_mb else 4 * self.max_upload_mb
 
     @property
     def max_upload_bytes(self) -> int:

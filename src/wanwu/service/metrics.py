@@ -52,6 +52,9 @@ class ServiceMetrics:
         )
         self.cache_hits = Counter("wanwu_cache_hits", "Images answered from the result cache.", registry=r)
         self.ready = Gauge("wanwu_ready", "1 once the model is loaded.", registry=r)
+        self.body_bytes = Gauge(
+            "wanwu_request_body_bytes_in_flight", "Request body bytes reserved by requests in progress.", registry=r
+        )
 
     # BatchObserver
     def batch(self, size: int, seconds: float) -> None:

@@ -12,9 +12,12 @@ import base64
 import binascii
 import hmac
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+from fastapi import Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -54,12 +57,19 @@ class ImageIn(BaseModel):
     data: str = Field(description="The file's bytes, base64 (a `data:...;base64,` prefix is allowed).")
 
 
-class RecognizeJson(BaseModel):
-    """Either `urls` or `images`. Records come back in the order given."""
+def _one_of_urls_or_images(schema: dict[str, Any]) -> None:
+    schema["oneOf"] = [{"required": ["urls"]}, {"required": ["images"]}]
+    for key in ("urls", "images"):
+        schema["properties"][key].pop("default", None)
 
-    model_config = ConfigDict(extra="forbid")
-    urls: list[str] | None = Field(None, description="http(s) URLs for the server to download.")
-    images: list[str | ImageIn] | None = Field(None, description="base64 strings or {name, data} objects.")
+
+class RecognizeJson(BaseModel):
+    """Either `urls` or `images` (not both, not empty). Records come back in the order given."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of_urls_or_images)
+    urls: list[str] = Field(default_factory=list, min_length=1, description="http(s) URLs for the server to download.")
+    images: list[str | ImageIn] = Field(default_factory=list, min_length=1,
+                                        description="base64 strings or {name, data} objects.")
     top_k: int | None = Field(None, ge=1, le=TOP_N_STORED, description="Labels per image.")
 
 
@@ -74,7 +84,7 @@ async def parse_recognize(request: Request, config: ServeConfig) -> Parsed:
     if media == "multipart/form-data":
         parsed = await _parse_multipart(request, config)
     elif media == "application/json" or media.endswith("+json"):
-        parsed = await _parse_json(request)
+        parsed = await _parse_json(request, config.allow_urls)
     else:
         raise ApiError(
             415, "unsupported_media_type",
@@ -124,12 +134,12 @@ def _top_k(text: str | None) -> int | None:
     return value
 
 
-async def _parse_json(request: Request) -> Parsed:
+async def _parse_json(request: Request, allow_urls: bool = True) -> Parsed:
     # Parsing, validating and base64-decoding a body of many megabytes takes a while: off the event loop.
-    return await asyncio.to_thread(_parse_json_body, await request.body())
+    return await asyncio.to_thread(_parse_json_body, await request.body(), allow_urls)
 
 
-def _parse_json_body(raw: bytes) -> Parsed:
+def _parse_json_body(raw: bytes, allow_urls: bool = True) -> Parsed:
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -140,7 +150,7 @@ def _parse_json_body(raw: bytes) -> Parsed:
         raise ApiError(422, "invalid_body", _describe(e)) from None
     if body.urls and body.images:
         raise ApiError(422, "invalid_body", "give either 'urls' or 'images', not both")
-    items = [_url_item(url) for url in body.urls or []]
+    items = [_url_item(url, allow_urls) for url in body.urls or []]
     for i, image in enumerate(body.images or []):
         name, text = (image.name or f"images[{i}]", image.data) if isinstance(image, ImageIn) else (
             f"images[{i}]", image)
@@ -148,7 +158,9 @@ def _parse_json_body(raw: bytes) -> Parsed:
     return Parsed(items, body.top_k)
 
 
-def _url_item(url: str) -> InputItem:
+def _url_item(url: str, allow_urls: bool = True) -> InputItem:
+    if not allow_urls:
+        return InputItem.failed(url, "this server does not fetch URLs (--no-urls)", "unsupported")
     if not is_url(url):
         reason = "only http:// and https:// URLs are accepted"
         return InputItem.failed(url, reason, "unsupported")
@@ -176,56 +188,109 @@ def _describe(error: ValidationError) -> str:
 # --- API keys -------------------------------------------------------------------------------------------
 
 
-def check_api_key(request: Request, keys: tuple[str, ...]) -> None:
-    """``Authorization: Bearer KEY`` or ``X-API-Key: KEY``; constant-time comparison."""
-    if not keys:
-        return
-    given = request.headers.get("x-api-key", "")
-    auth = request.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        given = auth[7:].strip()
-    if not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
-        raise ApiError(
-            401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
-            {"WWW-Authenticate": "Bearer"},
-        )
+def api_key_dependency(keys: tuple[str, ...]) -> Callable[..., Awaitable[None]]:
+    """A FastAPI security dependency (so /docs shows the schemes): ``Authorization: Bearer KEY`` or
+    ``X-API-Key: KEY``, compared in constant time.
+
+    The model is single-tenant: every key opens the same service and the same job queue (a key holder sees
+    and can delete every job). Give different tenants different servers and queues.
+    """
+
+    def valid(given: str) -> bool:
+        return any(hmac.compare_digest(given.encode(), key.encode()) for key in keys)
+
+    async def require_key(
+        request: Request,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
+        header: Annotated[str | None, Security(_KEY_HEADER)],
+    ) -> None:
+        # Every credential presented must be valid: a bad Authorization is not rescued by a good X-API-Key.
+        presented = [request.headers["authorization"]] if "authorization" in request.headers else []
+        if bearer is not None:
+            presented = [bearer.credentials]
+        if header is not None:
+            presented.append(header)
+        if not presented or not all(valid(given) for given in presented):
+            raise ApiError(
+                401, "unauthorized",
+                "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    return require_key
+
+
+_BEARER = HTTPBearer(auto_error=False, scheme_name="bearerKey", description="Authorization: Bearer KEY")
+_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey", description="X-API-Key: KEY")
 
 
 # --- upload size ----------------------------------------------------------------------------------------
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies above ``limit`` bytes with 413: at once from Content-Length, else while reading."""
+    """Bounds request bodies: each at ``limit_mb`` (413), and all those held at once at ``inflight_mb``
+    (503 + Retry-After: the server holds too many bytes, retry shortly).
 
-    def __init__(self, app: ASGIApp, limit_mb: float) -> None:
+    A body's declared Content-Length is reserved before anything is read (refused at once above either
+    bound); a body without one is counted as it arrives. The bytes stay reserved until the response is sent,
+    since the body (and its decoded images) are held that long.
+    """
+
+    def __init__(self, app: ASGIApp, limit_mb: float, inflight_mb: float | None = None,
+                 retry_after_s: int = 1, observe: Callable[[int], None] = lambda n: None) -> None:
         self.app = app
         self.limit_mb = limit_mb
         self.limit = int(limit_mb * 1024 * 1024)
+        self.inflight_limit = int((inflight_mb if inflight_mb is not None else 4 * limit_mb) * 1024 * 1024)
+        self.retry_after_s = retry_after_s
+        self.inflight = 0  # touched only on the event loop
+        self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.limit:
+        reserved = int(declared) if declared.isdigit() else 0
+        if reserved > self.limit:
             await self._too_large().response()(scope, receive, send)
             return
+        if reserved and self.inflight + reserved > self.inflight_limit:
+            await self._busy().response()(scope, receive, send)
+            return
+        self.inflight += reserved
+        self.observe(self.inflight)
         seen = 0
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, reserved
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise self._too_large()
+                if seen > reserved:  # no (or a wrong) Content-Length: count what arrives
+                    extra = seen - reserved
+                    if self.inflight + extra > self.inflight_limit:
+                        raise self._busy()
+                    self.inflight += extra
+                    self.observe(self.inflight)
+                    reserved = seen
             return message
 
-        await self.app(scope, limited, send)
+        try:
+            await self.app(scope, limited, send)
+        finally:
+            self.inflight -= reserved
+            self.observe(self.inflight)
 
     def _too_large(self) -> ApiError:
         message = f"the request body is larger than the limit of {self.limit_mb:g} MB"
         return ApiError(413, "payload_too_large", message)
+
+    def _busy(self) -> ApiError:
+        return ApiError(503, "busy", "the server holds too many request bytes at once; retry shortly",
+                        {"Retry-After": str(self.retry_after_s)})
 
 
 def json_error_body(status: int, detail: Any) -> tuple[str, str]:
