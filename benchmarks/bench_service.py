@@ -256,24 +256,18 @@ def _rss_run(
 
 def _tree_rss_mb(pid: int) -> float:
     """RSS of ``pid`` and all its descendants (decode workers, forkserver), in MB."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    total_kb, stack = 0, [pid]
-    while stack:
-        current = stack.pop()
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.servers import descendants
+
+    total_kb = 0
+    for current in (pid, *descendants(pid)):
         try:
             status = Path(f"/proc/{current}/status").read_text()
         except OSError:
             continue
         match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
         total_kb += int(match.group(1)) if match else 0
-        stack.extend(children.get(current, []))
     return total_kb / 1024
 
 

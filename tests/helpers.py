@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +61,19 @@ def image_bytes(
     buf = io.BytesIO()
     image.save(buf, fmt, **save)
     return buf.getvalue()
+
+
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: float = 60.0,
+                   fail_if_exited: bool = False) -> None:
+    """Wait until ``path`` holds ``n`` lines (records) written by ``proc``; return early if ``proc`` exits
+    (or fail then, with ``fail_if_exited``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= n:
+            return
+        if proc.poll() is not None:
+            if fail_if_exited:
+                raise AssertionError(f"the run ended (rc {proc.returncode}) before {n} records were written")
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not reach {n} lines in {timeout:g} s")

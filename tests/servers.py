@@ -6,6 +6,7 @@ import functools
 import http.server
 import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -85,3 +86,33 @@ def metric(text: str, name: str, labels: str = "") -> float:
     for match in re.finditer(r"^" + pattern + r"$", text, re.MULTILINE):
         total += float(match.group(1))
     return total
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """Stop a server subprocess: SIGTERM, then SIGKILL if it has not exited within 30 s."""
+    proc.terminate()
+    try:
+        proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children, their children, …), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found

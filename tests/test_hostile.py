@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import image_bytes
+from tests.servers import descendants
 from wanwu import RecognizeOptions, Recognizer
 from wanwu.cache import CachedResult
 from wanwu.cache.sqlite import SqliteCache, decode_top
@@ -126,25 +127,6 @@ def test_a_hung_decoder_times_out_and_costs_only_its_file(
 # --- processes left behind ---------------------------------------------------------------------------------------
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found: set[int] = set()
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
-
-
 def _alive(pids: set[int]) -> set[int]:
     alive = set()
     for pid in pids:
@@ -169,7 +151,7 @@ def test_kill_9_mid_run_leaves_no_process(mobilenet: Model, photos: Path, tmp_pa
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and (not out.exists() or out.stat().st_size < 5000):
         time.sleep(0.05)
-    family = _descendants(proc.pid)
+    family = descendants(proc.pid)
     assert len(family) >= 3, "expected the forkserver, its decode workers and the resource tracker"
     proc.kill()
     proc.wait()

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import wait_for_lines
 from tests.ray_support import Cluster, kill_session, session_pids
 from wanwu.config import RecognizeOptions
 from wanwu.pipeline import Recognizer
@@ -105,17 +106,6 @@ def _cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[by
                                 stdout=subprocess.DEVNULL, stderr=err)
 
 
-def _wait_lines(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_bytes().count(b"\n") >= n:
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (rc {proc.returncode}) before {n} records were written")
-        time.sleep(0.05)
-    pytest.fail(f"fewer than {n} records after {timeout}s")
-
-
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANWU_HOME": str(tmp_path / "home"),
             "RAY_USAGE_STATS_ENABLED": "0", **extra}
@@ -141,7 +131,7 @@ def test_killed_driver_resumes_and_redoes_only_what_is_not_recorded(
             "--no-cache", "-q", "-o", str(out)]
     try:
         proc = _cli(args, env, tmp_path / "driver.log")
-        _wait_lines(out, 10, proc)
+        wait_for_lines(out, 10, proc, timeout=180, fail_if_exited=True)
         kill_session(proc.pid)  # SIGKILL: the driver and the local Ray it started
         proc.wait(timeout=10)
         time.sleep(1)
@@ -174,7 +164,7 @@ def test_a_node_killed_mid_run_costs_no_record(
         proc = _cli([str(folder), "--runner", "ray", "--ray-address", cluster.address, "-m", str(mobilenet[0]),
                      "-l", str(mobilenet[1]), "-b", "8", "--no-cache", "-q", "-o", str(out)], cluster.env,
                     tmp_path / "driver.log")
-        _wait_lines(out, 10, proc)
+        wait_for_lines(out, 10, proc, timeout=180, fail_if_exited=True)
         titles = [_title(pid) for pid in session_pids(node2.sid)]
         assert any("MapBatches" in t or "MapWorker" in t for t in titles), titles  # node 2 was working
         node2.kill()

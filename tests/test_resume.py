@@ -10,14 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import wanwu
-from tests.helpers import image_bytes
+from tests.helpers import image_bytes, wait_for_lines
 from wanwu.cli.main import main
 from wanwu.errors import UsageError
 from wanwu.resume import prepare_resume
@@ -167,17 +166,6 @@ def _cli_cmd(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from wanwu.cli.main import main; sys.exit(main())", *args]
 
 
-def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_bytes().count(b"\n") >= n:
-            return
-        if proc.poll() is not None:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{path} did not reach {n} lines")
-
-
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
@@ -211,7 +199,7 @@ def test_sigkill_then_resume_gives_one_valid_record_per_input(
         proc = subprocess.Popen(_cli_cmd("recognize", str(folder), *common, "-o", str(out)), env=env,
                                 start_new_session=True)
     try:
-        _wait_for_lines(out, 20, proc)
+        wait_for_lines(out, 20, proc)
     finally:
         _kill(proc)
         if proc.stdin is not None:

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.servers import free_port, wait_ready
+from tests.servers import free_port, stop, wait_ready
 
 pytestmark = [pytest.mark.shared]
 ADDRESS_SPACE = 3 * 1024**3  # the server may map up to 3 GB (threads and libraries reserve much of it)
@@ -61,12 +61,7 @@ def test_a_1x60000_png_costs_no_more_than_a_photo(mobilenet: tuple[Path, Path], 
         after_png = _peak_rss(proc.pid)
         alive = proc.poll() is None
     finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stop(proc)
     assert alive
     assert response.status_code == 200, response.text
     record = response.json()["results"][0]

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.servers import free_port, wait_ready
+from tests.servers import free_port, stop, wait_ready
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -58,12 +58,7 @@ def server(mobilenet: tuple[Path, Path]) -> Iterator[str]:
         wait_ready(base, timeout=120)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
+        stop(proc)
 
 
 _CARDS_JS = """

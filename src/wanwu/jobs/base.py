@@ -135,6 +135,21 @@ class JobStatus:
     sealed: bool = True
     abandoned: int = 0  # tasks given up after too many deliveries (their inputs have internal errors)
 
+    @classmethod
+    def of(
+        cls, job_id: str, *, created: float, updated: float, started: float | None, options: str, total: int,
+        sealed: bool, cancelled: bool, done: int, failed: int, abandoned: int,
+    ) -> JobStatus:
+        """A job's status from the counters every queue keeps (``options`` as stored: JSON)."""
+        return cls(
+            id=job_id,
+            state=derive_state(cancelled=cancelled, sealed=sealed, total=total, finished=done + failed,
+                               started=started is not None, abandoned=abandoned),
+            total=total, done=done, failed=failed, rate=job_rate(done + failed, started, updated),
+            created=created, updated=updated, options=JobOptions.from_dict(json.loads(options)),
+            sealed=sealed, abandoned=abandoned,
+        )
+
     @property
     def finished(self) -> int:
         return self.done + self.failed
@@ -208,6 +223,48 @@ class Task:
 
     def indexed(self) -> Iterator[tuple[int, JobInput]]:
         return enumerate(self.inputs, self.start)
+
+
+@dataclass
+class SubmitBatch:
+    """What a queue writes in one round trip while a job is submitted: uploads first, then whole tasks."""
+
+    blobs: list[tuple[str, bytes]]  # (sha256, data): written before any task that names them
+    tasks: list[tuple[int, str]]  # (index of the task's first input, encoded inputs)
+    total: int  # inputs in every task written so far, this batch's included
+    last: bool = False  # the job is complete: seal it
+
+
+def chunk_tasks(spec: JobSpec, *, max_tasks: int, max_bytes: int) -> Iterator[SubmitBatch]:
+    """Cut ``spec.inputs`` (consumed once, lazily) into tasks of ``spec.task_size`` and group them into
+    batches of at most ``max_tasks`` tasks; a batch also ends once ``max_bytes`` of uploads are held, even
+    mid-task, so submitting holds that much at most. The last batch has ``last`` set (it may be empty).
+    Raises UsageError for an upload without data or a job without inputs."""
+    batch = SubmitBatch([], [], 0)
+    chunk: list[JobInput] = []
+    held = 0
+    total = 0
+    for item in spec.inputs:
+        if item.kind == "upload":
+            if item.data is None:
+                raise UsageError(f"upload {item.name!r} has no data")
+            batch.blobs.append((item.ref, item.data))
+            held += len(item.data)
+        chunk.append(JobInput(item.name, item.kind, item.ref))
+        total += 1
+        if len(chunk) == spec.task_size:
+            batch.tasks.append((total - len(chunk), encode_inputs(chunk)))
+            batch.total = total
+            chunk = []
+        if len(batch.tasks) >= max_tasks or held >= max_bytes:
+            yield batch
+            batch, held = SubmitBatch([], [], batch.total), 0
+    if chunk:
+        batch.tasks.append((total - len(chunk), encode_inputs(chunk)))
+    if total == 0:
+        raise UsageError("a job needs at least one input")
+    batch.total, batch.last = total, True
+    yield batch
 
 
 def encode_inputs(inputs: Iterable[JobInput]) -> str:

@@ -25,11 +25,10 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from wanwu.errors import MissingExtraError, QueueError, UsageError
+from wanwu.errors import MissingExtraError, QueueError
 from wanwu.jobs.base import (
     STALE_SUBMISSION_S,
     JobActivity,
-    JobInput,
     JobOptions,
     JobSpec,
     JobStatus,
@@ -37,10 +36,8 @@ from wanwu.jobs.base import (
     Task,
     UnknownJobError,
     abandoned_records,
+    chunk_tasks,
     decode_inputs,
-    derive_state,
-    encode_inputs,
-    job_rate,
     new_job_id,
     record_json,
     register_queue,
@@ -146,16 +143,11 @@ class RedisQueue:
 
     @staticmethod
     def _status(job: dict[str, str]) -> JobStatus:
-        total, done, failed = int(job["total"]), int(job["done"]), int(job["failed"])
-        abandoned, sealed, updated = int(job["abandoned"]), job["sealed"] == "1", float(job["updated"])
-        started = float(job["started"]) if job.get("started") else None
-        return JobStatus(
-            id=job["id"],
-            state=derive_state(cancelled=job["cancelled"] == "1", sealed=sealed, total=total,
-                               finished=done + failed, started=started is not None, abandoned=abandoned),
-            total=total, done=done, failed=failed, rate=job_rate(done + failed, started, updated),
-            created=float(job["created"]), updated=updated,
-            options=JobOptions.from_dict(json.loads(job["options"])), sealed=sealed, abandoned=abandoned,
+        return JobStatus.of(
+            job["id"], created=float(job["created"]), updated=float(job["updated"]),
+            started=float(job["started"]) if job.get("started") else None, options=job["options"],
+            total=int(job["total"]), sealed=job["sealed"] == "1", cancelled=job["cancelled"] == "1",
+            done=int(job["done"]), failed=int(job["failed"]), abandoned=int(job["abandoned"]),
         )
 
     # -- front ends ---------------------------------------------------------------------------------------
@@ -181,39 +173,21 @@ class RedisQueue:
 
     def _fill(self, job_id: str, spec: JobSpec) -> None:
         key = self._job_key(job_id)
-        pipe = self.r.pipeline(transaction=False)
-        total, chunk, queued, buffered = 0, [], 0, 0
-        for item in spec.inputs:
-            if item.kind == "upload":
-                if item.data is None:
-                    raise UsageError(f"upload {item.name!r} has no data")
-                pipe.set(f"{self.p}:blob:{job_id}:{item.ref}", item.data, nx=True)
-                pipe.sadd(f"{key}:blobs", item.ref)
-                buffered += len(item.data)
-                if buffered >= PIPELINE_BYTES:  # blobs before their task: a worker never misses one
-                    pipe.execute()
-                    buffered = 0
-            chunk.append(JobInput(item.name, item.kind, item.ref))
-            total += 1
-            if len(chunk) == spec.task_size:
-                self._add_task(pipe, job_id, total - len(chunk), chunk)
-                chunk, queued = [], queued + 1
-                if queued % PIPELINE_TASKS == 0:
-                    pipe.hset(key, "total", total)
-                    pipe.zadd(f"{self.p}:unsealed", {job_id: time.time()})
-                    pipe.execute()
-                    buffered = 0
-        if chunk:
-            self._add_task(pipe, job_id, total - len(chunk), chunk)
-        if total == 0:
-            raise UsageError("a job needs at least one input")
-        pipe.hset(key, mapping={"total": total, "sealed": 1, "updated": time.time()})
-        pipe.zrem(f"{self.p}:unsealed", job_id)
-        pipe.execute()
+        for batch in chunk_tasks(spec, max_tasks=PIPELINE_TASKS, max_bytes=PIPELINE_BYTES):
+            pipe = self.r.pipeline(transaction=False)
+            for ref, data in batch.blobs:  # blobs before their task: a worker never misses one
+                pipe.set(f"{self.p}:blob:{job_id}:{ref}", data, nx=True)
+                pipe.sadd(f"{key}:blobs", ref)
+            for start, inputs in batch.tasks:
+                pipe.xadd(self.stream, {"job": job_id, "start": start, "inputs": inputs})
+            if batch.last:
+                pipe.hset(key, mapping={"total": batch.total, "sealed": 1, "updated": time.time()})
+                pipe.zrem(f"{self.p}:unsealed", job_id)
+            else:
+                pipe.hset(key, "total", batch.total)
+                pipe.zadd(f"{self.p}:unsealed", {job_id: time.time()})  # the submitter's heartbeat
+            pipe.execute()
         self._maybe_finish(job_id)
-
-    def _add_task(self, pipe: Any, job_id: str, start: int, inputs: list[JobInput]) -> None:
-        pipe.xadd(self.stream, {"job": job_id, "start": start, "inputs": encode_inputs(inputs)})
 
     def status(self, job_id: str) -> JobStatus:
         with self._errors():

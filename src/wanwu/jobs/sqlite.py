@@ -23,18 +23,16 @@ from wanwu.errors import QueueError, UsageError
 from wanwu.jobs.base import (
     STALE_SUBMISSION_S,
     JobActivity,
-    JobInput,
     JobOptions,
     JobSpec,
     JobStatus,
     QueueURL,
+    SubmitBatch,
     Task,
     UnknownJobError,
     abandoned_records,
+    chunk_tasks,
     decode_inputs,
-    derive_state,
-    encode_inputs,
-    job_rate,
     new_job_id,
     record_json,
     register_queue,
@@ -103,13 +101,9 @@ class SqliteQueue:
     @staticmethod
     def _status(row: tuple[Any, ...]) -> JobStatus:
         job_id, created, updated, started, options, total, sealed, cancelled, done, failed, abandoned = row
-        return JobStatus(
-            id=job_id,
-            state=derive_state(cancelled=bool(cancelled), sealed=bool(sealed), total=total,
-                               finished=done + failed, started=started is not None, abandoned=abandoned),
-            total=total, done=done, failed=failed, rate=job_rate(done + failed, started, updated),
-            created=created, updated=updated, options=JobOptions.from_dict(json.loads(options)),
-            sealed=bool(sealed), abandoned=abandoned,
+        return JobStatus.of(
+            job_id, created=created, updated=updated, started=started, options=options, total=total,
+            sealed=bool(sealed), cancelled=bool(cancelled), done=done, failed=failed, abandoned=abandoned,
         )
 
     # -- front ends ---------------------------------------------------------------------------------------
@@ -122,41 +116,23 @@ class SqliteQueue:
                 "INSERT INTO jobs (id, created, updated, options) VALUES (?, ?, ?, ?)",
                 (job_id, now, now, json.dumps(spec.options.to_dict())),
             )
-        total, chunk, pending_tasks, pending_bytes = 0, [], [], 0
-        blobs: list[tuple[str, str, bytes]] = []
         try:
-            for item in spec.inputs:
-                if item.kind == "upload":
-                    if item.data is None:
-                        raise UsageError(f"upload {item.name!r} has no data")
-                    blobs.append((job_id, item.ref, item.data))
-                    pending_bytes += len(item.data)
-                chunk.append(JobInput(item.name, item.kind, item.ref))
-                total += 1
-                if len(chunk) == spec.task_size:
-                    pending_tasks.append((job_id, total - len(chunk), encode_inputs(chunk)))
-                    chunk = []
-                    if len(pending_tasks) >= COMMIT_EVERY_TASKS or pending_bytes >= COMMIT_EVERY_BYTES:
-                        self._add_tasks(job_id, pending_tasks, blobs, total)
-                        pending_tasks, blobs, pending_bytes = [], [], 0
-            if chunk:
-                pending_tasks.append((job_id, total - len(chunk), encode_inputs(chunk)))
-            if total == 0:
-                raise UsageError("a job needs at least one input")
-            self._add_tasks(job_id, pending_tasks, blobs, total, seal=True)
+            for batch in chunk_tasks(spec, max_tasks=COMMIT_EVERY_TASKS, max_bytes=COMMIT_EVERY_BYTES):
+                self._add_tasks(job_id, batch)
         except BaseException:
             self._abort(job_id)
             raise
         return job_id
 
-    def _add_tasks(self, job_id: str, tasks: list[tuple[str, int, str]], blobs: list[tuple[str, str, bytes]],
-                   total: int, seal: bool = False) -> None:
+    def _add_tasks(self, job_id: str, batch: SubmitBatch) -> None:
         with self._tx():
-            self._db.executemany("INSERT OR IGNORE INTO blobs (job_id, sha256, data) VALUES (?, ?, ?)", blobs)
-            self._db.executemany("INSERT INTO tasks (job_id, start, inputs) VALUES (?, ?, ?)", tasks)
+            self._db.executemany("INSERT OR IGNORE INTO blobs (job_id, sha256, data) VALUES (?, ?, ?)",
+                                 [(job_id, ref, data) for ref, data in batch.blobs])
+            self._db.executemany("INSERT INTO tasks (job_id, start, inputs) VALUES (?, ?, ?)",
+                                 [(job_id, start, inputs) for start, inputs in batch.tasks])
             self._db.execute("UPDATE jobs SET total = ?, sealed = ?, updated = ? WHERE id = ?",
-                             (total, int(seal), time.time(), job_id))
-            if seal:
+                             (batch.total, int(batch.last), time.time(), job_id))
+            if batch.last:
                 self._maybe_finish(job_id)
 
     def _abort(self, job_id: str) -> None:

@@ -37,21 +37,18 @@ class ServeConfig:
     options: RecognizeOptions = field(default_factory=RecognizeOptions)
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise UsageError(f"--max-batch-size must be at least 1, got {self.max_batch_size}")
-        if self.max_delay_ms < 0:
-            raise UsageError(f"--max-delay-ms must be >= 0, got {self.max_delay_ms}")
-        if self.max_queue < 1:
-            raise UsageError(f"--max-queue must be at least 1, got {self.max_queue}")
-        if self.max_upload_mb <= 0:
-            raise UsageError(f"--max-upload-mb must be positive, got {self.max_upload_mb}")
-        if self.max_inflight_mb < 0:
-            raise UsageError(f"--max-inflight-mb must be >= 0, got {self.max_inflight_mb}")
-        if self.max_requests < 1:
-            raise UsageError(f"--max-requests must be at least 1, got {self.max_requests}")
-        if self.max_files < 1:
-            raise UsageError(f"--max-files must be at least 1, got {self.max_files}")
-        if not 0 <= self.port < 65536:
+        # (option, value, smallest allowed, "at least" or "positive" when the bound itself is not allowed)
+        bounds = [
+            ("--max-batch-size", self.max_batch_size, 1, True), ("--max-delay-ms", self.max_delay_ms, 0, True),
+            ("--max-queue", self.max_queue, 1, True), ("--max-upload-mb", self.max_upload_mb, 0, False),
+            ("--max-inflight-mb", self.max_inflight_mb, 0, True), ("--max-requests", self.max_requests, 1, True),
+            ("--max-files", self.max_files, 1, True), ("--port", self.port, 0, True),
+        ]
+        for option, value, low, inclusive in bounds:
+            if value < low or (value == low and not inclusive):
+                limit = f"at least {low}" if inclusive else f"above {low}"
+                raise UsageError(f"{option} must be {limit}, got {value}")
+        if self.port >= 65536:
             raise UsageError(f"--port must be between 0 and 65535, got {self.port}")
         if any(not key for key in self.api_keys):
             raise UsageError("--api-key must not be empty")
