@@ -17,11 +17,12 @@ os.environ["WANWU_LANG"] = "en"
 # Tests of optional extras. The README's quickstart installs only the ONNX path (and pytest): there these tests
 # are skipped, not failed; in CI (.ci/run installs .[all,dev]) a missing extra fails them.
 EXTRA_PROBES = {
-    "torch": "torch", "server": "fastapi", "queue": "redis", "dev": "playwright", "parquet": "pyarrow",
-    "s3": "s3fs", "heif": "pillow_heif", "cluster": "ray",
+    "torch": "torch", "clip": "transformers", "server": "fastapi", "queue": "redis", "dev": "playwright",
+    "parquet": "pyarrow", "s3": "s3fs", "heif": "pillow_heif", "cluster": "ray",
 }
 MODULE_EXTRAS = {  # modules that import an extra at the top
     "test_convert.py": ("torch",), "test_hub.py": ("torch",), "test_seed_model.py": ("torch",),
+    "test_clip.py": ("clip",),
     "test_service.py": ("server",), "test_web.py": ("server", "dev"), "test_jobs_redis.py": ("queue",),
     "test_parquet.py": ("parquet",), "test_s3.py": ("s3", "dev"), "test_report.py": ("server", "dev", "parquet"),
     "test_ray.py": ("cluster",),

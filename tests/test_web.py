@@ -137,6 +137,8 @@ def test_upload_two_photos_and_a_text_file(server: str, photos: Path, tmp_path: 
             page.goto(server + "/")
             assert page.title() == "万物识别"
             assert "将图片拖放到这里" in page.inner_text("#drop-zone")
+            page.wait_for_load_state("networkidle")  # /v1/models answered: a fixed-class model, no label box
+            labels_box_shown = page.is_visible("#labels-box")
             page.set_input_files("#file-input", [str(p) for p in uploads])
             page.wait_for_function(
                 "document.querySelectorAll('.card').length === 3 && "
@@ -157,6 +159,7 @@ def test_upload_two_photos_and_a_text_file(server: str, photos: Path, tmp_path: 
         finally:
             browser.close()
 
+    assert not labels_box_shown
     assert [s["name"] for s in shown] == [p.name for p in uploads]
     assert [s["status"] for s in shown] == ["ok", "ok", "error"]
     for card, record in zip(shown[:2], expected[:2], strict=True):
@@ -181,3 +184,54 @@ def test_upload_two_photos_and_a_text_file(server: str, photos: Path, tmp_path: 
     assert image.shape[0] >= 900 and image.shape[1] == 1280
     assert image.std() > 20
     assert len(np.unique(image.reshape(-1, 3), axis=0)) > 500
+
+
+@pytest.mark.extra("clip")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # transformers' lazy imports leave a file unclosed
+def test_a_zero_shot_model_takes_the_label_list_typed_on_the_page(photos: Path, tmp_path: Path) -> None:
+    """`wanwu serve` with a Chinese-CLIP folder: the page shows the label box, and what is typed there is what the
+    photos are scored against (the same answer as the API gives for that list)."""
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    from tests.clip_helpers import CLIP_LABELS, make_clip_folder
+
+    mine = ["手机", "金鱼", "汽车"]
+    folder = make_clip_folder(tmp_path / "tiny-chinese-clip", extra_text="".join(mine))
+    default_labels = tmp_path / "labels.txt"
+    default_labels.write_text("\n".join(CLIP_LABELS) + "\n", encoding="utf-8")
+    chosen = [photos / "n01443537_goldfish.JPEG", photos / "n04285008_sports_car.JPEG"]
+    port = free_port()
+    cmd = [sys.executable, "-c", "from wanwu.cli.main import run; run()", "serve", "-m", str(folder),
+           "-l", str(default_labels), "--port", str(port), "--no-cache", "-j", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout=180)
+        expected = httpx.post(
+            f"{base}/v1/recognize", data={"top_k": "3", "labels": "\n".join(mine)},
+            files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in chosen], timeout=60,
+        ).json()["results"]
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+                page.goto(base + "/")
+                page.wait_for_selector("#labels-box", state="visible", timeout=30_000)
+                page.fill("#labels", "\n".join(mine) + "\n")
+                page.select_option("#top-k", "3")
+                page.set_input_files("#file-input", [str(p) for p in chosen])
+                page.wait_for_function(
+                    "document.querySelectorAll('.card').length === 2 && "
+                    "!document.querySelector('.card[data-status=pending]')",
+                    timeout=60_000,
+                )
+                shown: list[dict[str, Any]] = page.evaluate(_CARDS_JS)
+            finally:
+                browser.close()
+    finally:
+        stop(proc)
+    assert [s["status"] for s in shown] == ["ok", "ok"]
+    for card, record in zip(shown, expected, strict=True):
+        assert sorted(card["labels"]) == sorted(mine)  # the typed list, not the server's default labels
+        assert card["labels"] == [p["label"] for p in record["predictions"]]

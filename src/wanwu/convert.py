@@ -1,10 +1,16 @@
-"""``wanwu convert``: turn a PyTorch model (the seed model's checkpoint) into an ONNX model folder.
+"""``wanwu convert``: turn a PyTorch model (any architecture of :data:`wanwu.archs.ARCHS`: the seed model's
+checkpoint, a Chinese-CLIP folder) into an ONNX model folder.
 
 The result is ``model.onnx`` (dynamic batch axis, input ``input``, output ``output``), ``labels.txt`` and
 ``wanwu.json`` with the same preprocessing, so it loads with ``--model DST`` through the wanwu-folder loader
 and runs on ONNX Runtime. Before anything is put in place, torch and ONNX Runtime are run on the same
 random inputs and the largest absolute logit difference must stay within the tolerance.
 ``--fp16`` stores the weights as float16 (half the file; ONNX Runtime computes in float32).
+
+A zero-shot (CLIP) model is exported as its image tower plus the projection onto the label list's text
+embeddings (computed here, with the prompts given): the labels and prompts are baked into ``model.onnx``
+(recorded in ``wanwu.json``), and another label list means converting again. Chinese-CLIP's own export fixes
+the batch at 1; this one keeps the batch axis dynamic.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class ConvertOptions:
     model: str | None  # what --model takes; None = the default seed model
     output: Path
     labels: Path | None = None
+    prompts: tuple[str, ...] = ()  # prompt templates of a zero-shot (CLIP) model; () = its defaults
     fp16: bool = False
     opset: int = DEFAULT_OPSET
     tolerance: float | None = None  # None = DEFAULT_TOLERANCE for fp32/fp16
@@ -66,7 +73,7 @@ def convert(options: ConvertOptions) -> ConvertReport:
     output = options.output
     if output.exists() and not (output.is_dir() and (options.force or not any(output.iterdir()))):
         raise UsageError(f"{output} already exists; pass --force to replace it")
-    source = resolve_model(options.model, options.labels)
+    source = resolve_model(options.model, options.labels, prompts=options.prompts)
     if source.backend != "torch":
         what = source.source or source.name
         raise UsageError(f"{what} is already a {source.backend} model; there is nothing to convert")
@@ -74,9 +81,9 @@ def convert(options: ConvertOptions) -> ConvertReport:
         import torch
     except ImportError:
         raise MissingExtraError("torch", "torch", "wanwu convert") from None
-    from wanwu.seed.checkpoint import load_resnest
+    from wanwu.archs import build_network
 
-    network = load_resnest(source.weights, source.num_classes)
+    network = build_network(source)
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -91,6 +98,8 @@ def convert(options: ConvertOptions) -> ConvertReport:
             "opset": options.opset,
             "weights_dtype": "float16" if options.fp16 else "float32",
         }
+        if source.prompts:  # the label list's text embeddings are in the graph
+            extra.update(converted_arch=source.arch, prompts=list(source.prompts), logit_scale=source.logit_scale)
         write_manifest(
             work, name=source.name, weights=ONNX_FILE, labels=LABELS_FILE, preprocess=source.preprocess,
             backend="onnx", output=source.output, extra=extra,
@@ -125,6 +134,9 @@ def _export(torch: Any, network: Any, spec: ModelSpec, path: Path, opset: int) -
             # dynamo=True, which takes ~20x longer on this graph and rewrites the opset; this plain CNN
             # exports exactly with the classic one. The parity check below guards the result.
             warnings.simplefilter("ignore", DeprecationWarning)
+            # transformers' ViT checks the input size and SDPA's causality with Python booleans while
+            # tracing; both are constant for a fixed crop size (and the parity check runs batches of 2).
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
                 network, (dummy,), str(path), input_names=["input"], output_names=["output"],
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=opset,

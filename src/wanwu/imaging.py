@@ -350,8 +350,10 @@ def _resize_crop(image: Image.Image, spec: PreprocessSpec) -> npt.NDArray[np.uin
     else:
         new_w, new_h = int(short * width / height), short
     crop = spec.crop_size
-    left = round((new_w - crop) / 2.0)
-    top = round((new_h - crop) / 2.0)
+    if spec.crop_offset == "floor":
+        left, top = (new_w - crop) // 2, (new_h - crop) // 2
+    else:
+        left, top = round((new_w - crop) / 2.0), round((new_h - crop) / 2.0)
     if new_w * new_h > RESIZE_AREA_LIMIT:
         sx, sy = width / new_w, height / new_h
         box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)

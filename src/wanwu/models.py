@@ -61,10 +61,13 @@ def register_loader(
     return wrap
 
 
-def resolve_model(ref: str | None, labels: Path | None = None, label_column: str | None = None) -> ModelSpec:
+def resolve_model(
+    ref: str | None, labels: Path | None = None, label_column: str | None = None, prompts: tuple[str, ...] = (),
+) -> ModelSpec:
     """Find the loader for ``ref`` (``None`` = the default seed model) and build the spec.
 
     An explicit label file is read last, as a table when it is one (``label_column``; English names too).
+    ``prompts``: templates such as ``"一张{}的照片"`` for an open-vocabulary (CLIP) model, replacing its defaults.
     """
     ref = ref or DEFAULT_MODEL
     for _, loader in LOADERS.items():
@@ -77,11 +80,26 @@ def resolve_model(ref: str | None, labels: Path | None = None, label_column: str
                 spec = replace(spec, labels=table.labels, labels_en=table.english)
             elif label_column is not None:
                 raise UsageError("--label-column needs --labels FILE.tsv|FILE.csv")
+            if prompts:
+                spec = _with_prompts(spec, prompts)
             return spec if spec.source else _with_source(spec, ref)
     raise UsageError(
         f"don't know how to load model {ref!r}: expected an .onnx file (with --labels), a model folder "
         f"({MANIFEST} or a ModelScope layout), or modelscope:OWNER/NAME"
     )
+
+
+def _with_prompts(spec: ModelSpec, prompts: tuple[str, ...]) -> ModelSpec:
+    from dataclasses import replace
+
+    if not spec.prompts:
+        raise UsageError(f"--prompt is for zero-shot (CLIP) models; {spec.source or spec.name} has fixed classes")
+    if not spec.arch:
+        raise UsageError(f"{spec.source or spec.name} has its prompts built in: convert it again with --prompt")
+    bad = [p for p in prompts if p.count("{}") != 1]
+    if bad:
+        raise UsageError(f"a prompt needs exactly one {{}} where the label goes, got {bad[0]!r}")
+    return replace(spec, prompts=tuple(dict.fromkeys(prompts)))
 
 
 def _with_source(spec: ModelSpec, ref: str) -> ModelSpec:
@@ -118,6 +136,12 @@ def _load_wanwu_folder(ref: str, labels: Path | None) -> ModelSpec:
     if not weights.is_file():
         raise ModelError(f"{folder / MANIFEST} names weights {weights.name!r}, which is missing")
     label_path = labels or folder / str(manifest["labels"])
+    prompts = tuple(str(p) for p in manifest.get("prompts", ()))
+    if prompts and labels is not None and load_labels(labels) != load_labels(folder / str(manifest["labels"])):
+        raise UsageError(
+            f"{folder} is a converted zero-shot model whose label list is built into {weights.name}: convert "
+            "the original model again with --labels to use other labels"
+        )
     try:
         preprocess = PreprocessSpec.from_dict(manifest.get("preprocess", {}))
     except TypeError as e:
@@ -125,20 +149,26 @@ def _load_wanwu_folder(ref: str, labels: Path | None) -> ModelSpec:
     output = manifest.get("output", "logits")
     if output not in ("logits", "probabilities"):
         raise ModelError(f"{folder / MANIFEST}: output must be 'logits' or 'probabilities', not {output!r}")
+    backend = str(manifest.get("backend", "onnx"))
     return ModelSpec(
         name=str(manifest.get("name", folder.name)),
-        backend=str(manifest.get("backend", "onnx")),
+        backend=backend,
         weights=weights,
         labels=load_labels(label_path),
         preprocess=preprocess,
         output=output,
         source=ref,
         weights_fingerprint=file_fingerprint(weights),
+        arch=str(manifest.get("arch", "resnest" if backend == "torch" else "")),
+        logit_scale=float(manifest.get("logit_scale", 1.0)),
+        prompts=prompts,
     )
 
 
 LOADERS.lazy("modelscope-folder", "wanwu.seed:FOLDER_LOADER")
 LOADERS.lazy("modelscope-hub", "wanwu.seed:HUB_LOADER")
+LOADERS.lazy("hf-folder", "wanwu.hf:FOLDER_LOADER")
+LOADERS.lazy("hf-hub", "wanwu.hf:HUB_LOADER")
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -483,7 +483,7 @@ class _Run:
         record = Record.success(
             slot.item.input, top, self.engine.spec.labels, self.record_options,
             sha256=slot.sha256, width=width, height=height, probabilities=self.probabilities,
-            labels_en=self.engine.spec.labels_en,
+            labels_en=self.engine.spec.labels_en, logit_scale=self.engine.spec.logit_scale,
         )
         record.warnings = warnings
         return record

@@ -83,14 +83,15 @@ class TopScores:
 
     def predictions(
         self, labels: tuple[str, ...], top_k: int, score: ScoreKind, threshold: float | None = None,
-        *, probabilities: bool = False, labels_en: tuple[str, ...] = (),
+        *, probabilities: bool = False, labels_en: tuple[str, ...] = (), logit_scale: float = 1.0,
     ) -> list[Prediction]:
         """``probabilities``: the model already outputs probabilities (then softmax = the values).
-        ``labels_en``: English names by class, carried as ``label_en`` (empty: none)."""
+        ``labels_en``: English names by class, carried as ``label_en`` (empty: none). ``logit_scale``: the
+        model's outputs are ``logit_scale * cosine`` (CLIP); a ``logit`` score is then the cosine."""
         out: list[Prediction] = []
         for idx, value in zip(self.indices[:top_k], self.values[:top_k], strict=True):
             raw = score == "logit" or probabilities
-            s = float(value) if raw else float(np.exp(np.float64(value) - self.logsumexp))
+            s = float(value) / logit_scale if raw else float(np.exp(np.float64(value) - self.logsumexp))
             if threshold is not None and s < threshold:
                 break
             english = labels_en[int(idx)] if labels_en else None
@@ -151,13 +152,13 @@ class Record:
     def success(
         cls, input: str, top: TopScores, labels: tuple[str, ...], options: RecordOptions, *,
         sha256: str | None, width: int, height: int, probabilities: bool = False,
-        labels_en: tuple[str, ...] = (),
+        labels_en: tuple[str, ...] = (), logit_scale: float = 1.0,
     ) -> Record:
         """An ``ok`` record: ``top`` shaped by ``options`` (``probabilities``: the model outputs them;
         ``labels_en``: English names carried as ``label_en``)."""
         predictions = top.predictions(
             labels, options.top_k, options.score, options.threshold, probabilities=probabilities,
-            labels_en=labels_en,
+            labels_en=labels_en, logit_scale=logit_scale,
         )
         return cls(input, "ok", predictions, sha256, width, height)
 

@@ -40,7 +40,7 @@ class Runner(Protocol):
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    model: str | None
+    model: str | ModelSpec | None  # a spec when the CLI resolved it already (e.g. with --prompt)
     labels: Path | None
     options: RecognizeOptions
     address: str | None = None  # a cluster to join (ray); None = start one of its own

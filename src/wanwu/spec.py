@@ -22,6 +22,7 @@ Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 ChannelOrder = Literal["RGB", "BGR"]
 Layout = Literal["NCHW", "NHWC"]
 OutputKind = Literal["logits", "probabilities"]
+CropOffset = Literal["round", "floor"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +51,9 @@ class PreprocessSpec:
     # but, on the 52 sample photos it would then scale by 1/2, flips the int8 MobileNetV2's top-1 on 4 more
     # of them than a full decode; 2.0 leaves the 1,000-photo agreement at 99.0%.
     jpeg_draft_factor: float = 2.0
+    # Center-crop offset: "round" ((new - crop) / 2 rounded, torchvision/ModelScope) or "floor" (integer
+    # division, as Hugging Face image processors such as ChineseCLIPImageProcessor crop).
+    crop_offset: CropOffset = "round"
 
     def __post_init__(self) -> None:
         if self.crop_size <= 0 or self.resize_short < self.crop_size:
@@ -57,6 +61,8 @@ class PreprocessSpec:
                 f"preprocess: need 0 < crop_size <= resize_short, got crop_size={self.crop_size}, "
                 f"resize_short={self.resize_short}"
             )
+        if self.crop_offset not in ("round", "floor"):
+            raise ModelError(f"preprocess: crop_offset must be 'round' or 'floor', got {self.crop_offset!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
             raise ModelError("preprocess: mean and std need three values each, std > 0")
 
@@ -67,6 +73,8 @@ class PreprocessSpec:
         # (--full-decode) is asked for exactly: its results are never served from a reduced one.
         if payload.pop("jpeg_draft_factor") <= 0:
             payload["full_decode"] = True
+        if payload["crop_offset"] == "round":
+            del payload["crop_offset"]  # the original rule: fingerprints made before this field stay valid
         return _digest(payload)
 
     @classmethod
@@ -95,6 +103,15 @@ class ModelSpec:
     output: OutputKind = "logits"
     source: str = ""  # what the user typed, for messages and /v1/models
     weights_fingerprint: str = ""  # filled by the loader; part of every cache key
+    # The network, a key of wanwu.archs.ARCHS ("resnest", "chinese_clip", ...): what a torch backend and
+    # ``wanwu convert`` build from ``weights``. Empty for a self-describing graph (an ONNX file).
+    arch: str = ""
+    # Open-vocabulary models (CLIP): the prompt templates ("一张{}的照片") whose text embeddings, averaged per
+    # label, the image is compared with. The labels and prompts then decide the outputs, so they are part of
+    # the cache key. Empty for a fixed classifier.
+    prompts: tuple[str, ...] = ()
+    # CLIP's outputs are logit_scale * cosine; ``--score logit`` reports them divided by this (the cosine).
+    logit_scale: float = 1.0
 
     @property
     def num_classes(self) -> int:
@@ -104,15 +121,21 @@ class ModelSpec:
         return replace(self, weights_fingerprint=fingerprint)
 
     def cache_namespace(self) -> str:
-        """Model weights + label count + preprocessing + output kind: the cache-key prefix."""
-        return _digest(
-            {
-                "weights": self.weights_fingerprint,
-                "classes": self.num_classes,
-                "preprocess": self.preprocess.fingerprint(),
-                "output": self.output,
-            }
-        )
+        """Model weights + label count + preprocessing + output kind (+ for an open-vocabulary model, the
+        label texts and prompts): the cache-key prefix."""
+        payload: dict[str, Any] = {
+            "weights": self.weights_fingerprint,
+            "classes": self.num_classes,
+            "preprocess": self.preprocess.fingerprint(),
+            "output": self.output,
+        }
+        if self.prompts:
+            payload["vocabulary"] = self.vocabulary_fingerprint()
+        return _digest(payload)
+
+    def vocabulary_fingerprint(self) -> str:
+        """The labels and prompt templates (what an open-vocabulary model's text embeddings depend on)."""
+        return _digest({"labels": list(self.labels), "prompts": list(self.prompts)})
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -120,6 +143,7 @@ class ModelSpec:
             "source": self.source,
             "backend": self.backend,
             "num_classes": self.num_classes,
+            "arch": self.arch,
             "output": self.output,
             "preprocess": asdict(self.preprocess),
             "fingerprint": self.cache_namespace(),

@@ -1,7 +1,7 @@
-"""PyTorch backend: the seed model's own checkpoint, on CPU or CUDA.
+"""PyTorch backend: a checkpoint run by the network its spec names (``ModelSpec.arch``), on CPU or CUDA.
 
-Builds :class:`~wanwu.seed.resnest.ResNeSt` from the checkpoint (strictly: every weight must be there), in
-eval mode under :func:`torch.inference_mode`, channels-last, with bf16/fp16 autocast on CUDA. torch is
+Builds the architecture from :data:`wanwu.archs.ARCHS` (the seed model's ResNeSt strictly: every weight must
+be there), in eval mode under :func:`torch.inference_mode`, channels-last, with bf16/fp16 autocast on CUDA. torch is
 imported inside the factory: without it, using this backend raises
 :class:`~wanwu.errors.MissingExtraError` naming the ``torch`` extra.
 """
@@ -9,6 +9,7 @@ imported inside the factory: without it, using this backend raises
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,8 +27,8 @@ class TorchBackend:
     def __init__(self, spec: ModelSpec, options: BackendOptions) -> None:
         import torch
 
+        from wanwu.archs import build_network
         from wanwu.backends.onnx import default_threads
-        from wanwu.seed.checkpoint import load_resnest
 
         if spec.preprocess.layout != "NCHW":
             raise ModelError(f"the torch backend needs NCHW input, the spec says {spec.preprocess.layout}")
@@ -36,7 +37,7 @@ class TorchBackend:
         self._dtype = resolve_precision(options.precision, self._device)
         if self._device.type == "cpu":
             torch.set_num_threads(options.threads or default_threads())
-        model = load_resnest(spec.weights, spec.num_classes)
+        model = build_network(spec)
         self._model = model.to(self._device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @property
@@ -68,6 +69,15 @@ class TorchBackend:
                 raise OutOfMemoryError(f"out of memory for a batch of {len(batch)}: {e}") from None
             raise
         return np.asarray(out, dtype=np.float32)
+
+    def relabel(self, spec: ModelSpec) -> TorchBackend:
+        """This backend over the same network, scoring ``spec``'s labels instead (zero-shot models only)."""
+        relabel = getattr(self._model, "relabel", None)
+        if relabel is None:
+            raise UsageError("this model's classes are fixed: only a zero-shot (CLIP) model takes other labels")
+        clone = copy.copy(self)
+        clone._model = relabel(spec)
+        return clone
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self._dtype is None:

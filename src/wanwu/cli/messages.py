@@ -100,8 +100,11 @@ HELP: dict[str, dict[str, str]] = {
         "precision": "GPU autocast precision (torch backend).",
         "int8": "int8 ONNX models: exact integer kernels (auto: on CPUs without VNNI) or the fastest native ones.",
         "top_k": "Labels per image (1-50).",
-        "score": "softmax probabilities, or the raw logits (ModelScope's score).",
-        "threshold": "Drop predictions scoring below this.",
+        "score": "softmax probabilities, or the raw logits (ModelScope's score; the cosine for a CLIP model).",
+        "threshold": "Drop predictions scoring below this (with --score logit on a CLIP model: multi-label "
+        "tagging on the cosine).",
+        "prompt": "Prompt template of a zero-shot (CLIP) model, {} = the label, e.g. \"一张{}的照片\". Repeatable: "
+        "the embeddings are averaged. Default: four Chinese photo templates.",
         "batch_size": "Images per batch.",
         "workers": "Decode worker processes (-1 = one per core, 0 = decode in threads).",
         "no_cache": "Neither read nor write the result cache.",
@@ -143,8 +146,10 @@ HELP: dict[str, dict[str, str]] = {
         "precision": "GPU 自动混合精度（torch 后端）。",
         "int8": "int8 ONNX 模型：精确的整数内核（auto：在没有 VNNI 的 CPU 上），或最快的原生内核。",
         "top_k": "每张图片的标签数（1-50）。",
-        "score": "softmax 概率，或原始 logits（ModelScope 的分数）。",
-        "threshold": "丢弃分数低于此值的预测。",
+        "score": "softmax 概率，或原始 logits（ModelScope 的分数；CLIP 模型为余弦相似度）。",
+        "threshold": "丢弃分数低于此值的预测（CLIP 模型配合 --score logit：按余弦相似度多标签打标）。",
+        "prompt": "零样本（CLIP）模型的提示模板，{} 代表标签，如 \"一张{}的照片\"。可重复，嵌入取平均。"
+        "默认：四个中文照片模板。",
         "batch_size": "每批图片数。",
         "workers": "解码进程数（-1 = 每核一个，0 = 在线程中解码）。",
         "no_cache": "既不读也不写结果缓存。",

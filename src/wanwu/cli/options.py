@@ -58,6 +58,12 @@ model_options = _compose(
 )
 
 
+prompt_option = click.option(
+    "--prompt", "prompts", multiple=True, metavar="TEMPLATE", help=h("prompt"),
+)
+"""``--prompt "一张{}的照片"`` (repeatable): prompt templates of a zero-shot (CLIP) model."""
+
+
 def backend_options(kw: dict[str, Any]) -> BackendOptions:
     return BackendOptions(
         device=kw["device"], threads=kw["threads"], precision=kw["precision"], int8=kw["int8"], streams=kw["streams"]

@@ -13,10 +13,11 @@ from typing import Any, TextIO
 import click
 
 from wanwu.cli.messages import h, t
-from wanwu.cli.options import model_options, recognize_options, run_options, runner_options
+from wanwu.cli.options import model_options, prompt_option, recognize_options, run_options, runner_options
 from wanwu.cli.progress import ReportedInterrupt, RunProgress, interrupted_message, terminal_console
 from wanwu.config import RecognizeOptions
 from wanwu.errors import UsageError
+from wanwu.models import resolve_model
 from wanwu.resume import ResumeState, prepare_resume, resumable_formats
 from wanwu.runners import RunnerConfig, create_runner
 from wanwu.sinks import SINKS, SinkOptions, create_sink, format_for_path
@@ -27,6 +28,7 @@ log = logging.getLogger("wanwu")
 @click.command("recognize", help=h("recognize"))
 @click.argument("inputs", nargs=-1, required=True)
 @model_options
+@prompt_option
 @run_options
 @runner_options
 @click.option(
@@ -54,7 +56,9 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         raise UsageError("--resume needs --output FILE (the file of the run to continue)")
     with ExitStack() as stack:
         # The model loads first: a run that cannot start leaves an existing output untouched.
-        runner_config = RunnerConfig(kw["model"], kw["labels"], options, kw["ray_address"], kw["label_column"])
+        model = resolve_model(kw["model"], kw["labels"], kw["label_column"], kw["prompts"]) if kw["prompts"] \
+            else kw["model"]
+        runner_config = RunnerConfig(model, kw["labels"], options, kw["ray_address"], kw["label_column"])
         recognizer = stack.enter_context(create_runner(kw["runner"], runner_config))
         shape = options.record
         expect = min(shape.top_k, recognizer.spec.num_classes) if shape.threshold is None else None

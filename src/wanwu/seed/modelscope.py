@@ -66,6 +66,7 @@ def load_folder(folder: Path, labels: Path | None, *, name: str | None = None, s
         output="logits",
         source=source or str(folder),
         weights_fingerprint=file_fingerprint(weights),
+        arch="resnest",
     )
 
 

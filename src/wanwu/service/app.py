@@ -3,7 +3,7 @@
 ``create_app(config)`` returns an app whose lifespan loads the model in a worker thread (``/readyz`` says
 503 until it is loaded, then 200) and shuts everything down on exit. Routes:
 
-* ``POST /v1/recognize`` — multipart ``files`` (+ ``top_k``), or JSON ``{"urls": [...]}`` /
+* ``POST /v1/recognize`` — multipart ``files`` (+ ``top_k``, ``labels``), or JSON ``{"urls": [...]}`` /
   ``{"images": [base64, ...]}``; answers ``{"results": [record, ...]}`` in request order;
 * ``GET /v1/models``, ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus), ``/openapi.json``,
   ``/docs`` (Swagger UI served locally);
@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException
 
 from wanwu import __version__
 from wanwu.cache import ResultCache
+from wanwu.errors import UsageError
 from wanwu.pipeline import FROM_OPTIONS
 from wanwu.service.batcher import QueueFullError
 from wanwu.service.config import ServeConfig
@@ -129,7 +130,7 @@ def create_app(
         app.include_router(jobs_router(config.queue, max_upload_bytes=config.max_upload_bytes), dependencies=guard,
                            responses=errors(401) if guard else None)
     _add_routes(app, state, guard)
-    install_openapi(app, _JSON_COMPONENTS)
+    install_openapi(app, _JSON_COMPONENTS, lambda: None if state.runtime is None else _zero_shot(state.runtime))
     app.mount("/static", StaticFiles(packages=[("wanwu", "web")]), name="static")
     _add_docs(app)
     return app
@@ -189,6 +190,7 @@ _RECOGNIZE_BODY: dict[str, Any] = {
                         "files": {"type": "array", "minItems": 1,
                                   "items": {"type": "string", "format": "binary"}},
                         "top_k": {"type": "integer", "minimum": 1, "maximum": 50},
+                        "labels": {"type": "string", "description": "zero-shot models: own labels, one per line"},
                     },
                 }
             },
@@ -233,7 +235,9 @@ def _add_routes(app: FastAPI, state: ServiceState, guard: list[Any]) -> None:
         if parsed.top_k is not None:
             params = replace(params, top_k=parsed.top_k)
         try:
-            records = await runtime.recognize(parsed.items, params)
+            records = await runtime.recognize(parsed.items, params, parsed.labels)
+        except UsageError as e:  # a label list for a model with fixed classes
+            raise ApiError(422, "invalid_labels", str(e)) from None
         except QueueFullError:
             state.metrics.rejected.inc()
             raise ApiError(503, "queue_full", "the server is busy; retry shortly", retry) from None
@@ -254,6 +258,7 @@ def _add_routes(app: FastAPI, state: ServiceState, guard: list[Any]) -> None:
                     "score": config.options.record.score,
                     "max_batch_size": config.max_batch_size,
                     "labels_sample": list(spec.labels[:5]),
+                    "zero_shot": _zero_shot(runtime),
                 }
             ]
         }
@@ -285,3 +290,8 @@ def _add_routes(app: FastAPI, state: ServiceState, guard: list[Any]) -> None:
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
+
+
+def _zero_shot(runtime: Runtime) -> bool:
+    """The loaded model takes a label list per request (a Chinese-CLIP model)."""
+    return bool(runtime.engine.spec.prompts) and hasattr(runtime.engine.backend, "relabel")

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -56,21 +58,55 @@ def json_body_schema(model: type[BaseModel]) -> tuple[dict[str, Any], dict[str, 
     return {"$ref": f"#/components/schemas/{model.__name__}"}, components
 
 
-def install_openapi(app: FastAPI, extra_components: dict[str, Any]) -> None:
-    """Build the document once, with ``extra_components`` merged into ``components.schemas``."""
+def install_openapi(
+    app: FastAPI, extra_components: dict[str, Any], zero_shot: Callable[[], bool | None] = lambda: True
+) -> None:
+    """Build the document with ``extra_components`` merged into ``components.schemas``.
+
+    It describes the loaded model: a model with fixed classes takes no per-request ``labels``, so the field is
+    left out of the request bodies (``zero_shot()`` False). It is kept once the model is loaded (``zero_shot()``
+    not None); until then it is built afresh on each request."""
 
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            document = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes,
-            )
-            schemas = document.setdefault("components", {}).setdefault("schemas", {})
-            for name, schema in extra_components.items():
-                schemas.setdefault(name, schema)
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes,
+        )
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        for name, schema in extra_components.items():
+            schemas.setdefault(name, copy.deepcopy(schema))
+        loaded = zero_shot()
+        if loaded is False:
+            _drop_labels(document)
+        if loaded is not None:
             app.openapi_schema = document
-        return app.openapi_schema
+        return document
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _drop_labels(document: dict[str, Any]) -> None:
+    """Remove the per-request ``labels`` field wherever a request body schema declares it."""
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            properties = node.get("properties")
+            if isinstance(properties, dict) and "labels" in properties:
+                del properties["labels"]
+                if isinstance(node.get("required"), list) and "labels" in node["required"]:
+                    node["required"].remove("labels")
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(document.get("components", {}).get("schemas", {}))
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            if isinstance(operation, dict):
+                walk(operation.get("requestBody", {}))
 
 
 def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:

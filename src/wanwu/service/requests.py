@@ -57,6 +57,10 @@ class ImageIn(BaseModel):
     data: str = Field(description="The file's bytes, base64 (a `data:...;base64,` prefix is allowed).")
 
 
+MAX_LABELS = 200  # labels in one request's own list: each new list costs len x prompts text-tower passes
+MAX_LABEL_CHARS = 64
+
+
 def _one_of_urls_or_images(schema: dict[str, Any]) -> None:
     schema["oneOf"] = [{"required": ["urls"]}, {"required": ["images"]}]
     for key in ("urls", "images"):
@@ -71,12 +75,29 @@ class RecognizeJson(BaseModel):
     images: list[str | ImageIn] = Field(default_factory=list, min_length=1,
                                         description="base64 strings or {name, data} objects.")
     top_k: int | None = Field(None, ge=1, le=TOP_N_STORED, description="Labels per image.")
+    labels: list[str] | None = Field(
+        None, max_length=MAX_LABELS,
+        description="Your own label list, for a zero-shot (CLIP) model: the images are scored against these.",
+    )
 
 
 @dataclass
 class Parsed:
     items: list[InputItem]
     top_k: int | None = None
+    labels: tuple[str, ...] | None = None  # the request's own label list (zero-shot models)
+
+
+def _labels(values: list[str] | None) -> tuple[str, ...] | None:
+    """Stripped, non-empty, unique labels (``None`` when none were given)."""
+    if values is None:
+        return None
+    labels = tuple(dict.fromkeys(v.strip() for v in values if v.strip()))
+    if not labels:
+        return None
+    if len(labels) > MAX_LABELS or any(len(v) > MAX_LABEL_CHARS for v in labels):
+        raise ApiError(422, "invalid_labels", f"at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters")
+    return labels
 
 
 async def parse_recognize(request: Request, config: ServeConfig) -> Parsed:
@@ -117,9 +138,11 @@ async def _parse_multipart(request: Request, config: ServeConfig) -> Parsed:
             items.append(InputItem.from_bytes(part.filename or f"files[{i}]", await part.read()))
         top_k_field = form.get("top_k")
         top_k = _top_k(top_k_field if isinstance(top_k_field, str) else None)
+        labels_field = form.get("labels")  # one label per line
+        labels = _labels(labels_field.splitlines() if isinstance(labels_field, str) else None)
     finally:
         await form.close()
-    return Parsed(items, top_k)
+    return Parsed(items, top_k, labels)
 
 
 def _top_k(text: str | None) -> int | None:
@@ -155,7 +178,7 @@ def _parse_json_body(raw: bytes, allow_urls: bool = True) -> Parsed:
         name, text = (image.name or f"images[{i}]", image.data) if isinstance(image, ImageIn) else (
             f"images[{i}]", image)
         items.append(_b64_item(name, text))
-    return Parsed(items, body.top_k)
+    return Parsed(items, body.top_k, _labels(body.labels))
 
 
 def _url_item(url: str, allow_urls: bool = True) -> InputItem:

@@ -25,11 +25,16 @@
   const $ = (id) => document.getElementById(id);
   const input = $("file-input"), zone = $("drop-zone"), results = $("results"), statusLine = $("status");
   const topK = $("top-k"), keyBox = $("key-box"), keyInput = $("api-key");
+  const labelsBox = $("labels-box"), labelsInput = $("labels");
   const urls = [];
   let pending = 0, okCount = 0, errCount = 0;
 
   keyInput.value = localStorage.getItem("wanwu-api-key") || "";
   if (keyInput.value) keyBox.hidden = false;
+  // A zero-shot (CLIP) model takes the user's own label list: show the text box only for one.
+  fetch("/v1/models").then((r) => (r.ok ? r.json() : null)).then((body) => {
+    if (body && body.models && body.models.some((m) => m.zero_shot)) labelsBox.hidden = false;
+  }).catch(() => {});
   keyInput.addEventListener("change", () => localStorage.setItem("wanwu-api-key", keyInput.value));
 
   function el(tag, cls, text) {
@@ -115,6 +120,7 @@
     const form = new FormData();
     for (const f of files) form.append("files", f, f.name);
     form.append("top_k", topK.value);
+    if (!labelsBox.hidden && labelsInput.value.trim()) form.append("labels", labelsInput.value);
     const headers = {};
     if (keyInput.value) headers["Authorization"] = "Bearer " + keyInput.value;
     let response;
