@@ -51,11 +51,23 @@ def kill_session(sid: int, timeout: float = 10.0) -> None:
         time.sleep(0.1)
 
 
+_TAKEN: set[int] = set()  # ports already handed to a node of these tests: never hand one out twice
+
+
+def _unused_port() -> int:
+    """A free port no other component of these tests' nodes was given (two calls of ``free_port`` can return
+    the same port while neither is bound yet, and Ray then refuses to start)."""
+    while (port := free_port()) in _TAKEN:
+        pass
+    _TAKEN.add(port)
+    return port
+
+
 class Node:
     def __init__(self, args: list[str], env: dict[str, str], temp: Path) -> None:
         ports = ["--node-manager-port", "--object-manager-port", "--metrics-export-port",
                  "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port", "--runtime-env-agent-port"]
-        port_args = [x for flag in ports for x in (flag, str(free_port()))]
+        port_args = [x for flag in ports for x in (flag, str(_unused_port()))]
         log = open(temp / f"node-{len(os.listdir(temp))}.log", "wb")  # noqa: SIM115 (closed with the node)
         self.proc = subprocess.Popen(
             [*RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={temp}", *port_args, *args],
@@ -77,7 +89,7 @@ class Cluster:
         self.env = {**env, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
                     "RAY_AUTH_TOKEN": secrets.token_hex(32)}
         self.temp = Path(tempfile.mkdtemp(prefix="wr", dir="/tmp"))  # short: unix socket paths
-        self.port = free_port()
+        self.port = _unused_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: list[Node] = []
 

@@ -154,19 +154,25 @@ def test_killed_driver_resumes_and_redoes_only_what_is_not_recorded(
 def test_a_node_killed_mid_run_costs_no_record(
     mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
 ) -> None:
-    folder = _photo_folder(photos, tmp_path, step=5, count=160)
+    # Enough photos that the run lasts well past the moment node 2 takes its first tasks (with fewer, the head
+    # alone could finish them first).
+    folder = _photo_folder(photos, tmp_path, step=3, count=330)
     out = tmp_path / "out.jsonl"
     cluster = Cluster(_env(tmp_path))
     try:
-        cluster.start_head(num_cpus=1)
+        # The head keeps room for an actor and a decode task at once, so losing node 2 never leaves the
+        # survivors waiting on each other for a CPU.
+        cluster.start_head(num_cpus=2)
         node2 = cluster.add_node("node2", num_cpus=2)
         cluster.wait_nodes(2)
         proc = _cli([str(folder), "--runner", "ray", "--ray-address", cluster.address, "-m", str(mobilenet[0]),
                      "-l", str(mobilenet[1]), "-b", "8", "--no-cache", "-q", "-o", str(out)], cluster.env,
                     tmp_path / "driver.log")
         wait_for_lines(out, 10, proc, timeout=180, fail_if_exited=True)
-        titles = [_title(pid) for pid in session_pids(node2.sid)]
-        assert any("MapBatches" in t or "MapWorker" in t for t in titles), titles  # node 2 was working
+        deadline = time.monotonic() + 60
+        while not _working(node2.sid):  # kill node 2 while it runs our decode tasks or an actor
+            assert proc.poll() is None and time.monotonic() < deadline, "node 2 never ran wanwu's work"
+            time.sleep(0.05)
         node2.kill()
         assert session_pids(node2.sid) == []
         proc.wait(timeout=300)
@@ -175,8 +181,14 @@ def test_a_node_killed_mid_run_costs_no_record(
     finally:
         if "proc" in locals() and proc.poll() is None:
             kill_session(proc.pid)
+            proc.wait(timeout=30)
         cluster.stop()
     assert all(session_pids(node.sid) == [] for node in cluster.nodes)
+
+
+def _working(sid: int) -> bool:
+    titles = [_title(pid) for pid in session_pids(sid)]
+    return any("MapBatches" in t or "MapWorker" in t for t in titles)
 
 
 def _title(pid: int) -> str:
