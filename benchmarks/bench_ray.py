@@ -15,8 +15,8 @@ Each runner runs in a fresh process on the same photos with the result cache off
 
 Ray layouts: ``ray local`` (``--runner ray``: a private Ray on this machine, all cores), ``ray 1 node``
 (``ray start --head`` with all cores, the driver joins it) and ``ray 2 nodes`` (the same cores split over two
-nodes, so work and blocks cross nodes). On one machine two nodes cannot add cores: that row measures what
-crossing nodes costs, not scaling.
+nodes, so work and blocks cross nodes; with one inference actor, then with two, one per node's share). On one
+machine two nodes cannot add cores: those rows measure what crossing nodes costs, not scaling.
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ from pathlib import Path
 from wanwu.config import RecognizeOptions
 from wanwu.runners import RunnerConfig, create_runner
 from wanwu.sources import expand
-runner, address, folder, model, labels = sys.argv[1:6]
+runner, address, folder, model, labels, actors = sys.argv[1:7]
 t0 = time.perf_counter()
-config = RunnerConfig(model, Path(labels), RecognizeOptions(cache=False), address or None)
+config = RunnerConfig(model, Path(labels), RecognizeOptions(cache=False), address or None, actors=int(actors))
 with create_runner(runner, config) as run:
     t1 = time.perf_counter()
     n, first = 0, None
@@ -74,14 +74,17 @@ def main() -> None:
                "RAY_USAGE_STATS_ENABLED": "0"}
         rows = {"local (wanwu recognize)": _drive("local", "", folder, env, [])}
         rows["ray local"] = _drive("ray", "", folder, env, [])
-        for label, split in (("ray 1 node", [cores]), ("ray 2 nodes", [max(1, cores // 2)] * 2)):
+        layouts = (("ray 1 node", [cores], 1), ("ray 2 nodes", [max(1, cores // 2)] * 2, 1),
+                   ("ray 2 nodes, 2 actors", [max(1, cores // 2)] * 2, 2))
+        for label, split, actors in layouts:
             cluster = Cluster(env)
             try:
                 cluster.start_head(split[0])
                 for i, cpus in enumerate(split[1:], 2):
                     cluster.add_node(f"node{i}", cpus)
                 cluster.wait_nodes(len(split))
-                rows[label] = _drive("ray", cluster.address, folder, cluster.env, [x.sid for x in cluster.nodes])
+                rows[label] = _drive("ray", cluster.address, folder, cluster.env, [x.sid for x in cluster.nodes],
+                                     actors)
             finally:
                 cluster.stop()
     base = rows["local (wanwu recognize)"]
@@ -100,8 +103,11 @@ def main() -> None:
         args.json.write_text(json.dumps({"images": n, "cores": cores, "runs": rows}, indent=2))
 
 
-def _drive(runner: str, address: str, folder: Path, env: dict[str, str], sessions: list[int]) -> dict[str, float]:
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, runner, address, str(folder), str(MODEL), str(LABELS)],
+def _drive(
+    runner: str, address: str, folder: Path, env: dict[str, str], sessions: list[int], actors: int = 1
+) -> dict[str, float]:
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, runner, address, str(folder), str(MODEL), str(LABELS),
+                             str(actors)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak = [0]
     stop = threading.Event()

@@ -58,12 +58,13 @@ def local_ray() -> Any:
 def test_ray_records_equal_the_local_runners(
     local_ray: Any, mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
 ) -> None:
-    from wanwu.ray import RayRunner
+    from wanwu.ray import RayOptions, RayRunner
 
     folder = _photo_folder(photos, tmp_path, step=41, count=20)
     inputs = [str(folder), str(folder / "missing.jpg")]
     expected = _local(mobilenet, inputs)
-    with RayRunner(str(mobilenet[0]), labels=mobilenet[1], options=RecognizeOptions(cache=False)) as runner:
+    with RayRunner(str(mobilenet[0]), labels=mobilenet[1], options=RecognizeOptions(cache=False),
+                   ray_options=RayOptions(actors=2, decode_batch=4)) as runner:  # two actors: order still kept
         got = [dumps(r) for r in runner.recognize(expand(inputs))]
     assert got == expected  # same records, same input order
     kinds = Counter(json.loads(line).get("error", {}).get("type", "ok") for line in got)
@@ -166,7 +167,8 @@ def test_a_node_killed_mid_run_costs_no_record(
         node2 = cluster.add_node("node2", num_cpus=2)
         cluster.wait_nodes(2)
         proc = _cli([str(folder), "--runner", "ray", "--ray-address", cluster.address, "-m", str(mobilenet[0]),
-                     "-l", str(mobilenet[1]), "-b", "8", "--no-cache", "-q", "-o", str(out)], cluster.env,
+                     "-l", str(mobilenet[1]), "-b", "8", "--ray-actors", "2", "--no-cache", "-q", "-o", str(out)],
+                    cluster.env,
                     tmp_path / "driver.log")
         wait_for_lines(out, 10, proc, timeout=180, fail_if_exited=True)
         deadline = time.monotonic() + 60
@@ -202,5 +204,7 @@ def test_ray_address_without_the_ray_runner_is_a_usage_error(tiny_model: tuple[P
     from wanwu.cli.main import main
 
     args = ["recognize", str(tmp_path), "-m", str(tiny_model[0]), "-l", str(tiny_model[1]), "-q",
-            "-o", str(tmp_path / "out.jsonl"), "--ray-address", "127.0.0.1:1"]
-    assert main(args) == 2
+            "-o", str(tmp_path / "out.jsonl")]
+    assert main([*args, "--ray-address", "127.0.0.1:1"]) == 2
+    assert main([*args, "--ray-actors", "2"]) == 2
+    assert not (tmp_path / "out.jsonl").exists()

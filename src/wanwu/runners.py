@@ -45,6 +45,7 @@ class RunnerConfig:
     options: RecognizeOptions
     address: str | None = None  # a cluster to join (ray); None = start one of its own
     label_column: str | None = None
+    actors: int = 1  # inference actors (ray)
 
 
 RunnerFactory = Callable[[RunnerConfig], Runner]
@@ -58,17 +59,18 @@ def create_runner(name: str, config: RunnerConfig) -> Runner:
 
 
 def local_runner(config: RunnerConfig) -> Runner:
-    if config.address:
-        raise UsageError("--ray-address needs --runner ray")
+    if config.address or config.actors != 1:
+        raise UsageError("--ray-address and --ray-actors need --runner ray")
     from wanwu.pipeline import Recognizer
 
     return Recognizer(config.model, labels=config.labels, label_column=config.label_column, options=config.options)
 
 
 def ray_runner(config: RunnerConfig) -> Runner:
+    from wanwu.ray.dataset import RayOptions
     from wanwu.ray.runner import RayRunner
 
     return RayRunner(
         config.model, labels=config.labels, label_column=config.label_column, options=config.options,
-        address=config.address,
+        address=config.address, ray_options=RayOptions(actors=config.actors),
     )

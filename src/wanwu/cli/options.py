@@ -144,5 +144,9 @@ runner_options = _compose(
         "--ray-address", default=None, metavar="ADDR",
         help="--runner ray: the cluster to join (HOST:PORT from `ray start --head`); default: a local Ray.",
     ),
+    click.option(
+        "--ray-actors", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+        help="--runner ray: inference actors, one model copy each (with --device cuda, one GPU each).",
+    ),
 )
 """Where a run executes: the runner registry (:mod:`wanwu.runners`)."""

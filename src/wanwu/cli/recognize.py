@@ -58,7 +58,8 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         # The model loads first: a run that cannot start leaves an existing output untouched.
         model = resolve_model(kw["model"], kw["labels"], kw["label_column"], kw["prompts"]) if kw["prompts"] \
             else kw["model"]
-        runner_config = RunnerConfig(model, kw["labels"], options, kw["ray_address"], kw["label_column"])
+        runner_config = RunnerConfig(model, kw["labels"], options, kw["ray_address"], kw["label_column"],
+                                     kw["ray_actors"])
         recognizer = stack.enter_context(create_runner(kw["runner"], runner_config))
         shape = options.record
         expect = min(shape.top_k, recognizer.spec.num_classes) if shape.threshold is None else None

@@ -32,13 +32,18 @@ class RayOptions:
     reserves (``actor_gpus`` defaults to 1 when the backend's device is ``cuda``); ``decode_batch``: rows per
     decode task call; ``decode_cpus``/``decode_memory``: what each decode task reserves (bytes; a scheduling
     figure, not a limit).
+
+    Half a CPU each, by default: an actor spends part of its time waiting for the next batch, and with whole
+    CPUs a 2-CPU node runs the actor and a single decode task, one core half idle (0.62× the local runner's
+    throughput on 2 cores); with halves it runs the actor and three decode tasks (0.87×). A quarter
+    oversubscribes (0.49×). ``benchmarks/bench_ray.py`` measures it.
     """
 
     actors: int = 1
-    actor_cpus: float = 1.0
+    actor_cpus: float = 0.5
     actor_gpus: float | None = None
     decode_batch: int = 16
-    decode_cpus: float = 1.0
+    decode_cpus: float = 0.5
     decode_memory: int = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
