@@ -13,7 +13,9 @@ Each runner runs in a fresh process on the same photos with the result cache off
 * ``peak RSS``   — the largest sum of resident memory over every process of the run (the driver, its
   children, and the Ray nodes' processes), sampled every 0.1 s.
 
-Ray layouts: ``ray local`` (``--runner ray``: a private Ray on this machine, all cores), ``ray 1 node``
+Ray layouts: ``ray local`` (``--runner ray``: a private Ray on this machine, all cores; each image decoded in
+a decode process of its own Ray worker, under a deadline, as the local runner does), ``ray local, -j 0`` (the
+same, decoding in the Ray worker itself: no crash or hang guard, no inter-process copy), ``ray 1 node``
 (``ray start --head`` with all cores, the driver joins it) and ``ray 2 nodes`` (the same cores split over two
 nodes, so work and blocks cross nodes; with one inference actor, then with two, one per node's share). On one
 machine two nodes cannot add cores: those rows measure what crossing nodes costs, not scaling.
@@ -42,9 +44,10 @@ from pathlib import Path
 from wanwu.config import RecognizeOptions
 from wanwu.runners import RunnerConfig, create_runner
 from wanwu.sources import expand
-runner, address, folder, model, labels, actors = sys.argv[1:7]
+runner, address, folder, model, labels, actors, workers = sys.argv[1:8]
 t0 = time.perf_counter()
-config = RunnerConfig(model, Path(labels), RecognizeOptions(cache=False), address or None, actors=int(actors))
+options = RecognizeOptions(cache=False) if workers == "default" else RecognizeOptions(cache=False, workers=int(workers))
+config = RunnerConfig(model, Path(labels), options, address or None, actors=int(actors))
 with create_runner(runner, config) as run:
     t1 = time.perf_counter()
     n, first = 0, None
@@ -74,6 +77,7 @@ def main() -> None:
                "RAY_USAGE_STATS_ENABLED": "0"}
         rows = {"local (wanwu recognize)": _drive("local", "", folder, env, [])}
         rows["ray local"] = _drive("ray", "", folder, env, [])
+        rows["ray local, -j 0"] = _drive("ray", "", folder, env, [], workers="0")
         layouts = (("ray 1 node", [cores], 1), ("ray 2 nodes", [max(1, cores // 2)] * 2, 1),
                    ("ray 2 nodes, 2 actors", [max(1, cores // 2)] * 2, 2))
         for label, split, actors in layouts:
@@ -104,10 +108,11 @@ def main() -> None:
 
 
 def _drive(
-    runner: str, address: str, folder: Path, env: dict[str, str], sessions: list[int], actors: int = 1
+    runner: str, address: str, folder: Path, env: dict[str, str], sessions: list[int], actors: int = 1,
+    workers: str = "default",
 ) -> dict[str, float]:
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, runner, address, str(folder), str(MODEL), str(LABELS),
-                             str(actors)],
+                             str(actors), workers],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     peak = [0]
     stop = threading.Event()

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.servers import free_port
 
@@ -128,3 +129,15 @@ class Cluster:
         for node in reversed(self.nodes):
             node.kill()
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def hostile_decode(data: bytes, spec: Any, options: Any) -> Any:
+    """wanwu's decode, except that a file starting with CRASH kills its process outright and one starting with
+    HANG never returns (a decoder stuck in a loop)."""
+    from wanwu.imaging import decode_job
+
+    if data.startswith(b"CRASH"):
+        os._exit(1)
+    if data.startswith(b"HANG"):
+        time.sleep(3600)
+    return decode_job(data, spec, options)

@@ -100,6 +100,94 @@ def test_recognize_dataset_on_read_binary_files_rows_uses_the_cache(
         assert set(cache.get_many(namespace, fresh)) == set(fresh)
 
 
+def test_a_decoder_that_crashes_or_hangs_costs_only_its_own_row(
+    local_ray: Any, mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
+) -> None:
+    from tests.ray_support import hostile_decode
+    from wanwu.models import resolve_model
+    from wanwu.ray import Infer, decode_batch
+    from wanwu.stage import StageContext
+
+    folder = _photo_folder(photos, tmp_path, step=53, count=12, bad=False)
+    good = sorted(str(p) for p in folder.iterdir())
+    crash, hang = folder / "crash.jpg", folder / "hang.jpg"
+    crash.write_bytes(b"CRASH" + Path(good[0]).read_bytes())
+    hang.write_bytes(b"HANG" + Path(good[1]).read_bytes())
+    inputs = [*good[:5], str(crash), *good[5:9], str(hang), *good[9:]]
+    expected = dict(zip(inputs, _local(mobilenet, inputs), strict=True))
+    spec = resolve_model(str(mobilenet[0]), mobilenet[1])
+    options = RecognizeOptions(cache=False, decode_timeout=3.0, batch_size=4)
+    ds = ray.data.from_items([{"input": p} for p in inputs], override_num_blocks=4)
+    rows = ds.map_batches(
+        decode_batch, batch_size=4, batch_format="numpy",
+        fn_kwargs={"context": StageContext.of(spec, options), "options": options, "decode": hostile_decode},
+    ).map_batches(Infer, batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+                  fn_constructor_kwargs={"spec": spec, "options": options}).take_all()
+    got = {row["input"]: json.loads(row["record"]) for row in rows}
+    assert len(rows) == len(inputs) and set(got) == set(inputs)  # no row lost, none twice
+    assert got[str(crash)]["error"] == {"type": "decode_error", "message": "the decoder process crashed on this file"}
+    assert got[str(hang)]["error"]["type"] == "decode_error"
+    assert "took longer than 3 s" in got[str(hang)]["error"]["message"]
+    for path in good:  # the neighbours, in the same decode tasks, got their own records
+        assert got[path] == json.loads(expected[path])
+
+
+def _through_stages(spec: Any, options: RecognizeOptions, inputs: list[str], record: Any = None) -> list[str]:
+    """The two stages called directly, in this process, as Ray would call them."""
+    import numpy as np
+
+    from wanwu.ray import Infer, decode_batch
+    from wanwu.stage import StageContext
+
+    decoded = decode_batch({"input": np.array(inputs, dtype=object)}, context=StageContext.of(spec, options),
+                           options=options)
+    return [str(line) for line in Infer(spec, options, record)(decoded)["record"]]
+
+
+def test_the_stages_carry_decoder_warnings_like_the_local_runner(
+    mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
+) -> None:
+    import struct
+
+    from wanwu.models import resolve_model
+
+    chosen = sorted(photos.iterdir())[7::301][:3]
+    jpg = chosen[0].read_bytes()  # a real photo with an EXIF block that claims 3 entries and holds 4 bytes
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 3) + b"\x12\x01\x03\x00"
+    payload = b"Exif\x00\x00" + tiff
+    odd = tmp_path / "corrupt-exif.jpg"
+    odd.write_bytes(jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpg[2:])
+    inputs = [str(odd), *map(str, chosen)]
+    from wanwu.ray import stages
+
+    try:  # decoded as on Ray: in this process's decode process (the warnings are collected there)
+        got = _through_stages(resolve_model(str(mobilenet[0]), mobilenet[1]), RecognizeOptions(cache=False), inputs)
+    finally:
+        stages._PER_PROCESS.pop(("decoder", None)).close()
+    assert any("Corrupt EXIF" in w for w in json.loads(got[0]).get("warnings", [])), got[0]
+    assert got == _local(mobilenet, inputs)
+
+
+@pytest.mark.extra("clip")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # transformers' lazy imports leave a file unclosed
+def test_the_stages_score_a_clip_model_like_the_local_runner(photos: Path, tmp_path: Path) -> None:
+    from tests.clip_helpers import CLIP_LABELS, make_clip_folder
+    from wanwu.models import resolve_model
+    from wanwu.records import RecordOptions
+
+    folder = make_clip_folder(tmp_path / "tiny-chinese-clip")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(CLIP_LABELS) + "\n", encoding="utf-8")
+    spec = resolve_model(str(folder), labels)
+    inputs = [str(p) for p in sorted(photos.iterdir())[11::250][:4]]
+    options = RecognizeOptions(cache=False, workers=0)
+    for score in ("softmax", "logit"):  # logit: the cosine, the logit scale divided out
+        shape = RecordOptions(top_k=3, score=score)  # type: ignore[arg-type]
+        with Recognizer(spec, options=options) as rec:
+            local = [dumps(r) for r in rec.recognize(inputs, record=shape)]
+        assert _through_stages(spec, options, inputs, shape) == local
+
+
 def _cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """The CLI in a session of its own (so it and whatever it starts can be killed exactly); stderr to ``log``."""
     with log.open("wb") as err:

@@ -93,13 +93,10 @@ def test_unreachable_endpoint_is_an_error_record(s3: object, mobilenet: tuple[Pa
 
 def test_jobs_submit_uploads_objects_even_by_reference(s3: object, photos: Path) -> None:
     """A worker cannot read s3:// as a path: the submitter reads the object and uploads its bytes."""
-    from wanwu.cli.jobs import _job_input
-    from wanwu.fetch import Fetcher
-    from wanwu.sources import expand
+    from wanwu.jobs.inputs import job_inputs
 
     photo = sorted(photos.glob("*.JPEG"))[1]
     s3.create_bucket(Bucket="cat")  # type: ignore[attr-defined]
     s3.put_object(Bucket="cat", Key="p.jpg", Body=photo.read_bytes())  # type: ignore[attr-defined]
-    (item,) = expand(["s3://cat/p.jpg"])
-    job_input = _job_input(item, Fetcher(), True)
+    (job_input,) = job_inputs(["s3://cat/p.jpg"], by_reference=True)
     assert (job_input.name, job_input.kind, job_input.data) == ("s3://cat/p.jpg", "upload", photo.read_bytes())

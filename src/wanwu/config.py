@@ -36,7 +36,7 @@ class RecognizeOptions:
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers < -1:
-            raise UsageError(f"--workers must be >= 0 (or -1 for one per core), got {self.workers}")
+            raise UsageError(f"-j/--decoders must be >= 0 (or -1 for one per core), got {self.workers}")
         if self.max_pixels < 1 or self.max_bytes < 1:
             raise UsageError("--max-pixels and --max-bytes must be positive")
         if not self.decode_timeout > 0:

@@ -147,6 +147,14 @@ class DecodeTimeoutError(Exception):
     """A decode ran past its deadline and its process was killed."""
 
 
+CRASHED = "the decoder process crashed on this file"  # the record's message, whichever runner decoded it
+
+
+def timed_out(seconds: float) -> str:
+    """The record's message for a decode stopped at its deadline."""
+    return f"decoding took longer than {seconds:g} s (--decode-timeout); the decoder was stopped"
+
+
 def _workers(pool: ProcessPoolExecutor) -> list[Any]:
     # ProcessPoolExecutor has no public way to stop a running task (Python 3.14 adds terminate_workers()).
     return list((getattr(pool, "_processes", None) or {}).values())

@@ -40,7 +40,7 @@ from typing import Any
 
 from wanwu.cache import CachedResult, MemoryCache, OneThreadCache, ResultCache
 from wanwu.config import RecognizeOptions
-from wanwu.decoders import DecodePool, DecodeTimeoutError
+from wanwu.decoders import CRASHED, DecodePool, DecodeTimeoutError, timed_out
 from wanwu.engine import Engine
 from wanwu.errors import CacheError, ErrorType, InputError, OutOfMemoryError
 from wanwu.fetch import Fetched, Fetcher
@@ -217,7 +217,6 @@ class _Run:
         self.inference = rec.inference
         self.opts = rec.options
         self.record_options = record
-        self.probabilities = rec.engine.spec.output == "probabilities"
         self.preprocess = self.opts.decode_spec(rec.engine.spec.preprocess)
         # results depend on how images were decoded (--full-decode): the cache key says so
         self.namespace = self.opts.cache_namespace(rec.engine.spec)
@@ -413,7 +412,7 @@ class _Run:
                 self._fail(slot, "decode_error", self._timed_out())
 
     def _timed_out(self) -> str:
-        return f"decoding took longer than {self.timeout:g} s (--decode-timeout); the decoder was stopped"
+        return timed_out(self.timeout)
 
     def _decoded(self, slots: list[_Slot], future: Future[list[DecodeResult]]) -> None:
         exc = future.exception()
@@ -426,7 +425,7 @@ class _Run:
                 self.rec.decoders.reset(slots[0].generation)
             for slot in slots:  # any of them may have crashed it: each is retried alone
                 if slot.isolated:
-                    self._fail(slot, "decode_error", "the decoder process crashed on this file")
+                    self._fail(slot, "decode_error", CRASHED)
                 else:
                     self.suspects.append(slot)
             return
@@ -480,13 +479,10 @@ class _Run:
     # -- records ----------------------------------------------------------------------------------------
 
     def _ok(self, slot: _Slot, top: TopScores, width: int, height: int, warnings: tuple[str, ...] = ()) -> Record:
-        record = Record.success(
-            slot.item.input, top, self.engine.spec.labels, self.record_options,
-            sha256=slot.sha256, width=width, height=height, probabilities=self.probabilities,
-            labels_en=self.engine.spec.labels_en, logit_scale=self.engine.spec.logit_scale,
+        return Record.success(
+            slot.item.input, top, self.engine.spec, self.record_options,
+            sha256=slot.sha256, width=width, height=height, warnings=warnings,
         )
-        record.warnings = warnings
-        return record
 
     def _fail(self, slot: _Slot, type: ErrorType, message: str) -> None:
         self._finish(slot, lambda s: Record.failure(s.item.input, type, message, s.sha256))

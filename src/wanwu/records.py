@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from wanwu.errors import ErrorType, UsageError
+
+if TYPE_CHECKING:
+    from wanwu.spec import ModelSpec
 
 ScoreKind = Literal["softmax", "logit"]
 TOP_N_STORED = 50
@@ -150,17 +153,18 @@ class Record:
 
     @classmethod
     def success(
-        cls, input: str, top: TopScores, labels: tuple[str, ...], options: RecordOptions, *,
-        sha256: str | None, width: int, height: int, probabilities: bool = False,
-        labels_en: tuple[str, ...] = (), logit_scale: float = 1.0,
+        cls, input: str, top: TopScores, spec: ModelSpec, options: RecordOptions, *,
+        sha256: str | None, width: int, height: int, warnings: tuple[str, ...] = (),
     ) -> Record:
-        """An ``ok`` record: ``top`` shaped by ``options`` (``probabilities``: the model outputs them;
-        ``labels_en``: English names carried as ``label_en``)."""
+        """An ``ok`` record: ``top`` shaped by ``options``, read as ``spec`` says (its labels and English names,
+        whether it outputs probabilities, a CLIP model's logit scale); ``warnings``: what the decoder said."""
         predictions = top.predictions(
-            labels, options.top_k, options.score, options.threshold, probabilities=probabilities,
-            labels_en=labels_en, logit_scale=logit_scale,
+            spec.labels, options.top_k, options.score, options.threshold,
+            probabilities=spec.output == "probabilities", labels_en=spec.labels_en, logit_scale=spec.logit_scale,
         )
-        return cls(input, "ok", predictions, sha256, width, height)
+        record = cls(input, "ok", predictions, sha256, width, height)
+        record.warnings = warnings
+        return record
 
     @classmethod
     def failure(cls, input: str, type: ErrorType, message: str, sha256: str | None = None) -> Record:

@@ -11,13 +11,14 @@ hit, or model-ready pixels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from wanwu.cache import CachedResult, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.errors import ErrorType, InputError
 from wanwu.fetch import Fetcher
-from wanwu.imaging import DecodeOptions, Prepared, decode_job
+from wanwu.imaging import DecodeOptions, DecodeResult, Prepared, decode_job
 from wanwu.sources import InputItem
 from wanwu.spec import ModelSpec, PreprocessSpec
 
@@ -46,9 +47,14 @@ class Staged:
     prepared: Prepared | None = None
 
 
+Decode = Callable[[bytes, PreprocessSpec, DecodeOptions], DecodeResult]
+"""Bytes to model-ready pixels or an ``(error type, message)`` pair: :func:`wanwu.imaging.decode_job`, or a
+wrapper that runs it elsewhere (in a process of its own, under a deadline)."""
+
+
 def prepare_item(
     item: InputItem, fetcher: Fetcher, context: StageContext, cache: ResultCache | None = None,
-    data: bytes | None = None,
+    data: bytes | None = None, decode: Decode = decode_job,
 ) -> Staged:
     """``data``: the bytes when the caller already read them (e.g. Ray's ``read_binary_files``)."""
     if item.kind == "missing":
@@ -64,7 +70,7 @@ def prepare_item(
         hit = cache.get_many(context.namespace, [sha]).get(sha)
         if hit is not None:
             return Staged(item.input, sha, cached=hit)
-    result = decode_job(fetched.data, context.preprocess, context.decode)
+    result = decode(fetched.data, context.preprocess, context.decode)
     if isinstance(result, tuple):
         return Staged(item.input, sha, error=result)
     return Staged(item.input, sha, prepared=result)

@@ -15,11 +15,11 @@ import click
 
 from wanwu.cli.messages import t
 from wanwu.cli.progress import RunProgress
-from wanwu.errors import InputError, UsageError
-from wanwu.fetch import Fetcher
+from wanwu.errors import UsageError
 from wanwu.jobs.base import JobActivity, JobInput, JobOptions, JobQueue, JobSpec, JobStatus, open_queue
+from wanwu.jobs.inputs import job_inputs
 from wanwu.sinks import SinkOptions, create_sink
-from wanwu.sources import DEFAULT_MAX_BYTES, InputItem, expand
+from wanwu.sources import DEFAULT_MAX_BYTES
 
 queue_option = click.option(
     "--queue", "queue_url", metavar="URL", envvar="WANWU_QUEUE", default=None,
@@ -57,7 +57,7 @@ def submit(inputs: tuple[str, ...], queue_url: str | None, top_k: int, score: st
     """
     options = JobOptions(top_k=top_k, score=score, threshold=threshold)  # type: ignore[arg-type]
     tally = _Tally()
-    queued = tally.queued(_job_inputs(inputs, by_reference, max_bytes))
+    queued = tally.queued(job_inputs(inputs, by_reference=by_reference, max_bytes=max_bytes))
     first = next(queued, None)
     if first is None:
         raise UsageError(t("jobs.none"))
@@ -86,26 +86,6 @@ class _Tally:
                 continue
             self.count += 1
             yield item
-
-
-def _job_inputs(args: tuple[str, ...], by_reference: bool, max_bytes: int) -> Iterator[JobInput]:
-    """Lazily: a folder of a million files is walked and read one file at a time."""
-    fetcher = Fetcher(max_bytes)
-    for item in expand(args):
-        yield _job_input(item, fetcher, by_reference)
-
-
-def _job_input(item: InputItem, fetcher: Fetcher, by_reference: bool) -> JobInput:
-    if item.kind == "url":
-        return JobInput.url(item.locator)
-    if item.kind == "missing":
-        return JobInput.missing(item.input, item.error_type, item.error)
-    if by_reference and item.kind != "object":  # an s3:// object has no path a worker could read: upload it
-        return JobInput.path(str(Path(item.locator).absolute()), name=item.input)
-    try:
-        return JobInput.upload(item.input, fetcher.fetch(item).data)
-    except InputError as e:
-        return JobInput.missing(item.input, e.type, str(e))
 
 
 @command.command("status")

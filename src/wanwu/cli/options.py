@@ -95,7 +95,8 @@ def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
 
 io_options = _compose(
     click.option(
-        "-j", "--workers", type=int, default=-1,
+        # --decoders: `wanwu worker` is a queue worker, so this option no longer says "workers" (kept as an alias)
+        "-j", "--decoders", "--workers", "workers", type=int, default=-1, show_default=True,
         help=h("workers"),
     ),
     click.option("--no-cache", is_flag=True, help=h("no_cache")),

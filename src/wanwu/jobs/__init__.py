@@ -15,6 +15,7 @@ from wanwu.jobs.base import (
     open_queue,
     register_queue,
 )
+from wanwu.jobs.inputs import job_inputs
 
 __all__ = [
     "JobInput",
@@ -25,6 +26,7 @@ __all__ = [
     "Task",
     "UnknownJobError",
     "default_queue_url",
+    "job_inputs",
     "open_queue",
     "register_queue",
 ]

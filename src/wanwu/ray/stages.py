@@ -8,17 +8,24 @@ Rows in (any of these shapes, mixed blocks are fine):
   (``s3://``, ``gs://``, HDFS, ... are read by Ray itself; the record's ``input`` is the path).
 
 :func:`decode_batch` (a plain function: Ray runs it as CPU tasks) turns each row into pixels, a cache hit or an
-error through :func:`wanwu.stage.prepare_item`; :class:`Infer` (a callable class: Ray runs it in an actor pool,
-one model per actor) turns those into records. Rows out: ``input``, ``status`` (``ok``/``error``) and
-``record``, the record as one JSON line exactly as ``wanwu recognize -f jsonl`` writes it. A bad image is an
-error row, never a failed task, so ``max_errored_blocks`` is never needed.
+error through :func:`wanwu.stage.prepare_item`. As in the local runner, each image is decoded in a process of
+its own (one per Ray worker process, reused) under ``options.decode_timeout``: a decoder that crashes or hangs
+costs its own row a ``decode_error`` record, never the task, its neighbours or the Ray worker
+(``options.workers == 0`` decodes in the task's own process, without either guard).
+
+:class:`Infer` (a callable class: Ray runs it in an actor pool, one model per actor) turns those into records.
+Rows out: ``input``, ``status`` (``ok``/``error``) and ``record``, the record as one JSON line exactly as
+``wanwu recognize -f jsonl`` writes it. A bad image is an error row, never a failed task, so
+``max_errored_blocks`` is never needed.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
@@ -26,13 +33,15 @@ import numpy.typing as npt
 
 from wanwu.cache import CachedResult, ResultCache
 from wanwu.config import RecognizeOptions
+from wanwu.decoders import CRASHED, DecodePool, DecodeTimeoutError, timed_out
 from wanwu.engine import Engine
 from wanwu.fetch import Fetcher
+from wanwu.imaging import DecodeOptions, DecodeResult, decode_job
 from wanwu.records import Record, RecordOptions, TopScores
 from wanwu.sinks import dumps
 from wanwu.sources import InputItem, expand
-from wanwu.spec import ModelSpec
-from wanwu.stage import StageContext, Staged, prepare_item
+from wanwu.spec import ModelSpec, PreprocessSpec
+from wanwu.stage import Decode, StageContext, Staged, prepare_item
 
 Batch = dict[str, npt.NDArray[Any]]
 _PER_PROCESS: dict[tuple[str, Any], Any] = {}  # one fetcher / cache per Ray worker process, reused by its tasks
@@ -46,12 +55,40 @@ def item_rows(items: Iterable[InputItem]) -> list[dict[str, str]]:
     ]
 
 
-def decode_batch(batch: Batch, *, context: StageContext, options: RecognizeOptions) -> Batch:
-    """The CPU stage (``map_batches(decode_batch, fn_kwargs=...)``): fetch, hash, cache lookup, decode."""
+def decode_batch(
+    batch: Batch, *, context: StageContext, options: RecognizeOptions, decode: Decode = decode_job
+) -> Batch:
+    """The CPU stage (``map_batches(decode_batch, fn_kwargs=...)``): fetch, hash, cache lookup, decode.
+
+    ``decode`` (a module-level function, so that it pickles) is what runs in the decode process."""
     fetcher = _fetcher(options)
     cache = _cache(options)
-    staged = [prepare_item(item, fetcher, context, cache, data) for item, data in _items(batch)]
+    guarded = decode if options.workers == 0 else _Isolated(decode, options.decode_timeout)
+    staged = [prepare_item(item, fetcher, context, cache, data, guarded) for item, data in _items(batch)]
     return _staged_columns(staged)
+
+
+class _Isolated:
+    """``decode`` in this Ray worker's decode process, one image at a time, under a deadline. A crash or a
+    timeout is that image's record; the process is replaced for the next one."""
+
+    def __init__(self, decode: Decode, timeout: float) -> None:
+        self.decode, self.timeout = decode, timeout
+        pool = _PER_PROCESS.get(("decoder", None))
+        if pool is None:
+            pool = _PER_PROCESS[("decoder", None)] = DecodePool(1)
+        self.pool: DecodePool = pool
+
+    def __call__(self, data: bytes, preprocess: PreprocessSpec, options: DecodeOptions) -> DecodeResult:
+        try:
+            result: DecodeResult = self.pool.isolate(
+                self.decode, data, preprocess, options, timeout=self.timeout
+            ).result()
+        except DecodeTimeoutError:
+            return ("decode_error", timed_out(self.timeout))
+        except BrokenProcessPool:
+            return ("decode_error", CRASHED)
+        return result
 
 
 class Infer:
@@ -119,11 +156,11 @@ class Infer:
         return [top for tops in self.streams.map(self.engine.infer, chunks) for top in tops]
 
     def _ok(self, batch: Batch, i: int, top: Any) -> Record:
-        spec = self.engine.spec
+        warnings = batch.get("warnings")
         return Record.success(
-            str(batch["input"][i]), top, spec.labels, self.record, sha256=str(batch["sha256"][i]),
+            str(batch["input"][i]), top, self.engine.spec, self.record, sha256=str(batch["sha256"][i]),
             width=int(batch["width"][i]), height=int(batch["height"][i]),
-            probabilities=spec.output == "probabilities", labels_en=spec.labels_en,
+            warnings=tuple(json.loads(warnings[i])) if warnings is not None and warnings[i] else (),
         )
 
 
@@ -167,6 +204,8 @@ def _staged_columns(staged: list[Staged]) -> Batch:
         "error_message": col([s.error[1] if s.error else "" for s in staged]),
         "cached": col([_encoded(s.cached) for s in staged]),
         "pixels": col([s.prepared.pixels.tobytes() if s.prepared else b"" for s in staged]),
+        "warnings": col([json.dumps(s.prepared.warnings) if s.prepared and s.prepared.warnings else ""
+                         for s in staged]),
         "width": np.array([_size(s)[0] for s in staged], dtype=np.int64),
         "height": np.array([_size(s)[1] for s in staged], dtype=np.int64),
     }

@@ -1,0 +1,41 @@
+"""What a job's inputs become on the queue: files, folders, globs, URLs and ``s3://`` prefixes, expanded
+exactly as ``wanwu recognize`` expands them, each turned into a :class:`~wanwu.jobs.base.JobInput`.
+
+Lazy: a folder of a million files is walked and read one file at a time. An input that cannot be expanded or
+read (a missing path, a glob matching nothing, a file above ``max_bytes``) comes out as a ``missing`` input
+carrying the reason, never silently dropped; the caller decides whether to queue it or to refuse it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from wanwu.errors import InputError
+from wanwu.fetch import Fetcher
+from wanwu.jobs.base import JobInput
+from wanwu.sources import DEFAULT_MAX_BYTES, InputItem, expand
+
+
+def job_inputs(
+    args: Iterable[str], *, by_reference: bool = False, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Iterator[JobInput]:
+    """One job input per expanded input. Local files and objects are uploaded (their bytes read now) unless
+    ``by_reference``, which sends local files as absolute paths for workers that may read them; URLs are
+    fetched by the workers."""
+    fetcher = Fetcher(max_bytes)
+    for item in expand(args):
+        yield job_input(item, fetcher, by_reference)
+
+
+def job_input(item: InputItem, fetcher: Fetcher, by_reference: bool = False) -> JobInput:
+    if item.kind == "url":
+        return JobInput.url(item.locator)
+    if item.kind == "missing":
+        return JobInput.missing(item.input, item.error_type, item.error)
+    if by_reference and item.kind != "object":  # an s3:// object has no path a worker could read: upload it
+        return JobInput.path(str(Path(item.locator).absolute()), name=item.input)
+    try:
+        return JobInput.upload(item.input, fetcher.fetch(item).data)
+    except InputError as e:
+        return JobInput.missing(item.input, e.type, str(e))
