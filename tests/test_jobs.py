@@ -414,3 +414,10 @@ def test_a_stuck_worker_stops_renewing_so_its_tasks_go_back(queue_url: str) -> N
 
 def test_a_killed_submission_is_cancelled_once_stale(queue_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     js.scenario_killed_submit_is_reaped(queue_url, monkeypatch)
+
+
+def test_a_missing_input_keeps_its_reason_apart_from_any_reference() -> None:
+    item = JobInput.missing("gone.jpg", "not_found", "no such file: gone.jpg")
+    assert (item.ref, item.failure()) == ("", ("not_found", "no such file: gone.jpg"))
+    assert JobInput.from_wire(item.to_wire()) == item  # the queue's wire format round-trips it
+    assert JobInput.from_wire(["x.jpg", "missing", "nonsense: but kept"]).failure() == ("internal", "but kept")

@@ -20,7 +20,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -52,13 +52,15 @@ class JobInput:
 
     url: ``ref`` is the URL · path: ``ref`` is an absolute path, read by workers allowed to read it ·
     upload: ``ref`` is the sha256 of bytes stored in the queue (``data`` only while submitting) ·
-    missing: the submitter already knows it fails; ``ref`` is ``"<error type>: <message>"``.
+    missing: the submitter already knows it fails; ``ref`` is empty, ``error_type`` and ``error`` say why.
     """
 
     name: str
     kind: InputKind
     ref: str
     data: bytes | None = field(default=None, repr=False, compare=False)
+    error_type: ErrorType | None = None
+    error: str = ""
 
     @classmethod
     def url(cls, url: str) -> JobInput:
@@ -76,7 +78,7 @@ class JobInput:
 
     @classmethod
     def missing(cls, name: str, type: ErrorType, message: str) -> JobInput:
-        return cls(name, "missing", f"{type}: {message}")
+        return cls(name, "missing", "", error_type=type, error=message)
 
     @classmethod
     def parse(cls, text: str) -> JobInput:
@@ -87,16 +89,19 @@ class JobInput:
 
     def failure(self) -> tuple[ErrorType, str]:
         """For ``missing`` inputs: the error type and message."""
-        type, _, message = self.ref.partition(": ")
-        return (type if type in ERROR_TYPES else "internal"), message
+        return self.error_type or "internal", self.error
 
     def to_wire(self) -> list[str]:
-        return [self.name, self.kind, self.ref]
+        """``[name, kind, ref]``; a ``missing`` input's third field is ``"<error type>: <message>"``."""
+        return [self.name, self.kind, f"{self.error_type}: {self.error}" if self.kind == "missing" else self.ref]
 
     @classmethod
     def from_wire(cls, wire: list[str]) -> JobInput:
         name, kind, ref = wire
-        if kind not in ("url", "path", "upload", "missing"):
+        if kind == "missing":
+            type, _, message = ref.partition(": ")
+            return cls.missing(name, type if type in ERROR_TYPES else "internal", message)
+        if kind not in ("url", "path", "upload"):
             raise QueueError(f"corrupt task: unknown input kind {kind!r}")
         return cls(name, kind, ref)  # type: ignore[arg-type]
 
@@ -250,7 +255,7 @@ def chunk_tasks(spec: JobSpec, *, max_tasks: int, max_bytes: int) -> Iterator[Su
                 raise UsageError(f"upload {item.name!r} has no data")
             batch.blobs.append((item.ref, item.data))
             held += len(item.data)
-        chunk.append(JobInput(item.name, item.kind, item.ref))
+        chunk.append(replace(item, data=None))  # the bytes travel as a blob, once
         total += 1
         if len(chunk) == spec.task_size:
             batch.tasks.append((total - len(chunk), encode_inputs(chunk)))
