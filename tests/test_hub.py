@@ -266,3 +266,35 @@ def test_default_model_downloads_once_then_recognizes_offline(
     offline = json.loads(capsys.readouterr().out)
     assert len(hub.requests) == seen
     assert online["status"] == "ok" and online == offline
+
+
+@pytest.mark.extra("clip")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # transformers' lazy imports leave a file unclosed
+def test_a_chinese_clip_repository_in_hugging_face_layout_downloads_and_loads(
+    hub: FakeHub, tmp_path: Path
+) -> None:
+    """Chinese users reach ModelScope more easily than Hugging Face: a ModelScope repository holding a
+    Chinese-CLIP checkpoint in Hugging Face layout is a modelscope: id like the seed model."""
+    from tests.clip_helpers import CLIP_LABELS, make_clip_folder
+
+    folder = make_clip_folder(tmp_path / "tiny-chinese-clip")
+    labels = tmp_path / "mine.txt"
+    labels.write_text("\n".join(CLIP_LABELS) + "\n", encoding="utf-8")
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    files["README.md"] = b"# Chinese-CLIP tiny\n"
+    files["resources/demo.jpg"] = image_bytes()  # not needed: never downloaded
+    hub.models["someone/tiny-chinese-clip"] = files
+    spec = resolve_model("modelscope:someone/tiny-chinese-clip", labels)
+    local = hub_dir(HubRef.parse("someone/tiny-chinese-clip"))
+    assert spec.arch == "chinese_clip" and spec.weights == local and spec.labels == CLIP_LABELS
+    assert spec.source == "modelscope:someone/tiny-chinese-clip"
+    assert spec.weights_fingerprint == resolve_model(str(folder), labels).weights_fingerprint
+    assert (local / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert not (local / "resources").exists()
+    requests = len(hub.requests)
+    assert resolve_model("modelscope:someone/tiny-chinese-clip", labels).weights == local
+    assert len(hub.requests) == requests  # downloaded once
+
+    hub.models["someone/broken-clip"] = {k: v for k, v in files.items() if k != "vocab.txt"}
+    with pytest.raises(ModelError, match=r"vocab\.txt"):
+        resolve_model("modelscope:someone/broken-clip", labels)

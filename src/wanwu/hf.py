@@ -31,6 +31,7 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 CONFIG_FILES = ("config.json", "preprocessor_config.json")
+REQUIRED_FILES = (*CONFIG_FILES, "vocab.txt")  # besides one of WEIGHT_FILES
 # Chinese prompt templates ("a photo of a {}"): each label's text embedding is their normalised mean.
 DEFAULT_PROMPTS = ("一张{}的照片。", "{}的照片。", "一张{}的图片。", "这是一张{}的照片。")
 _PIL_FILTERS: dict[int, Interpolation] = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
@@ -46,6 +47,12 @@ def is_hf_folder(ref: str) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(config, dict) and config.get("model_type") in ARCH_BY_MODEL_TYPE
+
+
+def looks_complete(folder: Path) -> bool:
+    """Every file a Chinese-CLIP folder needs is there (weights non-empty)."""
+    weights = [folder / n for n in WEIGHT_FILES if (folder / n).is_file()]
+    return all((folder / n).is_file() for n in REQUIRED_FILES) and any(w.stat().st_size > 0 for w in weights)
 
 
 def load_folder(folder: Path, labels: Path | None, *, source: str = "") -> ModelSpec:

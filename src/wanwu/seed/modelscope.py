@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from wanwu import hf
 from wanwu.errors import MissingExtraError, ModelError, UsageError
 from wanwu.labels import load_labels
 from wanwu.paths import wanwu_home
@@ -141,6 +142,8 @@ def find_local(ref: HubRef) -> Path | None:
 
 
 def _looks_complete(folder: Path) -> bool:
+    if hf.is_hf_folder(str(folder)):  # a Hugging Face layout repository (Chinese-CLIP)
+        return hf.looks_complete(folder)
     weights = folder / CHECKPOINT
     return (
         (folder / CONFIGURATION).is_file()
@@ -166,7 +169,7 @@ def fetch(ref: HubRef) -> Path:
     """Download the files wanwu needs into :func:`hub_dir` (resuming partial ones) and mark it complete."""
     from wanwu.seed import download  # httpx costs a quarter second to import: only when downloading
 
-    require_torch(f"the ModelScope model {ref.model_id} (a PyTorch checkpoint; checked before downloading it)")
+    require_torch(f"the ModelScope model {ref.model_id} (PyTorch weights; checked before downloading them)")
     base = download.endpoint()
     download.require_online(
         f"model {PREFIX}{ref.model_id} is not downloaded yet (looked in {hub_dir(ref)}"
@@ -217,6 +220,13 @@ def require_torch(purpose: str) -> None:
 
 
 def _select(listing: dict[str, download.RemoteFile], ref: HubRef) -> list[download.RemoteFile]:
+    if hf.CONFIG_FILES[0] in listing:  # config.json: a repository in Hugging Face layout (Chinese-CLIP)
+        weights = [listing[n] for n in hf.WEIGHT_FILES if n in listing][:1]
+        lacking = [n for n in hf.REQUIRED_FILES if n not in listing] + ([] if weights else [hf.WEIGHT_FILES[0]])
+        if lacking:
+            raise ModelError(f"{ref.model_id}@{ref.rev} is in Hugging Face layout but lacks {', '.join(lacking)}")
+        optional = [listing[n] for n in hf.TOKENIZER_FILES if n in listing and n not in hf.REQUIRED_FILES]
+        return [*(listing[n] for n in hf.REQUIRED_FILES), *optional, *weights]
     missing = [n for n in (CONFIGURATION, CHECKPOINT) if n not in listing]
     labels = [listing[n] for n in LABEL_FILES if n in listing][:1]
     if missing or not labels:
@@ -238,6 +248,10 @@ def _remember_digest(path: Path, sha256: str) -> None:
 
 
 def load_hub(ref_text: str, labels: Path | None) -> ModelSpec:
+    """The seed model's kind (a ModelScope PyTorch classifier), or a repository in Hugging Face layout whose
+    ``config.json`` names an architecture wanwu has (Chinese-CLIP), loaded as :mod:`wanwu.hf` loads a folder."""
     ref = HubRef.parse(ref_text)
     folder = find_local(ref) or fetch(ref)
+    if hf.is_hf_folder(str(folder)):
+        return hf.load_folder(folder, labels, source=ref_text)
     return load_folder(folder, labels, name=ref.model_id, source=ref_text)
