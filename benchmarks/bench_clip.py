@@ -18,18 +18,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch
 
+from _common import torch_vs_onnx
 from wanwu.backends import BackendOptions, create_backend
 from wanwu.backends.onnx import default_threads
 from wanwu.convert import ConvertOptions, convert
@@ -60,12 +58,6 @@ def make_folder(root: Path, labels: list[str], layers: int) -> Path:
         model.logit_scale.fill_(math.log(100.0))
     model.save_pretrained(str(folder))
     return folder
-
-
-def _time(fn: object, batch: np.ndarray) -> float:  # type: ignore[type-arg]
-    start = time.perf_counter()
-    fn(batch)  # type: ignore[operator]
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -108,20 +100,7 @@ def main() -> None:
         ort_backend = create_backend(report.spec, options)
         threads = options.threads or default_threads()
         print(f"\nimage tower + label projection, CPU, {threads} threads, {rounds} rounds per batch (median)")
-        print(f"{'batch':>6} {'torch img/s':>12} {'onnx img/s':>12} {'onnx/torch':>11}")
-        rng = np.random.default_rng(0)
-        for b in batches:
-            batch = rng.normal(size=(b, 3, 224, 224)).astype(np.float32)
-            torch_backend.infer(batch)  # warm up both
-            ort_backend.infer(batch)
-            times: dict[str, list[float]] = {"torch": [], "onnx": []}
-            for _ in range(rounds):
-                times["torch"].append(_time(torch_backend.infer, batch))
-                times["onnx"].append(_time(ort_backend.infer, batch))
-            rate = {k: b / statistics.median(v) for k, v in times.items()}
-            print(f"{b:>6} {rate['torch']:>12.2f} {rate['onnx']:>12.2f} {rate['onnx'] / rate['torch']:>10.2f}x")
-        torch_backend.close()
-        ort_backend.close()
+        torch_vs_onnx(torch_backend, ort_backend, batches, rounds)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch
 
+from _common import time_call, torch_vs_onnx
 from wanwu.backends import BackendOptions, create_backend
 from wanwu.backends.onnx import default_threads
 from wanwu.convert import ConvertOptions, convert
@@ -45,12 +46,6 @@ def _model_folder(root: Path, config: ResNeStConfig) -> Path:
     return folder
 
 
-def _time(fn: object, batch: np.ndarray) -> float:  # type: ignore[type-arg]
-    start = time.perf_counter()
-    fn(batch)  # type: ignore[operator]
-    return time.perf_counter() - start
-
-
 def cpu_section(folder: Path, onnx_dir: Path, args: argparse.Namespace) -> None:
     from wanwu.models import resolve_model
 
@@ -59,20 +54,7 @@ def cpu_section(folder: Path, onnx_dir: Path, args: argparse.Namespace) -> None:
     ort_backend = create_backend(resolve_model(str(onnx_dir)), options)
     threads = options.threads or default_threads()
     print(f"\nCPU, {threads} threads, {args.rounds} rounds per batch size (median)")
-    print(f"{'batch':>6} {'torch img/s':>12} {'onnx img/s':>12} {'onnx/torch':>11}")
-    rng = np.random.default_rng(0)
-    for b in args.batches:
-        batch = rng.normal(size=(b, 3, 224, 224)).astype(np.float32)
-        torch_backend.infer(batch)  # warm up both
-        ort_backend.infer(batch)
-        times: dict[str, list[float]] = {"torch": [], "onnx": []}
-        for _ in range(args.rounds):
-            times["torch"].append(_time(torch_backend.infer, batch))
-            times["onnx"].append(_time(ort_backend.infer, batch))
-        rate = {k: b / statistics.median(v) for k, v in times.items()}
-        print(f"{b:>6} {rate['torch']:>12.2f} {rate['onnx']:>12.2f} {rate['onnx'] / rate['torch']:>10.2f}x")
-    torch_backend.close()
-    ort_backend.close()
+    torch_vs_onnx(torch_backend, ort_backend, args.batches, args.rounds)
 
 
 def cuda_section(folder: Path, args: argparse.Namespace) -> None:
@@ -89,7 +71,7 @@ def cuda_section(folder: Path, args: argparse.Namespace) -> None:
         for b in args.cuda_batches:
             batch = np.random.default_rng(0).normal(size=(b, 3, 224, 224)).astype(np.float32)
             backend.infer(batch)
-            times = [_time(backend.infer, batch) for _ in range(args.rounds)]
+            times = [time_call(backend.infer, batch) for _ in range(args.rounds)]
             print(f"{precision:>9} {b:>6} {b / statistics.median(times):>10.1f}")
         backend.close()
     _end_to_end(spec, args)

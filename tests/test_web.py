@@ -114,6 +114,15 @@ _GLYPHS_JS = """
 """
 
 
+def _wait_for_cards(page: Any, count: int) -> None:
+    """Until the page shows ``count`` result cards, none of them still pending."""
+    page.wait_for_function(
+        f"document.querySelectorAll('.card').length === {count} && "
+        "!document.querySelector('.card[data-status=pending]')",
+        timeout=60_000,
+    )
+
+
 def test_upload_two_photos_and_a_text_file(server: str, photos: Path, tmp_path: Path) -> None:
     _require_browser()
     from playwright.sync_api import sync_playwright
@@ -140,21 +149,13 @@ def test_upload_two_photos_and_a_text_file(server: str, photos: Path, tmp_path: 
             page.wait_for_load_state("networkidle")  # /v1/models answered: a fixed-class model, no label box
             labels_box_shown = page.is_visible("#labels-box")
             page.set_input_files("#file-input", [str(p) for p in uploads])
-            page.wait_for_function(
-                "document.querySelectorAll('.card').length === 3 && "
-                "!document.querySelector('.card[data-status=pending]')",
-                timeout=60_000,
-            )
+            _wait_for_cards(page, 3)
             shown: list[dict[str, Any]] = page.evaluate(_CARDS_JS)
             status = page.inner_text("#status")
             glyphs = page.evaluate(_GLYPHS_JS, ["万", "物", "\U0010fffd"])
             page.screenshot(path=str(shot), full_page=True)
             highlighted = page.evaluate(_DROP_JS)
-            page.wait_for_function(
-                "document.querySelectorAll('.card').length === 4 && "
-                "!document.querySelector('.card[data-status=pending]')",
-                timeout=60_000,
-            )
+            _wait_for_cards(page, 4)
             dropped = page.evaluate(_CARDS_JS)[3]
         finally:
             browser.close()
@@ -221,11 +222,7 @@ def test_a_zero_shot_model_takes_the_label_list_typed_on_the_page(photos: Path, 
                 page.fill("#labels", "\n".join(mine) + "\n")
                 page.select_option("#top-k", "3")
                 page.set_input_files("#file-input", [str(p) for p in chosen])
-                page.wait_for_function(
-                    "document.querySelectorAll('.card').length === 2 && "
-                    "!document.querySelector('.card[data-status=pending]')",
-                    timeout=60_000,
-                )
+                _wait_for_cards(page, 2)
                 shown: list[dict[str, Any]] = page.evaluate(_CARDS_JS)
             finally:
                 browser.close()
