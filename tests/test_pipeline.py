@@ -361,3 +361,34 @@ def test_real_photos_accuracy_and_reference_agreement(mobilenet: tuple[Path, Pat
     assert agreement >= 0.99, agreement
     tench = next(r for r in records if r.input.endswith("n01440764_tench.JPEG"))
     assert tench.predictions[0].label == "丁鲷" and tench.predictions[0].score > 0.8
+
+
+def test_a_decode_process_answers_after_a_crash_a_hang_and_an_exception() -> None:
+    """DecodeProcess (the Ray stage's decoder): each failure costs only its own call."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tests.ray_support import hostile_decode
+    from wanwu.decoders import DecodeProcess, DecodeTimeoutError
+    from wanwu.imaging import DecodeOptions, Prepared
+    from wanwu.spec import PreprocessSpec
+
+    photo = image_bytes(size=(320, 240))
+    args = (PreprocessSpec(), DecodeOptions())
+    process = DecodeProcess()
+    try:
+        first = process.call(hostile_decode, photo, *args, timeout=30)
+        assert isinstance(first, Prepared) and first.pixels.shape == (224, 224, 3)
+        with pytest.raises(BrokenProcessPool):
+            process.call(hostile_decode, b"CRASH" + photo, *args, timeout=30)
+        start = time.monotonic()
+        with pytest.raises(DecodeTimeoutError):
+            process.call(hostile_decode, b"HANG" + photo, *args, timeout=1)
+        assert time.monotonic() - start < 10
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            process.call(divmod, 1, 0, timeout=30)
+        again = process.call(hostile_decode, photo, *args, timeout=30)
+        assert np.array_equal(again.pixels, first.pixels)
+        child = process._process
+    finally:
+        process.close()
+    assert child is not None and not child.is_alive()

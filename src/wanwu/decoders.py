@@ -147,6 +147,74 @@ class DecodeTimeoutError(Exception):
     """A decode ran past its deadline and its process was killed."""
 
 
+class DecodeProcess:
+    """One decode process driven synchronously over a pipe, for a caller that decodes one image at a time and
+    waits (a Ray decode task): no executor threads between the two, so a call costs little more than the
+    decode itself. A call that kills the process raises BrokenProcessPool; one still running at ``timeout``
+    seconds has its process killed and raises DecodeTimeoutError. Either way the next call starts a fresh
+    process. Not thread-safe: one per thread."""
+
+    def __init__(self) -> None:
+        self._process: Any = None
+        self._conn: Any = None
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+        conn = self._connection()
+        try:
+            conn.send((fn, args))
+            ready = conn.poll(timeout)
+        except (OSError, EOFError):
+            self.close()
+            raise BrokenProcessPool("the decode process died") from None
+        if not ready:
+            self.close()
+            raise DecodeTimeoutError(f"decoding took longer than {timeout:g} s")
+        try:
+            ok, value = conn.recv()
+        except (OSError, EOFError):
+            self.close()
+            raise BrokenProcessPool("the decode process died") from None
+        if not ok:
+            raise RuntimeError(value)
+        return value
+
+    def _connection(self) -> Any:
+        if self._process is None or not self._process.is_alive():
+            self.close()
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["wanwu._decode_server", "wanwu.imaging", "wanwu.decoders"])
+            ours, theirs = ctx.Pipe()
+            self._process = ctx.Process(target=_serve, args=(theirs, os.getpid()), daemon=True,
+                                        name="wanwu-decode")
+            self._process.start()
+            theirs.close()
+            self._conn = ours
+        return self._conn
+
+    def close(self) -> None:
+        """Stop the process (killed: it may be stuck in a decoder)."""
+        process, conn, self._process, self._conn = self._process, self._conn, None, None
+        if conn is not None:
+            conn.close()
+        if process is not None:
+            _kill_workers_of([process])
+
+
+def _serve(conn: Any, owner: int) -> None:
+    """The loop of a :class:`DecodeProcess`: call, answer ``(True, result)`` or ``(False, "Type: message")``."""
+    _worker_init(owner)
+    while True:
+        try:
+            fn, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            answer = (True, fn(*args))
+        except Exception as e:
+            answer = (False, f"{type(e).__name__}: {e}")
+        conn.send(answer)
+
+
 CRASHED = "the decoder process crashed on this file"  # the record's message, whichever runner decoded it
 
 

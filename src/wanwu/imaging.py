@@ -20,6 +20,7 @@ import io
 import math
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -142,6 +143,14 @@ def decode_job(data: bytes, spec: PreprocessSpec, options: DecodeOptions | int) 
 def decode_jobs(datas: list[bytes], spec: PreprocessSpec, options: DecodeOptions | int) -> list[DecodeResult]:
     """:func:`decode_job` for several images in one round trip to a worker."""
     return [decode_job(data, spec, options) for data in datas]
+
+
+def decode_each(
+    decode: Callable[[bytes, PreprocessSpec, DecodeOptions], DecodeResult], datas: list[bytes],
+    spec: PreprocessSpec, options: DecodeOptions,
+) -> list[DecodeResult]:
+    """``decode`` (:func:`decode_job` or a wrapper of it) for several images in one round trip to a worker."""
+    return [decode(data, spec, options) for data in datas]
 
 
 # --- warnings: per file, not on stderr -----------------------------------------------------------------------

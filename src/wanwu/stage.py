@@ -52,11 +52,37 @@ Decode = Callable[[bytes, PreprocessSpec, DecodeOptions], DecodeResult]
 wrapper that runs it elsewhere (in a process of its own, under a deadline)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ToDecode:
+    """An input fetched and hashed, not in the cache: its bytes still to decode."""
+
+    input: str
+    sha256: str
+    data: bytes
+
+    def decoded(self, result: DecodeResult) -> Staged:
+        if isinstance(result, tuple):
+            return Staged(self.input, self.sha256, error=result)
+        return Staged(self.input, self.sha256, prepared=result)
+
+
 def prepare_item(
     item: InputItem, fetcher: Fetcher, context: StageContext, cache: ResultCache | None = None,
     data: bytes | None = None, decode: Decode = decode_job,
 ) -> Staged:
     """``data``: the bytes when the caller already read them (e.g. Ray's ``read_binary_files``)."""
+    found = look_up_item(item, fetcher, context, cache, data)
+    if isinstance(found, Staged):
+        return found
+    return found.decoded(decode(found.data, context.preprocess, context.decode))
+
+
+def look_up_item(
+    item: InputItem, fetcher: Fetcher, context: StageContext, cache: ResultCache | None = None,
+    data: bytes | None = None,
+) -> Staged | ToDecode:
+    """Fetch, hash, cache lookup: a finished :class:`Staged` (an error or a cache hit), or what to decode (for
+    a caller that decodes several inputs in one go)."""
     if item.kind == "missing":
         return Staged(item.input, error=(item.error_type, item.error))
     try:
@@ -70,7 +96,4 @@ def prepare_item(
         hit = cache.get_many(context.namespace, [sha]).get(sha)
         if hit is not None:
             return Staged(item.input, sha, cached=hit)
-    result = decode(fetched.data, context.preprocess, context.decode)
-    if isinstance(result, tuple):
-        return Staged(item.input, sha, error=result)
-    return Staged(item.input, sha, prepared=result)
+    return ToDecode(item.input, sha, fetched.data)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -33,15 +34,15 @@ import numpy.typing as npt
 
 from wanwu.cache import CachedResult, ResultCache
 from wanwu.config import RecognizeOptions
-from wanwu.decoders import CRASHED, DecodePool, DecodeTimeoutError, timed_out
+from wanwu.decoders import CRASHED, DecodeProcess, DecodeTimeoutError, timed_out
 from wanwu.engine import Engine
 from wanwu.fetch import Fetcher
-from wanwu.imaging import DecodeOptions, DecodeResult, decode_job
+from wanwu.imaging import DecodeOptions, DecodeResult, decode_each, decode_job
 from wanwu.records import Record, RecordOptions, TopScores
 from wanwu.sinks import dumps
 from wanwu.sources import InputItem, expand
 from wanwu.spec import ModelSpec, PreprocessSpec
-from wanwu.stage import Decode, StageContext, Staged, prepare_item
+from wanwu.stage import Decode, StageContext, Staged, ToDecode, look_up_item
 
 Batch = dict[str, npt.NDArray[Any]]
 _PER_PROCESS: dict[tuple[str, Any], Any] = {}  # one fetcher / cache per Ray worker process, reused by its tasks
@@ -63,27 +64,47 @@ def decode_batch(
     ``decode`` (a module-level function, so that it pickles) is what runs in the decode process."""
     fetcher = _fetcher(options)
     cache = _cache(options)
-    guarded = decode if options.workers == 0 else _Isolated(decode, options.decode_timeout)
-    staged = [prepare_item(item, fetcher, context, cache, data, guarded) for item, data in _items(batch)]
+    found = [look_up_item(item, fetcher, context, cache, data) for item, data in _items(batch)]
+    todo = [(i, x) for i, x in enumerate(found) if isinstance(x, ToDecode)]
+    datas = [x.data for _, x in todo]
+    if options.workers == 0:
+        results = decode_each(decode, datas, context.preprocess, context.decode)
+    else:
+        results = _Isolated(decode, options.decode_timeout).many(datas, context.preprocess, context.decode)
+    for (i, x), result in zip(todo, results, strict=True):
+        found[i] = x.decoded(result)
+    staged = [x for x in found if isinstance(x, Staged)]
+    assert len(staged) == len(found)  # every input decoded or answered before
     return _staged_columns(staged)
 
 
 class _Isolated:
-    """``decode`` in this Ray worker's decode process, one image at a time, under a deadline. A crash or a
-    timeout is that image's record; the process is replaced for the next one."""
+    """``decode`` in this Ray worker's decode process under a deadline. A crash or a timeout is that image's
+    record; the process is replaced for the next one."""
 
     def __init__(self, decode: Decode, timeout: float) -> None:
         self.decode, self.timeout = decode, timeout
-        pool = _PER_PROCESS.get(("decoder", None))
-        if pool is None:
-            pool = _PER_PROCESS[("decoder", None)] = DecodePool(1)
-        self.pool: DecodePool = pool
+        process = _PER_PROCESS.get(("decoder", threading.get_ident()))
+        if process is None:  # Ray may run tasks of one worker process in threads: one decode process each
+            process = _PER_PROCESS[("decoder", threading.get_ident())] = DecodeProcess()
+        self.process: DecodeProcess = process
+
+    def many(self, datas: list[bytes], preprocess: PreprocessSpec, options: DecodeOptions) -> list[DecodeResult]:
+        """All of them in one round trip (a deadline of ``timeout`` per image, plus one); after a crash or a
+        timeout, each again alone, so that only the culprit fails."""
+        if not datas:
+            return []
+        try:
+            results: list[DecodeResult] = self.process.call(
+                decode_each, self.decode, datas, preprocess, options, timeout=self.timeout * (len(datas) + 1)
+            )
+            return results
+        except (DecodeTimeoutError, BrokenProcessPool):
+            return [self(data, preprocess, options) for data in datas]
 
     def __call__(self, data: bytes, preprocess: PreprocessSpec, options: DecodeOptions) -> DecodeResult:
         try:
-            result: DecodeResult = self.pool.isolate(
-                self.decode, data, preprocess, options, timeout=self.timeout
-            ).result()
+            result: DecodeResult = self.process.call(self.decode, data, preprocess, options, timeout=self.timeout)
         except DecodeTimeoutError:
             return ("decode_error", timed_out(self.timeout))
         except BrokenProcessPool:
