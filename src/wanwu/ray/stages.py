@@ -8,8 +8,9 @@ Rows in (any of these shapes, mixed blocks are fine):
   (``s3://``, ``gs://``, HDFS, ... are read by Ray itself; the record's ``input`` is the path).
 
 :func:`decode_batch` (a plain function: Ray runs it as CPU tasks) turns each row into pixels, a cache hit or an
-error through :func:`wanwu.stage.prepare_item`. As in the local runner, each image is decoded in a process of
-its own (one per Ray worker process, reused) under ``options.decode_timeout``: a decoder that crashes or hangs
+error (:func:`wanwu.stage.look_up_item`, then decoding). As in the local runner, images are decoded in a process
+of their own (a :class:`~wanwu.decoders.DecodeProcess` per Ray worker thread, reused; a task's images in one
+round trip) under ``options.decode_timeout``: a decoder that crashes or hangs
 costs its own row a ``decode_error`` record, never the task, its neighbours or the Ray worker
 (``options.workers == 0`` decodes in the task's own process, without either guard).
 
