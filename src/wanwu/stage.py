@@ -1,9 +1,11 @@
 """One input, prepared for inference: fetch → sha256 → cache lookup → decode + preprocess, errors as values.
 
-:func:`prepare_item` is the per-item stage a runner calls where it cannot use the streaming orchestrator's
-own machinery (the Ray Data runner's CPU decode tasks). It is built only from the functions the orchestrator
-uses itself (:class:`~wanwu.fetch.Fetcher`, the result cache, :func:`wanwu.imaging.decode_job`), so its
-outcome for an input is the orchestrator's: the same pixels, the same error types and messages.
+:func:`look_up_item` is the per-item stage a runner calls where it cannot use the streaming orchestrator's
+own machinery (the Ray Data runner's CPU decode tasks): it answers an input (an error, a cache hit) or hands
+back its bytes as :class:`ToDecode`, which the caller decodes (alone or several in one round trip to a decode
+process) and turns into a :class:`Staged` with :meth:`ToDecode.decoded`. It is built only from the functions
+the orchestrator uses itself (:class:`~wanwu.fetch.Fetcher`, the result cache, :func:`wanwu.imaging.decode_job`),
+so its outcome for an input is the orchestrator's: the same pixels, the same error types and messages.
 
 It never raises for a bad input: the outcome is a :class:`Staged` holding exactly one of an error, a cache
 hit, or model-ready pixels.
@@ -18,7 +20,7 @@ from wanwu.cache import CachedResult, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.errors import ErrorType, InputError
 from wanwu.fetch import Fetcher
-from wanwu.imaging import DecodeOptions, DecodeResult, Prepared, decode_job
+from wanwu.imaging import DecodeOptions, DecodeResult, Prepared
 from wanwu.sources import InputItem
 from wanwu.spec import ModelSpec, PreprocessSpec
 
@@ -64,17 +66,6 @@ class ToDecode:
         if isinstance(result, tuple):
             return Staged(self.input, self.sha256, error=result)
         return Staged(self.input, self.sha256, prepared=result)
-
-
-def prepare_item(
-    item: InputItem, fetcher: Fetcher, context: StageContext, cache: ResultCache | None = None,
-    data: bytes | None = None, decode: Decode = decode_job,
-) -> Staged:
-    """``data``: the bytes when the caller already read them (e.g. Ray's ``read_binary_files``)."""
-    found = look_up_item(item, fetcher, context, cache, data)
-    if isinstance(found, Staged):
-        return found
-    return found.decoded(decode(found.data, context.preprocess, context.decode))
 
 
 def look_up_item(
