@@ -205,3 +205,19 @@ def test_command_summaries_in_chinese_name_real_commands() -> None:
     proc = subprocess.run([sys.executable, "-m", "wanwu", "jobs", "--help"], capture_output=True, text=True,
                           env={**_env(), "LANG": "zh_CN.UTF-8", "COLUMNS": "200"}, timeout=60, check=True)
     assert "带进度条等待 JOB_ID 结束" in proc.stdout and "Block until" not in proc.stdout
+
+
+def test_ctrl_c_while_a_record_is_written_lands_after_it_is_counted() -> None:
+    import signal as signals
+
+    from wanwu.cli.progress import WholeRecords
+
+    written: list[int] = []
+    with WholeRecords() as guard:
+        with pytest.raises(KeyboardInterrupt), guard.writing():
+            signals.raise_signal(signals.SIGINT)  # Ctrl-C between the write and the count
+            written.append(1)  # the count still happens
+        assert written == [1]
+        with pytest.raises(KeyboardInterrupt):  # outside a write: at once
+            signals.raise_signal(signals.SIGINT)
+    assert signals.getsignal(signals.SIGINT) is signals.default_int_handler  # put back

@@ -6,8 +6,12 @@ same Console, so rows appear above the bar instead of on its line.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from wanwu.cli.messages import t
@@ -15,6 +19,46 @@ from wanwu.cli.messages import t
 
 class ReportedInterrupt(KeyboardInterrupt):
     """Ctrl-C, after the command already said how far it got (the entry point then says nothing more)."""
+
+
+class WholeRecords:
+    """Ctrl-C never lands between writing a record and counting it: inside ``with guard.writing():`` it is held
+    back until the block ends, elsewhere it interrupts at once (a pipeline waiting on a slow input, say).
+
+    Without it, "interrupted: 40 of 1000 done" could follow a file holding 41 records. Installed only from the
+    main thread (signal handlers can be set nowhere else); a no-op elsewhere."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._held = False
+        self._previous: Any = None
+
+    def __enter__(self) -> WholeRecords:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._busy:
+            self._held = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
+        if self._held:
+            self._held = False
+            raise KeyboardInterrupt
 
 
 def terminal_console(stdout: bool = False) -> Any:

@@ -14,7 +14,7 @@ import click
 
 from wanwu.cli.messages import h, t
 from wanwu.cli.options import model_options, prompt_option, recognize_options, run_options, runner_options
-from wanwu.cli.progress import ReportedInterrupt, RunProgress, interrupted_message, terminal_console
+from wanwu.cli.progress import ReportedInterrupt, RunProgress, WholeRecords, interrupted_message, terminal_console
 from wanwu.config import RecognizeOptions
 from wanwu.errors import UsageError
 from wanwu.models import resolve_model
@@ -85,11 +85,13 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         counts = {"ok": 0, "error": 0}
         start = time.perf_counter()
         interrupted = False
+        guard = stack.enter_context(WholeRecords())
         try:
             for record in recognizer.recognize(items):
-                sink.write(record)
-                counts[record.status] += 1
-                progress.advance(record.ok)
+                with guard.writing():
+                    sink.write(record)
+                    counts[record.status] += 1
+                    progress.advance(record.ok)
         except KeyboardInterrupt:
             interrupted = True
         finally:
