@@ -16,7 +16,6 @@ Options: --batches 1,8,32 --rounds N --threads N --labels N --layers N (smaller 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -24,8 +23,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.clip_helpers
 
-import torch
+
+from tests.clip_helpers import make_clip_folder
 
 from _common import torch_vs_onnx
 from wanwu.backends import BackendOptions, create_backend
@@ -35,29 +36,17 @@ from wanwu.hf import DEFAULT_PROMPTS
 from wanwu.models import resolve_model
 
 SHARED_LABELS = Path(__file__).resolve().parents[2] / "shared" / "data" / "labels" / "imagenet_zh.txt"
-SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def make_folder(root: Path, labels: list[str], layers: int) -> Path:
-    from transformers import BertTokenizer, ChineseCLIPConfig, ChineseCLIPImageProcessorPil, ChineseCLIPModel
-
-    folder = root / "chinese-clip-vit-b16-random"
-    folder.mkdir()
-    chars = sorted(set("".join(labels) + "".join(DEFAULT_PROMPTS)))
-    (folder / "vocab.txt").write_text("\n".join([*SPECIALS, *chars]) + "\n", encoding="utf-8")
-    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(str(folder))
-    ChineseCLIPImageProcessorPil().to_json_file(str(folder / "preprocessor_config.json"))
-    torch.manual_seed(0)
-    config = ChineseCLIPConfig(
+    """The ViT-B/16 Chinese-CLIP architecture (text tower with the real 21,128-token vocabulary size), random
+    weights: speed depends on the architecture, not on the weights."""
+    return make_clip_folder(
+        root / "chinese-clip-vit-b16-random", extra_text="".join(labels), logit_scale=100.0,
         text_config={"vocab_size": 21128, "num_hidden_layers": layers, "max_position_embeddings": 512},
         vision_config={"patch_size": 16, "num_hidden_layers": layers, "image_size": 224},
         projection_dim=512,
     )
-    model = ChineseCLIPModel(config).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(math.log(100.0))
-    model.save_pretrained(str(folder))
-    return folder
 
 
 def main() -> None:

@@ -13,9 +13,15 @@ CLIP_LABELS = ("连衣裙", "运动鞋", "蓝牙耳机", "金鱼", "鲨鱼", "�
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-def make_clip_folder(folder: Path, *, seed: int = 0, image_size: int = 224, extra_text: str = "") -> Path:
-    """Write a tiny ChineseCLIPModel (random weights, a learnt logit scale of 30), a BERT vocab.txt with
-    every character of the labels and prompts, and the default ChineseCLIPImageProcessor config."""
+def make_clip_folder(
+    folder: Path, *, seed: int = 0, image_size: int = 224, extra_text: str = "",
+    text_config: dict[str, int] | None = None, vision_config: dict[str, int] | None = None,
+    projection_dim: int = 16, logit_scale: float = 30.0,
+) -> Path:
+    """Write a ChineseCLIPModel with random weights and a learnt logit scale of ``logit_scale``, a BERT
+    vocab.txt with every character of the labels, prompts and ``extra_text``, and the default
+    ChineseCLIPImageProcessor config. Tiny unless ``text_config``/``vision_config`` say otherwise (they replace
+    the tiny settings; transformers' defaults, ViT-B/16-size, fill in the rest)."""
     import torch
     from transformers import (
         BertTokenizer,
@@ -35,15 +41,19 @@ def make_clip_folder(folder: Path, *, seed: int = 0, image_size: int = 224, extr
     ChineseCLIPImageProcessorPil().to_json_file(str(folder / "preprocessor_config.json"))
     torch.manual_seed(seed)
     config = ChineseCLIPConfig(
-        text_config={"vocab_size": len(SPECIALS) + len(chars), "hidden_size": 32, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64},
-        vision_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "intermediate_size": 48, "image_size": image_size, "patch_size": 32},
-        projection_dim=16,
+        text_config=text_config or {
+            "vocab_size": len(SPECIALS) + len(chars), "hidden_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
+        },
+        vision_config=vision_config or {
+            "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 48,
+            "image_size": image_size, "patch_size": 32,
+        },
+        projection_dim=projection_dim,
     )
     model = ChineseCLIPModel(config).eval()
     with torch.no_grad():
-        model.logit_scale.fill_(math.log(30.0))
+        model.logit_scale.fill_(math.log(logit_scale))
     model.save_pretrained(str(folder))
     return folder
 

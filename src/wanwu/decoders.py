@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -148,8 +147,8 @@ class DecodeTimeoutError(Exception):
 
 
 class DecodeProcess:
-    """One decode process driven synchronously over a pipe, for a caller that decodes one image at a time and
-    waits (a Ray decode task): no executor threads between the two, so a call costs little more than the
+    """One decode process driven synchronously over a pipe, for a caller that waits for each call (a Ray decode
+    task, the quarantine's thread): no executor threads between the two, so a call costs little more than the
     decode itself. A call that kills the process raises BrokenProcessPool; one still running at ``timeout``
     seconds has its process killed and raises DecodeTimeoutError. Either way the next call starts a fresh
     process. Not thread-safe: one per thread."""
@@ -158,7 +157,7 @@ class DecodeProcess:
         self._process: Any = None
         self._conn: Any = None
 
-    def call(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Any:
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float | None) -> Any:
         conn = self._connection()
         try:
             conn.send((fn, args))
@@ -168,7 +167,7 @@ class DecodeProcess:
             raise BrokenProcessPool("the decode process died") from None
         if not ready:
             self.close()
-            raise DecodeTimeoutError(f"decoding took longer than {timeout:g} s")
+            raise DecodeTimeoutError(f"decoding took longer than {timeout or 0:g} s")
         try:
             ok, value = conn.recv()
         except (OSError, EOFError):
@@ -259,83 +258,16 @@ def _kill_workers_of(processes: list[Any]) -> None:
 
 
 class _Quarantine:
-    """One decode process, one task at a time: the next task starts only when the last one has finished."""
+    """One :class:`DecodeProcess`, one task at a time, driven from one thread: the next task starts only when
+    the last one has finished, so a crash or a deadline names its task exactly."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._waiting: deque[tuple[Callable[..., Any], tuple[Any, ...], Future[Any], float | None]] = deque()
-        self._busy = False
-        self._pool: ProcessPoolExecutor | None = None
-        self._closed = False
-        self._expired: Future[Any] | None = None  # the task whose deadline killed the process
-        self._timer: threading.Timer | None = None
+        self._process = DecodeProcess()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="wanwu-quarantine")
 
     def submit(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Future[Any]:
-        outer: Future[Any] = Future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the decode pool is closed")
-            self._waiting.append((fn, args, outer, timeout))
-        self._next()
-        return outer
-
-    def _next(self) -> None:
-        with self._lock:
-            if self._busy or not self._waiting or self._closed:
-                return
-            fn, args, outer, timeout = self._waiting.popleft()
-            self._busy = True
-            self._pool = self._pool or decode_process_pool(1)
-            pool = self._pool
-        try:
-            inner = pool.submit(fn, *args)
-        except Exception as e:  # the pool broke between tasks
-            self._finished(outer, None, e, timeout)
-            return
-        if timeout is not None:
-            timer = threading.Timer(timeout, self._expire, (pool, inner))
-            timer.daemon = True
-            with self._lock:
-                self._timer = timer
-            timer.start()
-        inner.add_done_callback(lambda f: self._finished(outer, f, None, timeout))
-
-    def _expire(self, pool: ProcessPoolExecutor, inner: Future[Any]) -> None:
-        if not inner.done():
-            with self._lock:
-                self._expired = inner
-            _kill_workers(pool)
-
-    def _finished(
-        self, outer: Future[Any], inner: Future[Any] | None, error: BaseException | None, timeout: float | None
-    ) -> None:
-        if inner is not None:
-            error = inner.exception()
-        with self._lock:
-            self._busy = False
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if inner is not None and inner is self._expired:
-                self._expired = None
-                error = DecodeTimeoutError(f"decoding took longer than {timeout:g} s")
-            if isinstance(error, (BrokenProcessPool, DecodeTimeoutError)) and self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
-        if error is not None:
-            outer.set_exception(error)
-        elif inner is not None:
-            outer.set_result(inner.result())
-        self._next()
+        return self._thread.submit(self._process.call, fn, *args, timeout=timeout)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            pool, self._pool = self._pool, None
-            waiting, self._waiting = list(self._waiting), deque()
-            if self._timer is not None:
-                self._timer.cancel()
-        for _, _, outer, _ in waiting:
-            outer.cancel()
-        if pool is not None:
-            _stop(pool, grace=0.0)
+        self._thread.shutdown(wait=False, cancel_futures=True)
+        self._process.close()  # a task still running (a hung decoder) fails with BrokenProcessPool
