@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -61,6 +62,13 @@ def image_bytes(
     buf = io.BytesIO()
     image.save(buf, fmt, **save)
     return buf.getvalue()
+
+
+def with_corrupt_exif(jpg: bytes) -> bytes:
+    """``jpg`` with an EXIF block that claims 3 entries and holds 4 bytes: Pillow warns "Corrupt EXIF data"."""
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 3) + b"\x12\x01\x03\x00"
+    payload = b"Exif\x00\x00" + tiff
+    return jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpg[2:]
 
 
 def wait_for_lines(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: float = 60.0,

@@ -17,7 +17,7 @@ import pytest
 
 import wanwu
 import wanwu.pipeline
-from tests.helpers import image_bytes, make_tiny_onnx
+from tests.helpers import image_bytes, make_tiny_onnx, with_corrupt_exif
 from wanwu.cache import CachedResult
 from wanwu.cache.sqlite import SCHEMA_VERSION, SqliteCache, decode_top, encode_top
 from wanwu.cli.cache import parse_duration, parse_size
@@ -78,7 +78,7 @@ class _InferSpy:
 
 def _run(model: tuple[Path, Path], inputs: list[Path], **options: Any) -> list[dict[str, Any]]:
     shape = {key: options.pop(key) for key in ("top_k", "score", "threshold") if key in options}
-    opts = RecognizeOptions(workers=0, batch_size=4, **options)
+    opts = RecognizeOptions(**{"workers": 0, "batch_size": 4, **options})
     with Recognizer(str(model[0]), labels=model[1], options=opts) as rec:
         return [r.to_dict() for r in rec.recognize([str(p) for p in inputs], RecordOptions(**shape))]
 
@@ -116,6 +116,51 @@ def test_store_is_lazy_and_round_trips(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
+
+
+_SCHEMA_1_WITHOUT_WARNINGS = """
+CREATE TABLE namespaces (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, created INTEGER NOT NULL);
+CREATE TABLE results (ns INTEGER NOT NULL, key BLOB NOT NULL, top BLOB NOT NULL, width INTEGER NOT NULL,
+    height INTEGER NOT NULL, created INTEGER NOT NULL, accessed INTEGER NOT NULL, PRIMARY KEY (ns, key)) WITHOUT ROWID;
+PRAGMA user_version = 1;
+"""
+
+
+def test_warnings_round_trip_and_a_file_from_before_them_gains_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = _result(1)
+    with sqlite3.connect(path) as conn:  # a cache written before results kept their warnings
+        conn.executescript(_SCHEMA_1_WITHOUT_WARNINGS)
+        conn.execute("INSERT INTO namespaces (name, created) VALUES ('ns', 0)")
+        conn.execute("INSERT INTO results VALUES (1, ?, ?, ?, ?, 0, 0)",
+                     (bytes.fromhex(_key(1)), encode_top(old.top), old.width, old.height))
+    conn.close()
+    noted = CachedResult(_result(2).top, 7, 8, ("UserWarning: Corrupt EXIF data", "第二条\n两行"))
+    with SqliteCache(path) as cache:
+        got = cache.get_many("ns", [_key(1)])
+        assert _same(got[_key(1)], old) and got[_key(1)].warnings == ()  # the old entry still reads
+        cache.put_many("ns", [(_key(2), noted), (_key(3), _result(3))])
+        got = cache.get_many("ns", [_key(1), _key(2), _key(3)])
+    assert len(got) == 3 and got[_key(3)].warnings == ()
+    assert _same(got[_key(2)], noted) and got[_key(2)].warnings == noted.warnings
+    with SqliteCache(path) as reopened:  # and once more, from the file
+        assert reopened.get_many("ns", [_key(2)])[_key(2)].warnings == noted.warnings
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        stored = dict(conn.execute("SELECT key, warnings FROM results").fetchall())
+    conn.close()
+    assert stored[bytes.fromhex(_key(3))] is None  # nothing to say costs nothing
+
+
+def test_a_damaged_warnings_entry_is_a_miss(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite3"
+    with SqliteCache(path) as cache:
+        cache.put_many("ns", [(_key(1), _result(1)), (_key(2), _result(2))])
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE results SET warnings = '{not json' WHERE key = ?", (bytes.fromhex(_key(1)),))
+    conn.close()
+    with SqliteCache(path) as cache:
+        assert set(cache.get_many("ns", [_key(1), _key(2)])) == {_key(2)}
 
 
 def test_stats_clear_and_namespaces(tmp_path: Path) -> None:
@@ -343,6 +388,24 @@ def test_identical_content_is_decoded_and_inferred_once_per_run(
 
 
 # --- CLI ----------------------------------------------------------------------------------------------------
+
+
+def test_a_cached_record_keeps_the_decoders_warnings(
+    tiny_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "in"
+    plain = _images(folder, 2)
+    odd = folder / "exif.jpg"
+    odd.write_bytes(with_corrupt_exif(image_bytes((90, 40, 160), size=(80, 60))))
+    inputs = [plain[0], odd, plain[1]]
+    cache = tmp_path / "cache.sqlite3"
+    # decode workers (-j 1): threads would see Python's once-per-location warning filter
+    first = _run(tiny_model, inputs, workers=1, cache_path=cache)
+    assert any("Corrupt EXIF" in w for w in first[1].get("warnings", [])), first[1]
+    spy = _InferSpy(monkeypatch)
+    again = _run(tiny_model, inputs, workers=1, cache_path=cache)
+    assert spy.images == 0  # every record came from the cache
+    assert again == first
 
 
 def _cli(*args: str) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import image_bytes
+from tests.helpers import image_bytes, with_corrupt_exif
 from tests.servers import descendants
 from wanwu import RecognizeOptions, Recognizer
 from wanwu.cache import CachedResult
@@ -221,13 +221,7 @@ def test_the_library_works_from_a_script_without_a_main_guard(tiny_model: Model,
 def test_decoder_warnings_go_to_the_record_and_stderr_stays_quiet(tiny_model: Model, tmp_path: Path) -> None:
     folder = tmp_path / "odd"
     folder.mkdir()
-    # a JPEG whose EXIF block claims 3 entries and holds 4 bytes: Pillow warns "Corrupt EXIF data"
-    import struct
-
-    jpg = image_bytes()
-    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 3) + b"\x12\x01\x03\x00"
-    payload = b"Exif\x00\x00" + tiff
-    (folder / "exif.jpg").write_bytes(jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpg[2:])
+    (folder / "exif.jpg").write_bytes(with_corrupt_exif(image_bytes()))
     # a TIFF read by libtiff (LZW) with an unknown private tag: libtiff prints a warning in C
     image = Image.open(io.BytesIO(image_bytes(size=(64, 48))))
     from PIL import TiffImagePlugin

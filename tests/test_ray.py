@@ -11,9 +11,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from tests.helpers import wait_for_lines
+from tests.helpers import wait_for_lines, with_corrupt_exif
 from tests.ray_support import Cluster, kill_session, session_pids
 from wanwu.config import RecognizeOptions
 from wanwu.pipeline import Recognizer
@@ -147,26 +148,31 @@ def _through_stages(spec: Any, options: RecognizeOptions, inputs: list[str], rec
 def test_the_stages_carry_decoder_warnings_like_the_local_runner(
     mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
 ) -> None:
-    import struct
-
     from wanwu.models import resolve_model
 
     chosen = sorted(photos.iterdir())[7::301][:3]
-    jpg = chosen[0].read_bytes()  # a real photo with an EXIF block that claims 3 entries and holds 4 bytes
-    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 3) + b"\x12\x01\x03\x00"
-    payload = b"Exif\x00\x00" + tiff
     odd = tmp_path / "corrupt-exif.jpg"
-    odd.write_bytes(jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpg[2:])
+    odd.write_bytes(with_corrupt_exif(chosen[0].read_bytes()))  # a real photo, with a corrupt EXIF block
     inputs = [str(odd), *map(str, chosen)]
     from wanwu.ray import stages
 
+    spec = resolve_model(str(mobilenet[0]), mobilenet[1])
+    options = RecognizeOptions(cache_path=tmp_path / "cache.sqlite3")
     try:  # decoded as on Ray: in this process's decode process (the warnings are collected there)
-        got = _through_stages(resolve_model(str(mobilenet[0]), mobilenet[1]), RecognizeOptions(cache=False), inputs)
+        got = _through_stages(spec, options, inputs)
+        from wanwu.ray import Infer, decode_batch
+        from wanwu.stage import StageContext
+
+        decoded = decode_batch({"input": np.array(inputs, dtype=object)}, context=StageContext.of(spec, options),
+                               options=options)
+        assert all(decoded["cached"]) and not any(decoded["pixels"])  # every row a cache hit this time
+        again = [str(line) for line in Infer(spec, options)(decoded)["record"]]
     finally:
-        for key in [k for k in stages._PER_PROCESS if k[0] == "decoder"]:
+        for key in [k for k in stages._PER_PROCESS if k[0] in ("decoder", "cache")]:
             stages._PER_PROCESS.pop(key).close()
     assert any("Corrupt EXIF" in w for w in json.loads(got[0]).get("warnings", [])), got[0]
     assert got == _local(mobilenet, inputs)
+    assert again == got  # the cached record keeps the decoder's warnings
 
 
 @pytest.mark.extra("clip")

@@ -390,7 +390,7 @@ class _Run:
             if hit is not None:
                 self.rec.count_cache_hit()
         if hit is not None:
-            slot.record = self._ok(slot, hit.top, hit.width, hit.height)
+            slot.record = self._ok(slot, hit)
             return
         self.leaders[sha] = slot
         slot.data = fetched.data
@@ -467,21 +467,20 @@ class _Run:
                 slot.prepared = None
                 self._fail(slot, "model_error", "the model returned scores that are not finite numbers for this image")
                 continue
-            result = CachedResult(top, slot.prepared.width, slot.prepared.height)
-            notes = slot.prepared.warnings
+            result = CachedResult(top, slot.prepared.width, slot.prepared.height, slot.prepared.warnings)
             slot.prepared = None
             fresh.append((slot.sha256, result))
-            self._finish(slot, lambda s, r=result, w=notes: self._ok(s, r.top, r.width, r.height, w))
+            self._finish(slot, lambda s, r=result: self._ok(s, r))
         self.memo.put_many(self.namespace, fresh)
         if self.rec.cache is not None:
             self.rec.cache.put_many(self.namespace, fresh)
 
     # -- records ----------------------------------------------------------------------------------------
 
-    def _ok(self, slot: _Slot, top: TopScores, width: int, height: int, warnings: tuple[str, ...] = ()) -> Record:
+    def _ok(self, slot: _Slot, result: CachedResult) -> Record:
         return Record.success(
-            slot.item.input, top, self.engine.spec, self.record_options,
-            sha256=slot.sha256, width=width, height=height, warnings=warnings,
+            slot.item.input, result.top, self.engine.spec, self.record_options,
+            sha256=slot.sha256, width=result.width, height=result.height, warnings=result.warnings,
         )
 
     def _fail(self, slot: _Slot, type: ErrorType, message: str) -> None:

@@ -20,6 +20,7 @@ class CachedResult:
     top: TopScores
     width: int
     height: int
+    warnings: tuple[str, ...] = ()  # what the decoder said about the file: part of its record
 
 
 class ResultCache(Protocol):

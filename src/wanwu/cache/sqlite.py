@@ -3,11 +3,15 @@
 Layout (schema version :data:`SCHEMA_VERSION`, kept in ``PRAGMA user_version``)::
 
     namespaces(id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE, created)
-    results(ns, key BLOB(32), top BLOB, width, height, created, accessed)
+    results(ns, key BLOB(32), top BLOB, width, height, created, accessed, warnings TEXT)
         PRIMARY KEY (ns, key), WITHOUT ROWID
 
 ``key`` is the raw 32-byte sha256 of the file, ``top`` the compact encoding of a
-:class:`~wanwu.records.TopScores` (see :func:`encode_top`: about 310 bytes for the top 50). Namespace ids are
+:class:`~wanwu.records.TopScores` (see :func:`encode_top`: about 310 bytes for the top 50), ``warnings`` what
+the decoder said about the file (a JSON list; NULL when nothing, as for almost every file), so that a cached
+record is the record a fresh run writes. ``warnings`` came after schema 1 without a new version: it is added
+on open when missing, and an older wanwu, which names the columns it reads and writes, keeps working on the
+file (what it writes has no warnings). Namespace ids are
 never reused (AUTOINCREMENT), so clearing a namespace while another process is running can never make its
 old id point at a different model.
 
@@ -25,6 +29,7 @@ stored time is older than ``touch_interval`` seconds, so a warm rerun costs a ha
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -67,6 +72,7 @@ CREATE TABLE IF NOT EXISTS results (
     height INTEGER NOT NULL,
     created INTEGER NOT NULL,
     accessed INTEGER NOT NULL,
+    warnings TEXT,
     PRIMARY KEY (ns, key)
 ) WITHOUT ROWID;
 """
@@ -113,6 +119,24 @@ def _key_blob(key: str) -> bytes:
         except ValueError:
             pass
     return key.encode()
+
+
+def _encode_warnings(warnings: tuple[str, ...]) -> str | None:
+    return json.dumps(list(warnings), ensure_ascii=False) if warnings else None
+
+
+def _decode_warnings(text: str | None) -> tuple[str, ...]:
+    """Raises ValueError for a damaged entry (a miss, like a damaged ``top``)."""
+    if not text:
+        return ()
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("damaged warnings")
+    return tuple(value)
+
+
+def _has_warnings(conn: sqlite3.Connection) -> bool:
+    return any(row[1] == "warnings" for row in conn.execute("PRAGMA table_info(results)"))
 
 
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
@@ -200,7 +224,8 @@ class SqliteCache:
             return
         now = int(time.time())
         rows = [
-            (_key_blob(key), encode_top(r.top), int(r.width), int(r.height), now, now) for key, r in items
+            (_key_blob(key), encode_top(r.top), int(r.width), int(r.height), now, now, _encode_warnings(r.warnings))
+            for key, r in items
         ]
         if not rows:
             return
@@ -212,8 +237,8 @@ class SqliteCache:
                     ns = self._namespace_id(conn, namespace, create=True)
                     assert ns is not None
                     conn.executemany(
-                        "INSERT OR REPLACE INTO results (ns, key, top, width, height, created, accessed) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT OR REPLACE INTO results (ns, key, top, width, height, created, accessed, "
+                        "warnings) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         [(ns, *row) for row in rows],
                     )
                     self._write_touches(conn)
@@ -343,12 +368,13 @@ class SqliteCache:
         for chunk in _chunks(list(by_blob), _CHUNK):
             marks = ",".join("?" * len(chunk))
             rows = conn.execute(
-                f"SELECT key, top, width, height, accessed FROM results WHERE ns = ? AND key IN ({marks})",
+                f"SELECT key, top, width, height, accessed, warnings FROM results "
+                f"WHERE ns = ? AND key IN ({marks})",
                 (ns, *chunk),
             )
-            for key, top, width, height, accessed in rows:
+            for key, top, width, height, accessed, warnings in rows:
                 try:
-                    out[by_blob[key]] = CachedResult(decode_top(top), width, height)
+                    out[by_blob[key]] = CachedResult(decode_top(top), width, height, _decode_warnings(warnings))
                 except ValueError as e:  # one damaged entry is a miss (and is rewritten), not a broken cache
                     log.debug("result cache %s: unreadable entry (%s); treated as a miss", self.path, e)
                     continue
@@ -414,6 +440,10 @@ class SqliteCache:
                         if statement.strip():
                             conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif not _has_warnings(conn):  # a file from before the warnings column
+            with self._write(conn):
+                if not _has_warnings(conn):  # another process may have added it meanwhile
+                    conn.execute("ALTER TABLE results ADD COLUMN warnings TEXT")
 
     def _retry_locked(self, fn: Any) -> Any:
         """Changing the journal mode can meet a lock that the busy handler does not wait on."""

@@ -160,8 +160,8 @@ class Infer:
                     )
                     continue
                 records[i] = self._ok(batch, i, top)
-                fresh.append((str(batch["sha256"][i]), CachedResult(top, int(batch["width"][i]),
-                                                                    int(batch["height"][i]))))
+                fresh.append((str(batch["sha256"][i]), CachedResult(
+                    top, int(batch["width"][i]), int(batch["height"][i]), _warnings(batch, i))))
             cache = _cache(self.options)
             if cache is not None:
                 cache.put_many(self.namespace, fresh)
@@ -178,11 +178,9 @@ class Infer:
         return [top for tops in self.streams.map(self.engine.infer, chunks) for top in tops]
 
     def _ok(self, batch: Batch, i: int, top: Any) -> Record:
-        warnings = batch.get("warnings")
         return Record.success(
             str(batch["input"][i]), top, self.engine.spec, self.record, sha256=str(batch["sha256"][i]),
-            width=int(batch["width"][i]), height=int(batch["height"][i]),
-            warnings=tuple(json.loads(warnings[i])) if warnings is not None and warnings[i] else (),
+            width=int(batch["width"][i]), height=int(batch["height"][i]), warnings=_warnings(batch, i),
         )
 
 
@@ -226,11 +224,22 @@ def _staged_columns(staged: list[Staged]) -> Batch:
         "error_message": col([s.error[1] if s.error else "" for s in staged]),
         "cached": col([_encoded(s.cached) for s in staged]),
         "pixels": col([s.prepared.pixels.tobytes() if s.prepared else b"" for s in staged]),
-        "warnings": col([json.dumps(s.prepared.warnings) if s.prepared and s.prepared.warnings else ""
-                         for s in staged]),
+        "warnings": col([json.dumps(list(w)) if (w := _staged_warnings(s)) else "" for s in staged]),
         "width": np.array([_size(s)[0] for s in staged], dtype=np.int64),
         "height": np.array([_size(s)[1] for s in staged], dtype=np.int64),
     }
+
+
+def _staged_warnings(s: Staged) -> tuple[str, ...]:
+    """What the decoder said: now, or when the cached result was made."""
+    if s.prepared is not None:
+        return s.prepared.warnings
+    return s.cached.warnings if s.cached is not None else ()
+
+
+def _warnings(batch: Batch, i: int) -> tuple[str, ...]:
+    column = batch.get("warnings")
+    return tuple(json.loads(column[i])) if column is not None and column[i] else ()
 
 
 def _encoded(cached: CachedResult | None) -> bytes:
