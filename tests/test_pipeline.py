@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -392,3 +392,49 @@ def test_a_decode_process_answers_after_a_crash_a_hang_and_an_exception() -> Non
     finally:
         process.close()
     assert child is not None and not child.is_alive()
+
+
+def test_decode_workers_fail_only_the_task_that_crashed_and_stop_a_hung_one() -> None:
+    """DecodeProcesses: a crash costs its own task, not the ones running beside it; kill() stops a hung task
+    and the workers carry on; shutting down never waits for a hung decoder and leaves no process behind."""
+    from concurrent.futures import wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tests.ray_support import hostile_decode
+    from wanwu.decoders import DecodeProcesses
+    from wanwu.imaging import DecodeOptions
+    from wanwu.spec import PreprocessSpec
+
+    photos = [image_bytes(color, size=(320 + 16 * i, 240)) for i, color in enumerate(
+        [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (40, 220, 220), (120, 60, 160)])]
+    args = (PreprocessSpec(), DecodeOptions())
+    alone = [hostile_decode(p, *args).pixels for p in photos]
+    pool = DecodeProcesses(2)
+    children: list[Any] = []
+    try:
+        futures = [pool.submit(hostile_decode, p, *args) for p in photos[:3]]
+        crash = pool.submit(hostile_decode, b"CRASH" + photos[0], *args)
+        futures += [pool.submit(hostile_decode, p, *args) for p in photos[3:]]
+        wait([*futures, crash], timeout=60)
+        assert isinstance(crash.exception(), BrokenProcessPool)
+        for future, pixels in zip(futures, alone, strict=True):  # every neighbour got its own pixels
+            assert np.array_equal(future.result().pixels, pixels)
+
+        hang = pool.submit(hostile_decode, b"HANG" + photos[1], *args)
+        time.sleep(1.0)  # let it start
+        start = time.monotonic()
+        pool.kill()
+        assert isinstance(hang.exception(timeout=10), BrokenProcessPool)
+        assert time.monotonic() - start < 5
+        after = [pool.submit(hostile_decode, p, *args) for p in photos[:2]]  # fresh processes take over
+        assert all(np.array_equal(f.result(timeout=60).pixels, px) for f, px in zip(after, alone, strict=False))
+
+        stuck = pool.submit(hostile_decode, b"HANG" + photos[2], *args)
+        time.sleep(1.0)
+        children = [p._process for p in pool._processes if p._process is not None]
+    finally:
+        start = time.monotonic()
+        pool.shutdown(wait=True, cancel_futures=True)
+        assert time.monotonic() - start < 5  # the hung decoder was killed, not waited for
+    assert isinstance(stuck.exception(timeout=5), BrokenProcessPool)
+    assert children and not any(child.is_alive() for child in children)

@@ -1,37 +1,33 @@
-"""The decode workers: a pool of processes (or threads) running :func:`wanwu.imaging.decode_jobs`, replaced
-when a crash breaks it, and a one-process quarantine where suspects of a crash are decoded one at a time.
+"""The decode workers: processes (or threads) running :func:`wanwu.imaging.decode_jobs`, and a one-process
+quarantine where the suspects of a crash are decoded one at a time.
 
-A crash breaks every task in flight on a process pool, and any of them may be the culprit. The orchestrator
-sends each of them to :meth:`DecodePool.isolate`: alone in the quarantine process, a second crash names its file
-exactly, while the main pool goes on with everything else. The quarantine is shared by every run on the pool
-(concurrent service requests, say), so an innocent file is never retried beside another run's culprit.
+Each worker process is a :class:`DecodeProcess`, forked from a server that has imported only what decoding
+needs and driven over a pipe by a thread of its own (:class:`DecodeProcesses`). A crash fails the task that
+caused it, which may hold several files; the orchestrator sends each of them to :meth:`DecodePool.isolate`:
+alone in the quarantine process, a second crash names its file exactly, while the workers go on with everything
+else. A task past its deadline gets every worker killed (:meth:`DecodePool.kill`), and its files become suspects
+in the same way. The quarantine is shared by every run on the pool (concurrent service requests, say), so an
+innocent file is never retried beside another run's culprit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
+import queue
 import signal
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
-
-
-def decode_process_pool(workers: int) -> ProcessPoolExecutor:
-    """Decode worker processes, forked from a server that has imported only what decoding needs
-    (Pillow, numpy): fast to start, no threads or sockets of the parent inherited, and the caller's
-    ``__main__`` never re-run (:mod:`wanwu._decode_server`)."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["wanwu._decode_server", "wanwu.imaging", "wanwu.decoders"])
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
 
 
 def _worker_init(owner: int) -> None:
@@ -81,61 +77,49 @@ def _quiet_stderr() -> None:
 
 
 class DecodePool:
-    """Decode workers (processes, or ``threads`` threads when ``workers == 0``), replaced when a crash
-    breaks them, plus the quarantine. ``get`` names the pool's generation, so a breakage reported by many
-    futures replaces it once. Safe to share between threads."""
+    """Decode workers: :class:`DecodeProcesses`, or ``threads`` threads when ``workers == 0``; plus the
+    quarantine, where a suspect file is decoded alone. Safe to share between threads (the service's requests
+    share one)."""
 
     def __init__(self, workers: int, threads: int = 4) -> None:
         self.workers, self.threads = workers, threads
-        self._pool: Executor | None = None
-        self.generation = 0
+        self._pool: DecodeProcesses | ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._quarantine = _Quarantine() if workers > 0 else None
 
-    def get(self) -> tuple[Executor, int]:
+    def get(self) -> Executor:
         with self._lock:
             if self._pool is None:
                 if self.workers == 0:
                     self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wanwu-decode")
                 else:
-                    self._pool = decode_process_pool(self.workers)
-            return self._pool, self.generation
-
-    def reset(self, generation: int) -> None:
-        """Replace a broken pool (once per breakage, however many futures report it)."""
-        with self._lock:
-            if generation == self.generation and self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
-                self.generation += 1
+                    self._pool = DecodeProcesses(self.workers)
+            return self._pool
 
     def isolate(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Future[Any]:
         """Run ``fn(*args)`` alone in the quarantine process. The future raises BrokenProcessPool only when
         this very call crashed its process, and DecodeTimeoutError when it ran past ``timeout`` seconds (its
         process is then killed)."""
         if self._quarantine is None:  # threads cannot crash each other's process: run it in the pool
-            return self.get()[0].submit(fn, *args)
+            return self.get().submit(fn, *args)
         return self._quarantine.submit(fn, *args, timeout=timeout)
 
-    def kill(self, generation: int) -> bool:
-        """Kill the worker processes of pool ``generation`` (a decode ran past its deadline): every task in
-        flight on it then fails with BrokenProcessPool. False for threads, which cannot be stopped."""
+    def kill(self) -> bool:
+        """Kill the worker processes (a decode ran past its deadline): every task in flight then fails with
+        BrokenProcessPool, and the next tasks get fresh processes. False for threads, which cannot be stopped."""
         with self._lock:
-            if self.workers == 0:
-                return False
-            if generation != self.generation or self._pool is None:
-                return True  # already replaced
             pool = self._pool
-        if isinstance(pool, ProcessPoolExecutor):
-            _kill_workers(pool)
-        return True
+        if isinstance(pool, DecodeProcesses):
+            pool.kill()
+            return True
+        return False
 
     def close(self, wait: bool = True) -> None:
         """Stop the workers. Idle ones exit; one still busy (a hung decoder) is killed, never waited for."""
         with self._lock:
             pool, self._pool = self._pool, None
-        if isinstance(pool, ProcessPoolExecutor):
-            _stop(pool, grace=2.0 if wait else 0.0)
+        if isinstance(pool, DecodeProcesses):
+            pool.shutdown(wait=False, cancel_futures=True)
         elif pool is not None:
             pool.shutdown(wait=wait, cancel_futures=True)
         if self._quarantine is not None:
@@ -147,15 +131,21 @@ class DecodeTimeoutError(Exception):
 
 
 class DecodeProcess:
-    """One decode process driven synchronously over a pipe, for a caller that waits for each call (a Ray decode
-    task, the quarantine's thread): no executor threads between the two, so a call costs little more than the
-    decode itself. A call that kills the process raises BrokenProcessPool; one still running at ``timeout``
-    seconds has its process killed and raises DecodeTimeoutError. Either way the next call starts a fresh
-    process. Not thread-safe: one per thread."""
+    """One decode process driven synchronously over a pipe, for a caller that waits for each call (a worker
+    thread of :class:`DecodeProcesses`, the quarantine's thread, a Ray decode task): no executor threads between
+    the two, so a call costs little more than the decode itself. A call that kills the process raises
+    BrokenProcessPool; one still running at ``timeout`` seconds has its process killed and raises
+    DecodeTimeoutError. Either way the next call starts a fresh process. One thread makes the calls; any
+    thread may :meth:`kill`.
+
+    The process is forked from a server that has imported only what decoding needs (Pillow, numpy): fast to
+    start, no threads or sockets of the parent inherited, the caller's ``__main__`` never re-run
+    (:mod:`wanwu._decode_server`)."""
 
     def __init__(self) -> None:
         self._process: Any = None
         self._conn: Any = None
+        self._killed: Any = None  # the process kill() was last called on: dead, even if not reaped yet
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float | None) -> Any:
         conn = self._connection()
@@ -178,7 +168,7 @@ class DecodeProcess:
         return value
 
     def _connection(self) -> Any:
-        if self._process is None or not self._process.is_alive():
+        if self._process is None or self._process is self._killed or not self._process.is_alive():
             self.close()
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["wanwu._decode_server", "wanwu.imaging", "wanwu.decoders"])
@@ -189,6 +179,15 @@ class DecodeProcess:
             theirs.close()
             self._conn = ours
         return self._conn
+
+    def kill(self) -> None:
+        """Kill the process from any thread: a call in progress fails with BrokenProcessPool (its own thread
+        then closes the pipe: closing it here could hand its descriptor to a new file mid-call)."""
+        process = self._process
+        if process is not None:
+            self._killed = process  # the next call starts a fresh one, not one still dying
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                process.kill()
 
     def close(self) -> None:
         """Stop the process (killed: it may be stuck in a decoder)."""
@@ -222,31 +221,6 @@ def timed_out(seconds: float) -> str:
     return f"decoding took longer than {seconds:g} s (--decode-timeout); the decoder was stopped"
 
 
-def _workers(pool: ProcessPoolExecutor) -> list[Any]:
-    # ProcessPoolExecutor has no public way to stop a running task (Python 3.14 adds terminate_workers()).
-    return list((getattr(pool, "_processes", None) or {}).values())
-
-
-def _kill_workers(pool: ProcessPoolExecutor) -> None:
-    for process in _workers(pool):
-        try:
-            process.kill()
-        except (OSError, ValueError, AttributeError):
-            pass
-
-
-def _stop(pool: ProcessPoolExecutor, grace: float) -> None:
-    processes = _workers(pool)
-    pool.shutdown(wait=False, cancel_futures=True)
-    deadline = time.monotonic() + grace
-    for process in processes:
-        try:
-            process.join(max(0.0, deadline - time.monotonic()))
-        except (OSError, ValueError, AssertionError):
-            pass
-    _kill_workers_of(processes)
-
-
 def _kill_workers_of(processes: list[Any]) -> None:
     for process in processes:
         try:
@@ -255,6 +229,63 @@ def _kill_workers_of(processes: list[Any]) -> None:
                 process.join(1.0)
         except (OSError, ValueError, AssertionError):
             pass
+
+
+class DecodeProcesses(Executor):
+    """``workers`` decode processes, each driven over its pipe by a thread of its own (:class:`DecodeProcess`).
+
+    A task costs one pipe round trip: none of ProcessPoolExecutor's manager and feeder threads stand between
+    the caller and the process, which matters when tasks are small (the service decodes one upload per task).
+    A crash fails only the task that caused it, and its process starts afresh for the next task, so the pool
+    never breaks as a whole; :meth:`kill` stops every process (a task past its deadline), failing the tasks
+    in flight with BrokenProcessPool."""
+
+    def __init__(self, workers: int) -> None:
+        self._processes = [DecodeProcess() for _ in range(workers)]
+        self._idle: queue.SimpleQueue[DecodeProcess] = queue.SimpleQueue()
+        for process in self._processes:
+            self._idle.put(process)
+        self._threads = ThreadPoolExecutor(workers, thread_name_prefix="wanwu-decode")
+        self._closed = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if kwargs:
+            raise TypeError("decode tasks take positional arguments only")
+        return self._threads.submit(self._call, fn, *args)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        process = self._idle.get()  # as many threads as processes: one is always free here
+        try:
+            if self._closed:
+                raise BrokenProcessPool("the decode workers were shut down")
+            return process.call(fn, *args, timeout=None)
+        finally:
+            if self._closed:
+                process.close()
+            self._idle.put(process)
+
+    def kill(self) -> None:
+        for process in self._processes:
+            process.kill()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Idle processes are stopped; a busy one (a hung decoder) is killed, never waited for."""
+        self._closed = True
+        self._threads.shutdown(wait=False, cancel_futures=cancel_futures)
+        idle: list[DecodeProcess] = []
+        while True:
+            try:
+                idle.append(self._idle.get_nowait())
+            except queue.Empty:
+                break
+        for process in self._processes:
+            if process in idle:
+                process.close()
+                self._idle.put(process)
+            else:
+                process.kill()  # its thread sees the pipe close, and closes it
+        if wait:
+            self._threads.shutdown(wait=True)
 
 
 class _Quarantine:

@@ -8,8 +8,9 @@ with the number of inputs:
 * fetch: a thread pool reads files / downloads URLs and hashes the bytes (hashlib and I/O drop the GIL);
 * cache + dedupe: on the orchestrator thread; a cache hit or a repeat of content already in flight never
   reaches a decoder, and every input still gets its own record;
-* decode: worker processes run :func:`wanwu.imaging.prepare`; after a decoder crash each file that was in
-  flight is retried alone in a quarantine process (:mod:`wanwu.decoders`), so a crash costs exactly its file;
+* decode: worker processes run :func:`wanwu.imaging.prepare`; after a decoder crash each file of the task
+  that crashed is retried alone in a quarantine process (:mod:`wanwu.decoders`), so a crash costs exactly its
+  file;
 * infer: prepared crops go to an :class:`~wanwu.inference.Inference`. Locally, full batches (or a partial one
   when nothing more can arrive soon) run on the engine on up to ``engine.streams`` threads at once, which
   backs off on out-of-memory; in the service, every crop joins the dynamic batcher shared by all requests.
@@ -85,7 +86,7 @@ class Recognizer:
         self.decoders = DecodePool(self.options.decode_workers, max(1, min(4, self.options.fetch_threads)))
         if engine is None and self.options.decode_workers > 0:
             # Start the decode processes while the model loads: both take a few hundred milliseconds.
-            threading.Thread(target=self._warm_decoders, args=(self.decoders.get()[0],), daemon=True).start()
+            threading.Thread(target=self._warm_decoders, args=(self.decoders.get(),), daemon=True).start()
         label_path = Path(labels) if labels is not None else None
         try:
             self.engine = engine or Engine.load(
@@ -202,7 +203,6 @@ class _Slot:
     data: bytes | None = None
     prepared: Prepared | None = None
     followers: list[_Slot] = field(default_factory=list)
-    generation: int = 0
     isolated: bool = False
 
 
@@ -222,7 +222,7 @@ class _Run:
         self.namespace = self.opts.cache_namespace(rec.engine.spec)
         self.decode_options = self.opts.decode_options()
         self.timeout = self.opts.decode_timeout
-        self.decoding: dict[Future[Any], tuple[float, list[_Slot], int]] = {}  # deadline, slots, generation
+        self.decoding: dict[Future[Any], tuple[float, list[_Slot]]] = {}  # deadline, slots
         self.abandoned: set[Future[Any]] = set()
         self.items = items
         self.events: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
@@ -276,7 +276,7 @@ class _Run:
                 continue
             wait = self.FLUSH_AFTER_S if can_infer else 1.0
             if self.decoding:
-                nearest = min(deadline for deadline, _, _ in self.decoding.values())
+                nearest = min(deadline for deadline, _ in self.decoding.values())
                 wait = max(0.0, min(wait, nearest - time.monotonic()))
             try:
                 event = self.events.get(timeout=wait)
@@ -323,8 +323,8 @@ class _Run:
 
     def _submit_decodes(self) -> None:
         while self.suspects:
-            # After a decoder crash, each file that was in flight is retried alone in the quarantine
-            # process, so a second crash names its culprit exactly; the main pool goes on meanwhile.
+            # After a decoder crash (or a deadline), each file of the failed tasks is retried alone in the
+            # quarantine process, so a second crash names its culprit exactly; the workers go on meanwhile.
             slot = self.suspects.popleft()
             slot.isolated = True
             self.pending_decode += 1
@@ -333,20 +333,18 @@ class _Run:
             )
             future.add_done_callback(self._notify("decode", [slot]))
         while self.to_decode and self.pending_decode < self.max_decode:
-            # Several images per task when many wait: each round trip to a worker process costs about a
-            # millisecond of CPU, a quarter of decoding a small photo.
+            # Several images per task when many wait: each round trip to a worker process costs CPU on both
+            # sides (pickling, waking a thread and a process).
             size = max(1, min(self.chunk, len(self.to_decode) // self.workers))
             self._submit_decode([self.to_decode.popleft() for _ in range(size)])
 
     def _submit_decode(self, slots: list[_Slot]) -> None:
-        pool, generation = self.rec.decoders.get()
-        for slot in slots:
-            slot.generation = generation
         self.pending_decode += len(slots)
-        future = pool.submit(self.decode, [s.data or b"" for s in slots], self.preprocess, self.decode_options)
+        datas = [s.data or b"" for s in slots]
+        future = self.rec.decoders.get().submit(self.decode, datas, self.preprocess, self.decode_options)
         # A task may wait behind one other on its worker: allow for that, then give up on it.
         deadline = time.monotonic() + self.timeout * (len(slots) + self.chunk)
-        self.decoding[future] = (deadline, slots, generation)
+        self.decoding[future] = (deadline, slots)
         future.add_done_callback(lambda f: self.events.put(("decode", slots, f)))
 
     def _notify(self, kind: str, subject: _Slot | list[_Slot]) -> Callable[[Future[Any]], None]:
@@ -397,15 +395,16 @@ class _Run:
         self.to_decode.append(slot)
 
     def _enforce_deadlines(self) -> None:
-        """A decode past its deadline: kill its pool's workers (its files become suspects, retried alone in
-        the quarantine under the same deadline). Threads cannot be stopped: give up on their files."""
+        """A decode past its deadline: kill the worker processes (the files of every task in flight become
+        suspects, retried alone in the quarantine under the same deadline). Threads cannot be stopped: give up
+        on their files."""
         now = time.monotonic()
-        for future, (deadline, slots, generation) in list(self.decoding.items()):
+        for future, (deadline, slots) in list(self.decoding.items()):
             if now < deadline or future.done():
                 continue
             del self.decoding[future]
-            if self.rec.decoders.kill(generation):
-                continue  # the broken pool reports this task (and its neighbours) as an event
+            if self.rec.decoders.kill():
+                continue  # this task (and any other in flight) fails with BrokenProcessPool, as an event
             self.abandoned.add(future)
             self.pending_decode -= len(slots)
             for slot in slots:
@@ -421,8 +420,6 @@ class _Run:
                 self._fail(slot, "decode_error", self._timed_out())
             return
         if isinstance(exc, BrokenProcessPool):
-            if not slots[0].isolated:
-                self.rec.decoders.reset(slots[0].generation)
             for slot in slots:  # any of them may have crashed it: each is retried alone
                 if slot.isolated:
                     self._fail(slot, "decode_error", CRASHED)
