@@ -14,7 +14,7 @@ What it does:
 5. with --rss-requests N: N more requests, sampling the RSS of the server's process tree as it goes.
 
 The load generator runs on the same machine as the server, so its CPU is taken from the server's. It uses
-aiohttp (its HTTP parser is C) by default: on a 2-core machine, 32 httpx clients take 0.35-0.55 of a core,
+aiohttp (its HTTP parser is C) by default: on a 2-core machine, 32 httpx clients take 0.35-0.6 of a core,
 aiohttp's about 0.08, and the server gets the difference. `--client httpx` measures with httpx for
 comparison. The CLI pays for no client, so a cheap one is what makes the ratio about the server.
 
