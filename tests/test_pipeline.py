@@ -438,3 +438,28 @@ def test_decode_workers_fail_only_the_task_that_crashed_and_stop_a_hung_one() ->
         assert time.monotonic() - start < 5  # the hung decoder was killed, not waited for
     assert isinstance(stuck.exception(timeout=5), BrokenProcessPool)
     assert children and not any(child.is_alive() for child in children)
+
+
+def test_a_decode_deadline_counts_from_when_its_task_starts_and_stops_only_that_task() -> None:
+    from concurrent.futures import wait
+
+    from tests.ray_support import hostile_decode
+    from wanwu.decoders import DecodeProcesses, DecodeTimeoutError
+    from wanwu.imaging import DecodeOptions
+    from wanwu.spec import PreprocessSpec
+
+    photo = image_bytes((40, 120, 200), size=(320, 240))
+    args = (PreprocessSpec(), DecodeOptions())
+    expected = hostile_decode(photo, *args).pixels
+    pool = DecodeProcesses(1)
+    try:
+        # each takes a second, with 2 s allowed: the third waits 2 s in the queue before it starts
+        slow = [pool.submit_within(2.0, hostile_decode, b"SLOW" + photo, *args) for _ in range(3)]
+        wait(slow, timeout=60)
+        assert all(np.array_equal(f.result().pixels, expected) for f in slow)
+        hang = pool.submit_within(1.0, hostile_decode, b"HANG" + photo, *args)
+        after = pool.submit_within(30.0, hostile_decode, photo, *args)  # queued behind the hung one
+        assert isinstance(hang.exception(timeout=15), DecodeTimeoutError)
+        assert np.array_equal(after.result(timeout=60).pixels, expected)  # a fresh process took it
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -5,9 +5,9 @@ Each worker process is a :class:`DecodeProcess`, forked from a server that has i
 needs and driven over a pipe by a thread of its own (:class:`DecodeProcesses`). A crash fails the task that
 caused it, which may hold several files; the orchestrator sends each of them to :meth:`DecodePool.isolate`:
 alone in the quarantine process, a second crash names its file exactly, while the workers go on with everything
-else. A task past its deadline gets every worker killed (:meth:`DecodePool.kill`), and its files become suspects
-in the same way. The quarantine is shared by every run on the pool (concurrent service requests, say), so an
-innocent file is never retried beside another run's culprit.
+else. A task still running at its deadline (counted from when it started) has its process killed, and its files
+become suspects in the same way. The quarantine is shared by every run on the pool (concurrent service requests,
+say), so an innocent file is never retried beside another run's culprit.
 """
 
 from __future__ import annotations
@@ -96,6 +96,20 @@ class DecodePool:
                     self._pool = DecodeProcesses(self.workers)
             return self._pool
 
+    def submit(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Future[Any]:
+        """Run ``fn(*args)`` on a worker. In a process, a task still running ``timeout`` seconds after it
+        started is stopped (its process killed) and raises DecodeTimeoutError; a task that crashes its process
+        raises BrokenProcessPool. A thread cannot be stopped: the caller gives up on it instead."""
+        pool = self.get()
+        if isinstance(pool, DecodeProcesses):
+            return pool.submit_within(timeout, fn, *args)
+        return pool.submit(fn, *args)
+
+    @property
+    def stoppable(self) -> bool:
+        """Workers are processes: :meth:`submit` enforces its deadlines itself."""
+        return self.workers > 0
+
     def isolate(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Future[Any]:
         """Run ``fn(*args)`` alone in the quarantine process. The future raises BrokenProcessPool only when
         this very call crashed its process, and DecodeTimeoutError when it ran past ``timeout`` seconds (its
@@ -103,16 +117,6 @@ class DecodePool:
         if self._quarantine is None:  # threads cannot crash each other's process: run it in the pool
             return self.get().submit(fn, *args)
         return self._quarantine.submit(fn, *args, timeout=timeout)
-
-    def kill(self) -> bool:
-        """Kill the worker processes (a decode ran past its deadline): every task in flight then fails with
-        BrokenProcessPool, and the next tasks get fresh processes. False for threads, which cannot be stopped."""
-        with self._lock:
-            pool = self._pool
-        if isinstance(pool, DecodeProcesses):
-            pool.kill()
-            return True
-        return False
 
     def close(self, wait: bool = True) -> None:
         """Stop the workers. Idle ones exit; one still busy (a hung decoder) is killed, never waited for."""
@@ -236,9 +240,9 @@ class DecodeProcesses(Executor):
 
     A task costs one pipe round trip: none of ProcessPoolExecutor's manager and feeder threads stand between
     the caller and the process, which matters when tasks are small (the service decodes one upload per task).
-    A crash fails only the task that caused it, and its process starts afresh for the next task, so the pool
-    never breaks as a whole; :meth:`kill` stops every process (a task past its deadline), failing the tasks
-    in flight with BrokenProcessPool."""
+    A crash fails only the task that caused it, and a task past its deadline (:meth:`submit_within`) only
+    itself; either way that process alone starts afresh for the next task, so the pool never breaks as a whole.
+    :meth:`kill` stops every process, failing the tasks in flight with BrokenProcessPool."""
 
     def __init__(self, workers: int) -> None:
         self._processes = [DecodeProcess() for _ in range(workers)]
@@ -251,14 +255,20 @@ class DecodeProcesses(Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         if kwargs:
             raise TypeError("decode tasks take positional arguments only")
-        return self._threads.submit(self._call, fn, *args)
+        return self._threads.submit(self._call, fn, args, None)
 
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def submit_within(self, timeout: float, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Like ``submit``, but a task still running ``timeout`` seconds after it started has its process
+        killed (the next task gets a fresh one) and raises DecodeTimeoutError. Time spent queued does not
+        count."""
+        return self._threads.submit(self._call, fn, args, timeout)
+
+    def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float | None) -> Any:
         process = self._idle.get()  # as many threads as processes: one is always free here
         try:
             if self._closed:
                 raise BrokenProcessPool("the decode workers were shut down")
-            return process.call(fn, *args, timeout=None)
+            return process.call(fn, *args, timeout=timeout)
         finally:
             if self._closed:
                 process.close()

@@ -341,10 +341,11 @@ class _Run:
     def _submit_decode(self, slots: list[_Slot]) -> None:
         self.pending_decode += len(slots)
         datas = [s.data or b"" for s in slots]
-        future = self.rec.decoders.get().submit(self.decode, datas, self.preprocess, self.decode_options)
-        # A task may wait behind one other on its worker: allow for that, then give up on it.
-        deadline = time.monotonic() + self.timeout * (len(slots) + self.chunk)
-        self.decoding[future] = (deadline, slots)
+        future = self.rec.decoders.submit(
+            self.decode, datas, self.preprocess, self.decode_options, timeout=self.timeout * len(slots)
+        )
+        if not self.rec.decoders.stoppable:  # a thread: give up on it at its deadline (it may wait behind one)
+            self.decoding[future] = (time.monotonic() + self.timeout * (len(slots) + self.chunk), slots)
         future.add_done_callback(lambda f: self.events.put(("decode", slots, f)))
 
     def _notify(self, kind: str, subject: _Slot | list[_Slot]) -> Callable[[Future[Any]], None]:
@@ -395,16 +396,13 @@ class _Run:
         self.to_decode.append(slot)
 
     def _enforce_deadlines(self) -> None:
-        """A decode past its deadline: kill the worker processes (the files of every task in flight become
-        suspects, retried alone in the quarantine under the same deadline). Threads cannot be stopped: give up
-        on their files."""
+        """A decode thread past its deadline cannot be stopped: give up on its files. (A decode process past
+        its deadline is stopped by the pool, and its task fails with DecodeTimeoutError.)"""
         now = time.monotonic()
         for future, (deadline, slots) in list(self.decoding.items()):
             if now < deadline or future.done():
                 continue
             del self.decoding[future]
-            if self.rec.decoders.kill():
-                continue  # this task (and any other in flight) fails with BrokenProcessPool, as an event
             self.abandoned.add(future)
             self.pending_decode -= len(slots)
             for slot in slots:
@@ -415,12 +413,11 @@ class _Run:
 
     def _decoded(self, slots: list[_Slot], future: Future[list[DecodeResult]]) -> None:
         exc = future.exception()
-        if isinstance(exc, DecodeTimeoutError):
-            for slot in slots:
-                self._fail(slot, "decode_error", self._timed_out())
+        if isinstance(exc, DecodeTimeoutError) and len(slots) == 1:  # it ran alone: the culprit is known
+            self._fail(slots[0], "decode_error", self._timed_out())
             return
-        if isinstance(exc, BrokenProcessPool):
-            for slot in slots:  # any of them may have crashed it: each is retried alone
+        if isinstance(exc, (BrokenProcessPool, DecodeTimeoutError)):
+            for slot in slots:  # any of them may have crashed it or hung: each is retried alone
                 if slot.isolated:
                     self._fail(slot, "decode_error", CRASHED)
                 else:
