@@ -85,7 +85,9 @@ class DecodePool:
         self.workers, self.threads = workers, threads
         self._pool: DecodeProcesses | ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._quarantine = _Quarantine() if workers > 0 else None
+        # One process, one task at a time: the next starts only when the last has finished, so a crash or a
+        # deadline names its task exactly.
+        self._quarantine = DecodeProcesses(1, name="wanwu-quarantine") if workers > 0 else None
 
     def get(self) -> Executor:
         with self._lock:
@@ -116,7 +118,7 @@ class DecodePool:
         process is then killed)."""
         if self._quarantine is None:  # threads cannot crash each other's process: run it in the pool
             return self.get().submit(fn, *args)
-        return self._quarantine.submit(fn, *args, timeout=timeout)
+        return self._quarantine.submit_within(timeout, fn, *args)
 
     def close(self, wait: bool = True) -> None:
         """Stop the workers. Idle ones exit; one still busy (a hung decoder) is killed, never waited for."""
@@ -127,7 +129,7 @@ class DecodePool:
         elif pool is not None:
             pool.shutdown(wait=wait, cancel_futures=True)
         if self._quarantine is not None:
-            self._quarantine.close()
+            self._quarantine.shutdown(wait=False, cancel_futures=True)
 
 
 class DecodeTimeoutError(Exception):
@@ -244,23 +246,23 @@ class DecodeProcesses(Executor):
     itself; either way that process alone starts afresh for the next task, so the pool never breaks as a whole.
     :meth:`kill` stops every process, failing the tasks in flight with BrokenProcessPool."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, name: str = "wanwu-decode") -> None:
         self._processes = [DecodeProcess() for _ in range(workers)]
         self._idle: queue.SimpleQueue[DecodeProcess] = queue.SimpleQueue()
         for process in self._processes:
             self._idle.put(process)
-        self._threads = ThreadPoolExecutor(workers, thread_name_prefix="wanwu-decode")
+        self._threads = ThreadPoolExecutor(workers, thread_name_prefix=name)
         self._closed = False
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         if kwargs:
             raise TypeError("decode tasks take positional arguments only")
-        return self._threads.submit(self._call, fn, args, None)
+        return self.submit_within(None, fn, *args)
 
-    def submit_within(self, timeout: float, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    def submit_within(self, timeout: float | None, fn: Callable[..., Any], *args: Any) -> Future[Any]:
         """Like ``submit``, but a task still running ``timeout`` seconds after it started has its process
         killed (the next task gets a fresh one) and raises DecodeTimeoutError. Time spent queued does not
-        count."""
+        count; ``None``: no deadline."""
         return self._threads.submit(self._call, fn, args, timeout)
 
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float | None) -> Any:
@@ -296,19 +298,3 @@ class DecodeProcesses(Executor):
                 process.kill()  # its thread sees the pipe close, and closes it
         if wait:
             self._threads.shutdown(wait=True)
-
-
-class _Quarantine:
-    """One :class:`DecodeProcess`, one task at a time, driven from one thread: the next task starts only when
-    the last one has finished, so a crash or a deadline names its task exactly."""
-
-    def __init__(self) -> None:
-        self._process = DecodeProcess()
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="wanwu-quarantine")
-
-    def submit(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Future[Any]:
-        return self._thread.submit(self._process.call, fn, *args, timeout=timeout)
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=False, cancel_futures=True)
-        self._process.close()  # a task still running (a hung decoder) fails with BrokenProcessPool

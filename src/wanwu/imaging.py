@@ -22,7 +22,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -142,12 +142,15 @@ def decode_job(data: bytes, spec: PreprocessSpec, options: DecodeOptions | int) 
 
 def decode_jobs(datas: list[bytes], spec: PreprocessSpec, options: DecodeOptions | int) -> list[DecodeResult]:
     """:func:`decode_job` for several images in one round trip to a worker."""
-    return [decode_job(data, spec, options) for data in datas]
+    return decode_each(decode_job, datas, spec, options)
+
+
+_Options = TypeVar("_Options")  # whatever ``decode`` takes as its options
 
 
 def decode_each(
-    decode: Callable[[bytes, PreprocessSpec, DecodeOptions], DecodeResult], datas: list[bytes],
-    spec: PreprocessSpec, options: DecodeOptions,
+    decode: Callable[[bytes, PreprocessSpec, _Options], DecodeResult], datas: list[bytes],
+    spec: PreprocessSpec, options: _Options,
 ) -> list[DecodeResult]:
     """``decode`` (:func:`decode_job` or a wrapper of it) for several images in one round trip to a worker."""
     return [decode(data, spec, options) for data in datas]

@@ -130,7 +130,7 @@ def create_app(
         app.include_router(jobs_router(config.queue, max_upload_bytes=config.max_upload_bytes), dependencies=guard,
                            responses=errors(401) if guard else None)
     _add_routes(app, state, guard)
-    install_openapi(app, _JSON_COMPONENTS, lambda: None if state.runtime is None else _zero_shot(state.runtime))
+    install_openapi(app, _JSON_COMPONENTS, lambda: None if state.runtime is None else state.runtime.zero_shot)
     app.mount("/static", StaticFiles(packages=[("wanwu", "web")]), name="static")
     _add_docs(app)
     return app
@@ -258,7 +258,7 @@ def _add_routes(app: FastAPI, state: ServiceState, guard: list[Any]) -> None:
                     "score": config.options.record.score,
                     "max_batch_size": config.max_batch_size,
                     "labels_sample": list(spec.labels[:5]),
-                    "zero_shot": _zero_shot(runtime),
+                    "zero_shot": runtime.zero_shot,
                 }
             ]
         }
@@ -290,8 +290,3 @@ def _add_routes(app: FastAPI, state: ServiceState, guard: list[Any]) -> None:
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
-
-
-def _zero_shot(runtime: Runtime) -> bool:
-    """The loaded model takes a label list per request (a Chinese-CLIP model)."""
-    return bool(runtime.engine.spec.prompts) and hasattr(runtime.engine.backend, "relabel")

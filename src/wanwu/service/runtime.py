@@ -84,6 +84,11 @@ class Runtime:
     def defaults(self) -> RecordOptions:
         return self.config.options.record
 
+    @property
+    def zero_shot(self) -> bool:
+        """The loaded model takes a label list per request (a Chinese-CLIP model)."""
+        return bool(self.engine.spec.prompts) and hasattr(self.engine.backend, "relabel")
+
     async def recognize(
         self, items: list[InputItem], record: RecordOptions, labels: tuple[str, ...] | None = None
     ) -> list[Record]:
@@ -117,11 +122,12 @@ class Runtime:
                 found.users += 1
                 return found
             spec = self.engine.spec
-            if not spec.prompts or not hasattr(self.engine.backend, "relabel"):
+            if not self.zero_shot:
                 raise UsageError(f"{spec.source or spec.name} has fixed classes: only a zero-shot (CLIP) model "
                                  "takes a label list per request")
             spec = replace(spec, labels=labels, labels_en=())
-            engine = Engine(spec, self.engine.backend.relabel(spec), self.config.max_batch_size)
+            relabel = self.engine.backend.relabel  # type: ignore[attr-defined]  # zero_shot: it has one
+            engine = Engine(spec, relabel(spec), self.config.max_batch_size)
             # Decoding stays crash-isolated (one worker process) unless the operator chose threads (-j 0).
             options = replace(self.config.options, workers=0 if self.config.options.workers == 0 else 1)
             label_set = _LabelSet(Recognizer(options=options, engine=engine, cache=None), users=1)
