@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -383,8 +383,8 @@ class _Run:
         if (leader := self.leaders.get(sha)) is not None:
             leader.followers.append(slot)
             return
-        hit = self.memo.get_many(self.namespace, [sha]).get(sha)
-        if hit is None and self.rec.cache is not None:
+        hit = None if self.record_options.scores else self.memo.get_many(self.namespace, [sha]).get(sha)
+        if hit is None and self.rec.cache is not None and not self.record_options.scores:
             hit = self.rec.cache.get_many(self.namespace, [sha]).get(sha)
             if hit is not None:
                 self.rec.count_cache_hit()
@@ -463,7 +463,7 @@ class _Run:
                 continue
             result = CachedResult(top, slot.prepared.width, slot.prepared.height, slot.prepared.warnings)
             slot.prepared = None
-            fresh.append((slot.sha256, result))
+            fresh.append((slot.sha256, replace(result, top=top.without_row())))  # caches keep no score rows
             self._finish(slot, lambda s, r=result: self._ok(s, r))
         self.memo.put_many(self.namespace, fresh)
         if self.rec.cache is not None:
