@@ -48,7 +48,7 @@ from wanwu.fetch import Fetched, Fetcher
 from wanwu.imaging import DecodeResult, Prepared, decode_jobs
 from wanwu.inference import Inference, LocalInference
 from wanwu.records import Record, RecordOptions, TopScores
-from wanwu.sources import InputItem, expand
+from wanwu.sources import InputItem, SourceOptions, expand
 from wanwu.spec import ModelSpec
 
 log = logging.getLogger("wanwu")
@@ -120,7 +120,7 @@ class Recognizer:
         """Records in input order. Strings are expanded like CLI arguments (folders, globs, URLs).
 
         ``record`` shapes the records (top-k, score, threshold); default: ``options.record``."""
-        return _Run(self, _items(inputs), record or self.options.record).records()
+        return _Run(self, _items(inputs, self.options.max_bytes), record or self.options.record).records()
 
     def recognize_one(self, input: InputLike, record: RecordOptions | None = None) -> Record:
         records = list(self.recognize([input], record))
@@ -184,12 +184,13 @@ def open_cache(options: RecognizeOptions) -> ResultCache:
     return SqliteCache(options.resolved_cache_path())
 
 
-def _items(inputs: Iterable[InputLike]) -> Iterator[InputItem]:
+def _items(inputs: Iterable[InputLike], max_bytes: int) -> Iterator[InputItem]:
+    options = SourceOptions(max_bytes=max_bytes)
     for value in inputs:
         if isinstance(value, InputItem):
             yield value
         else:
-            yield from expand([str(value)])
+            yield from expand([str(value)], options=options)
 
 
 # --- one run ---------------------------------------------------------------------------------------------
@@ -204,6 +205,15 @@ class _Slot:
     prepared: Prepared | None = None
     followers: list[_Slot] = field(default_factory=list)
     isolated: bool = False
+
+
+def _out(slot: _Slot) -> Record:
+    """A finished slot's record, with what rode along with its input."""
+    record = slot.record
+    assert record is not None
+    if slot.item.meta is not None:
+        record.meta = slot.item.meta
+    return record
 
 
 class _Run:
@@ -254,7 +264,7 @@ class _Run:
             # Flush everything already finished (out of order past the head), then stop.
             for slot in self.window:
                 if slot.record is not None:
-                    yield slot.record
+                    yield _out(slot)
             raise
         finally:
             self._abandon()
@@ -264,9 +274,7 @@ class _Run:
         while True:
             self._fill()
             while self.window and self.window[0].record is not None:
-                record = self.window.popleft().record
-                assert record is not None
-                yield record
+                yield _out(self.window.popleft())
             if not self.window and self.exhausted:
                 return
             self._submit_decodes()

@@ -136,6 +136,7 @@ class Record:
     error: ErrorInfo | None = None
     warnings: tuple[str, ...] = ()  # what the decoder said about this file (a corrupt EXIF block, …)
     scores: npt.NDArray[np.float32] | None = None  # every class's raw score, when RecordOptions.scores asked
+    meta: dict[str, Any] | None = None  # what rode along with the input (a shard sample's .json, table columns)
 
     @property
     def ok(self) -> bool:
@@ -153,11 +154,15 @@ class Record:
             }
             if self.warnings:
                 out_ok["warnings"] = list(self.warnings)
+            if self.meta is not None:
+                out_ok["meta"] = self.meta
             return out_ok
         out: dict[str, Any] = {"input": self.input, "status": "error"}
         if self.sha256 is not None:
             out["sha256"] = self.sha256
         out["error"] = self.error.to_dict() if self.error else {"type": "internal", "message": "unknown"}
+        if self.meta is not None:
+            out["meta"] = self.meta
         return out
 
     @classmethod
@@ -193,6 +198,9 @@ class Record:
                 width=data.get("width"),
                 height=data.get("height"),
                 warnings=tuple(data.get("warnings") or ()),
+                meta=data.get("meta"),
             )
         err = data.get("error") or {}
-        return cls.failure(data["input"], err.get("type", "internal"), err.get("message", ""), data.get("sha256"))
+        failed = cls.failure(data["input"], err.get("type", "internal"), err.get("message", ""), data.get("sha256"))
+        failed.meta = data.get("meta")
+        return failed
