@@ -195,3 +195,35 @@ def _write_table(path: Path, rows: list[dict[str, str]]) -> None:
     sep = "\t" if path.suffix == ".tsv" else ","
     lines = [sep.join(rows[0])] + [sep.join(r.values()) for r in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.mark.filterwarnings(r"ignore::DeprecationWarning:ray\..*")
+def test_the_ray_runner_reads_each_shard_in_a_task_with_the_local_records(
+    shards: Path, served: Path, mobilenet: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ray = pytest.importorskip("ray", reason="the cluster extra is not installed")
+    from wanwu import shards as shards_module
+    from wanwu.config import RecognizeOptions
+    from wanwu.pipeline import Recognizer
+    from wanwu.ray import RayOptions, RayRunner
+    from wanwu.sinks import dumps
+    from wanwu.sources import SourceOptions, expand
+
+    photo = str(sorted(served.iterdir())[0])
+    inputs = [str(shards / "00001.tar"), photo, str(shards / "{00000..00002}.tar")]
+    options = RecognizeOptions(cache=False, workers=0)
+    with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=options) as rec:
+        expected = [dumps(r) for r in rec.recognize(expand(inputs))]
+
+    def not_on_the_driver(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a shard was read on the driver")
+
+    monkeypatch.setattr(shards_module, "read_shard", not_on_the_driver)  # Ray's workers import their own
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with RayRunner(str(mobilenet[0]), labels=mobilenet[1], options=options,
+                       ray_options=RayOptions(decode_batch=4)) as runner:
+            got = [dumps(r) for r in runner.recognize(expand(inputs, options=SourceOptions(defer_shards=True)))]
+    finally:
+        ray.shutdown()
+    assert got == expected and len(got) > N_PHOTOS + 1  # shard 1 twice, the photo, every sample

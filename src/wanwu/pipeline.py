@@ -188,7 +188,12 @@ def _items(inputs: Iterable[InputLike], max_bytes: int) -> Iterator[InputItem]:
     options = SourceOptions(max_bytes=max_bytes)
     for value in inputs:
         if isinstance(value, InputItem):
-            yield value
+            if value.kind == "shard":  # expanded where it runs: here, as it is consumed
+                from wanwu.shards import read_shard
+
+                yield from read_shard(value.locator, options)
+            else:
+                yield value
         else:
             yield from expand([str(value)], options=options)
 

@@ -158,7 +158,19 @@ class ShardSource:
 
     def expand(self, arg: str, options: SourceOptions | None = None) -> Iterator[InputItem]:
         for shard in _shards(arg):
-            yield from read_shard(shard, options)
+            if options is not None and options.defer_shards:
+                yield InputItem(shard, "shard", shard)
+            else:
+                yield from read_shard(shard, options)
+
+
+def shard_rows(row: dict[str, Any], options: SourceOptions) -> Iterator[dict[str, Any]]:
+    """A Ray ``flat_map`` over rows ``{"shard": path}``: one row per sample, read in the task that runs it
+    (rows as :func:`wanwu.ray.stages.item_rows` makes them, the sample's bytes included)."""
+    for item in read_shard(str(row["shard"]), options):
+        yield {"input": item.input, "kind": item.kind, "locator": item.locator or item.error,
+               "error_type": item.error_type, "bytes": item.data or b"",
+               "meta": json.dumps(item.meta, ensure_ascii=False) if item.meta is not None else ""}
 
 
 SOURCE = ShardSource()

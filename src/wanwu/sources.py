@@ -25,7 +25,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo"}
 )
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
-ItemKind = Literal["file", "url", "bytes", "missing", "object"]  # object: s3:// (wanwu.objstore)
+ItemKind = Literal["file", "url", "bytes", "missing", "object", "shard"]  # object: s3://; shard: a .tar not yet read
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,7 @@ class SourceOptions:
     keep_columns: tuple[str, ...] = ()
     with_meta: bool = False
     max_bytes: int = DEFAULT_MAX_BYTES
+    defer_shards: bool = False  # a .tar stays one "shard" item, read later where it runs (the Ray runner)
 
 
 class Source(Protocol):

@@ -55,7 +55,9 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
     """``wanwu recognize`` (its help text is ``h("recognize")``, in the locale's language)."""
     options = _options(kw)
     keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip())
-    sources = SourceOptions(url_column, keep, with_meta, options.max_bytes)
+    # On Ray, a .tar shard is read by a task on the cluster; resuming needs its samples named on the driver.
+    defer = kw["runner"] == "ray" and not (resume or retry_errors)
+    sources = SourceOptions(url_column, keep, with_meta, options.max_bytes, defer_shards=defer)
     fmt = fmt or _default_format(output)
     if (resume or retry_errors) and output is None:
         raise UsageError("--resume needs --output FILE (the file of the run to continue)")
