@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.servers import static_server
+from tests.test_s3 import s3  # noqa: F401  (the fixture: a moto S3 server)
 from wanwu.cli.main import main
 from wanwu.shards import braces
 
@@ -57,11 +58,13 @@ def shards(served: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         urls.insert(3, f"{base}/missing.jpg")
         (out / "urls.txt").write_text("\n".join(urls) + "\n")
         run = subprocess.run(
-            [str(Path(sys.executable).with_name("img2dataset")), "--url_list", str(out / "urls.txt"), "--input_format", "txt",
-             "--output_format", "webdataset", "--output_folder", str(out / "ds"), "--resize_mode", "no",
+            [str(Path(sys.executable).with_name("img2dataset")), "--url_list", str(out / "urls.txt"),
+             "--input_format", "txt", "--output_format", "webdataset", "--output_folder", str(out / "ds"),
+             "--resize_mode", "no",
              "--disable_all_reencoding", "True", "--enable_wandb", "False", "--processes_count", "1",
              "--thread_count", "4", "--number_sample_per_shard", "5"],
-            capture_output=True, text=True, timeout=300, cwd=out, env={**os.environ, "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"},
+            capture_output=True, text=True, timeout=300, cwd=out,
+            env={**os.environ, "WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1"},
         )
     assert run.returncode == 0, run.stderr[-3000:]
     return out / "ds"
@@ -73,7 +76,7 @@ def test_each_image_sample_gets_the_records_of_its_photo(
     tars = sorted(shards.glob("*.tar"))
     assert len(tars) >= 2
     assert _run(mobilenet, str(served), "-o", str(tmp_path / "files.jsonl")) == 0
-    pattern = str(shards / ("{00000..%05d}.tar" % (len(tars) - 1)))
+    pattern = str(shards / f"{{00000..{len(tars) - 1:05d}}}.tar")
     assert _run(mobilenet, pattern, "-o", str(tmp_path / "shards.jsonl")) == 0
     got = _records(tmp_path / "shards.jsonl")
     assert len(got) == N_PHOTOS  # the dead URL has no sample; .json/.txt members give no records
@@ -227,3 +230,20 @@ def test_the_ray_runner_reads_each_shard_in_a_task_with_the_local_records(
     finally:
         ray.shutdown()
     assert got == expected and len(got) > N_PHOTOS + 1  # shard 1 twice, the photo, every sample
+
+
+def test_shards_on_s3_give_the_records_of_local_shards(
+    s3: Any, shards: Path, mobilenet: tuple[Path, Path], tmp_path: Path  # noqa: F811 (the fixture)
+) -> None:
+    s3.create_bucket(Bucket="data")
+    for tar in sorted(shards.glob("*.tar")):
+        s3.put_object(Bucket="data", Key=f"ds/{tar.name}", Body=tar.read_bytes())
+    s3.put_object(Bucket="data", Key="ds/bad.tar", Body=b"this is not a tar file at all" * 40)
+    assert _run(mobilenet, str(shards / "{00000..00001}.tar"), "-o", str(tmp_path / "local.jsonl")) == 0
+    assert _run(mobilenet, "s3://data/ds/{00000..00001}.tar", "s3://data/ds/bad.tar", "s3://data/ds/gone.tar",
+                "-o", str(tmp_path / "s3.jsonl")) == 3
+    local, remote = _records(tmp_path / "local.jsonl"), _records(tmp_path / "s3.jsonl")
+    assert [r["input"].replace(str(shards), "s3://data/ds") for r in local] == [r["input"] for r in remote[:-2]]
+    assert [r["predictions"] for r in local] == [r["predictions"] for r in remote[:-2]]
+    assert remote[-2]["input"] == "s3://data/ds/bad.tar" and remote[-2]["error"]["type"] == "decode_error"
+    assert remote[-1]["input"] == "s3://data/ds/gone.tar" and remote[-1]["error"]["type"] == "not_found"
