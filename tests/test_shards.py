@@ -247,3 +247,22 @@ def test_shards_on_s3_give_the_records_of_local_shards(
     assert [r["predictions"] for r in local] == [r["predictions"] for r in remote[:-2]]
     assert remote[-2]["input"] == "s3://data/ds/bad.tar" and remote[-2]["error"]["type"] == "decode_error"
     assert remote[-1]["input"] == "s3://data/ds/gone.tar" and remote[-1]["error"]["type"] == "not_found"
+
+
+def test_a_job_takes_a_shard_as_its_samples(shards: Path, tmp_path: Path, tiny_model: tuple[Path, Path]) -> None:
+    from tests.jobs_support import work
+    from wanwu.jobs.base import open_queue
+
+    url = f"sqlite:///{tmp_path / 'q.sqlite3'}"
+    shard = str(shards / "00000.tar")
+    assert main(["jobs", "submit", shard, "--by-reference", "--queue", url, "--task-size", "2"]) == 0
+    queue = open_queue(url)
+    try:
+        work(queue, tiny_model)
+        (job,) = queue.jobs()
+        records = list(queue.results(job.id))
+    finally:
+        queue.close()
+    with tarfile.open(shard) as t:
+        names = [f"{shard}#{m.name}" for m in t.getmembers() if m.name.endswith(".jpg")]
+    assert [r.input for r in records] == names and all(r.ok for r in records)
