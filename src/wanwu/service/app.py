@@ -7,7 +7,11 @@
   ``{"images": [base64, ...]}``; answers ``{"results": [record, ...]}`` in request order;
 * ``GET /v1/models``, ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus), ``/openapi.json``,
   ``/docs`` (Swagger UI served locally);
-* ``GET /`` — the 万物识别 web page (``wanwu/web``, no CDN).
+* ``GET /`` — the 万物识别 web page (``wanwu/web``, no CDN). No ``/redoc`` (it needs a CDN).
+
+Before any route: security headers (``headers.py``), NUL/surrogate checks of the URL (``guard.py``), and the
+body limits, minimum upload rate and in-flight byte budget (``bodies.py``); any unexpected exception still
+answers the JSON error body (500 ``internal``).
 """
 
 from __future__ import annotations
