@@ -153,3 +153,11 @@ def test_the_contract_documents_the_boundary_answers(tiny_model: Model, tmp_path
                 assert {"408", "413", "503"} <= statuses, (method, path)
     error = document["paths"]["/v1/recognize"]["post"]["responses"]["408"]["content"]["application/json"]
     assert json.dumps(error["schema"]).count("ErrorBody") == 1 and "ErrorBody" in document["components"]["schemas"]
+
+
+def test_the_upload_rate_settings_are_checked() -> None:
+    from wanwu.errors import UsageError
+
+    for field, option in (("body_timeout_s", "--body-timeout"), ("min_upload_kb_s", "--min-upload-rate")):
+        with pytest.raises(UsageError, match=option):
+            ServeConfig(**{field: 0})
