@@ -30,7 +30,7 @@ from wanwu import __version__
 from wanwu.records import TOP_N_STORED, Record, RecordOptions
 from wanwu.service.batcher import QueueFullError
 from wanwu.service.config import ServeConfig
-from wanwu.service.requests import ApiError
+from wanwu.service.contract import ApiError
 from wanwu.service.runtime import Runtime
 from wanwu.service.tensors import (
     HEADER_LENGTH,
