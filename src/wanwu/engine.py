@@ -41,8 +41,9 @@ class Engine:
         spec = model if isinstance(model, ModelSpec) else resolve_model(model, labels, label_column)
         return cls(spec, create_backend(spec, backend_options or BackendOptions()), max_batch)
 
-    def infer(self, pixels: list[npt.NDArray[np.uint8]]) -> list[TopScores]:
+    def infer(self, pixels: list[npt.NDArray[np.uint8]], keep_rows: bool = False) -> list[TopScores]:
         """Scores for each crop, in order. Splits into chunks of ``max_batch``; halves it on OOM.
+        ``keep_rows``: each TopScores also carries its image's whole score row.
 
         Safe to call from several threads: up to :attr:`streams` batches run on the backend at once.
         """
@@ -59,7 +60,7 @@ class Engine:
                 self.max_batch = min(self.max_batch, max(1, size // 2))  # streams may race here
                 log.warning("out of memory at batch %d; retrying with batch %d (%s)", size, self.max_batch, e)
                 continue
-            out.extend(top_scores(raw))
+            out.extend(top_scores(raw, keep_rows=keep_rows))
             start += size
         return out
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from wanwu.errors import FetchError, MissingExtraError, NotFoundError, TooLargeError
-from wanwu.sources import IMAGE_EXTENSIONS, InputItem
+from wanwu.sources import IMAGE_EXTENSIONS, InputItem, SourceOptions
 
 SCHEMES = ("s3://",)
 
@@ -108,7 +108,7 @@ class _ObjectSource:
     def claims(self, arg: str) -> bool:
         return claims(arg)
 
-    def expand(self, arg: str) -> Iterator[InputItem]:
+    def expand(self, arg: str, options: SourceOptions | None = None) -> Iterator[InputItem]:
         return expand(arg)
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from wanwu.errors import MissingExtraError, UsageError
 from wanwu.records import Record
+from wanwu.sinks import meta_text
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -42,13 +43,15 @@ def require_pyarrow() -> Any:
     return pyarrow
 
 
-def schema() -> pa.Schema:
+def schema(meta: bool = False) -> pa.Schema:
+    """The record columns; ``meta``: plus a ``meta`` column (JSON text) for what rode along with each input."""
     pa = require_pyarrow()
     prediction = pa.struct([("index", pa.int32()), ("label", pa.string()), ("score", pa.float64())])
     return pa.schema([
         ("input", pa.string()), ("status", pa.string()), ("predictions", pa.list_(prediction)),
         ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
         ("error_type", pa.string()), ("error_message", pa.string()),
+        *([("meta", pa.string())] if meta else []),
     ])
 
 
@@ -63,6 +66,7 @@ def _row(record: Record) -> dict[str, Any]:
         "predictions": [p.to_dict() for p in record.predictions],
         "sha256": record.sha256, "width": record.width, "height": record.height,
         "error_type": err.type if err else None, "error_message": err.message if err else None,
+        "meta": meta_text(record) if record.meta is not None else None,
     }
 
 
@@ -88,7 +92,7 @@ class ParquetSink:
         self.path = Path(name)
         self.parts = parts_dir(self.path)
         self.row_group_size = row_group_size or ROW_GROUP_SIZE
-        self.schema = schema()
+        self.schema = schema(getattr(options, "meta", False))
         self._rows: list[dict[str, Any]] = []
         if not options.append:
             shutil.rmtree(self.parts, ignore_errors=True)

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -48,7 +48,7 @@ from wanwu.fetch import Fetched, Fetcher
 from wanwu.imaging import DecodeResult, Prepared, decode_jobs
 from wanwu.inference import Inference, LocalInference
 from wanwu.records import Record, RecordOptions, TopScores
-from wanwu.sources import InputItem, expand
+from wanwu.sources import InputItem, SourceOptions, expand
 from wanwu.spec import ModelSpec
 
 log = logging.getLogger("wanwu")
@@ -120,7 +120,7 @@ class Recognizer:
         """Records in input order. Strings are expanded like CLI arguments (folders, globs, URLs).
 
         ``record`` shapes the records (top-k, score, threshold); default: ``options.record``."""
-        return _Run(self, _items(inputs), record or self.options.record).records()
+        return _Run(self, _items(inputs, self.options.max_bytes), record or self.options.record).records()
 
     def recognize_one(self, input: InputLike, record: RecordOptions | None = None) -> Record:
         records = list(self.recognize([input], record))
@@ -184,12 +184,18 @@ def open_cache(options: RecognizeOptions) -> ResultCache:
     return SqliteCache(options.resolved_cache_path())
 
 
-def _items(inputs: Iterable[InputLike]) -> Iterator[InputItem]:
+def _items(inputs: Iterable[InputLike], max_bytes: int) -> Iterator[InputItem]:
+    options = SourceOptions(max_bytes=max_bytes)
     for value in inputs:
         if isinstance(value, InputItem):
-            yield value
+            if value.kind == "shard":  # expanded where it runs: here, as it is consumed
+                from wanwu.shards import read_shard
+
+                yield from read_shard(value.locator, options)
+            else:
+                yield value
         else:
-            yield from expand([str(value)])
+            yield from expand([str(value)], options=options)
 
 
 # --- one run ---------------------------------------------------------------------------------------------
@@ -204,6 +210,15 @@ class _Slot:
     prepared: Prepared | None = None
     followers: list[_Slot] = field(default_factory=list)
     isolated: bool = False
+
+
+def _out(slot: _Slot) -> Record:
+    """A finished slot's record, with what rode along with its input."""
+    record = slot.record
+    assert record is not None
+    if slot.item.meta is not None:
+        record.meta = slot.item.meta
+    return record
 
 
 class _Run:
@@ -254,7 +269,7 @@ class _Run:
             # Flush everything already finished (out of order past the head), then stop.
             for slot in self.window:
                 if slot.record is not None:
-                    yield slot.record
+                    yield _out(slot)
             raise
         finally:
             self._abandon()
@@ -264,9 +279,7 @@ class _Run:
         while True:
             self._fill()
             while self.window and self.window[0].record is not None:
-                record = self.window.popleft().record
-                assert record is not None
-                yield record
+                yield _out(self.window.popleft())
             if not self.window and self.exhausted:
                 return
             self._submit_decodes()
@@ -383,8 +396,8 @@ class _Run:
         if (leader := self.leaders.get(sha)) is not None:
             leader.followers.append(slot)
             return
-        hit = self.memo.get_many(self.namespace, [sha]).get(sha)
-        if hit is None and self.rec.cache is not None:
+        hit = None if self.record_options.scores else self.memo.get_many(self.namespace, [sha]).get(sha)
+        if hit is None and self.rec.cache is not None and not self.record_options.scores:
             hit = self.rec.cache.get_many(self.namespace, [sha]).get(sha)
             if hit is not None:
                 self.rec.count_cache_hit()
@@ -463,7 +476,7 @@ class _Run:
                 continue
             result = CachedResult(top, slot.prepared.width, slot.prepared.height, slot.prepared.warnings)
             slot.prepared = None
-            fresh.append((slot.sha256, result))
+            fresh.append((slot.sha256, replace(result, top=top.without_row())))  # caches keep no score rows
             self._finish(slot, lambda s, r=result: self._ok(s, r))
         self.memo.put_many(self.namespace, fresh)
         if self.rec.cache is not None:

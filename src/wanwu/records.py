@@ -34,6 +34,7 @@ class RecordOptions:
     top_k: int = 5
     score: ScoreKind = "softmax"
     threshold: float | None = None
+    scores: bool = False  # also the model's whole score row (Record.scores; never cached, never serialized)
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= TOP_N_STORED:
@@ -83,6 +84,11 @@ class TopScores:
     indices: npt.NDArray[np.int32]
     values: npt.NDArray[np.float32]
     logsumexp: float
+    row: npt.NDArray[np.float32] | None = None  # every class's raw score, where the inference keeps them
+
+    def without_row(self) -> TopScores:
+        """What the caches keep: the top-N and the logsumexp."""
+        return self if self.row is None else TopScores(self.indices, self.values, self.logsumexp)
 
     def predictions(
         self, labels: tuple[str, ...], top_k: int, score: ScoreKind, threshold: float | None = None,
@@ -102,8 +108,9 @@ class TopScores:
         return out
 
 
-def top_scores(outputs: npt.NDArray[np.float32], n: int = TOP_N_STORED) -> list[TopScores]:
-    """Split a [B, C] batch of scores into per-image :class:`TopScores`."""
+def top_scores(outputs: npt.NDArray[np.float32], n: int = TOP_N_STORED, keep_rows: bool = False) -> list[TopScores]:
+    """Split a [B, C] batch of scores into per-image :class:`TopScores` (``keep_rows``: each with a copy of its
+    whole row, for callers that ask for every class's score)."""
     outputs = np.asarray(outputs, dtype=np.float32)
     n = min(n, outputs.shape[1])
     part = np.argpartition(-outputs, n - 1, axis=1)[:, :n] if n < outputs.shape[1] else None
@@ -113,7 +120,8 @@ def top_scores(outputs: npt.NDArray[np.float32], n: int = TOP_N_STORED) -> list[
     for i, row in enumerate(outputs):
         cand = part[i] if part is not None else np.arange(outputs.shape[1])
         order = cand[np.lexsort((cand, -row[cand]))]  # by score desc, ties by index
-        result.append(TopScores(order.astype(np.int32), row[order].astype(np.float32), float(lse[i])))
+        kept = row.copy() if keep_rows else None
+        result.append(TopScores(order.astype(np.int32), row[order].astype(np.float32), float(lse[i]), kept))
     return result
 
 
@@ -127,6 +135,8 @@ class Record:
     height: int | None = None
     error: ErrorInfo | None = None
     warnings: tuple[str, ...] = ()  # what the decoder said about this file (a corrupt EXIF block, …)
+    scores: npt.NDArray[np.float32] | None = None  # every class's raw score, when RecordOptions.scores asked
+    meta: dict[str, Any] | None = None  # what rode along with the input (a shard sample's .json, table columns)
 
     @property
     def ok(self) -> bool:
@@ -144,11 +154,15 @@ class Record:
             }
             if self.warnings:
                 out_ok["warnings"] = list(self.warnings)
+            if self.meta is not None:
+                out_ok["meta"] = self.meta
             return out_ok
         out: dict[str, Any] = {"input": self.input, "status": "error"}
         if self.sha256 is not None:
             out["sha256"] = self.sha256
         out["error"] = self.error.to_dict() if self.error else {"type": "internal", "message": "unknown"}
+        if self.meta is not None:
+            out["meta"] = self.meta
         return out
 
     @classmethod
@@ -164,6 +178,8 @@ class Record:
         )
         record = cls(input, "ok", predictions, sha256, width, height)
         record.warnings = warnings
+        if options.scores:
+            record.scores = top.row
         return record
 
     @classmethod
@@ -182,6 +198,9 @@ class Record:
                 width=data.get("width"),
                 height=data.get("height"),
                 warnings=tuple(data.get("warnings") or ()),
+                meta=data.get("meta"),
             )
         err = data.get("error") or {}
-        return cls.failure(data["input"], err.get("type", "internal"), err.get("message", ""), data.get("sha256"))
+        failed = cls.failure(data["input"], err.get("type", "internal"), err.get("message", ""), data.get("sha256"))
+        failed.meta = data.get("meta")
+        return failed

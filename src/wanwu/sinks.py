@@ -30,6 +30,7 @@ class SinkOptions:
     append: bool = False  # resuming into an existing file: no header / BOM again
     english: bool = False  # csv: label_en_i columns (the label file has English names)
     console: Any = None  # table: print through this rich Console (the one a live progress bar draws on)
+    meta: bool = False  # csv, parquet: a ``meta`` column (JSON text) for what rode along with each input
 
 
 class Sink(Protocol):
@@ -84,11 +85,16 @@ class JsonSink:
         self.stream.flush()
 
 
-def csv_header(top_k: int, english: bool = False) -> list[str]:
+def csv_header(top_k: int, english: bool = False, meta: bool = False) -> list[str]:
     cols = ["input", "status", "sha256", "width", "height"]
     for i in range(1, top_k + 1):
         cols += [f"label_{i}", *([f"label_en_{i}"] if english else []), f"index_{i}", f"score_{i}"]
-    return [*cols, "error_type", "error_message"]
+    return [*cols, "error_type", "error_message", *(["meta"] if meta else [])]
+
+
+def meta_text(record: Record) -> str:
+    """A record's ``meta`` as one JSON text cell ("" when it has none)."""
+    return "" if record.meta is None else json.dumps(record.meta, ensure_ascii=False, separators=(",", ":"))
 
 
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -108,11 +114,12 @@ class CsvSink:
         self.stream = stream
         self.top_k = options.top_k
         self.english = options.english
+        self.meta = options.meta
         self.writer = csv.writer(stream, lineterminator="\n")
         if not options.append:
             if options.bom:
                 stream.write("\ufeff")
-            self.writer.writerow(csv_header(self.top_k, self.english))
+            self.writer.writerow(csv_header(self.top_k, self.english, self.meta))
             stream.flush()
 
     def write(self, record: Record) -> None:
@@ -126,6 +133,8 @@ class CsvSink:
                 row += [""] * (4 if self.english else 3)
         err = record.error
         row += [err.type if err else "", err.message if err else ""]
+        if self.meta:
+            row.append(meta_text(record))
         self.writer.writerow([csv_cell(cell) for cell in row])
         self.stream.flush()
 

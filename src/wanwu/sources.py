@@ -14,9 +14,9 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, Protocol, TextIO
+from typing import Any, Literal, Protocol, TextIO
 
 from wanwu.errors import ErrorType
 from wanwu.registry import Registry
@@ -25,7 +25,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo"}
 )
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
-ItemKind = Literal["file", "url", "bytes", "missing", "object"]  # object: s3:// (wanwu.objstore)
+ItemKind = Literal["file", "url", "bytes", "missing", "object", "shard"]  # object: s3://; shard: a .tar not yet read
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,10 @@ class InputItem:
     data: bytes | None = None  # kind == "bytes": uploaded content
     error_type: ErrorType = "not_found"  # kind == "missing": why it gets an error record
     error: str = ""
+    meta: dict[str, Any] | None = None  # rides along into the record (a shard sample's .json, a table's columns)
+
+    def with_meta(self, meta: dict[str, Any]) -> InputItem:
+        return replace(self, meta=meta)
 
     @classmethod
     def from_bytes(cls, name: str, data: bytes) -> InputItem:
@@ -49,13 +53,25 @@ class InputItem:
         return cls(name, "missing", error_type=error_type, error=message)
 
 
+@dataclass(frozen=True, slots=True)
+class SourceOptions:
+    """What some sources need beyond the argument: a URL table's columns, a shard's metadata, the byte limit
+    of what a source reads itself (shard members)."""
+
+    url_column: str = "url"
+    keep_columns: tuple[str, ...] = ()
+    with_meta: bool = False
+    max_bytes: int = DEFAULT_MAX_BYTES
+    defer_shards: bool = False  # a .tar stays one "shard" item, read later where it runs (the Ray runner)
+
+
 class Source(Protocol):
     @property
     def name(self) -> str: ...
 
     def claims(self, arg: str) -> bool: ...
 
-    def expand(self, arg: str) -> Iterator[InputItem]: ...
+    def expand(self, arg: str, options: SourceOptions | None = None) -> Iterator[InputItem]: ...
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,7 @@ class _Source:
     def claims(self, arg: str) -> bool:
         return self.claims_fn(arg)
 
-    def expand(self, arg: str) -> Iterator[InputItem]:
+    def expand(self, arg: str, options: SourceOptions | None = None) -> Iterator[InputItem]:
         return self.expand_fn(arg)
 
 
@@ -127,6 +143,8 @@ def _expand_other_scheme(arg: str) -> Iterator[InputItem]:
 
 
 SOURCES: Registry[Source] = Registry("input source", group="wanwu.sources")
+SOURCES.lazy("shards", "wanwu.shards:SOURCE")  # *.tar (local, s3://, globs, brace ranges): before the others
+SOURCES.lazy("table", "wanwu.tables:SOURCE")  # *.parquet / *.csv / *.tsv of URLs or paths
 SOURCES.lazy("object", "wanwu.objstore:SOURCE", extra="s3")
 for _source in (
     _Source("url", is_url, _expand_url),
@@ -138,22 +156,24 @@ for _source in (
     SOURCES.register(_source.name, _source)
 
 
-def expand(args: Iterable[str], stdin: TextIO | None = None) -> Iterator[InputItem]:
+def expand(
+    args: Iterable[str], stdin: TextIO | None = None, options: SourceOptions | None = None
+) -> Iterator[InputItem]:
     """Expand CLI arguments lazily; ``-`` reads newline-separated inputs from ``stdin``."""
     for arg in args:
         if arg == "-":
             for line in stdin if stdin is not None else sys.stdin:
                 line = line.strip()
                 if line:
-                    yield from _expand_one(line)
+                    yield from _expand_one(line, options)
         else:
-            yield from _expand_one(arg)
+            yield from _expand_one(arg, options)
 
 
-def _expand_one(arg: str) -> Iterator[InputItem]:
+def _expand_one(arg: str, options: SourceOptions | None = None) -> Iterator[InputItem]:
     for _, source in SOURCES.items():
         if source.claims(arg):
-            yield from source.expand(arg)
+            yield from source.expand(arg, options)
             return
 
 
@@ -178,11 +198,12 @@ def walk_images(root: Path) -> Iterator[Path]:
         stack.extend(reversed(subdirs))
 
 
-def count_items(args: Iterable[str]) -> int | None:
-    """How many items ``args`` will expand to, or None if unknowable (stdin). Walks, stores nothing."""
+def count_items(args: Iterable[str], options: SourceOptions | None = None) -> int | None:
+    """How many items ``args`` will expand to, or None if unknowable (stdin; shards and tables, which
+    counting would read). Walks, stores nothing."""
     total = 0
     for arg in args:
-        if arg == "-":
+        if arg == "-" or SOURCES.get("shards").claims(arg) or SOURCES.get("table").claims(arg):
             return None
-        total += sum(1 for _ in _expand_one(arg))
+        total += sum(1 for _ in _expand_one(arg, options))
     return total

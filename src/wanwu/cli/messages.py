@@ -124,6 +124,9 @@ HELP: dict[str, dict[str, str]] = {
         "terminal, else jsonl).",
         "output": "Write records here instead of stdout.",
         "bom": "csv: begin with a UTF-8 BOM (for Excel).",
+        "url_column": "URL tables (.parquet/.csv/.tsv inputs): the column holding each row's URL or path.",
+        "keep_columns": "URL tables: also carry these columns (comma-separated) into each record's meta.",
+        "with_meta": "WebDataset shards (.tar inputs): carry each sample's .json fields into its record's meta.",
         "resume": "Continue into an existing --output (jsonl, csv or parquet): skip the inputs it already records and "
         "append the rest; a torn last line left by a killed run is repaired.",
         "retry_errors": "With --resume (implied): also redo the inputs recorded as errors, replacing their "
@@ -165,6 +168,9 @@ HELP: dict[str, dict[str, str]] = {
         "format": "输出格式（默认：按 --output 的后缀 .csv/.json/.jsonl/.parquet，否则终端上为 table，否则为 jsonl）。",
         "output": "把记录写到这里，而不是标准输出。",
         "bom": "csv：以 UTF-8 BOM 开头（供 Excel 使用）。",
+        "url_column": "网址表（.parquet/.csv/.tsv 输入）：存放每行网址或路径的列。",
+        "keep_columns": "网址表：把这些列（逗号分隔）也带进每条记录的 meta。",
+        "with_meta": "WebDataset 分片（.tar 输入）：把每个样本 .json 的字段带进其记录的 meta。",
         "resume": "接着写入已有的 --output（jsonl、csv 或 parquet）：跳过其中已有记录的输入，追加其余的；"
         "被杀死的运行留下的残缺末行会被修复。",
         "retry_errors": "配合 --resume（自动启用）：也重做记录为错误的输入，替换其记录。",

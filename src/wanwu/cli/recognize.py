@@ -21,7 +21,7 @@ from wanwu.models import resolve_model
 from wanwu.resume import ResumeState, prepare_resume, resumable_formats
 from wanwu.runners import RunnerConfig, create_runner
 from wanwu.sinks import SINKS, SinkOptions, create_sink, format_for_path
-from wanwu.sources import count_items, expand
+from wanwu.sources import SourceOptions, count_items, expand
 
 log = logging.getLogger("wanwu")
 
@@ -38,6 +38,9 @@ log = logging.getLogger("wanwu")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help=h("output"))
 @click.option("--bom", is_flag=True, help=h("bom"))
+@click.option("--url-column", default="url", show_default=True, help=h("url_column"))
+@click.option("--keep-columns", default="", help=h("keep_columns"))
+@click.option("--with-meta", is_flag=True, help=h("with_meta"))
 @click.option(
     "--resume", is_flag=True,
     help=h("resume"),
@@ -47,10 +50,14 @@ log = logging.getLogger("wanwu")
     help=h("retry_errors"),
 )
 @click.option("-q", "--quiet", is_flag=True, help=h("quiet"))
-def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: bool, resume: bool,
-            retry_errors: bool, quiet: bool, **kw: Any) -> int:
+def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: bool, url_column: str,
+            keep_columns: str, with_meta: bool, resume: bool, retry_errors: bool, quiet: bool, **kw: Any) -> int:
     """``wanwu recognize`` (its help text is ``h("recognize")``, in the locale's language)."""
     options = _options(kw)
+    keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip())
+    # On Ray, a .tar shard is read by a task on the cluster; resuming needs its samples named on the driver.
+    defer = kw["runner"] == "ray" and not (resume or retry_errors)
+    sources = SourceOptions(url_column, keep, with_meta, options.max_bytes, defer_shards=defer)
     fmt = fmt or _default_format(output)
     if (resume or retry_errors) and output is None:
         raise UsageError("--resume needs --output FILE (the file of the run to continue)")
@@ -77,9 +84,11 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         sink_options = SinkOptions(
             top_k=options.record.top_k, bom=bom, append=state is not None and state.exists,
             english=bool(recognizer.spec.labels_en), console=console if shared else None,
+            meta=with_meta or bool(keep),
         )
         sink = create_sink(fmt, stream, sink_options)
-        items = expand(inputs) if state is None else state.pending(expand(inputs))
+        items = expand(inputs, options=sources)
+        items = items if state is None else state.pending(items)
         progress = _progress(inputs, not quiet, state, console)
         stack.callback(progress.stop)
         counts = {"ok": 0, "error": 0}

@@ -14,7 +14,7 @@ from pathlib import Path
 from wanwu.errors import InputError
 from wanwu.fetch import Fetcher
 from wanwu.jobs.base import JobInput
-from wanwu.sources import DEFAULT_MAX_BYTES, InputItem, expand
+from wanwu.sources import DEFAULT_MAX_BYTES, InputItem, SourceOptions, expand
 
 
 def job_inputs(
@@ -22,9 +22,10 @@ def job_inputs(
 ) -> Iterator[JobInput]:
     """One job input per expanded input. Local files and objects are uploaded (their bytes read now) unless
     ``by_reference``, which sends local files as absolute paths for workers that may read them; URLs are
-    fetched by the workers."""
+    fetched by the workers. A WebDataset shard is read here: each image sample is one uploaded input named
+    ``SHARD#MEMBER`` (so a job's tasks are ranges of samples, like any uploads)."""
     fetcher = Fetcher(max_bytes)
-    for item in expand(args):
+    for item in expand(args, options=SourceOptions(max_bytes=max_bytes)):
         yield job_input(item, fetcher, by_reference)
 
 
@@ -33,7 +34,7 @@ def job_input(item: InputItem, fetcher: Fetcher, by_reference: bool = False) -> 
         return JobInput.url(item.locator)
     if item.kind == "missing":
         return JobInput.missing(item.input, item.error_type, item.error)
-    if by_reference and item.kind != "object":  # an s3:// object has no path a worker could read: upload it
+    if by_reference and item.kind == "file":  # an object or a shard's sample has no path a worker could read
         return JobInput.path(str(Path(item.locator).absolute()), name=item.input)
     try:
         return JobInput.upload(item.input, fetcher.fetch(item).data)

@@ -13,16 +13,18 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from itertools import islice
+from itertools import groupby, islice
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from wanwu.config import RecognizeOptions
 from wanwu.models import resolve_model
 from wanwu.ray.dataset import RayOptions, import_ray, recognize_dataset
 from wanwu.ray.stages import item_rows
 from wanwu.records import Record, RecordOptions
-from wanwu.sources import InputItem
+from wanwu.shards import shard_rows
+from wanwu.sources import InputItem, SourceOptions
 from wanwu.spec import ModelSpec
 
 log = logging.getLogger("wanwu")
@@ -59,16 +61,26 @@ class RayRunner:
         ctx.enable_progress_bars = False
 
     def recognize(self, inputs: Iterable[InputItem], record: RecordOptions | None = None) -> Iterator[Record]:
-        """One record per input, in input order. ``record`` shapes them (default ``options.record``)."""
-        items = iter(inputs)
-        while shard := list(islice(items, self.shard_size)):
-            ds = self.ray.data.from_items(item_rows(shard), override_num_blocks=self._blocks(len(shard)))
-            out = recognize_dataset(
-                ds, self.spec, options=self.options, ray_options=self.ray_options, record=record
-            )
-            for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-                for line in batch["record"]:
-                    yield Record.from_dict(json.loads(line))
+        """One record per input, in input order. ``record`` shapes them (default ``options.record``).
+
+        Consecutive WebDataset shards not yet read (``shard`` items) are read on the cluster, one read task
+        per shard, each streaming its samples into the decode stage."""
+        for deferred, group in groupby(inputs, key=lambda item: item.kind == "shard"):
+            items = iter(group)
+            while part := list(islice(items, self.shard_size)):
+                if deferred:
+                    shards = [{"shard": item.locator} for item in part]
+                    ds = self.ray.data.from_items(shards, override_num_blocks=len(shards)).flat_map(
+                        shard_rows, fn_kwargs={"options": SourceOptions(max_bytes=self.options.max_bytes)})
+                else:
+                    ds = self.ray.data.from_items(item_rows(part), override_num_blocks=self._blocks(len(part)))
+                yield from self._records(ds, record)
+
+    def _records(self, ds: Any, record: RecordOptions | None) -> Iterator[Record]:
+        out = recognize_dataset(ds, self.spec, options=self.options, ray_options=self.ray_options, record=record)
+        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+            for line in batch["record"]:
+                yield Record.from_dict(json.loads(line))
 
     def _blocks(self, n: int) -> int:
         """Blocks of one decode call (records stream back as blocks finish), at most 1,000 per shard to plan."""

@@ -190,10 +190,13 @@ class Infer:
 def _items(batch: Batch) -> Iterable[tuple[InputItem, bytes | None]]:
     if "input" in batch:
         kinds, locators, types = batch.get("kind"), batch.get("locator"), batch.get("error_type")
+        datas = batch.get("bytes")  # a shard's samples (wanwu.shards.shard_rows) carry their bytes
         for i, value in enumerate(batch["input"]):
             if kinds is not None and locators is not None and types is not None:
                 if kinds[i] == "missing":  # the row's locator column carries the reason
                     yield InputItem.failed(str(value), str(locators[i]), types[i]), None
+                elif kinds[i] == "bytes" and datas is not None:
+                    yield InputItem.from_bytes(str(value), bytes(datas[i])), None
                 else:
                     yield InputItem(str(value), kinds[i], str(locators[i])), None
             else:

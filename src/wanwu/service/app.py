@@ -49,8 +49,10 @@ from wanwu.service.contract import (
 from wanwu.service.guard import TextGuardMiddleware
 from wanwu.service.headers import PAGE_CSP, SecurityHeadersMiddleware, docs_csp
 from wanwu.service.metrics import MetricsMiddleware, ServiceMetrics
+from wanwu.service.oip import PREFIX, OpenInferenceProtocol, oip_router, protocol_error
 from wanwu.service.requests import RecognizeJson, api_key_dependency, json_error_body, parse_recognize
 from wanwu.service.runtime import EngineFactory, Runtime, default_engine_factory
+from wanwu.service.tensors import TensorError
 
 log = logging.getLogger("wanwu")
 
@@ -141,6 +143,8 @@ def create_app(
         app.include_router(jobs_router(config.queue, max_upload_bytes=config.max_upload_bytes), dependencies=guard,
                            responses=errors(401) if guard else None)
     _add_routes(app, state, guard)
+    protocol = OpenInferenceProtocol(config, state.require, lambda: state.runtime is not None)
+    app.include_router(oip_router(protocol, guard))
     install_openapi(app, _JSON_COMPONENTS, lambda: None if state.runtime is None else state.runtime.zero_shot)
     app.mount("/static", StaticFiles(packages=[("wanwu", "web")]), name="static")
     _add_docs(app)
@@ -167,10 +171,16 @@ def _add_docs(app: FastAPI) -> None:
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    def v2(request: Request) -> bool:  # the Open Inference Protocol has its own error body: {"error": "…"}
+        return request.url.path == PREFIX or request.url.path.startswith(PREFIX + "/")
+
     async def api_error(request: Request, exc: Exception) -> Response:
         if not isinstance(exc, ApiError):
             raise exc
-        return exc.response()
+        return protocol_error(exc.status, exc.message, exc.headers) if v2(request) else exc.response()
+
+    async def tensor_error(request: Request, exc: Exception) -> Response:
+        return protocol_error(400, str(exc))
 
     async def http_error(request: Request, exc: Exception) -> Response:
         if not isinstance(exc, HTTPException):
@@ -179,18 +189,24 @@ def _add_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # name every method this path serves, not only the first route's
             headers["Allow"] = ", ".join(allowed_methods(app, dict(request.scope)))
+        if v2(request):
+            return protocol_error(exc.status_code, message, headers)
         return error_response(exc.status_code, code, message, headers)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+        if v2(request):
+            return protocol_error(400, message or str(exc))
         return error_response(422, "invalid_request", message or str(exc))
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         # Starlette logs the exception after this; the caller gets the API's JSON error, not a text/plain page.
-        return error_response(500, "internal", f"an internal error: {type(exc).__name__}")
+        message = f"an internal error: {type(exc).__name__}"
+        return protocol_error(500, message) if v2(request) else error_response(500, "internal", message)
 
     app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(TensorError, tensor_error)
     app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)

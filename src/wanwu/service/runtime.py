@@ -14,6 +14,7 @@ within the request and decodes in one worker process; the last :data:`LABEL_SETS
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections import OrderedDict
@@ -67,7 +68,7 @@ class Runtime:
         self.config = config
         self.engine = engine
         self.batcher = Batcher(
-            engine.infer,
+            functools.partial(engine.infer, keep_rows=True),  # /v2 answers every class's score
             BatcherConfig(config.max_batch_size, config.max_delay_ms / 1000.0, config.max_queue, engine.streams),
             observer,
         )
