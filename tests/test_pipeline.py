@@ -287,10 +287,11 @@ def test_expand_folder_glob_and_stdin(tmp_path: Path) -> None:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     images: ClassVar[dict[str, bytes]] = {}
+    release: ClassVar[threading.Event] = threading.Event()  # /slow.jpg answers only once the test is over
 
     def do_GET(self) -> None:
         if self.path == "/slow.jpg":
-            threading.Event().wait(3)
+            self.release.wait(120)
         body = self.images.get(self.path)
         if body is None:
             self.send_response(404)
@@ -316,13 +317,15 @@ def http_images() -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Handler.release = threading.Event()
     yield f"http://127.0.0.1:{server.server_address[1]}"
+    _Handler.release.set()
     server.shutdown()
     server.server_close()
 
 
 def test_urls(tiny_model: tuple[Path, Path], http_images: str) -> None:
-    opts = RecognizeOptions(cache=False, workers=0, max_bytes=200_000, fetch_timeout=1.0, allow_private_urls=True)
+    opts = RecognizeOptions(cache=False, workers=0, max_bytes=200_000, fetch_timeout=5.0, allow_private_urls=True)
     urls = [f"{http_images}/red.jpg", f"{http_images}/missing.jpg", f"{http_images}/big.png",
             f"{http_images}/slow.jpg", "http://127.0.0.1:9/refused.jpg"]
     with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=opts) as rec:
@@ -453,8 +456,9 @@ def test_a_decode_deadline_counts_from_when_its_task_starts_and_stops_only_that_
     expected = hostile_decode(photo, *args).pixels
     pool = DecodeProcesses(1)
     try:
-        # each takes a second, with 2 s allowed: the third waits 2 s in the queue before it starts
-        slow = [pool.submit_within(2.0, hostile_decode, b"SLOW" + photo, *args) for _ in range(3)]
+        # each takes 2 s, with 5 s allowed (3 s to spare on a loaded machine); counted from submission instead
+        # of from its start, the third (6 s after it was queued) would time out
+        slow = [pool.submit_within(5.0, hostile_decode, b"SLOW" + photo, *args) for _ in range(3)]
         wait(slow, timeout=60)
         assert all(np.array_equal(f.result().pixels, expected) for f in slow)
         hang = pool.submit_within(1.0, hostile_decode, b"HANG" + photo, *args)

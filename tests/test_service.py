@@ -552,7 +552,7 @@ def test_serve_command_runs_and_stops(tiny_model: Model) -> None:
     args = ("serve", *model, "--port", str(port), "--no-cache", "-j", "0")
     proc = subprocess.Popen(_wanwu(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_ready(f"http://127.0.0.1:{port}", timeout=60)
+        wait_ready(f"http://127.0.0.1:{port}", timeout=60, proc=proc)
         response = httpx.post(f"http://127.0.0.1:{port}/v1/recognize", files=files(("a.jpg", image_bytes())))
         assert response.json()["results"][0]["status"] == "ok"
     finally:
