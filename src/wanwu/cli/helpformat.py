@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import click
 from click.formatting import measure_table
@@ -53,7 +53,7 @@ class WideTextHelpFormatter(click.HelpFormatter):
     def write_text(self, text: str) -> None:
         super().write_text(_unwrappable(text, max(self.width - self.current_indent, 11)))
 
-    def write_dl(self, rows: Sequence[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
+    def write_dl(self, rows: Iterable[tuple[str, str]], col_max: int = 30, col_spacing: int = 2) -> None:
         rows = list(rows)
         first_col = min(measure_table(rows)[0], col_max) + col_spacing if rows else 0
         text_width = max(self.width - first_col - 2, 10)
