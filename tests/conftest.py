@@ -56,7 +56,8 @@ def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> 
     if os.environ.get("CI") or module_path.parent != Path(__file__).parent:
         return None
     missing = [e for e in MODULE_EXTRAS.get(module_path.name, ()) if _missing(e)]
-    reason = f"needs the {', '.join(missing)} extra(s): pip install -e '.[{','.join(missing)}]'" if missing else ""
+    reason = (f"{module_path.name} needs the {', '.join(missing)} extra(s): pip install -e '.[{','.join(missing)}]'"
+              if missing else "")
     if not reason:
         try:
             importlib.import_module(f"tests.{module_path.stem}")
@@ -67,7 +68,7 @@ def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> 
             if top not in _EXTRA_OF_PACKAGE:
                 return None  # not an extra's package: pytest's own import reports it
             extra = _EXTRA_OF_PACKAGE[top]
-            reason = f"needs the {extra} extra ({top} is not installed): pip install -e '.[{extra}]'"
+            reason = f"{module_path.name} needs the {extra} extra ({top} is absent): pip install -e '.[{extra}]'"
     if not reason:
         return None
     module = _NeedsExtra.from_parent(parent, path=module_path)

@@ -102,9 +102,9 @@ def test_chinese_help_covers_report_and_the_ray_options_and_never_splits_a_word(
         (line,) = [x for x in recognize.splitlines() if x.strip().startswith(option)]
         assert re.search(r"[\u4e00-\u9fff]", line), line  # its help starts on the same line, in Chinese
     # Wrapped at any width, the help holds the same Latin words and flags: none was cut in two.
-    for command in (("report",), ("recognize",), ("serve",)):
-        words = [Counter(re.findall(r"[A-Za-z0-9_]+", _zh_help(*command, columns=c))) for c in (50, 80, 100)]
-        assert words[0] == words[1] == words[2], (command, [w - words[2] for w in words[:2]])
+    words = [Counter(re.findall(r"[A-Za-z0-9_]+", page)) for page in
+             (_zh_help("recognize", columns=50), recognize, _zh_help("recognize", columns=100))]
+    assert words[0] == words[1] == words[2], [w - words[2] for w in words[:2]]
 
 
 def test_the_text_wrap_breaks_between_chinese_characters_and_keeps_words_whole() -> None:
