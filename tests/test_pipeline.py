@@ -386,7 +386,7 @@ def test_a_decode_process_answers_after_a_crash_a_hang_and_an_exception() -> Non
         start = time.monotonic()
         with pytest.raises(DecodeTimeoutError):
             process.call(hostile_decode, b"HANG" + photo, *args, timeout=1)
-        assert time.monotonic() - start < 10
+        assert time.monotonic() - start < 30  # its deadline, not the hang (which is endless)
         with pytest.raises(RuntimeError, match="ZeroDivisionError"):
             process.call(divmod, 1, 0, timeout=30)
         again = process.call(hostile_decode, photo, *args, timeout=30)
@@ -427,8 +427,8 @@ def test_decode_workers_fail_only_the_task_that_crashed_and_stop_a_hung_one() ->
         time.sleep(1.0)  # let it start
         start = time.monotonic()
         pool.kill()
-        assert isinstance(hang.exception(timeout=10), BrokenProcessPool)
-        assert time.monotonic() - start < 5
+        assert isinstance(hang.exception(timeout=20), BrokenProcessPool)
+        assert time.monotonic() - start < 20  # killed, not waited for (it hangs for good)
         after = [pool.submit(hostile_decode, p, *args) for p in photos[:2]]  # fresh processes take over
         assert all(np.array_equal(f.result(timeout=60).pixels, px) for f, px in zip(after, alone, strict=False))
 
@@ -438,8 +438,8 @@ def test_decode_workers_fail_only_the_task_that_crashed_and_stop_a_hung_one() ->
     finally:
         start = time.monotonic()
         pool.shutdown(wait=True, cancel_futures=True)
-        assert time.monotonic() - start < 5  # the hung decoder was killed, not waited for
-    assert isinstance(stuck.exception(timeout=5), BrokenProcessPool)
+        assert time.monotonic() - start < 20  # the hung decoder was killed, not waited for
+    assert isinstance(stuck.exception(timeout=20), BrokenProcessPool)
     assert children and not any(child.is_alive() for child in children)
 
 
