@@ -211,7 +211,11 @@ def test_out_of_memory_halves_the_batch(tiny_model: tuple[Path, Path], tmp_path:
     rec = Recognizer(engine=engine, options=RecognizeOptions(cache=False, workers=0, batch_size=16))
     records = list(rec.recognize(paths))
     assert [r.input for r in records] == paths and all(r.ok for r in records)
-    assert engine.max_batch <= 5 and max(fake.sizes) == 16
+    # On a loaded machine the first batch may leave before all 16 are decoded: whatever its size, a batch above
+    # the limit was tried, and each one that ran out of memory was halved and tried again.
+    too_big = [s for s in fake.sizes if s > 5]
+    assert too_big and all(s // 2 in fake.sizes for s in too_big), fake.sizes
+    assert engine.max_batch <= 5
     # nothing lost or doubled: every image inferred exactly once successfully
     assert sum(s for s in fake.sizes if s <= 5) == 40
 
@@ -222,7 +226,7 @@ class _ConcurrencyProbe:
     def __init__(self, inner: object, streams: int) -> None:
         self.inner, self._streams = inner, streams
         self.running = self.most = 0
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
 
     @property
     def device(self) -> str:
@@ -236,7 +240,11 @@ class _ConcurrencyProbe:
         with self.lock:
             self.running += 1
             self.most = max(self.most, self.running)
-        time.sleep(0.15)
+            self.lock.notify_all()
+            # Held until `streams` batches have run at once (on a loaded machine the next batch may take a
+            # while to decode), or for long enough to tell that they never will.
+            self.lock.wait_for(lambda: self.most >= self._streams, timeout=30)
+        time.sleep(0.15)  # slow work, so that more batches than `streams` would be seen running together
         with self.lock:
             self.running -= 1
         return self.inner.infer(batch)  # type: ignore[attr-defined, no-any-return]
