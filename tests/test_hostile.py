@@ -74,6 +74,7 @@ def test_thin_images_cost_what_their_crop_costs(tmp_path: Path) -> None:
 
 
 @pytest.mark.shared
+@pytest.mark.slow
 def test_the_crop_window_path_agrees_with_resize_then_crop(photos: Path) -> None:
     """A strip cut from a real photo, just past the size where only the crop's window is resampled: the
     result matches the plain resize-then-crop within a level (so the window is the right one)."""

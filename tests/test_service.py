@@ -500,6 +500,7 @@ def crashing_decode(datas: list[bytes], spec: Any, max_pixels: int) -> Any:
     return decode_jobs(datas, spec, max_pixels)
 
 
+@pytest.mark.slow
 def test_a_decoder_crash_costs_only_its_own_file(tiny_model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
     good = [(f"{i}.png", image_bytes((RED, GREEN, BLUE)[i % 3], size=(60 + i, 50), fmt="PNG")) for i in range(10)]
     named = [*good[:3], ("bad1.jpg", b"CRASH" + image_bytes()), *good[3:8], ("bad2.jpg", b"CRASH"), *good[8:]]
