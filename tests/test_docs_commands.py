@@ -52,8 +52,8 @@ def problems_of(command_line: str) -> list[str]:
     path = ["wanwu"]
     while isinstance(command, click.Group):
         words = [w for w in words if w not in ("-v", "-vv", "--verbose")] if command is cli else words
-        if not words or words[0].startswith("-"):
-            return []  # `wanwu --help`, `wanwu jobs`: the group itself
+        if not words or words[0].startswith("-") or words[0] in ("...", "…"):
+            return []  # `wanwu --help`, `wanwu jobs`: the group itself; `wanwu …`: any command
         sub = command.commands.get(words[0])
         if sub is None:
             return [f"{command_line!r}: no command {' '.join([*path, words[0]])!r}"]
