@@ -15,17 +15,26 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 os.environ["WANWU_LANG"] = "en"
 
 # Tests of optional extras. The README's quickstart installs only the ONNX path (and pytest): there these tests
-# are skipped, not failed; in CI (.ci/run installs .[all,dev]) a missing extra fails them.
+# are skipped with the extra they need, not failed; in CI (.ci/run installs .[all,dev]) a missing extra fails them.
 EXTRA_PROBES = {
     "torch": "torch", "clip": "transformers", "server": "fastapi", "queue": "redis", "dev": "playwright",
     "parquet": "pyarrow", "s3": "s3fs", "heif": "pillow_heif", "cluster": "ray",
 }
-MODULE_EXTRAS = {  # modules that import an extra at the top
+# The top-level packages each extra brings (what a test module may import at the top), for the skip's reason.
+EXTRA_PACKAGES = {
+    "torch": ("torch", "onnxscript"), "clip": ("transformers", "safetensors"),
+    "server": ("fastapi", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client",
+               "fastapi_offline"),
+    "queue": ("redis",), "parquet": ("pyarrow",), "s3": ("s3fs", "fsspec", "botocore", "aiobotocore"),
+    "heif": ("pillow_heif",), "cluster": ("ray",), "dev": ("playwright", "moto", "schemathesis", "aiohttp"),
+}
+_EXTRA_OF_PACKAGE = {package: extra for extra, packages in EXTRA_PACKAGES.items() for package in packages}
+MODULE_EXTRAS = {  # modules whose every test needs these extras (modules that import one at the top are found)
     "test_convert.py": ("torch",), "test_hub.py": ("torch",), "test_seed_model.py": ("torch",),
     "test_clip.py": ("clip",),
     "test_service.py": ("server",), "test_web.py": ("server", "dev"), "test_jobs_redis.py": ("queue",),
     "test_parquet.py": ("parquet",), "test_s3.py": ("s3", "dev"), "test_report.py": ("server", "dev", "parquet"),
-    "test_ray.py": ("cluster",),
+    "test_ray.py": ("cluster",), "test_docs_page.py": ("server", "dev"), "test_schemathesis.py": ("server", "dev"),
 }
 
 
@@ -33,9 +42,38 @@ def _missing(extra: str) -> bool:
     return importlib.util.find_spec(EXTRA_PROBES[extra]) is None
 
 
-collect_ignore = [] if os.environ.get("CI") else [
-    name for name, extras in MODULE_EXTRAS.items() if any(_missing(e) for e in extras)
-]
+class _NeedsExtra(pytest.Module):
+    """A test module that cannot be imported because an extra is absent: one skip that names the extra."""
+
+    reason = ""
+
+    def collect(self) -> list[pytest.Item | pytest.Collector]:
+        pytest.skip(self.reason, allow_module_level=True)
+
+
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> pytest.Module | None:
+    """Outside CI, a test module that needs an absent extra is skipped with that reason (in CI it fails)."""
+    if os.environ.get("CI") or module_path.parent != Path(__file__).parent:
+        return None
+    missing = [e for e in MODULE_EXTRAS.get(module_path.name, ()) if _missing(e)]
+    reason = (f"{module_path.name} needs the {', '.join(missing)} extra(s): pip install -e '.[{','.join(missing)}]'"
+              if missing else "")
+    if not reason:
+        try:
+            importlib.import_module(f"tests.{module_path.stem}")
+        except pytest.skip.Exception:
+            return None  # the module skips itself (importorskip): pytest's own import reports it
+        except ModuleNotFoundError as e:
+            top = (e.name or "").split(".")[0]
+            if top not in _EXTRA_OF_PACKAGE:
+                return None  # not an extra's package: pytest's own import reports it
+            extra = _EXTRA_OF_PACKAGE[top]
+            reason = f"{module_path.name} needs the {extra} extra ({top} is absent): pip install -e '.[{extra}]'"
+    if not reason:
+        return None
+    module = _NeedsExtra.from_parent(parent, path=module_path)
+    module.reason = reason
+    return module
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -133,7 +133,7 @@ class Cluster:
 
 def hostile_decode(data: bytes, spec: Any, options: Any) -> Any:
     """wanwu's decode, except that a file starting with CRASH kills its process outright, one starting with
-    HANG never returns (a decoder stuck in a loop), and one starting with SLOW takes a second more."""
+    HANG never returns (a decoder stuck in a loop), and one starting with SLOW takes two seconds more."""
     from wanwu.imaging import decode_job
 
     if data.startswith(b"CRASH"):
@@ -141,6 +141,6 @@ def hostile_decode(data: bytes, spec: Any, options: Any) -> Any:
     if data.startswith(b"HANG"):
         time.sleep(3600)
     if data.startswith(b"SLOW"):
-        time.sleep(1.0)
+        time.sleep(2.0)
         data = data[4:]
     return decode_job(data, spec, options)

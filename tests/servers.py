@@ -23,11 +23,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_ready(base_url: str, timeout: float = 60.0, path: str = "/readyz") -> None:
-    """Poll ``path`` (/readyz: the model is loaded) until it says 200."""
+def wait_ready(base_url: str, timeout: float = 60.0, path: str = "/readyz",
+               proc: subprocess.Popen[Any] | None = None) -> None:
+    """Poll ``path`` (/readyz: the model is loaded) until it says 200; give up at once if ``proc`` (the server)
+    has exited, with what it said on stderr."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            said = proc.stderr.read() if proc.stderr else ""
+            said = said.decode(errors="replace") if isinstance(said, bytes) else said
+            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready: {said[-3000:]}")
         try:
             response = httpx.get(f"{base_url}{path}", timeout=5)
             if response.status_code == 200:

@@ -86,6 +86,9 @@ def test_usage_errors_exit_2(tiny_model: tuple[Path, Path], folder: Path, capsys
     assert _run(["recognize", str(folder), "--model", str(tiny_model[0])], capsys)[0] == 2  # no labels
     assert _run(["recognize", str(folder), *_model_args(tiny_model), "-f", "xml"], capsys)[0] == 2
     assert _run(["recognize"], capsys)[0] == 2
+    missing = str(folder / "no-such-labels.txt")
+    code, _, err = _run(["recognize", str(folder), "--model", str(tiny_model[0]), "--labels", missing], capsys)
+    assert code == 2 and "no-such-labels.txt" in err  # a label file that is not there: a usage error
 
 
 def test_stdin_list(tiny_model: tuple[Path, Path], folder: Path) -> None:
@@ -118,7 +121,10 @@ def test_ctrl_c_flushes_and_exits_130(tiny_model: tuple[Path, Path], tmp_path: P
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     code = proc.wait(timeout=60)
-    assert code == 130, proc.stderr.read() if proc.stderr else ""
+    said = proc.stderr.read() if proc.stderr else ""
+    assert code == 130, said
+    # one line says how far it got; no second, bare "interrupted" after it
+    assert len([line for line in said.splitlines() if "interrupted" in line]) == 1, said
     lines = out.read_text(encoding="utf-8").splitlines()
     assert 0 < len(lines) < len(listing)
     records = [json.loads(line) for line in lines]  # whole lines only

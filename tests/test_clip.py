@@ -24,7 +24,7 @@ from wanwu.spec import ModelSpec
 
 # transformers' lazy import machinery leaves a source file unclosed (import_utils.create_import_structure_from_path);
 # its ResourceWarning, an error under filterwarnings=error, is not about wanwu.
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::ResourceWarning"), pytest.mark.slow]
 
 PHOTO_NAMES = (  # distinct real photos of several sizes and orientations (odd crop offsets among them)
     "n01440764_tench.JPEG", "n01443537_goldfish.JPEG", "n02085620_Chihuahua.JPEG", "n02123045_tabby.JPEG",

@@ -18,6 +18,8 @@ from wanwu.errors import ModelError, UsageError
 from wanwu.models import MANIFEST, resolve_model
 from wanwu.spec import PreprocessSpec
 
+pytestmark = [pytest.mark.slow]  # each conversion checks ONNX Runtime against PyTorch: tens of seconds
+
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -34,6 +34,7 @@ def test_cli_csv_relative_names(tiny_model: tuple[Path, Path], tmp_path: Path, m
     assert all(r["status"] == "ok" for r in rows)
 
 
+@pytest.mark.extra("server")
 def test_jobs_results_csv_neutralises_upload_names(tmp_path: Path, tiny_model: tuple[Path, Path]) -> None:
     from fastapi import FastAPI
 

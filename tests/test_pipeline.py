@@ -211,7 +211,11 @@ def test_out_of_memory_halves_the_batch(tiny_model: tuple[Path, Path], tmp_path:
     rec = Recognizer(engine=engine, options=RecognizeOptions(cache=False, workers=0, batch_size=16))
     records = list(rec.recognize(paths))
     assert [r.input for r in records] == paths and all(r.ok for r in records)
-    assert engine.max_batch <= 5 and max(fake.sizes) == 16
+    # On a loaded machine the first batch may leave before all 16 are decoded: whatever its size, a batch above
+    # the limit was tried, and each one that ran out of memory was halved and tried again.
+    too_big = [s for s in fake.sizes if s > 5]
+    assert too_big and all(s // 2 in fake.sizes for s in too_big), fake.sizes
+    assert engine.max_batch <= 5
     # nothing lost or doubled: every image inferred exactly once successfully
     assert sum(s for s in fake.sizes if s <= 5) == 40
 
@@ -222,7 +226,7 @@ class _ConcurrencyProbe:
     def __init__(self, inner: object, streams: int) -> None:
         self.inner, self._streams = inner, streams
         self.running = self.most = 0
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
 
     @property
     def device(self) -> str:
@@ -236,7 +240,11 @@ class _ConcurrencyProbe:
         with self.lock:
             self.running += 1
             self.most = max(self.most, self.running)
-        time.sleep(0.15)
+            self.lock.notify_all()
+            # Held until `streams` batches have run at once (on a loaded machine the next batch may take a
+            # while to decode), or for long enough to tell that they never will.
+            self.lock.wait_for(lambda: self.most >= self._streams, timeout=30)
+        time.sleep(0.15)  # slow work, so that more batches than `streams` would be seen running together
         with self.lock:
             self.running -= 1
         return self.inner.infer(batch)  # type: ignore[attr-defined, no-any-return]
@@ -287,10 +295,11 @@ def test_expand_folder_glob_and_stdin(tmp_path: Path) -> None:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     images: ClassVar[dict[str, bytes]] = {}
+    release: ClassVar[threading.Event] = threading.Event()  # /slow.jpg answers only once the test is over
 
     def do_GET(self) -> None:
         if self.path == "/slow.jpg":
-            threading.Event().wait(3)
+            self.release.wait(120)
         body = self.images.get(self.path)
         if body is None:
             self.send_response(404)
@@ -316,13 +325,15 @@ def http_images() -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Handler.release = threading.Event()
     yield f"http://127.0.0.1:{server.server_address[1]}"
+    _Handler.release.set()
     server.shutdown()
     server.server_close()
 
 
 def test_urls(tiny_model: tuple[Path, Path], http_images: str) -> None:
-    opts = RecognizeOptions(cache=False, workers=0, max_bytes=200_000, fetch_timeout=1.0, allow_private_urls=True)
+    opts = RecognizeOptions(cache=False, workers=0, max_bytes=200_000, fetch_timeout=5.0, allow_private_urls=True)
     urls = [f"{http_images}/red.jpg", f"{http_images}/missing.jpg", f"{http_images}/big.png",
             f"{http_images}/slow.jpg", "http://127.0.0.1:9/refused.jpg"]
     with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=opts) as rec:
@@ -383,7 +394,7 @@ def test_a_decode_process_answers_after_a_crash_a_hang_and_an_exception() -> Non
         start = time.monotonic()
         with pytest.raises(DecodeTimeoutError):
             process.call(hostile_decode, b"HANG" + photo, *args, timeout=1)
-        assert time.monotonic() - start < 10
+        assert time.monotonic() - start < 30  # its deadline, not the hang (which is endless)
         with pytest.raises(RuntimeError, match="ZeroDivisionError"):
             process.call(divmod, 1, 0, timeout=30)
         again = process.call(hostile_decode, photo, *args, timeout=30)
@@ -424,8 +435,8 @@ def test_decode_workers_fail_only_the_task_that_crashed_and_stop_a_hung_one() ->
         time.sleep(1.0)  # let it start
         start = time.monotonic()
         pool.kill()
-        assert isinstance(hang.exception(timeout=10), BrokenProcessPool)
-        assert time.monotonic() - start < 5
+        assert isinstance(hang.exception(timeout=20), BrokenProcessPool)
+        assert time.monotonic() - start < 20  # killed, not waited for (it hangs for good)
         after = [pool.submit(hostile_decode, p, *args) for p in photos[:2]]  # fresh processes take over
         assert all(np.array_equal(f.result(timeout=60).pixels, px) for f, px in zip(after, alone, strict=False))
 
@@ -435,8 +446,8 @@ def test_decode_workers_fail_only_the_task_that_crashed_and_stop_a_hung_one() ->
     finally:
         start = time.monotonic()
         pool.shutdown(wait=True, cancel_futures=True)
-        assert time.monotonic() - start < 5  # the hung decoder was killed, not waited for
-    assert isinstance(stuck.exception(timeout=5), BrokenProcessPool)
+        assert time.monotonic() - start < 20  # the hung decoder was killed, not waited for
+    assert isinstance(stuck.exception(timeout=20), BrokenProcessPool)
     assert children and not any(child.is_alive() for child in children)
 
 
@@ -453,8 +464,9 @@ def test_a_decode_deadline_counts_from_when_its_task_starts_and_stops_only_that_
     expected = hostile_decode(photo, *args).pixels
     pool = DecodeProcesses(1)
     try:
-        # each takes a second, with 2 s allowed: the third waits 2 s in the queue before it starts
-        slow = [pool.submit_within(2.0, hostile_decode, b"SLOW" + photo, *args) for _ in range(3)]
+        # each takes 2 s, with 5 s allowed (3 s to spare on a loaded machine); counted from submission instead
+        # of from its start, the third (6 s after it was queued) would time out
+        slow = [pool.submit_within(5.0, hostile_decode, b"SLOW" + photo, *args) for _ in range(3)]
         wait(slow, timeout=60)
         assert all(np.array_equal(f.result().pixels, expected) for f in slow)
         hang = pool.submit_within(1.0, hostile_decode, b"HANG" + photo, *args)

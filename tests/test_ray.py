@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WANWU = [sys.executable, "-c", "from wanwu.cli.main import run; run()"]
 pytestmark = [
     pytest.mark.shared,
+    pytest.mark.slow,  # each test starts Ray: tens of seconds
     pytest.mark.filterwarnings(r"ignore::DeprecationWarning:ray\..*"),  # Ray's own, about its own settings
 ]
 

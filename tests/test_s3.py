@@ -76,6 +76,21 @@ def test_prefix_is_read_like_a_folder(s3: object, tmp_path: Path, mobilenet: tup
     assert "s3://cat/set/notes.txt" not in by_input
 
 
+def test_a_missing_bucket_a_missing_key_and_an_imageless_prefix_say_which(
+        s3: object, mobilenet: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    s3.create_bucket(Bucket="cat")  # type: ignore[attr-defined]
+    s3.put_object(Bucket="cat", Key="docs/readme.txt", Body=b"not an image")  # type: ignore[attr-defined]
+    args = ["s3://nobucket/x/", "s3://cat/missing/", "s3://cat/missing.jpg", "s3://cat/docs/"]
+    assert _run(mobilenet, *args) == 3
+    said = {r["input"]: r["error"]["message"] for r in _records(capsys.readouterr().out)}  # type: ignore[index]
+    assert said == {
+        "s3://nobucket/x/": "no such bucket: nobucket",
+        "s3://cat/missing/": "no object or prefix 'missing/' in bucket cat",
+        "s3://cat/missing.jpg": "no object or prefix 'missing.jpg' in bucket cat",
+        "s3://cat/docs/": "no image objects under this prefix",
+    }
+
+
 def test_unreachable_endpoint_is_an_error_record(s3: object, mobilenet: tuple[Path, Path], photos: Path,
                                              monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:

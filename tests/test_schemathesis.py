@@ -23,6 +23,7 @@ from wanwu.config import RecognizeOptions
 from wanwu.service import ServeConfig, create_app
 
 pytest.importorskip("schemathesis")
+pytestmark = [pytest.mark.slow]
 
 
 def test_schemathesis_finds_nothing(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:

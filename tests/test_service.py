@@ -500,6 +500,7 @@ def crashing_decode(datas: list[bytes], spec: Any, max_pixels: int) -> Any:
     return decode_jobs(datas, spec, max_pixels)
 
 
+@pytest.mark.slow
 def test_a_decoder_crash_costs_only_its_own_file(tiny_model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
     good = [(f"{i}.png", image_bytes((RED, GREEN, BLUE)[i % 3], size=(60 + i, 50), fmt="PNG")) for i in range(10)]
     named = [*good[:3], ("bad1.jpg", b"CRASH" + image_bytes()), *good[3:8], ("bad2.jpg", b"CRASH"), *good[8:]]
@@ -552,7 +553,7 @@ def test_serve_command_runs_and_stops(tiny_model: Model) -> None:
     args = ("serve", *model, "--port", str(port), "--no-cache", "-j", "0")
     proc = subprocess.Popen(_wanwu(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_ready(f"http://127.0.0.1:{port}", timeout=60)
+        wait_ready(f"http://127.0.0.1:{port}", timeout=60, proc=proc)
         response = httpx.post(f"http://127.0.0.1:{port}/v1/recognize", files=files(("a.jpg", image_bytes())))
         assert response.json()["results"][0]["status"] == "ok"
     finally:

@@ -22,7 +22,7 @@ from PIL import Image
 
 from tests.servers import free_port, stop, wait_ready
 
-pytestmark = [pytest.mark.shared]
+pytestmark = [pytest.mark.shared, pytest.mark.extra("server")]
 ADDRESS_SPACE = 3 * 1024**3  # the server may map up to 3 GB (threads and libraries reserve much of it)
 BUDGET = 300 * 1024**2  # a normal photo costs tens of MB; the PNG may cost no more than this
 
@@ -52,7 +52,7 @@ def test_a_1x60000_png_costs_no_more_than_a_photo(mobilenet: tuple[Path, Path], 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_limit)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, timeout=120)
+        wait_ready(base, timeout=120, proc=proc)
         files = [("files", ("photo.jpg", photo, "image/jpeg"))]
         assert httpx.post(f"{base}/v1/recognize", files=files, timeout=60).json()["results"][0]["status"] == "ok"
         after_photo = _peak_rss(proc.pid)

@@ -55,7 +55,7 @@ def server(mobilenet: tuple[Path, Path]) -> Iterator[str]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, timeout=120)
+        wait_ready(base, timeout=120, proc=proc)
         yield base
     finally:
         stop(proc)
@@ -211,7 +211,7 @@ def test_a_zero_shot_model_takes_the_label_list_typed_on_the_page(photos: Path, 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(base, timeout=180)
+        wait_ready(base, timeout=180, proc=proc)
         expected = httpx.post(
             f"{base}/v1/recognize", data={"top_k": "3", "labels": "\n".join(mine)},
             files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in chosen], timeout=60,

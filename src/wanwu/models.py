@@ -83,10 +83,26 @@ def resolve_model(
             if prompts:
                 spec = _with_prompts(spec, prompts)
             return spec if spec.source else _with_source(spec, ref)
-    raise UsageError(
-        f"don't know how to load model {ref!r}: expected an .onnx file (with --labels), a model folder "
-        f"({MANIFEST} or a ModelScope layout), or modelscope:OWNER/NAME"
-    )
+    raise UsageError(_unloadable(ref))
+
+
+ACCEPTED_FORMS = (
+    "an .onnx file (with --labels); a folder written by wanwu convert (with wanwu.json); a ModelScope folder "
+    "(configuration.json, pytorch_model.pt, meta_info.txt); a Chinese-CLIP folder in Hugging Face layout "
+    "(config.json with model_type chinese_clip); hf:OWNER/NAME[@REV]; or modelscope:OWNER/NAME[@REV]"
+)
+
+
+def _unloadable(ref: str) -> str:
+    """Why ``ref`` is not a model: what it is, the forms that are, and an .onnx file inside it if there is one."""
+    path = Path(ref)
+    what = "is a folder with no model wanwu can load" if path.is_dir() else \
+        "is not a file or folder" if not path.exists() else "is not a model file wanwu can load"
+    message = f"model {ref!r} {what}. --model takes {ACCEPTED_FORMS}"
+    inside = sorted([*path.glob("*.onnx"), *path.glob("*/*.onnx")])[:3] if path.is_dir() else []  # not a deep walk
+    if inside:
+        message += f". It holds {', '.join(str(p) for p in inside)}: use --model {inside[0]} --labels LABELS"
+    return message
 
 
 def _with_prompts(spec: ModelSpec, prompts: tuple[str, ...]) -> ModelSpec:

@@ -29,7 +29,8 @@ from wanwu.errors import FetchError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 REFUSED_MESSAGE = (
-    "refused: the URL's host does not resolve to a public internet address (the server only fetches public URLs)"
+    "refused: the URL's host does not resolve to a public internet address (only public URLs are fetched; the"
+    " --allow-private-urls option of wanwu recognize, serve and worker fetches the others, for a trusted network)"
 )
 
 

@@ -65,7 +65,7 @@ def expand(arg: str) -> Iterator[InputItem]:
                     found = True
                     yield InputItem(f"s3://{folder.rstrip('/')}/{name}", "object", f"s3://{folder}/{name}")
         if not found:
-            yield InputItem.failed(arg, "no image objects under this prefix")
+            yield InputItem.failed(arg, _nothing_under(fs, bare))
     except MissingExtraError:
         raise
     except FileNotFoundError:
@@ -76,6 +76,16 @@ def expand(arg: str) -> Iterator[InputItem]:
         yield InputItem.failed(arg, f"cannot list {arg}: {e}", "fetch_error")
     except Exception as e:  # botocore's NoCredentialsError, EndpointConnectionError … are not OSErrors
         yield InputItem.failed(arg, f"cannot list {arg}: {type(e).__name__}: {e}", "fetch_error")
+
+
+def _nothing_under(fs: Any, bare: str) -> str:
+    """Why a listing found no image: no such bucket, no such key or prefix, or no image objects there."""
+    bucket, _, key = bare.partition("/")
+    if not fs.exists(bucket):
+        return f"no such bucket: {bucket}"
+    if key.strip("/") and not fs.exists(bare.rstrip("/")):
+        return f"no object or prefix {key!r} in bucket {bucket}"
+    return "no image objects under this prefix"
 
 
 def read(url: str, max_bytes: int) -> bytes:

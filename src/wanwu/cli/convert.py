@@ -17,7 +17,7 @@ from wanwu.convert import DEFAULT_OPSET, DEFAULT_TOLERANCE, ConvertOptions, conv
     "(with --labels; the labels and prompts are built into the ONNX model). Default: the 万物识别 general model.",
 )
 @prompt_option
-@click.option("-l", "--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("-l", "--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Label file (overrides the model folder's).")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="The model folder to write (model.onnx, labels.txt, wanwu.json).")

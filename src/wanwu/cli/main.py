@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import signal
 import sys
+from typing import Any
 
 import click
 
 from wanwu import __version__
-from wanwu.cli.messages import h, install_click_translations, short_help, t
+from wanwu.cli.helpformat import use_wide_text_help
+from wanwu.cli.messages import h, install_click_translations, language, short_help, t
 from wanwu.cli.progress import ReportedInterrupt
 from wanwu.errors import UsageError, WanwuError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a command that wrote into a closed pipe
 # Each module defines ``command``; a module whose extra is missing still registers (it fails on use).
 COMMAND_MODULES = ("recognize", "cache", "convert", "serve", "jobs", "worker", "report")
 
@@ -34,8 +39,22 @@ def _verbosity(ctx: click.Context, param: click.Parameter, value: int) -> int:
     return int(value)
 
 
-@click.group(help=h("wanwu"), context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100,
-                               "show_default": True})
+class _OutputClosed(Exception):
+    """Stdout was closed by its reader (``wanwu recognize ... | head``): the run ends quietly."""
+
+
+class _Group(click.Group):
+    """The ``wanwu`` group: a closed stdout leaves click's own handling (exit 1) for the broken-pipe status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as e:
+            raise _OutputClosed from e
+
+
+@click.group(cls=_Group, help=h("wanwu"),
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True})
 @click.version_option(__version__, prog_name="wanwu")
 @click.option("-v", "--verbose", count=True, help=VERBOSE_HELP, show_default=False)
 def cli(verbose: int) -> None:
@@ -76,14 +95,20 @@ def _accept_verbose(group: click.Group) -> None:
 
 _accept_verbose(cli)
 _localize_short_help(cli)
+if language() == "zh":
+    use_wide_text_help([cli])
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         rv = cli.main(args=argv, prog_name="wanwu", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo(t("interrupted"), err=True)
+    except click.exceptions.Abort as e:
+        if not isinstance(e.__cause__, ReportedInterrupt):  # the command said how far it got already
+            click.echo(t("interrupted"), err=True)
         return EXIT_INTERRUPTED
+    except _OutputClosed:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except click.ClickException as e:
         e.show()
         return EXIT_USAGE
@@ -98,6 +123,17 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"wanwu: error: {e}", err=True)
         return EXIT_FATAL
     return rv if isinstance(rv, int) else EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of it cannot fail again at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (a test's capture): nothing will flush into a pipe
+        pass
+    finally:
+        os.close(devnull)
 
 
 def run() -> None:

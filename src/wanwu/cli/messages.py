@@ -4,7 +4,7 @@ The rule: ``WANWU_LANG`` (``zh`` or ``en``) if set; else the locale, the first s
 ``LC_MESSAGES``, ``LANG`` (POSIX precedence): a value starting with ``zh`` (``zh_CN.UTF-8``, ``zh_TW``...)
 means Chinese, anything else English. Records (JSONL/CSV/JSON) and error texts raised by the library are
 not translated; only what the CLI itself prints around them (progress, summaries, table headings, job
-messages) and the help of ``wanwu`` and ``wanwu recognize`` (with click's own headings) are.
+messages) and the help of ``wanwu``, ``wanwu recognize`` and ``wanwu report`` (with click's own headings) are.
 """
 
 from __future__ import annotations
@@ -132,6 +132,18 @@ HELP: dict[str, dict[str, str]] = {
         "retry_errors": "With --resume (implied): also redo the inputs recorded as errors, replacing their "
         "records.",
         "quiet": "No progress bar and no summary.",
+        "runner": "Where records are computed: this machine, or a Ray cluster (the cluster extra).",
+        "ray_address": "--runner ray: the cluster to join (HOST:PORT from `ray start --head`); default: a local "
+        "Ray.",
+        "ray_actors": "--runner ray: inference actors, one model copy each (with --device cuda, one GPU each).",
+        "report": "Write one self-contained HTML report (no network needed) about RESULTS (jsonl or parquet "
+        "files).",
+        "report.output": "The HTML file to write.",
+        "report.top_labels": "Labels that get a grid of samples.",
+        "report.per_label": "Best-scoring samples shown per label.",
+        "report.max_failures": "Failed inputs listed (all are counted).",
+        "report.seconds": "How long the run took, to show its throughput (records do not carry time).",
+        "report.title": "The page's title.",
     },
     "zh": {
         "wanwu": "万物 wanwu — 识别大量图片中的内容，用中文命名。",
@@ -175,6 +187,16 @@ HELP: dict[str, dict[str, str]] = {
         "被杀死的运行留下的残缺末行会被修复。",
         "retry_errors": "配合 --resume（自动启用）：也重做记录为错误的输入，替换其记录。",
         "quiet": "不显示进度条和汇总。",
+        "runner": "在哪里计算记录：本机，或 Ray 集群（需 cluster 扩展）。",
+        "ray_address": "配合 --runner ray：要加入的集群（`ray start --head` 给出的 HOST:PORT）；默认：本机私有的 Ray。",
+        "ray_actors": "配合 --runner ray：推理 actor 数，每个持有一份模型（配合 --device cuda 时每个占一块 GPU）。",
+        "report": "为 RESULTS（jsonl 或 parquet 文件）写出一个自包含的 HTML 报告（无需联网）。",
+        "report.output": "要写出的 HTML 文件。",
+        "report.top_labels": "展示样例网格的标签数。",
+        "report.per_label": "每个标签展示的最高分样例数。",
+        "report.max_failures": "列出的失败输入数（全部计入统计）。",
+        "report.seconds": "这次运行用了多少秒，用来显示吞吐量（记录中不含时间）。",
+        "report.title": "页面标题。",
     },
 }
 
@@ -194,6 +216,7 @@ SHORT_HELP_ZH = {
     "jobs cancel": "停止 JOB_ID：不再开始它的子任务；已写出的记录保留。",
     "jobs delete": "取消 JOB_IDS 并删除其状态、记录和上传的文件。",
     "recognize": "识别 INPUTS：文件、文件夹、通配符、网址，或 - 表示标准输入列表。",
+    "report": "为记录文件写出一个自包含的离线 HTML 报告。",
     "serve": "通过 HTTP 提供识别服务：/ 为网页，/v1 下为 API。",
     "worker": "用一个已加载的模型处理队列中的子任务；可在任意机器上启动任意多个。",
 }

@@ -32,7 +32,7 @@ model_options = _compose(
         help=h("model"),
     ),
     click.option(
-        "-l", "--labels", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        "-l", "--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
         help=h("labels"),
     ),
     click.option(
@@ -137,17 +137,10 @@ run_options = _compose(
 )
 
 runner_options = _compose(
-    click.option(
-        "--runner", type=click.Choice(sorted(RUNNERS.names())), default="local", show_default=True,
-        help="Where records are computed: this machine, or a Ray cluster (pip install 'wanwu-vision[cluster]').",
-    ),
-    click.option(
-        "--ray-address", default=None, metavar="ADDR",
-        help="--runner ray: the cluster to join (HOST:PORT from `ray start --head`); default: a local Ray.",
-    ),
-    click.option(
-        "--ray-actors", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
-        help="--runner ray: inference actors, one model copy each (with --device cuda, one GPU each).",
-    ),
+    click.option("--runner", type=click.Choice(sorted(RUNNERS.names())), default="local", show_default=True,
+                 help=h("runner")),
+    click.option("--ray-address", default=None, metavar="ADDR", help=h("ray_address")),
+    click.option("--ray-actors", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+                 help=h("ray_actors")),
 )
 """Where a run executes: the runner registry (:mod:`wanwu.runners`)."""

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 import click
 
+from wanwu.cli.aside import ray_log_path, stderr_aside
 from wanwu.cli.messages import h, t
 from wanwu.cli.options import model_options, prompt_option, recognize_options, run_options, runner_options
 from wanwu.cli.progress import ReportedInterrupt, RunProgress, WholeRecords, interrupted_message, terminal_console
@@ -67,6 +68,8 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
             else kw["model"]
         runner_config = RunnerConfig(model, kw["labels"], options, kw["ray_address"], kw["label_column"],
                                      kw["ray_actors"])
+        if kw["runner"] == "ray":
+            _set_ray_logs_aside(stack)
         recognizer = stack.enter_context(create_runner(kw["runner"], runner_config))
         shape = options.record
         expect = min(shape.top_k, recognizer.spec.num_classes) if shape.threshold is None else None
@@ -115,6 +118,18 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         if not quiet:
             _summary(counts, time.perf_counter() - start, state, recognizer.cache_hits)
     return 3 if counts["error"] or (state is not None and state.errors_kept) else 0
+
+
+def _set_ray_logs_aside(stack: ExitStack) -> None:
+    """Ray's own log lines (its Python loggers, its C++ core, the processes it starts) go to a file for the
+    rest of the run; wanwu's messages keep stderr."""
+    from wanwu.ray.dataset import import_ray
+
+    import_ray()  # its loggers exist from here on, printing to the stderr of the moment
+    aside = stack.enter_context(stderr_aside(ray_log_path()))
+    if aside is not None:
+        aside.claim_loggers("ray")
+        log.info("Ray's own log lines: %s", aside.path)
 
 
 def _warn_if_overwriting(output: Path) -> None:
@@ -188,6 +203,10 @@ def _progress(inputs: tuple[str, ...], loud: bool, state: ResumeState | None, co
 
 
 def _count(progress: RunProgress, inputs: tuple[str, ...], state: ResumeState | None) -> None:
-    total = count_items(inputs)
+    try:
+        total = count_items(inputs)
+    except Exception as e:  # the count only sizes the bar; the run itself reports the cause, as a record
+        log.debug("inputs not counted: %s", e)
+        return
     if total is not None:
         progress.set_total(max(0, total - _already_recorded(state)))  # resuming: only what is left

@@ -6,26 +6,27 @@ from pathlib import Path
 
 import click
 
+from wanwu.cli.messages import h
 from wanwu.report import render, summarize
 
 
-@click.command("report")
+@click.command("report", help=h("report"))
 @click.argument("results", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("report.html"),
-              show_default=True, help="The HTML file to write.")
+              show_default=True, help=h("report.output"))
 @click.option("--top-labels", type=click.IntRange(1, 500), default=24, show_default=True,
-              help="Labels that get a grid of samples.")
+              help=h("report.top_labels"))
 @click.option("--per-label", type=click.IntRange(1, 100), default=8, show_default=True,
-              help="Best-scoring samples shown per label.")
+              help=h("report.per_label"))
 @click.option("--max-failures", type=click.IntRange(0, 100_000), default=500, show_default=True,
-              help="Failed inputs listed (all are counted).")
+              help=h("report.max_failures"))
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="How long the run took, to show its throughput (records do not carry time).")
-@click.option("--title", default="万物识别报告", show_default=True)
+              help=h("report.seconds"))
+@click.option("--title", default="万物识别报告", show_default=True, help=h("report.title"))
 def command(results: tuple[Path, ...], output: Path, top_labels: int, per_label: int, max_failures: int,
             seconds: float | None, title: str) -> int:
-    """Write one self-contained HTML report (no network needed) about RESULTS (jsonl or parquet files)."""
+    """``wanwu report`` (its help text is ``h("report")``, in the locale's language)."""
     summary = summarize(results, per_label=per_label, max_failures=max_failures)
     page = render(summary, title=title, top_labels=top_labels, elapsed=seconds)
     tmp = output.with_name(f".{output.name}.tmp")

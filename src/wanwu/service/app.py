@@ -325,3 +325,9 @@ def _add_routes(app: FastAPI, state: ServiceState, guard: list[Any]) -> None:
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP})
+
+    icon = resources.files("wanwu").joinpath("web", "favicon.svg").read_bytes()
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:  # what browsers ask for by default; the page links the same SVG
+        return Response(icon, media_type="image/svg+xml")
