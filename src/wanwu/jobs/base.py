@@ -17,12 +17,13 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from wanwu.errors import ERROR_TYPES, ErrorType, QueueError, UsageError
 from wanwu.paths import wanwu_home
@@ -38,12 +39,40 @@ STALE_SUBMISSION_S = 600.0
 QUEUE_ENV = "WANWU_QUEUE"
 
 
+JOB_ID = re.compile(r"[0-9a-f]{11,16}[0-9a-f]{12}")  # what new_job_id() issues: ms time in hex + 12 hex
+
+
 class UnknownJobError(QueueError):
     """No job has this id (in this queue)."""
 
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job {job_id!r} in this queue")
+    def __init__(self, job_id: str, message: str | None = None) -> None:
+        super().__init__(message or f"no job {job_id!r} in this queue")
         self.job_id = job_id
+
+
+class LostJobError(UnknownJobError):
+    """The job was submitted before the queue's store was emptied (a Redis restart without persistence):
+    its status and records are gone, which is not the same as an id that never existed."""
+
+    def __init__(self, job_id: str, reset_at: float) -> None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(reset_at))
+        super().__init__(job_id, f"job {job_id!r} was lost: it was submitted before this queue's store was "
+                                 f"emptied (first seen empty at {when}; e.g. Redis restarted without "
+                                 "persistence), or it was deleted; its records are gone, so submit it again")
+        self.reset_at = reset_at
+
+
+def check_job_id(job_id: str) -> str:
+    """``job_id`` if it has the form :func:`new_job_id` issues, else UnknownJobError (so no id can name
+    another key of the store, such as ``ID:results``)."""
+    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+        raise UnknownJobError(job_id)
+    return job_id
+
+
+def job_created(job_id: str) -> float:
+    """When a job was submitted, from its id (seconds since the epoch)."""
+    return int(check_job_id(job_id)[:-12], 16) / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +380,10 @@ class JobQueue(Protocol):
         """Tasks not yet completed, claimed or not, over all jobs."""
         ...
 
+    def health(self) -> list[str]:
+        """Warnings an operator should see at start-up (e.g. a store that keeps nothing on disk)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -359,12 +392,20 @@ class JobQueue(Protocol):
 
 @dataclass(frozen=True)
 class QueueSettings:
+    """``retry_s``: how long a submission keeps retrying a queue that is briefly unavailable (``retry=``)
+    · ``max_upload_mb``: the queue's budget for uploaded files held at once (``max_upload_mb=``; None: the
+    backend's default)."""
+
     lease_s: float = 60.0
     max_attempts: int = 5
+    retry_s: float = 120.0
+    max_upload_mb: float | None = None
 
     def __post_init__(self) -> None:
-        if self.lease_s <= 0 or self.max_attempts < 1:
-            raise UsageError("queue: lease must be > 0 seconds and attempts >= 1")
+        if self.lease_s <= 0 or self.max_attempts < 1 or self.retry_s < 0:
+            raise UsageError("queue: lease must be > 0 seconds, attempts >= 1 and retry >= 0 seconds")
+        if self.max_upload_mb is not None and self.max_upload_mb < 0:
+            raise UsageError("queue: max_upload_mb must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -400,23 +441,42 @@ def parse_queue_url(url: str) -> QueueURL:
     scheme = parts.scheme.lower()
     if scheme not in QUEUES and scheme not in BUILTIN_QUEUES:
         known = ", ".join(sorted({*QUEUES, *BUILTIN_QUEUES}))
-        raise UsageError(f"queue URL {url!r}: unknown scheme {parts.scheme!r}; use one of {known}, "
-                         "e.g. sqlite:///path/jobs.sqlite3 or redis://host:6379/0")
+        raise UsageError(f"queue URL {redact_url(url)!r}: unknown scheme {parts.scheme!r}; use one of "
+                         f"{known}, e.g. sqlite:///path/jobs.sqlite3 or redis://host:6379/0")
     ours: dict[str, str] = {}
     rest = []
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key in ("lease", "attempts"):
+        if key in ("lease", "attempts", "retry", "max_upload_mb"):
             ours[key] = value
         else:
             rest.append((key, value))
     try:
+        budget = ours.get("max_upload_mb")
         settings = QueueSettings(
             lease_s=float(ours.get("lease", QueueSettings.lease_s)),
             max_attempts=int(ours.get("attempts", QueueSettings.max_attempts)),
+            retry_s=float(ours.get("retry", QueueSettings.retry_s)),
+            max_upload_mb=None if budget is None else float(budget),
         )
     except ValueError as e:
-        raise UsageError(f"queue URL {url!r}: bad lease/attempts value ({e})") from None
+        raise UsageError(f"queue URL {redact_url(url)!r}: bad lease/attempts/retry/max_upload_mb value ({e})"
+                         ) from None
     return QueueURL(scheme, with_query(url, rest), settings)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (and a lone user name too: Redis takes a password
+    alone as ``redis://:SECRET@host`` or ``redis://SECRET@host``), for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<queue URL>"
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    hidden = f"{user}:***" if colon and user else "***"
+    return urlunsplit((parts.scheme, f"{hidden}@{host}", parts.path, parts.query, parts.fragment))
 
 
 def with_query(url: str, query: list[tuple[str, str]]) -> str:
