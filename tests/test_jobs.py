@@ -306,12 +306,16 @@ def test_http_jobs_api(queue_url: str, tiny_model: TinyModel, tmp_path: Path) ->
         assert client.get(f"/v1/jobs/{by_upload}/results", params={"format": "xml"}).status_code == 422
 
         r = client.post("/v1/jobs", json={"inputs": ["/x/a.jpg"]})
-        assert client.delete(f"/v1/jobs/{r.json()['id']}").json()["state"] == "cancelled"
-        assert client.delete(f"/v1/jobs/{by_upload}").json()["state"] == "done"  # finished: no-op
-        assert client.delete(f"/v1/jobs/{by_upload}", params={"purge": "true"}).json() == {
-            "id": by_upload, "deleted": True}
+        assert client.post(f"/v1/jobs/{r.json()['id']}/cancel").json()["state"] == "cancelled"
+        assert client.get(f"/v1/jobs/{r.json()['id']}").json()["state"] == "cancelled"  # cancelled, kept
+        assert client.post(f"/v1/jobs/{by_upload}/cancel").json()["state"] == "done"  # finished: no-op
+        records = client.get(f"/v1/jobs/{by_upload}/results", params={"format": "json"}).json()
+        assert [x["input"] for x in records] == ["u0.jpg", "u1.jpg", "u2.jpg"]  # an array, as documented
+        assert client.delete(f"/v1/jobs/{by_upload}").status_code == 204  # DELETE removes (no purge flag)
         assert client.get(f"/v1/jobs/{by_upload}").status_code == 404
         assert client.get(f"/v1/jobs/{by_upload}/results").status_code == 404
+        assert client.delete(f"/v1/jobs/{by_upload}").status_code == 404
+        assert client.post("/v1/jobs/nope/cancel").status_code == 404
 
 
 @pytest.mark.slow

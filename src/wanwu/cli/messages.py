@@ -39,6 +39,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "jobs.unexpanded_count": "{n} input(s) could not be expanded and were not queued",
         "jobs.none": "nothing to queue: no input could be expanded",
         "jobs.wait_done": "job {job}: {state}: {ok} ok, {failed} failed of {total}",
+        "jobs.wait_unreachable": "gave up waiting for job {job}: the queue stayed unreachable for {s:g} s "
+        "(the job goes on; wait again later)",
         "jobs.lapsed": "{n} task(s) wait for a lapsed lease (their worker went silent); another worker takes "
         "them over",
         "jobs.no_workers": "no worker holds any of its tasks: start one with  wanwu worker --queue URL --model M",
@@ -72,6 +74,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "jobs.unexpanded_count": "{n} 个输入无法展开，未排入",
         "jobs.none": "没有可排入的输入：没有一个输入能展开",
         "jobs.wait_done": "任务 {job}：{state}：共 {total} 个，{ok} 个成功，{failed} 个失败",
+        "jobs.wait_unreachable": "不再等待任务 {job}：队列已 {s:g} 秒无法连接（任务仍在继续，稍后再等）",
         "jobs.lapsed": "{n} 个子任务在等待过期的租约（其工作进程已无响应），将由其他工作进程接手",
         "jobs.no_workers": "没有工作进程持有它的子任务：用  wanwu worker --queue URL --model M  启动一个",
         "worker.start": "工作进程 {worker}：模型 {model}，队列 {queue}",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import itertools
 import json
 import os
 import re
@@ -319,6 +320,17 @@ def record_json(record: Record) -> str:
 def abandoned_records(task: Task, max_attempts: int) -> list[tuple[int, Record]]:
     message = f"gave up after {max_attempts} deliveries of its task: each worker stopped while processing it"
     return [(index, Record.failure(item.name, "internal", message)) for index, item in task.indexed()]
+
+
+def with_english(records: Iterator[Record]) -> tuple[bool, Iterator[Record]]:
+    """Whether the records carry English label names (``label_en``: the worker's label file has them), and
+    the records again: looks ahead to the first record with predictions, so CSV gets its label_en columns."""
+    seen: list[Record] = []
+    for record in records:
+        seen.append(record)
+        if record.predictions:
+            return record.predictions[0].label_en is not None, itertools.chain(seen, records)
+    return False, iter(seen)
 
 
 def new_job_id() -> str:

@@ -174,10 +174,11 @@ class RedisQueue:
         with self._errors():
             aof = self.r.info("persistence").get("aof_enabled", 0)
             try:
-                save = self.r.config_get("save").get(b"save", b"?")
+                reply = {_text(k): _text(v) for k, v in self.r.config_get("save").items()}
+                save = reply.get("save", "?")
             except self._response_error:  # CONFIG disabled (managed Redis): cannot tell about snapshots
-                save = b"?"
-        if not int(aof) and save in (b"", ""):
+                save = "?"
+        if not int(aof) and save == "":
             return [f"Redis at {self.url} keeps nothing on disk (appendonly no, save \"\"): a restart loses "
                     "every queued job and its records; start it with --appendonly yes"]
         if not int(aof):
@@ -198,8 +199,9 @@ class RedisQueue:
     def _job(self, job_id: str) -> dict[str, str]:
         raw = self.r.hgetall(self._job_key(check_job_id(job_id)))
         if not raw:
-            if self.epoch and job_created(job_id) < self.epoch:
-                raise LostJobError(job_id, self.epoch)
+            epoch = self._read_epoch()  # now, not as this client first saw it: the store may be new since
+            if job_created(job_id) < epoch:
+                raise LostJobError(job_id, epoch)
             raise UnknownJobError(job_id)
         return {k.decode(): v.decode() for k, v in raw.items()}
 
@@ -216,15 +218,8 @@ class RedisQueue:
 
     def submit(self, spec: JobSpec) -> str:
         job_id = new_job_id()
-        key = self._job_key(job_id)
-        now = time.time()
+        retrying(lambda: self._create_job(job_id, spec), "submitting a job", deadline_s=self.settings.retry_s)
         with self._errors():
-            self.r.hset(key, mapping={
-                "id": job_id, "created": now, "updated": now, "options": json.dumps(spec.options.to_dict()),
-                "total": 0, "sealed": 0, "cancelled": 0, "done": 0, "failed": 0, "abandoned": 0,
-            })
-            self.r.zadd(f"{self.p}:jobs", {job_id: now})
-            self.r.zadd(f"{self.p}:unsealed", {job_id: now})  # the submitter's heartbeat: see _fill
             try:
                 self._fill(job_id, spec)
             except BaseException:
@@ -234,6 +229,18 @@ class RedisQueue:
                     pass  # the store is gone: a worker reaps the unsealed job once it is back
                 raise
         return job_id
+
+    def _create_job(self, job_id: str, spec: JobSpec) -> None:
+        now = time.time()
+        with self._errors():
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hset(self._job_key(job_id), mapping={
+                "id": job_id, "created": now, "updated": now, "options": json.dumps(spec.options.to_dict()),
+                "total": 0, "sealed": 0, "cancelled": 0, "done": 0, "failed": 0, "abandoned": 0,
+            })
+            pipe.zadd(f"{self.p}:jobs", {job_id: now})
+            pipe.zadd(f"{self.p}:unsealed", {job_id: now})  # the submitter's heartbeat: see _fill
+            pipe.execute()
 
     def _fill(self, job_id: str, spec: JobSpec) -> None:
         for batch in chunk_tasks(spec, max_tasks=PIPELINE_TASKS, max_bytes=PIPELINE_BYTES):
@@ -503,6 +510,10 @@ class RedisQueue:
 
     def close(self) -> None:
         self.r.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _split_prefix(url: str) -> tuple[str, str]:

@@ -90,20 +90,26 @@ class SqliteQueue:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, timeout=busy_s, isolation_level=None, check_same_thread=False)
             self._db.execute(f"PRAGMA busy_timeout = {int(busy_s * 1000)}")
-            self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect on a new file only
+            if self._db.execute("PRAGMA page_count").fetchone()[0] == 0:  # a new file (no lock needed else)
+                self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.execute("PRAGMA journal_size_limit = 67108864")
-            with self._tx():
-                for statement in _statements():
-                    self._db.execute(statement)
-                columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-                if "upload_bytes" not in columns:  # a file from before the upload budget
-                    self._db.execute("ALTER TABLE jobs ADD COLUMN upload_bytes INTEGER NOT NULL DEFAULT 0")
+            if not self._schema_ready():  # else no write at open: readers open a queue whose lock is held
+                with self._tx():
+                    for statement in _statements():
+                        self._db.execute(statement)
+                    if not self._schema_ready():  # a file from before the upload budget
+                        self._db.execute("ALTER TABLE jobs ADD COLUMN upload_bytes INTEGER NOT NULL DEFAULT 0")
         except QueueError:
             raise
         except (OSError, sqlite3.Error) as e:
             raise _queue_error(f"cannot open the job queue {path}", e) from None
+
+    def _schema_ready(self) -> bool:
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        return {"jobs", "tasks", "results", "blobs"} <= tables and "upload_bytes" in columns
 
     def health(self) -> list[str]:
         return []
@@ -137,12 +143,7 @@ class SqliteQueue:
 
     def submit(self, spec: JobSpec) -> str:
         job_id = new_job_id()
-        now = time.time()
-        with self._tx():
-            self._db.execute(
-                "INSERT INTO jobs (id, created, updated, options) VALUES (?, ?, ?, ?)",
-                (job_id, now, now, json.dumps(spec.options.to_dict())),
-            )
+        retrying(lambda: self._insert_job(job_id, spec), "submitting a job", deadline_s=self.settings.retry_s)
         try:
             for batch in chunk_tasks(spec, max_tasks=COMMIT_EVERY_TASKS, max_bytes=COMMIT_EVERY_BYTES):
                 retrying(lambda b=batch: self._add_tasks(job_id, b), f"submitting job {job_id}",  # type: ignore[misc]
@@ -151,6 +152,12 @@ class SqliteQueue:
             self._abort(job_id)
             raise
         return job_id
+
+    def _insert_job(self, job_id: str, spec: JobSpec) -> None:
+        now = time.time()
+        with self._tx():
+            self._db.execute("INSERT OR IGNORE INTO jobs (id, created, updated, options) VALUES (?, ?, ?, ?)",
+                             (job_id, now, now, json.dumps(spec.options.to_dict())))
 
     def _add_tasks(self, job_id: str, batch: SubmitBatch) -> None:
         """One transaction (all or nothing: safe to repeat after a failure)."""
@@ -239,8 +246,8 @@ class SqliteQueue:
                 if mode == 0 and convert:
                     self._db.execute("PRAGMA auto_vacuum = INCREMENTAL")
                     self._db.execute("VACUUM")
-                elif mode == 2:
-                    self._db.execute("PRAGMA incremental_vacuum").fetchall()
+                elif mode == 2:  # executescript steps it to the end (one step frees one page)
+                    self._db.executescript("PRAGMA incremental_vacuum;")
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             except sqlite3.Error as e:
                 log.debug("job queue %s: space not reclaimed now (%s)", self.path, e)
