@@ -21,7 +21,7 @@ import pytest
 import wanwu
 from tests import jobs_support as js
 from tests.redis_server import RedisServer
-from wanwu.errors import QueueUnavailableError
+from wanwu.errors import QueueUnavailableError, UsageError
 from wanwu.jobs.base import JobSpec, LostJobError, open_queue
 
 TinyModel = tuple[Path, Path]
@@ -228,3 +228,33 @@ def test_transient_queue_errors_are_retried_and_others_are_not(tmp_path: Path) -
         holder.execute("ROLLBACK")
         holder.close()
         assert queue.claim("w", 1, 10) == []
+
+
+def test_jobs_retry_runs_only_the_failed_inputs_again(queue_url: str, tiny_model: TinyModel, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from wanwu.cli.main import main
+    from wanwu.jobs.base import JobInput
+
+    queue = open_queue(queue_url)
+    with js.image_server() as server:
+        inputs = [JobInput.url(f"{server.url}/img/1.jpg"), JobInput.url(f"{server.url}/gone.jpg"),
+                  JobInput.upload("bad.jpg", b"not an image"), JobInput.path(str(tmp_path / "later.jpg")),
+                  *js.uploads(3)]
+        job_id = queue.submit(JobSpec(inputs, task_size=2))
+        with pytest.raises(UsageError, match="once it is over"):
+            queue.retry(job_id)
+        first = js.work(queue, tiny_model, allow_roots=(tmp_path,))
+        assert (first.records, queue.status(job_id).failed) == (7, 3)
+        (tmp_path / "later.jpg").write_bytes(js.colour(5))  # what failed is there now
+        assert main(["jobs", "retry", "--queue", queue_url, job_id]) == 0
+        out, err = capsys.readouterr()
+        assert "2 failed input(s) queued again" in err and "1 failed input(s) not queued again" in err
+        assert '"state": "running"' in out and queue.status(job_id).failed == 1
+        again = js.work(queue, tiny_model, allow_roots=(tmp_path,))
+    assert again.records == 2, "only the failed URL and path ran again"
+    records = list(queue.results(job_id))
+    assert [r.input for r in records] == [i.name for i in inputs]
+    assert [r.ok for r in records] == [True, False, False, True, True, True, True]
+    status = queue.status(job_id)
+    assert (status.state, status.done, status.failed) == ("done", 5, 2)
+    queue.close()

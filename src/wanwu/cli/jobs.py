@@ -216,6 +216,21 @@ def cancel(job_id: str, queue_url: str | None) -> None:
         click.echo(json.dumps(queue.cancel(job_id).to_dict(), ensure_ascii=False, indent=2))
 
 
+@command.command("retry")
+@click.argument("job_id")
+@queue_option
+def retry(job_id: str, queue_url: str | None) -> None:
+    """Run JOB_ID's failed inputs again (a job that is over): their error records are removed and running
+    workers recognize only those. Uploaded files that failed cannot be retried (their bytes are not kept
+    once the job is over): submit them again."""
+    with _queue(queue_url) as queue:
+        plan = queue.retry(job_id)
+        click.echo(json.dumps(queue.status(job_id).to_dict(), ensure_ascii=False, indent=2))
+    click.echo("wanwu: " + t("jobs.retried", job=job_id, n=len(plan.inputs)), err=True)
+    if plan.kept_out:
+        click.echo("wanwu: " + t("jobs.not_retried", n=plan.kept_out), err=True)
+
+
 @command.command("delete")
 @click.argument("job_ids", nargs=-1)
 @queue_option

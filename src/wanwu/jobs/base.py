@@ -259,6 +259,41 @@ class Task:
     def indexed(self) -> Iterator[tuple[int, JobInput]]:
         return enumerate(self.inputs, self.start)
 
+    def wires(self) -> Iterator[tuple[int, str]]:
+        """(input index, the input as stored): what ``jobs retry`` queues again for a failed input."""
+        for index, item in self.indexed():
+            yield index, json.dumps(item.to_wire(), ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class RetryPlan:
+    """What ``jobs retry`` queues again: failed inputs (index, stored form) that can run again, and how many
+    cannot (uploads, whose bytes are not kept once a job is over; inputs the submitter already knew failed)."""
+
+    job_id: str
+    inputs: tuple[tuple[int, str], ...]
+    kept_out: int
+    task_size: int = DEFAULT_TASK_SIZE
+
+    @classmethod
+    def of(cls, status: JobStatus, failed: dict[int, str]) -> RetryPlan:
+        if status.state not in ("done", "failed"):
+            raise UsageError(f"job {status.id} is {status.state}: retry its failed inputs once it is over")
+        runnable = tuple(sorted((i, w) for i, w in failed.items() if JobInput.from_wire(json.loads(w)).kind
+                                in ("url", "path")))
+        return cls(status.id, runnable, status.failed - len(runnable))
+
+    def tasks(self) -> Iterator[tuple[int, str]]:
+        """(first input index, encoded inputs) for runs of consecutive indexes, at most ``task_size`` each."""
+        run: list[tuple[int, str]] = []
+        for index, wire in self.inputs:
+            if run and (index != run[-1][0] + 1 or len(run) == self.task_size):
+                yield run[0][0], "[" + ",".join(w for _, w in run) + "]"
+                run = []
+            run.append((index, wire))
+        if run:
+            yield run[0][0], "[" + ",".join(w for _, w in run) + "]"
+
 
 @dataclass
 class SubmitBatch:
@@ -359,6 +394,11 @@ class JobQueue(Protocol):
         """Cancel the job and forget it: its status, records and uploads. Raises UnknownJobError."""
         ...
 
+    def retry(self, job_id: str) -> RetryPlan:
+        """Queue the failed inputs of a job that is over again (their error records are removed), so its
+        workers run only those. UsageError while the job is still queued or running."""
+        ...
+
     def jobs(self, limit: int = 50) -> list[JobStatus]:
         """The most recently created jobs, newest first."""
         ...
@@ -368,8 +408,10 @@ class JobQueue(Protocol):
         ...
 
     # -- workers ------------------------------------------------------------------------------------------
-    def claim(self, worker: str, max_tasks: int, lease_s: float) -> list[Task]:
-        """Take up to ``max_tasks``: new ones, or ones whose worker has been silent for ``lease_s``.
+    def claim(self, worker: str, max_tasks: int, lease_s: float, skip: frozenset[str] = frozenset()
+              ) -> list[Task]:
+        """Take up to ``max_tasks``: new ones, or ones whose worker has been silent for ``lease_s``; none of
+        the jobs in ``skip`` (this worker declined them: their tasks stay free for other workers).
 
         Every worker of a queue should use the same lease (the URL's ``lease``): depending on the backend
         it is enforced by the holder (SQLite: lease expiry) or by the taker (Redis: idle time).
@@ -380,6 +422,11 @@ class JobQueue(Protocol):
 
     def release(self, worker: str, tasks: list[Task]) -> None:
         """Give tasks back now, unfinished (a worker stopping)."""
+        ...
+
+    def decline(self, worker: str, tasks: list[Task]) -> None:
+        """Give tasks back as if never delivered: this worker may not read them (their delivery does not
+        count toward ``attempts``), so a worker that may takes them at once."""
         ...
 
     def complete(self, task: Task, records: list[tuple[int, Record]]) -> None:

@@ -40,6 +40,7 @@ from wanwu.jobs.base import (
     JobStatus,
     LostJobError,
     QueueURL,
+    RetryPlan,
     SubmitBatch,
     Task,
     UnknownJobError,
@@ -54,6 +55,7 @@ from wanwu.jobs.base import (
     register_queue,
     with_query,
 )
+from wanwu.jobs.redis_lua import CLAIM_OWN, COMPLETE_LUA, DECLINE
 from wanwu.jobs.retry import retrying
 from wanwu.records import Record
 
@@ -61,52 +63,12 @@ log = logging.getLogger("wanwu")
 
 PIPELINE_TASKS = 256
 PIPELINE_BYTES = 32 * 1024 * 1024  # uploads buffered for one round trip: submit holds at most about this much
-# Re-claim (or release) only the tasks this worker still owns: XCLAIM with min-idle 0 would otherwise take a
-# task back from the worker that already took it over after this one's lease lapsed.
-_CLAIM_OWN = """
-local n = 0
-for i = 4, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then
-    if ARGV[3] == '' then
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-    else
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
-    end
-    n = n + 1
-  end
-end
-return n
-"""
 RESULT_PAGE = 1000
 DEFAULT_MAX_UPLOAD_MB = 1024.0  # uploads live in Redis's memory: about 9,000 photos of 110 KB at once
 DROP_ROUNDS = 20  # claims in a row that found only tasks of cancelled or deleted jobs before pausing
 RELEASED_IDLE_MS = 10 * 365 * 86400 * 1000  # a released task looks long abandoned: reclaimed at once
 ACTIVITY_SCAN = 10_000  # claimed tasks looked at by activity() (workers x tasks per claim, normally far fewer)
 
-# KEYS: job, results, stream · ARGV: group, message id, now, abandoned (0/1), then (index, ok, json)...
-COMPLETE_LUA = """
-local function ack()
-  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
-  redis.call('XDEL', KEYS[3], ARGV[2])
-end
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'cancelled') == '1' then
-  ack()
-  return 0
-end
-local done, failed = 0, 0
-for i = 5, #ARGV, 3 do
-  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 2]) == 1 then
-    if ARGV[i + 1] == '1' then done = done + 1 else failed = failed + 1 end
-  end
-end
-redis.call('HINCRBY', KEYS[1], 'done', done)
-redis.call('HINCRBY', KEYS[1], 'failed', failed)
-redis.call('HINCRBY', KEYS[1], 'abandoned', tonumber(ARGV[4]))
-redis.call('HSET', KEYS[1], 'updated', ARGV[3])
-ack()
-return 1
-"""
 
 
 class RedisQueue:
@@ -331,8 +293,27 @@ class RedisQueue:
             self._job(job_id)
             self._stop_job(job_id)
             key = self._job_key(job_id)
-            self.r.delete(key, f"{key}:results")
+            self.r.delete(key, f"{key}:results", f"{key}:failed")
             self.r.zrem(f"{self.p}:jobs", job_id)
+
+    def retry(self, job_id: str) -> RetryPlan:
+        with self._errors():
+            status = self._status(self._job(job_id))
+            key = self._job_key(job_id)
+            failed = {int(k): v.decode() for k, v in self.r.hgetall(f"{key}:failed").items()}
+            plan = RetryPlan.of(status, failed)
+            if not plan.inputs:
+                return plan
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hdel(f"{key}:results", *[i for i, _ in plan.inputs])
+            pipe.hdel(f"{key}:failed", *[i for i, _ in plan.inputs])
+            pipe.hincrby(key, "failed", -len(plan.inputs))
+            pipe.hset(key, mapping={"abandoned": 0, "updated": time.time()})
+            for start, inputs in plan.tasks():
+                pipe.xadd(self.stream, {"job": job_id, "start": start, "inputs": inputs})
+            ids = pipe.execute()[4:]
+            self.r.rpush(f"{key}:tasks", *ids)
+            return plan
 
     def _stop_job(self, job_id: str) -> None:
         """Cancel: flag the job (a worker holding one of its tasks writes nothing more), take its tasks out
@@ -410,39 +391,51 @@ class RedisQueue:
                 log.warning("job %s: its submission stopped before it was complete; cancelling it", job_id)
                 self._stop_job(job_id)
 
-    def claim(self, worker: str, max_tasks: int, lease_s: float) -> list[Task]:
+    def claim(self, worker: str, max_tasks: int, lease_s: float, skip: frozenset[str] = frozenset()
+              ) -> list[Task]:
         """Tasks of cancelled or deleted jobs met on the way are dropped and do not count: the claim goes
-        on (up to ``DROP_ROUNDS`` rounds) so that live work is never behind them."""
+        on (up to ``DROP_ROUNDS`` rounds) so that live work is never behind them. Tasks of jobs in ``skip``
+        are declined on the way (see :meth:`decline`)."""
         with self._errors():
             self._check_epoch()
             self._reap_stale_submissions()
             for _ in range(DROP_ROUNDS):
                 try:
-                    tasks, dropped = self._claim(worker, max_tasks, lease_s)
+                    tasks, dropped = self._claim(worker, max_tasks, lease_s, skip)
                 except self._response_error as e:
                     if "NOGROUP" not in str(e):
                         raise
                     self._ensure_group()  # Redis lost its data (restart without persistence)
-                    tasks, dropped = self._claim(worker, max_tasks, lease_s)
+                    tasks, dropped = self._claim(worker, max_tasks, lease_s, skip)
                 if tasks or not dropped:
                     return tasks
             return []
 
-    def _claim(self, worker: str, max_tasks: int, lease_s: float) -> tuple[list[Task], int]:
+    def _claim(self, worker: str, max_tasks: int, lease_s: float, skip: frozenset[str]
+               ) -> tuple[list[Task], int]:
         messages: list[tuple[bytes, dict[bytes, bytes], int]] = []
+        declined: list[bytes] = []
         cursor: bytes | str = "0-0"
         for _ in range(10):  # reclaim tasks whose worker went silent, oldest first
             cursor, found, *_ = self.r.xautoclaim(self.stream, self.group, worker, int(lease_s * 1000),
                                                   start_id=cursor, count=max_tasks - len(messages))
             for msg_id, fields in found:
-                if fields:
+                if fields and fields[b"job"].decode() in skip:
+                    declined.append(msg_id)
+                elif fields:
                     messages.append((msg_id, fields, self._deliveries(msg_id)))
             if len(messages) >= max_tasks or cursor in (b"0-0", "0-0"):
                 break
         if len(messages) < max_tasks:
             for _stream, found in self.r.xreadgroup(self.group, worker, {self.stream: ">"},
                                                     count=max_tasks - len(messages)) or []:
-                messages.extend((msg_id, fields, 1) for msg_id, fields in found if fields)
+                for msg_id, fields in found:
+                    if fields and fields[b"job"].decode() in skip:
+                        declined.append(msg_id)
+                    elif fields:
+                        messages.append((msg_id, fields, 1))
+        if declined:
+            self.r.eval(DECLINE, 1, self.stream, self.group, worker, str(RELEASED_IDLE_MS), *declined)
         return self._tasks(messages)
 
     def _deliveries(self, msg_id: bytes) -> int:
@@ -479,10 +472,16 @@ class RedisQueue:
     def release(self, worker: str, tasks: list[Task]) -> None:
         self._claim_own(worker, tasks, str(RELEASED_IDLE_MS))
 
+    def decline(self, worker: str, tasks: list[Task]) -> None:
+        if tasks:
+            with self._errors():
+                self.r.eval(DECLINE, 1, self.stream, self.group, worker, str(RELEASED_IDLE_MS),
+                            *[t.task_id for t in tasks])
+
     def _claim_own(self, worker: str, tasks: list[Task], idle: str) -> None:
         if tasks:
             with self._errors():
-                self.r.eval(_CLAIM_OWN, 1, self.stream, self.group, worker, idle, *[t.task_id for t in tasks])
+                self.r.eval(CLAIM_OWN, 1, self.stream, self.group, worker, idle, *[t.task_id for t in tasks])
 
     def complete(self, task: Task, records: list[tuple[int, Record]]) -> None:
         with self._errors():
@@ -491,9 +490,10 @@ class RedisQueue:
     def _write(self, task: Task, records: list[tuple[int, Record]], abandon: bool = False) -> None:
         key = self._job_key(task.job_id)
         args: list[Any] = [self.group, task.task_id, time.time(), int(abandon)]
+        wires = dict(task.wires())
         for index, record in records:
-            args += [index, int(record.ok), record_json(record)]
-        if self._complete(keys=[key, f"{key}:results", self.stream], args=args):
+            args += [index, int(record.ok), record_json(record), "" if record.ok else wires.get(index, "")]
+        if self._complete(keys=[key, f"{key}:results", self.stream, f"{key}:failed"], args=args):
             self._maybe_finish(task.job_id)
 
     def blobs(self, job_id: str, keys: list[str]) -> dict[str, bytes]:

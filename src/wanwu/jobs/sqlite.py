@@ -33,6 +33,7 @@ from wanwu.jobs.base import (
     JobSpec,
     JobStatus,
     QueueURL,
+    RetryPlan,
     SubmitBatch,
     Task,
     UnknownJobError,
@@ -65,6 +66,9 @@ CREATE INDEX IF NOT EXISTS tasks_job ON tasks(job_id);
 CREATE TABLE IF NOT EXISTS results (
     job_id TEXT NOT NULL, idx INTEGER NOT NULL, ok INTEGER NOT NULL, record TEXT NOT NULL,
     PRIMARY KEY (job_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS failed_inputs (
+    job_id TEXT NOT NULL, idx INTEGER NOT NULL, input TEXT NOT NULL, PRIMARY KEY (job_id, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS blobs (
     job_id TEXT NOT NULL, sha256 TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (job_id, sha256)
@@ -109,7 +113,7 @@ class SqliteQueue:
     def _schema_ready(self) -> bool:
         tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        return {"jobs", "tasks", "results", "blobs"} <= tables and "upload_bytes" in columns
+        return {"jobs", "tasks", "results", "blobs", "failed_inputs"} <= tables and "upload_bytes" in columns
 
     def health(self) -> list[str]:
         return []
@@ -231,10 +235,27 @@ class SqliteQueue:
     def delete(self, job_id: str) -> None:
         with self._tx():
             self._job_row(job_id)
-            for table in ("tasks", "blobs", "results"):
+            for table in ("tasks", "blobs", "results", "failed_inputs"):
                 self._db.execute(f"DELETE FROM {table} WHERE job_id = ?", (job_id,))
             self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         self._reclaim(convert=True)
+
+    def retry(self, job_id: str) -> RetryPlan:
+        with self._tx():
+            status = self._status(self._job_row(job_id))
+            rows = self._db.execute(  # failed inputs whose record is (still) an error
+                "SELECT f.idx, f.input FROM failed_inputs f JOIN results r ON r.job_id = f.job_id AND r.idx = f.idx "
+                "WHERE f.job_id = ? AND r.ok = 0", (job_id,)).fetchall()
+            plan = RetryPlan.of(status, dict(rows))
+            if plan.inputs:
+                indexes = [(job_id, i) for i, _ in plan.inputs]
+                self._db.executemany("DELETE FROM results WHERE job_id = ? AND idx = ?", indexes)
+                self._db.executemany("DELETE FROM failed_inputs WHERE job_id = ? AND idx = ?", indexes)
+                self._db.execute("UPDATE jobs SET failed = failed - ?, abandoned = 0, updated = ? WHERE id = ?",
+                                 (len(plan.inputs), time.time(), job_id))
+                self._db.executemany("INSERT INTO tasks (job_id, start, inputs) VALUES (?, ?, ?)",
+                                     [(job_id, start, inputs) for start, inputs in plan.tasks()])
+            return plan
 
     def _reclaim(self, convert: bool = False) -> None:
         """Give free pages back to the file system and truncate the WAL. Best effort: a busy queue is left
@@ -281,15 +302,18 @@ class SqliteQueue:
 
     # -- workers -----------------------------------------------------------------------------------------
 
-    def claim(self, worker: str, max_tasks: int, lease_s: float) -> list[Task]:
+    def claim(self, worker: str, max_tasks: int, lease_s: float, skip: frozenset[str] = frozenset()
+              ) -> list[Task]:
         now = time.time()
         claimed: list[Task] = []
+        avoid = sorted(skip)[:500]
         with self._tx():
             self._reap_stale_submissions(now)
             rows = self._db.execute(
                 "SELECT t.id, t.job_id, t.start, t.inputs, t.attempts, j.options FROM tasks t "
-                "JOIN jobs j ON j.id = t.job_id WHERE t.lease_until < ? ORDER BY t.id LIMIT ?",
-                (now, max_tasks),
+                "JOIN jobs j ON j.id = t.job_id WHERE t.lease_until < ? "
+                f"AND t.job_id NOT IN ({','.join('?' * len(avoid))}) ORDER BY t.id LIMIT ?",
+                (now, *avoid, max_tasks),
             ).fetchall()
             for task_id, job_id, start, inputs, attempts, options in rows:
                 task = Task(job_id, str(task_id), start, decode_inputs(inputs),
@@ -321,6 +345,13 @@ class SqliteQueue:
             self._db.executemany("UPDATE tasks SET lease_until = 0, owner = NULL WHERE id = ? AND owner = ?",
                                  [(int(t.task_id), worker) for t in tasks])
 
+    def decline(self, worker: str, tasks: list[Task]) -> None:
+        if not tasks:
+            return
+        with self._tx():
+            self._db.executemany("UPDATE tasks SET lease_until = 0, owner = NULL, attempts = MAX(attempts - 1, 0) "
+                                 "WHERE id = ? AND owner = ?", [(int(t.task_id), worker) for t in tasks])
+
     def complete(self, task: Task, records: list[tuple[int, Record]]) -> None:
         with self._tx():
             finished = self._write(task, records)
@@ -333,6 +364,9 @@ class SqliteQueue:
         if row is None or row[0]:
             self._db.execute("DELETE FROM tasks WHERE id = ?", (int(task.task_id),))
             return False  # job gone or cancelled: its remaining work is dropped
+        wires = dict(task.wires())
+        self._db.executemany("INSERT OR REPLACE INTO failed_inputs (job_id, idx, input) VALUES (?, ?, ?)",
+                             [(task.job_id, i, wires[i]) for i, r in records if not r.ok and i in wires])
         counts = []
         for ok in (True, False):
             rows = [(task.job_id, i, int(ok), record_json(r)) for i, r in records if r.ok is ok]

@@ -83,6 +83,7 @@ def run_worker(queue: JobQueue, recognizer: Recognizer, config: WorkerConfig,
     stall = config.stall_s if config.stall_s is not None else max(4 * lease, 120.0)
     heartbeat = _Heartbeat(queue, config.worker_id, lease, stall)
     heartbeat.start()
+    idle = 0
     try:
         while not stop.is_set():
             want = config.tasks_per_claim
@@ -90,12 +91,16 @@ def run_worker(queue: JobQueue, recognizer: Recognizer, config: WorkerConfig,
                 want = min(want, config.max_tasks - stats.tasks)
                 if want <= 0:
                     break
-            tasks = calls.claim(config.worker_id, want, lease)
+            tasks = roots.keep_readable(calls, config.worker_id, calls.claim(config.worker_id, want, lease,
+                                                                             roots.skip()))
             if not tasks:
-                if config.exit_when_idle and calls.outstanding() == 0:
+                idle += 1
+                # Idle: nothing left, or (for a worker that declined jobs) nothing it may read for a while.
+                if config.exit_when_idle and (calls.outstanding() == 0 or (roots.declined and idle >= 3)):
                     break
                 stop.wait(config.poll_s)
                 continue
+            idle = 0
             heartbeat.hold(tasks)
             try:
                 _process(calls, recognizer, tasks, roots, stats, heartbeat)
@@ -122,12 +127,15 @@ class _Calls:
         self.stop = stop
         self.outages = outages
 
-    def claim(self, worker: str, max_tasks: int, lease_s: float) -> list[Task]:
+    def claim(self, worker: str, max_tasks: int, lease_s: float, skip: frozenset[str]) -> list[Task]:
         try:
-            return retrying(lambda: self.queue.claim(worker, max_tasks, lease_s), "claiming tasks",
+            return retrying(lambda: self.queue.claim(worker, max_tasks, lease_s, skip), "claiming tasks",
                             stop=self.stop, outages=self.outages)
         except QueueUnavailableError:
             return []  # stopping during an outage
+
+    def decline(self, worker: str, tasks: list[Task]) -> None:
+        retrying(lambda: self.queue.decline(worker, tasks), "giving tasks back", outages=self.outages)
 
     def outstanding(self) -> int:
         try:
@@ -261,10 +269,38 @@ def _item(item: JobInput, blobs: dict[str, bytes], roots: _Roots) -> InputItem:
 
 
 class _Roots:
-    """The folders a worker may read; symlinks are resolved first, so none leads outside."""
+    """The folders a worker may read; symlinks are resolved first, so none leads outside.
+
+    A worker with no folder at all leaves tasks that name paths to workers that have one (it declines
+    them, and skips their job for ``DECLINE_S``), instead of recording each path as an error. A worker
+    with folders records paths outside them as errors: those are the operator's boundary, not a gap."""
+
+    DECLINE_S = 600.0
 
     def __init__(self, roots: tuple[Path, ...]) -> None:
         self.roots = tuple(Path(os.path.realpath(r)) for r in roots)
+        self.declined: dict[str, float] = {}  # job id -> until (monotonic)
+
+    def skip(self) -> frozenset[str]:
+        now = time.monotonic()
+        for job_id in [j for j, until in self.declined.items() if until < now]:
+            del self.declined[job_id]
+        return frozenset(self.declined)
+
+    def keep_readable(self, calls: _Calls, worker: str, tasks: list[Task]) -> list[Task]:
+        """``tasks`` less those naming paths this worker may not read at all (given back at once)."""
+        if self.roots:
+            return tasks
+        unreadable = [t for t in tasks if any(i.kind == "path" for i in t.inputs)]
+        if not unreadable:
+            return tasks
+        calls.decline(worker, unreadable)
+        for job_id in {t.job_id for t in unreadable} - set(self.declined):
+            log.warning("job %s names local paths and this worker may read none (no --allow-root): leaving "
+                        "its tasks to a worker started with --allow-root over them", job_id)
+        for task in unreadable:
+            self.declined[task.job_id] = time.monotonic() + self.DECLINE_S
+        return [t for t in tasks if t not in unreadable]
 
     def refusal(self, path: str) -> str | None:
         if "\x00" in path:
