@@ -70,20 +70,24 @@ def _ride_out(queue_url: str, tiny_model: TinyModel, folder: Path, go_down: Call
     inputs = js.uploads(400)
     job_id = queue.submit(JobSpec(inputs, task_size=2))
     with workers(queue_url, tiny_model, folder) as pool:
-        js.wait_for(lambda: queue.status(job_id).finished >= 40, 120, "the workers to start on the job")
-        go_down()
-        js.wait_for(lambda: all("queue unavailable" in w.text() for w in pool), 120,
-                    "both workers to meet the outage")
-        come_back()
-        back = time.monotonic()
-        js.wait_for(lambda: all("queue available again" in w.text() for w in pool), 120,
-                    "both workers to be back at work")
-        reconnected = time.monotonic() - back
-        js.wait_for(lambda: queue.status(job_id).state == "done", 120, "the job to finish")
-        finished = time.monotonic() - back
-        for worker in pool:
-            assert worker.proc.poll() is None, f"a worker exited:\n{worker.text()}"
-            assert "Traceback" not in worker.text(), worker.text()
+        try:
+            js.wait_for(lambda: queue.status(job_id).finished >= 40, 120, "the workers to start on the job")
+            go_down()
+            js.wait_for(lambda: all("queue unavailable" in w.text() for w in pool), 120,
+                        "both workers to meet the outage")
+            come_back()
+            back = time.monotonic()
+            js.wait_for(lambda: all("queue available again" in w.text() for w in pool), 120,
+                        "both workers to be back at work")
+            reconnected = time.monotonic() - back
+            js.wait_for(lambda: queue.status(job_id).state == "done", 120, "the job to finish")
+            finished = time.monotonic() - back
+            for worker in pool:
+                assert worker.proc.poll() is None, "a worker exited"
+                assert "Traceback" not in worker.text()
+        except AssertionError as e:
+            logs = "\n".join(f"--- worker {i} (exit {w.proc.poll()}):\n{w.text()[-4000:]}" for i, w in enumerate(pool))
+            raise AssertionError(f"{e}\n{logs}") from None
     js.assert_exactly_once(queue, job_id, [i.name for i in inputs])
     assert queue.outstanding() == 0
     queue.close()

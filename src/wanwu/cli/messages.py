@@ -78,7 +78,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "jobs.none": "没有可排入的输入：没有一个输入能展开",
         "jobs.wait_done": "任务 {job}：{state}：共 {total} 个，{ok} 个成功，{failed} 个失败",
         "jobs.retried": "任务 {job}：已重新排入 {n} 个失败的输入",
-        "jobs.not_retried": "{n} 个失败的输入未重新排入：任务结束后不保留上传的文件（提交端已失败的输入从未进入队列）；请重新提交",
+        "jobs.not_retried": "{n} 个失败的输入未重新排入：任务结束后不保留上传的文件"
+        "（提交端已失败的输入从未进入队列）；请重新提交",
         "jobs.wait_unreachable": "不再等待任务 {job}：队列已 {s:g} 秒无法连接（任务仍在继续，稍后再等）",
         "jobs.lapsed": "{n} 个子任务在等待过期的租约（其工作进程已无响应），将由其他工作进程接手",
         "jobs.no_workers": "没有工作进程持有它的子任务：用  wanwu worker --queue URL --model M  启动一个",

@@ -364,6 +364,7 @@ class _Heartbeat:
             return list(self._held.values())
 
     def _run(self) -> None:
+        failing = False
         while not self._stop.wait(self.lease_s / 3):
             tasks = self.held()
             if not tasks:
@@ -375,4 +376,10 @@ class _Heartbeat:
             try:
                 self.queue.extend(self.worker, tasks, self.lease_s)
             except Exception as e:  # the queue may be briefly unreachable; the next beat retries
-                log.warning("could not extend task leases: %s", e)
+                if not failing:
+                    log.warning("could not extend task leases (retrying every %.0f s): %s", self.lease_s / 3, e)
+                failing = True
+            else:
+                if failing:
+                    log.warning("task leases extended again")
+                failing = False
