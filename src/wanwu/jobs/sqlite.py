@@ -258,9 +258,11 @@ class SqliteQueue:
             return plan
 
     def _reclaim(self, convert: bool = False) -> None:
-        """Give free pages back to the file system and truncate the WAL. Best effort: a busy queue is left
-        as it is (the next reclaim catches up). ``convert``: an older file without incremental vacuum is
-        converted by a full VACUUM (once)."""
+        """Give free pages back to the file system and checkpoint the WAL. Best effort: a busy queue is left
+        as it is (the next reclaim catches up). ``convert`` (an explicit delete): an older file without
+        incremental vacuum is converted by a full VACUUM (once), and the WAL is truncated, which waits for
+        other writers; otherwise the checkpoint is passive (never waits) and ``journal_size_limit`` trims
+        the WAL."""
         with self._lock:
             try:
                 mode = self._db.execute("PRAGMA auto_vacuum").fetchone()[0]
@@ -269,7 +271,8 @@ class SqliteQueue:
                     self._db.execute("VACUUM")
                 elif mode == 2:  # executescript steps it to the end (one step frees one page)
                     self._db.executescript("PRAGMA incremental_vacuum;")
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                checkpoint = "TRUNCATE" if convert else "PASSIVE"
+                self._db.execute(f"PRAGMA wal_checkpoint({checkpoint})").fetchall()
             except sqlite3.Error as e:
                 log.debug("job queue %s: space not reclaimed now (%s)", self.path, e)
 
