@@ -262,3 +262,27 @@ def test_jobs_retry_runs_only_the_failed_inputs_again(queue_url: str, tiny_model
     status = queue.status(job_id)
     assert (status.state, status.done, status.failed) == ("done", 5, 2)
     queue.close()
+
+
+@pytest.mark.extra("server")
+def test_the_jobs_api_starts_while_redis_is_down_and_answers_503_until_it_is_back(tmp_path: Path) -> None:
+    from fastapi import FastAPI
+
+    from wanwu.jobs.http import router
+
+    server = RedisServer(tmp_path, js.free_port(), durable=True)
+    app = FastAPI()
+    app.include_router(router(server.url()))  # nothing listens there yet
+    try:
+        with js.serve(app) as client:
+            r = client.get("/v1/jobs")
+            assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+            server.start()
+            assert client.get("/v1/jobs").json() == []
+            job = client.post("/v1/jobs", json={"inputs": ["https://example.com/a.jpg"]}).json()["id"]
+            server.stop()
+            assert client.get(f"/v1/jobs/{job}").status_code == 503
+            server.start()
+            assert client.get(f"/v1/jobs/{job}").json()["state"] == "queued"
+    finally:
+        server.stop()

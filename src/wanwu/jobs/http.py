@@ -15,18 +15,22 @@ Paths are only ever read by workers, and only under their ``--allow-root`` folde
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at runtime, and
 # they name classes imported inside router() (fastapi is an optional extra).
 import io
+import logging
 import os
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from wanwu.errors import MissingExtraError, QueueError, QueueStorageError, UsageError
+from wanwu.errors import MissingExtraError, QueueError, QueueStorageError, QueueUnavailableError, UsageError
 from wanwu.jobs.base import (
     JobInput,
     JobOptions,
     JobQueue,
     JobSpec,
     UnknownJobError,
+    default_queue_url,
     open_queue,
+    parse_queue_url,
     with_english,
 )
 from wanwu.sinks import SinkOptions, create_sink
@@ -35,6 +39,8 @@ from wanwu.sources import DEFAULT_MAX_BYTES
 if TYPE_CHECKING:
     from fastapi import APIRouter
 
+log = logging.getLogger("wanwu")
+RETRY_AFTER_S = 5  # what a 503 for an unreachable queue asks callers to wait
 MEDIA_TYPES = {"jsonl": "application/x-ndjson", "csv": "text/csv; charset=utf-8", "json": "application/json"}
 MAX_JSON_INPUTS = 1_000_000
 _OPTION_PROPERTIES: dict[str, Any] = {
@@ -93,7 +99,7 @@ def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAU
     except ImportError:
         raise MissingExtraError("fastapi", "server", "the jobs HTTP API") from None
 
-    q: JobQueue = queue if queue is not None and not isinstance(queue, str) else open_queue(queue)
+    q = _Queue(queue)
     api = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
     def http_error(e: Exception) -> HTTPException:
@@ -103,6 +109,8 @@ def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAU
             return HTTPException(400, str(e))
         if isinstance(e, QueueStorageError):
             return HTTPException(507, str(e))
+        if isinstance(e, QueueUnavailableError):
+            return HTTPException(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
         return HTTPException(503, str(e))
 
     @api.post("", status_code=201, openapi_extra=SUBMIT_BODY, operation_id="jobs_submit",
@@ -113,8 +121,9 @@ def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAU
                 spec = await _multipart_spec(request, max_upload_bytes)
             else:  # a body of a million inputs takes seconds to check: off the event loop
                 spec = await run_in_threadpool(_json_spec, await _json_body(request))
-            job_id = await run_in_threadpool(q.submit, spec)
-            status = await run_in_threadpool(q.status, job_id)
+            opened = await run_in_threadpool(q)
+            job_id = await run_in_threadpool(opened.submit, spec)
+            status = await run_in_threadpool(opened.status, job_id)
         except (UsageError, QueueError) as e:
             raise http_error(e) from None
         return JSONResponse(status.to_dict(), status_code=201, headers={"Location": f"/v1/jobs/{job_id}"})
@@ -122,14 +131,14 @@ def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAU
     @api.get("", responses=_503, operation_id="jobs_list")
     def list_jobs(limit: int = Query(50, ge=1, le=1000)) -> list[dict[str, Any]]:
         try:
-            return [s.to_dict() for s in q.jobs(limit)]
+            return [s.to_dict() for s in q().jobs(limit)]
         except QueueError as e:
             raise http_error(e) from None
 
     @api.get("/{job_id}", responses={**_404, **_503}, operation_id="jobs_status")
     def status(job_id: str) -> dict[str, Any]:
         try:
-            return q.status(job_id).to_dict()
+            return q().status(job_id).to_dict()
         except QueueError as e:
             raise http_error(e) from None
 
@@ -141,8 +150,8 @@ def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAU
     def results(job_id: str, format: str = Query("jsonl", pattern="^(jsonl|csv|json)$"),
                 bom: bool = False) -> StreamingResponse:
         try:
-            top_k = q.status(job_id).options.top_k
-            english, records = with_english(q.results(job_id))
+            top_k = q().status(job_id).options.top_k
+            english, records = with_english(q().results(job_id))
         except QueueError as e:
             raise http_error(e) from None
         body = _stream(records, format, SinkOptions(top_k=top_k, bom=bom, english=english))
@@ -154,7 +163,7 @@ def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAU
     def cancel(job_id: str) -> dict[str, Any]:
         """Stop the job: no worker starts any more of its tasks; records already written stay."""
         try:
-            return q.cancel(job_id).to_dict()
+            return q().cancel(job_id).to_dict()
         except QueueError as e:
             raise http_error(e) from None
 
@@ -162,12 +171,37 @@ def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAU
     def delete(job_id: str) -> Response:
         """Forget the job (cancelling it first): its status, records and uploads."""
         try:
-            q.delete(job_id)
+            q().delete(job_id)
         except QueueError as e:
             raise http_error(e) from None
         return Response(status_code=204)
 
     return api
+
+
+class _Queue:
+    """The router's queue, opened on first use when it could not be at start-up: a service whose queue is
+    briefly down starts anyway and answers 503 (with Retry-After) until the queue is back. A bad URL, or a
+    queue that refuses us (a wrong password), still fails at start-up."""
+
+    def __init__(self, queue: JobQueue | str | None) -> None:
+        self._lock = threading.Lock()
+        self._queue: JobQueue | None = None
+        if queue is not None and not isinstance(queue, str):
+            self._queue = queue
+            return
+        self._url = queue
+        parse_queue_url(queue or default_queue_url())  # UsageError now for a URL that can never work
+        try:
+            self._queue = open_queue(queue)
+        except QueueUnavailableError as e:
+            log.warning("the job queue is not reachable yet (%s): /v1/jobs answers 503 until it is", e)
+
+    def __call__(self) -> JobQueue:
+        with self._lock:
+            if self._queue is None:
+                self._queue = open_queue(self._url)
+            return self._queue
 
 
 def _stream(records: Iterator[Any], fmt: str, options: SinkOptions) -> Iterator[str]:
