@@ -34,7 +34,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.extra("queue"))])
 def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'jobs.sqlite3'}"
@@ -93,6 +93,7 @@ def test_only_ids_the_queue_issues_name_a_job(queue_url: str) -> None:
     queue.close()
 
 
+@pytest.mark.extra("queue")
 def test_no_message_or_log_line_shows_the_queue_password(redis_server: RedisServer, tiny_model: TinyModel) -> None:
     assert redact_url("redis://:pw@h:1/0") == "redis://***@h:1/0"
     assert redact_url("redis://user:pw@h:1/0?prefix=a") == "redis://user:***@h:1/0?prefix=a"
@@ -189,6 +190,7 @@ def test_jobs_results_csv_keeps_the_english_label_columns(tmp_path: Path, tiny_m
     assert len(rows) == 3 and rows[0]["label_en_1"].startswith("class ") and rows[0]["label_1"] in names
 
 
+@pytest.mark.extra("queue")
 def test_jobs_wait_rides_out_an_outage_and_says_when_it_persists(tmp_path: Path, tiny_model: TinyModel,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """Redis down under ``jobs wait``: within --retry it waits on and exits 0 once the job is done; past it,
