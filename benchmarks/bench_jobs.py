@@ -2,6 +2,7 @@
 
     python benchmarks/bench_jobs.py            # 1,000 photos of ../shared/data, SQLite (+ Redis if present)
     python benchmarks/bench_jobs.py --quick    # 48 photos: a smoke run
+    python benchmarks/bench_jobs.py --recovery # how fast two workers recover from a queue outage
 
 Measured, each as the wall time of separate processes started from scratch (model load included, result
 cache off everywhere):
@@ -11,6 +12,11 @@ cache off everywhere):
 * ``2 workers``  — the same job with two workers started together (each decodes with half the cores).
 
 The queue's overhead per image is (1-worker wall - cli wall) / images, submission reported separately.
+
+``--recovery``: two workers on a by-reference job; a third of the way in, the queue goes away for
+``--outage`` seconds (Redis with its append-only file: stopped with SIGTERM and started again; SQLite: another
+process holds the write lock). Reported per store: ``stall_s``, from the store's return to the first new
+record, and ``done_after_s``, from the store's return to the job's end; both workers must still be running.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -40,6 +47,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="use the first N photos")
     ap.add_argument("--no-redis", action="store_true", help="skip Redis even if redis-server exists")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--recovery", action="store_true", help="measure recovery from a queue outage instead")
+    ap.add_argument("--outage", type=float, default=5.0, help="--recovery: seconds the queue is away")
     args = ap.parse_args()
 
     photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
@@ -57,6 +66,10 @@ def main() -> None:
         env = {**os.environ, "WANWU_HOME": str(work / "home"), "PYTHONPATH": str(ROOT / "src")}
         model = ["--model", args.model, "--labels", args.labels]
         figures: dict[str, float | int | str] = {"images": n, "cores": cores}
+        if args.recovery:
+            _recoveries(work, folder, model, args, env, figures)
+            _report(figures)
+            return
 
         t_cli = _run([*WANWU, "recognize", str(folder), *model, "--no-cache", "-q", "-f", "jsonl",
                       "-o", str(work / "cli.jsonl")], env)
@@ -90,6 +103,91 @@ def main() -> None:
     _report(figures)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+
+
+def _recoveries(work: Path, folder: Path, model: list[str], args: argparse.Namespace, env: dict[str, str],
+                figures: dict[str, float | int | str]) -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    import sqlite3
+
+    path = work / "jobs.sqlite3"
+    holder: list[sqlite3.Connection] = []
+
+    def lock() -> None:
+        holder.append(sqlite3.connect(path, isolation_level=None))
+        holder[0].execute("BEGIN IMMEDIATE")
+
+    def unlock() -> None:
+        holder.pop().execute("ROLLBACK")
+
+    _recovery("sqlite", f"sqlite:///{path}?timeout=5", lock, unlock, work, folder, model, args, env, figures)
+    if args.no_redis:
+        return
+    redis = _start_redis(work, durable=True)
+    if redis is None:
+        return
+    proc, port = redis
+    box = [proc]
+
+    def down() -> None:
+        box[0].terminate()
+        box[0].wait(timeout=60)
+
+    def up() -> None:
+        started = _start_redis(work, durable=True, port=port)
+        assert started is not None
+        box[0] = started[0]
+
+    try:
+        _recovery("redis", f"redis://127.0.0.1:{port}/0", down, up, work, folder, model, args, env, figures)
+    finally:
+        box[0].terminate()
+        box[0].wait(timeout=60)
+
+
+def _recovery(name: str, queue: str, go_down: Any, come_back: Any, work: Path, folder: Path, model: list[str],
+              args: argparse.Namespace, env: dict[str, str], figures: dict[str, float | int | str]) -> None:
+    from wanwu.jobs.base import open_queue
+
+    _, job = _submit(queue, folder, env)
+    q = open_queue(queue)
+    total = q.status(job).total
+    cmd = [*WANWU, "worker", "--queue", queue, *model, "--no-cache", "--allow-root", str(folder.resolve()),
+           "--allow-root", str(args.photos.resolve()), "-j", str(max(1, (os.cpu_count() or 1) // 2)), "-q"]
+    workers = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for _ in range(2)]
+    try:
+        _poll(lambda: q.status(job).finished >= total // 3, 600)
+        go_down()
+        time.sleep(args.outage)  # the outage itself: what is measured is what follows it
+        come_back()
+        back = time.perf_counter()
+        at_back = _retry_status(q, job).finished
+        _poll(lambda: _retry_status(q, job).finished > at_back, 600)
+        figures[f"{name}_stall_s"] = time.perf_counter() - back
+        _poll(lambda: q.status(job).state == "done", 1200)
+        figures[f"{name}_done_after_s"] = time.perf_counter() - back
+        figures[f"{name}_workers_alive"] = sum(w.poll() is None for w in workers)
+        figures[f"{name}_records"] = q.status(job).finished
+    finally:
+        for w in workers:
+            w.terminate()
+            w.wait(timeout=60)
+        q.close()
+
+
+def _retry_status(q: Any, job: str) -> Any:
+    from wanwu.jobs.retry import retrying
+
+    return retrying(lambda: q.status(job), "reading the job", deadline_s=60)
+
+
+def _poll(condition: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            sys.exit("timed out")
+        time.sleep(0.05)
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> float:
@@ -130,16 +228,18 @@ def _check_lines(path: Path, n: int) -> None:
         sys.exit(f"{path}: {lines} records for {n} photos")
 
 
-def _start_redis(work: Path) -> tuple[subprocess.Popen[bytes], int] | None:
+def _start_redis(work: Path, durable: bool = False, port: int = 0) -> tuple[subprocess.Popen[bytes], int] | None:
     exe = shutil.which("redis-server")
     if exe is None:
         print("redis-server not found: Redis queue skipped", file=sys.stderr)
         return None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(work)], stdout=subprocess.DEVNULL)
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+    aof = ["--appendonly", "yes", "--appendfsync", "always"] if durable else ["--appendonly", "no"]
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *aof,
+                             "--dir", str(work)], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:

@@ -1,74 +1,21 @@
-"""The job scenarios on the Redis Streams queue, against a real ``redis-server`` started here.
-
-Skips when redis-server is not installed, except in CI (CI=true), where it fails: .ci/run installs it.
-"""
+"""The job scenarios on the Redis Streams queue, against a real ``redis-server`` started here
+(:mod:`tests.redis_server`: skipped when it is not installed, except in CI)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import jobs_support as js
+from tests.redis_server import RedisServer
 from wanwu.errors import QueueError
 from wanwu.jobs.base import JobInput, JobOptions, JobSpec, open_queue
 
 TinyModel = tuple[Path, Path]
-
-
-@dataclass
-class RedisServer:
-    folder: Path
-    port: int
-    durable: bool
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            if os.environ.get("CI"):
-                pytest.fail("CI needs redis-server (apt-get install redis-server) for the Redis queue tests")
-            pytest.skip("redis-server is not installed (apt-get install redis-server)")
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else \
-            ["--appendonly", "no"]
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.folder),
-             "--protected-mode", "no", *persistence],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        client = redis.Redis(port=self.port)
-        js.wait_for(lambda: _pings(client), 20, "redis-server to start")
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()  # SIGTERM: redis flushes its append-only file and exits
-            self.proc.wait(timeout=20)
-            self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def url(self, **params: str) -> str:
-        return js.add_query(f"redis://127.0.0.1:{self.port}/0", prefix=f"t{uuid.uuid4().hex[:8]}", **params)
-
-
-def _pings(client: object) -> bool:
-    try:
-        return bool(client.ping())  # type: ignore[attr-defined]
-    except Exception:
-        return False
 
 
 @pytest.fixture(scope="module")

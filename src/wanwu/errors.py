@@ -91,6 +91,15 @@ class QueueError(WanwuError):
     """A job queue could not be reached or used."""
 
 
+class QueueUnavailableError(QueueError):
+    """The queue's store is briefly unusable (Redis down, restarting or loading its data; SQLite's write lock
+    held by another process past the busy timeout). Retrying later is expected to succeed."""
+
+
+class QueueStorageError(QueueError):
+    """The queue refuses more uploaded bytes: its upload budget is spent until jobs finish or are deleted."""
+
+
 class InputError(WanwuError):
     """One input could not be turned into pixels. Becomes an error record, never stops a run."""
 

@@ -15,12 +15,24 @@ import click
 
 from wanwu.cli.messages import t
 from wanwu.cli.progress import RunProgress
-from wanwu.errors import UsageError
-from wanwu.jobs.base import JobActivity, JobInput, JobOptions, JobQueue, JobSpec, JobStatus, open_queue
+from wanwu.errors import QueueUnavailableError, UsageError
+from wanwu.jobs.base import (
+    JobActivity,
+    JobInput,
+    JobOptions,
+    JobQueue,
+    JobSpec,
+    JobStatus,
+    open_queue,
+    with_english,
+)
 from wanwu.jobs.inputs import job_inputs
+from wanwu.jobs.retry import retrying
 from wanwu.sinks import SinkOptions, create_sink
 from wanwu.sources import DEFAULT_MAX_BYTES
 
+EXIT_TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: the queue could not be reached for a while; try again later
+SUBMIT_RETRY_S = 120.0  # a submission waits this long for a queue that cannot be reached
 queue_option = click.option(
     "--queue", "queue_url", metavar="URL", envvar="WANWU_QUEUE", default=None,
     help="sqlite:///PATH (one machine) or redis://HOST:PORT/DB (many). "
@@ -61,7 +73,8 @@ def submit(inputs: tuple[str, ...], queue_url: str | None, top_k: int, score: st
     first = next(queued, None)
     if first is None:
         raise UsageError(t("jobs.none"))
-    with _queue(queue_url) as queue:
+    opened = retrying(lambda: open_queue(queue_url), "opening the queue", deadline_s=SUBMIT_RETRY_S)
+    with closing(opened) as queue:
         job_id = queue.submit(JobSpec(itertools.chain([first], queued), options, task_size))
     click.echo(job_id)
     click.echo(t("jobs.queued", n=tally.count, job=job_id), err=True)
@@ -125,14 +138,35 @@ def _notes(job: JobStatus, activity: JobActivity) -> list[str]:
 @click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=1.0,
               help="Seconds between looks at the job.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-def wait(job_id: str, queue_url: str | None, interval: float, quiet: bool) -> int:
+@click.option("--retry", "retry_s", type=click.FloatRange(min=0), default=120.0, show_default=True,
+              metavar="SECONDS", help="How long to keep retrying a queue that cannot be reached before giving "
+              "up with exit code 75.")
+def wait(job_id: str, queue_url: str | None, interval: float, quiet: bool, retry_s: float) -> int:
     """Block until JOB_ID is over, with a progress bar; exit like recognize.
 
     Exit 0: every input ok · 3: some failed (or tasks were given up) · 1: the job was cancelled ·
-    130: Ctrl-C (the job goes on).
+    75: the queue stayed unreachable for --retry seconds (the job goes on) · 130: Ctrl-C (the job goes on).
     """
-    with _queue(queue_url) as queue:
-        job = queue.status(job_id)
+    try:
+        job = _wait(job_id, queue_url, interval, quiet, retry_s)
+    except QueueUnavailableError as e:
+        click.echo(f"wanwu: error: {e}", err=True)
+        click.echo("wanwu: " + t("jobs.wait_unreachable", job=job_id, s=retry_s), err=True)
+        return EXIT_TEMPFAIL
+    if not quiet:
+        click.echo("wanwu: " + t("jobs.wait_done", job=job_id, state=job.state, ok=job.done, failed=job.failed,
+                                 total=job.total), err=True)
+    if job.state == "cancelled":
+        return 1
+    return 3 if job.failed or job.state == "failed" else 0
+
+
+def _wait(job_id: str, queue_url: str | None, interval: float, quiet: bool, retry_s: float) -> JobStatus:
+    with closing(retrying(lambda: open_queue(queue_url), "opening the queue", deadline_s=retry_s)) as queue:
+        def look() -> JobStatus:
+            return retrying(lambda: queue.status(job_id), f"reading job {job_id}", deadline_s=retry_s)
+
+        job = look()
         progress = RunProgress(t("progress.job", job=job_id), not quiet and sys.stderr.isatty())
         try:
             while True:
@@ -140,17 +174,11 @@ def wait(job_id: str, queue_url: str | None, interval: float, quiet: bool) -> in
                     progress.set_total(job.total)
                 progress.show(job.finished, job.failed)
                 if job.state not in ("queued", "running"):
-                    break
+                    return job
                 time.sleep(interval)
-                job = queue.status(job_id)
+                job = look()
         finally:
             progress.stop()
-    if not quiet:
-        click.echo("wanwu: " + t("jobs.wait_done", job=job_id, state=job.state, ok=job.done, failed=job.failed,
-                                 total=job.total), err=True)
-    if job.state == "cancelled":
-        return 1
-    return 3 if job.failed or job.state == "failed" else 0
 
 
 @command.command("results")
@@ -170,9 +198,10 @@ def results(job_id: str, queue_url: str | None, fmt: str, output: Path | None, b
                        "records so far", err=True)
         stream: TextIO = (stack.enter_context(output.open("w", encoding="utf-8", newline=""))
                            if output is not None else sys.stdout)
-        sink = create_sink(fmt, stream, SinkOptions(top_k=status.options.top_k, bom=bom))
+        english, records = with_english(queue.results(job_id))
+        sink = create_sink(fmt, stream, SinkOptions(top_k=status.options.top_k, bom=bom, english=english))
         try:
-            for record in queue.results(job_id):
+            for record in records:
                 sink.write(record)
         finally:
             sink.close()
@@ -185,6 +214,21 @@ def cancel(job_id: str, queue_url: str | None) -> None:
     """Stop JOB_ID: no worker starts any more of its tasks; records already written stay."""
     with _queue(queue_url) as queue:
         click.echo(json.dumps(queue.cancel(job_id).to_dict(), ensure_ascii=False, indent=2))
+
+
+@command.command("retry")
+@click.argument("job_id")
+@queue_option
+def retry(job_id: str, queue_url: str | None) -> None:
+    """Run JOB_ID's failed inputs again (a job that is over): their error records are removed and running
+    workers recognize only those. Uploaded files that failed cannot be retried (their bytes are not kept
+    once the job is over): submit them again."""
+    with _queue(queue_url) as queue:
+        plan = queue.retry(job_id)
+        click.echo(json.dumps(queue.status(job_id).to_dict(), ensure_ascii=False, indent=2))
+    click.echo("wanwu: " + t("jobs.retried", job=job_id, n=len(plan.inputs)), err=True)
+    if plan.kept_out:
+        click.echo("wanwu: " + t("jobs.not_retried", n=plan.kept_out), err=True)
 
 
 @command.command("delete")

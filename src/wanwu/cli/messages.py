@@ -39,9 +39,15 @@ MESSAGES: dict[str, dict[str, str]] = {
         "jobs.unexpanded_count": "{n} input(s) could not be expanded and were not queued",
         "jobs.none": "nothing to queue: no input could be expanded",
         "jobs.wait_done": "job {job}: {state}: {ok} ok, {failed} failed of {total}",
+        "jobs.retried": "job {job}: {n} failed input(s) queued again",
+        "jobs.not_retried": "{n} failed input(s) not queued again: uploaded files are not kept once a job is "
+        "over (and inputs that failed on the submitting side never reached the queue); submit them again",
+        "jobs.wait_unreachable": "gave up waiting for job {job}: the queue stayed unreachable for {s:g} s "
+        "(the job goes on; wait again later)",
         "jobs.lapsed": "{n} task(s) wait for a lapsed lease (their worker went silent); another worker takes "
         "them over",
-        "jobs.no_workers": "no worker holds any of its tasks: start one with  wanwu worker --queue URL --model M",
+        "jobs.no_workers": "no worker holds any of its tasks: start one with  wanwu worker --queue URL --model M"
+        "  (plus --allow-root FOLDER for inputs sent as paths: workers without it leave those tasks)",
         "worker.start": "worker {worker}: model {model}, queue {queue}",
         "worker.progress": "worker {worker}: {tasks} task(s), {records} record(s) ({failed} failed), "
         "{rate:.1f} img/s",
@@ -72,8 +78,13 @@ MESSAGES: dict[str, dict[str, str]] = {
         "jobs.unexpanded_count": "{n} 个输入无法展开，未排入",
         "jobs.none": "没有可排入的输入：没有一个输入能展开",
         "jobs.wait_done": "任务 {job}：{state}：共 {total} 个，{ok} 个成功，{failed} 个失败",
+        "jobs.retried": "任务 {job}：已重新排入 {n} 个失败的输入",
+        "jobs.not_retried": "{n} 个失败的输入未重新排入：任务结束后不保留上传的文件"
+        "（提交端已失败的输入从未进入队列）；请重新提交",
+        "jobs.wait_unreachable": "不再等待任务 {job}：队列已 {s:g} 秒无法连接（任务仍在继续，稍后再等）",
         "jobs.lapsed": "{n} 个子任务在等待过期的租约（其工作进程已无响应），将由其他工作进程接手",
-        "jobs.no_workers": "没有工作进程持有它的子任务：用  wanwu worker --queue URL --model M  启动一个",
+        "jobs.no_workers": "没有工作进程持有它的子任务：用  wanwu worker --queue URL --model M  启动一个"
+        "（以路径提交的输入还需 --allow-root 目录：没有它的工作进程会留下这些子任务）",
         "worker.start": "工作进程 {worker}：模型 {model}，队列 {queue}",
         "worker.progress": "工作进程 {worker}：{tasks} 个子任务，{records} 条记录（{failed} 个失败），{rate:.1f} 张/秒",
         "worker.stop": "工作进程 {worker}：已停止，共 {tasks} 个子任务，{records} 条记录",

@@ -18,7 +18,9 @@ from wanwu.cli.jobs import queue_option
 from wanwu.cli.messages import t
 from wanwu.cli.options import io_options, model_options, recognize_options
 from wanwu.config import RecognizeOptions
+from wanwu.errors import QueueError
 from wanwu.jobs.base import open_queue
+from wanwu.jobs.retry import retrying
 from wanwu.jobs.worker import WorkerConfig, WorkerStats, default_worker_id, run_worker
 from wanwu.pipeline import Recognizer
 
@@ -64,10 +66,16 @@ def command(queue_url: str | None, allow_roots: tuple[Path, ...], lease: float |
     )
     stop = threading.Event()
     _on_signals(stop)
-    with closing(open_queue(queue_url)) as queue, \
+    # A queue that is down when the worker starts is waited for, as one that goes down later is.
+    with closing(retrying(lambda: open_queue(queue_url), "opening the queue", stop=stop)) as queue, \
             Recognizer(kw["model"], labels=kw["labels"], label_column=kw["label_column"],
                        options=options) as recognizer:
         log.info("%s", t("worker.start", worker=worker_id, model=recognizer.spec.name, queue=queue.url))
+        try:
+            for warning in queue.health():
+                log.warning("%s", warning)
+        except QueueError as e:  # a check, not a reason to stop: the worker waits for its queue anyway
+            log.warning("could not check the queue's settings: %s", e)
         stats = run_worker(queue, recognizer, config, stop)
     log.info("%s", t("worker.stop", worker=worker_id, tasks=stats.tasks, records=stats.records))
     return 0

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import itertools
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from wanwu.errors import ERROR_TYPES, ErrorType, QueueError, UsageError
 from wanwu.paths import wanwu_home
@@ -38,12 +40,40 @@ STALE_SUBMISSION_S = 600.0
 QUEUE_ENV = "WANWU_QUEUE"
 
 
+JOB_ID = re.compile(r"[0-9a-f]{11,16}[0-9a-f]{12}")  # what new_job_id() issues: ms time in hex + 12 hex
+
+
 class UnknownJobError(QueueError):
     """No job has this id (in this queue)."""
 
-    def __init__(self, job_id: str) -> None:
-        super().__init__(f"no job {job_id!r} in this queue")
+    def __init__(self, job_id: str, message: str | None = None) -> None:
+        super().__init__(message or f"no job {job_id!r} in this queue")
         self.job_id = job_id
+
+
+class LostJobError(UnknownJobError):
+    """The job was submitted before the queue's store was emptied (a Redis restart without persistence):
+    its status and records are gone, which is not the same as an id that never existed."""
+
+    def __init__(self, job_id: str, reset_at: float) -> None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(reset_at))
+        super().__init__(job_id, f"job {job_id!r} was lost: it was submitted before this queue's store was "
+                                 f"emptied (first seen empty at {when}; e.g. Redis restarted without "
+                                 "persistence), or it was deleted; its records are gone, so submit it again")
+        self.reset_at = reset_at
+
+
+def check_job_id(job_id: str) -> str:
+    """``job_id`` if it has the form :func:`new_job_id` issues, else UnknownJobError (so no id can name
+    another key of the store, such as ``ID:results``)."""
+    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+        raise UnknownJobError(job_id)
+    return job_id
+
+
+def job_created(job_id: str) -> float:
+    """When a job was submitted, from its id (seconds since the epoch)."""
+    return int(check_job_id(job_id)[:-12], 16) / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +259,41 @@ class Task:
     def indexed(self) -> Iterator[tuple[int, JobInput]]:
         return enumerate(self.inputs, self.start)
 
+    def wires(self) -> Iterator[tuple[int, str]]:
+        """(input index, the input as stored): what ``jobs retry`` queues again for a failed input."""
+        for index, item in self.indexed():
+            yield index, json.dumps(item.to_wire(), ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class RetryPlan:
+    """What ``jobs retry`` queues again: failed inputs (index, stored form) that can run again, and how many
+    cannot (uploads, whose bytes are not kept once a job is over; inputs the submitter already knew failed)."""
+
+    job_id: str
+    inputs: tuple[tuple[int, str], ...]
+    kept_out: int
+    task_size: int = DEFAULT_TASK_SIZE
+
+    @classmethod
+    def of(cls, status: JobStatus, failed: dict[int, str]) -> RetryPlan:
+        if status.state not in ("done", "failed"):
+            raise UsageError(f"job {status.id} is {status.state}: retry its failed inputs once it is over")
+        runnable = tuple(sorted((i, w) for i, w in failed.items() if JobInput.from_wire(json.loads(w)).kind
+                                in ("url", "path")))
+        return cls(status.id, runnable, status.failed - len(runnable))
+
+    def tasks(self) -> Iterator[tuple[int, str]]:
+        """(first input index, encoded inputs) for runs of consecutive indexes, at most ``task_size`` each."""
+        run: list[tuple[int, str]] = []
+        for index, wire in self.inputs:
+            if run and (index != run[-1][0] + 1 or len(run) == self.task_size):
+                yield run[0][0], "[" + ",".join(w for _, w in run) + "]"
+                run = []
+            run.append((index, wire))
+        if run:
+            yield run[0][0], "[" + ",".join(w for _, w in run) + "]"
+
 
 @dataclass
 class SubmitBatch:
@@ -292,6 +357,17 @@ def abandoned_records(task: Task, max_attempts: int) -> list[tuple[int, Record]]
     return [(index, Record.failure(item.name, "internal", message)) for index, item in task.indexed()]
 
 
+def with_english(records: Iterator[Record]) -> tuple[bool, Iterator[Record]]:
+    """Whether the records carry English label names (``label_en``: the worker's label file has them), and
+    the records again: looks ahead to the first record with predictions, so CSV gets its label_en columns."""
+    seen: list[Record] = []
+    for record in records:
+        seen.append(record)
+        if record.predictions:
+            return record.predictions[0].label_en is not None, itertools.chain(seen, records)
+    return False, iter(seen)
+
+
 def new_job_id() -> str:
     """Sortable by creation time (to the millisecond), unguessable."""
     return f"{int(time.time() * 1000):011x}{secrets.token_hex(6)}"
@@ -318,6 +394,11 @@ class JobQueue(Protocol):
         """Cancel the job and forget it: its status, records and uploads. Raises UnknownJobError."""
         ...
 
+    def retry(self, job_id: str) -> RetryPlan:
+        """Queue the failed inputs of a job that is over again (their error records are removed), so its
+        workers run only those. UsageError while the job is still queued or running."""
+        ...
+
     def jobs(self, limit: int = 50) -> list[JobStatus]:
         """The most recently created jobs, newest first."""
         ...
@@ -327,8 +408,10 @@ class JobQueue(Protocol):
         ...
 
     # -- workers ------------------------------------------------------------------------------------------
-    def claim(self, worker: str, max_tasks: int, lease_s: float) -> list[Task]:
-        """Take up to ``max_tasks``: new ones, or ones whose worker has been silent for ``lease_s``.
+    def claim(self, worker: str, max_tasks: int, lease_s: float, skip: frozenset[str] = frozenset()
+              ) -> list[Task]:
+        """Take up to ``max_tasks``: new ones, or ones whose worker has been silent for ``lease_s``; none of
+        the jobs in ``skip`` (this worker declined them: their tasks stay free for other workers).
 
         Every worker of a queue should use the same lease (the URL's ``lease``): depending on the backend
         it is enforced by the holder (SQLite: lease expiry) or by the taker (Redis: idle time).
@@ -341,6 +424,11 @@ class JobQueue(Protocol):
         """Give tasks back now, unfinished (a worker stopping)."""
         ...
 
+    def decline(self, worker: str, tasks: list[Task]) -> None:
+        """Give tasks back as if never delivered: this worker may not read them (their delivery does not
+        count toward ``attempts``), so a worker that may takes them at once."""
+        ...
+
     def complete(self, task: Task, records: list[tuple[int, Record]]) -> None:
         """Write each (input index, record) unless one exists; mark the task done. Idempotent."""
         ...
@@ -351,6 +439,10 @@ class JobQueue(Protocol):
         """Tasks not yet completed, claimed or not, over all jobs."""
         ...
 
+    def health(self) -> list[str]:
+        """Warnings an operator should see at start-up (e.g. a store that keeps nothing on disk)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -359,12 +451,20 @@ class JobQueue(Protocol):
 
 @dataclass(frozen=True)
 class QueueSettings:
+    """``retry_s``: how long a submission keeps retrying a queue that is briefly unavailable (``retry=``)
+    · ``max_upload_mb``: the queue's budget for uploaded files held at once (``max_upload_mb=``; None: the
+    backend's default)."""
+
     lease_s: float = 60.0
     max_attempts: int = 5
+    retry_s: float = 120.0
+    max_upload_mb: float | None = None
 
     def __post_init__(self) -> None:
-        if self.lease_s <= 0 or self.max_attempts < 1:
-            raise UsageError("queue: lease must be > 0 seconds and attempts >= 1")
+        if self.lease_s <= 0 or self.max_attempts < 1 or self.retry_s < 0:
+            raise UsageError("queue: lease must be > 0 seconds, attempts >= 1 and retry >= 0 seconds")
+        if self.max_upload_mb is not None and self.max_upload_mb < 0:
+            raise UsageError("queue: max_upload_mb must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -400,23 +500,42 @@ def parse_queue_url(url: str) -> QueueURL:
     scheme = parts.scheme.lower()
     if scheme not in QUEUES and scheme not in BUILTIN_QUEUES:
         known = ", ".join(sorted({*QUEUES, *BUILTIN_QUEUES}))
-        raise UsageError(f"queue URL {url!r}: unknown scheme {parts.scheme!r}; use one of {known}, "
-                         "e.g. sqlite:///path/jobs.sqlite3 or redis://host:6379/0")
+        raise UsageError(f"queue URL {redact_url(url)!r}: unknown scheme {parts.scheme!r}; use one of "
+                         f"{known}, e.g. sqlite:///path/jobs.sqlite3 or redis://host:6379/0")
     ours: dict[str, str] = {}
     rest = []
     for key, value in parse_qsl(parts.query, keep_blank_values=True):
-        if key in ("lease", "attempts"):
+        if key in ("lease", "attempts", "retry", "max_upload_mb"):
             ours[key] = value
         else:
             rest.append((key, value))
     try:
+        budget = ours.get("max_upload_mb")
         settings = QueueSettings(
             lease_s=float(ours.get("lease", QueueSettings.lease_s)),
             max_attempts=int(ours.get("attempts", QueueSettings.max_attempts)),
+            retry_s=float(ours.get("retry", QueueSettings.retry_s)),
+            max_upload_mb=None if budget is None else float(budget),
         )
     except ValueError as e:
-        raise UsageError(f"queue URL {url!r}: bad lease/attempts value ({e})") from None
+        raise UsageError(f"queue URL {redact_url(url)!r}: bad lease/attempts/retry/max_upload_mb value ({e})"
+                         ) from None
     return QueueURL(scheme, with_query(url, rest), settings)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (and a lone user name too: Redis takes a password
+    alone as ``redis://:SECRET@host`` or ``redis://SECRET@host``), for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<queue URL>"
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    hidden = f"{user}:***" if colon and user else "***"
+    return urlunsplit((parts.scheme, f"{hidden}@{host}", parts.path, parts.query, parts.fragment))
 
 
 def with_query(url: str, query: list[tuple[str, str]]) -> str:

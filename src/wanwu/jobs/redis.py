@@ -9,10 +9,16 @@ Keys (prefix ``wanwu``, or ``?prefix=NAME`` in the URL):
 * ``P:job:ID:results`` — a hash from input index to the record's JSON. One Lua script writes a task's
   records with HSETNX, counts only the new ones, and XACKs + XDELs the task, all atomically: a task finished
   twice leaves the same single record per input.
-* ``P:blob:ID:SHA256`` — uploaded files (listed in ``P:job:ID:blobs``), deleted when the job is over.
+* ``P:job:ID:tasks`` — the stream ids of the job's tasks, so cancelling or deleting a job takes its tasks
+  out of the stream at once (no worker spends a claim on them, no later job waits behind them).
+* ``P:blob:ID:SHA256`` — uploaded files (listed in ``P:job:ID:blobs``), deleted when the job is over;
+  ``P:upload_bytes`` counts the bytes held, refused past the queue's budget (``max_upload_mb``).
 * ``P:jobs`` — a sorted set of job ids by creation time.
+* ``P:epoch`` — when this queue's store was first seen empty. A job id older than that which has no job
+  is reported as lost (the store was emptied: Redis restarted without persistence), not as unknown.
 
-Durability is Redis's: run it with AOF or RDB snapshots if queued jobs must survive a Redis restart.
+Durability is Redis's: run it with the append-only file on if queued jobs must survive a Redis restart
+(:meth:`RedisQueue.health` says when it keeps nothing on disk).
 """
 
 from __future__ import annotations
@@ -25,74 +31,44 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from wanwu.errors import MissingExtraError, QueueError
+from wanwu.errors import MissingExtraError, QueueError, QueueStorageError, QueueUnavailableError
 from wanwu.jobs.base import (
     STALE_SUBMISSION_S,
     JobActivity,
     JobOptions,
     JobSpec,
     JobStatus,
+    LostJobError,
     QueueURL,
+    RetryPlan,
+    SubmitBatch,
     Task,
     UnknownJobError,
     abandoned_records,
+    check_job_id,
     chunk_tasks,
     decode_inputs,
+    job_created,
     new_job_id,
     record_json,
+    redact_url,
     register_queue,
     with_query,
 )
+from wanwu.jobs.redis_lua import CLAIM_OWN, COMPLETE_LUA, DECLINE
+from wanwu.jobs.retry import retrying
 from wanwu.records import Record
 
 log = logging.getLogger("wanwu")
 
 PIPELINE_TASKS = 256
 PIPELINE_BYTES = 32 * 1024 * 1024  # uploads buffered for one round trip: submit holds at most about this much
-# Re-claim (or release) only the tasks this worker still owns: XCLAIM with min-idle 0 would otherwise take a
-# task back from the worker that already took it over after this one's lease lapsed.
-_CLAIM_OWN = """
-local n = 0
-for i = 4, #ARGV do
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then
-    if ARGV[3] == '' then
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
-    else
-      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'JUSTID')
-    end
-    n = n + 1
-  end
-end
-return n
-"""
 RESULT_PAGE = 1000
+DEFAULT_MAX_UPLOAD_MB = 1024.0  # uploads live in Redis's memory: about 9,000 photos of 110 KB at once
+DROP_ROUNDS = 20  # claims in a row that found only tasks of cancelled or deleted jobs before pausing
 RELEASED_IDLE_MS = 10 * 365 * 86400 * 1000  # a released task looks long abandoned: reclaimed at once
 ACTIVITY_SCAN = 10_000  # claimed tasks looked at by activity() (workers x tasks per claim, normally far fewer)
 
-# KEYS: job, results, stream · ARGV: group, message id, now, abandoned (0/1), then (index, ok, json)...
-COMPLETE_LUA = """
-local function ack()
-  redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
-  redis.call('XDEL', KEYS[3], ARGV[2])
-end
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HGET', KEYS[1], 'cancelled') == '1' then
-  ack()
-  return 0
-end
-local done, failed = 0, 0
-for i = 5, #ARGV, 3 do
-  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 2]) == 1 then
-    if ARGV[i + 1] == '1' then done = done + 1 else failed = failed + 1 end
-  end
-end
-redis.call('HINCRBY', KEYS[1], 'done', done)
-redis.call('HINCRBY', KEYS[1], 'failed', failed)
-redis.call('HINCRBY', KEYS[1], 'abandoned', tonumber(ARGV[4]))
-redis.call('HSET', KEYS[1], 'updated', ARGV[3])
-ack()
-return 1
-"""
 
 
 class RedisQueue:
@@ -101,20 +77,28 @@ class RedisQueue:
             import redis
         except ImportError:
             raise MissingExtraError("redis", "queue", "the Redis job queue") from None
-        self._errors_base: type[Exception] = redis.exceptions.RedisError
-        self._response_error: type[Exception] = redis.exceptions.ResponseError
-        self.url = parsed.url
+        x = redis.exceptions
+        self._errors_base: type[Exception] = x.RedisError
+        self._response_error: type[Exception] = x.ResponseError
+        self._transient: tuple[type[Exception], ...] = (
+            x.ConnectionError, x.TimeoutError, x.ReadOnlyError, x.TryAgainError, x.ClusterDownError, OSError)
+        self._fatal: tuple[type[Exception], ...] = (x.AuthenticationError, x.AuthorizationError)
+        self.url = redact_url(parsed.url)  # for messages and logs; the password stays in the client only
         self.settings = parsed.settings
+        budget = parsed.settings.max_upload_mb
+        self.max_upload_bytes = int((DEFAULT_MAX_UPLOAD_MB if budget is None else budget) * 1024 * 1024)
         url, prefix = _split_prefix(parsed.url)
         self.p = prefix
         self.stream = f"{prefix}:tasks"
         self.group = f"{prefix}:workers"
+        self.epoch = 0.0
         with self._errors():
             self.r: Any = redis.Redis.from_url(url, decode_responses=False, socket_connect_timeout=10,
-                                          health_check_interval=30)
-            self.r.ping()
+                                          socket_timeout=60, health_check_interval=30)
             self._complete = self.r.register_script(COMPLETE_LUA)
+            self.r.ping()
             self._ensure_group()
+            self.epoch = self._read_epoch()
 
     # -- plumbing ----------------------------------------------------------------------------------------
 
@@ -122,8 +106,47 @@ class RedisQueue:
     def _errors(self) -> Iterator[None]:
         try:
             yield
-        except self._errors_base as e:
+        except self._fatal as e:
             raise QueueError(f"Redis job queue {self.url}: {type(e).__name__}: {e}") from None
+        except self._transient as e:
+            raise QueueUnavailableError(f"Redis job queue {self.url}: {type(e).__name__}: {e}") from None
+        except self._errors_base as e:
+            if str(e).startswith(("LOADING", "MASTERDOWN", "BUSY ")):
+                raise QueueUnavailableError(f"Redis job queue {self.url}: {type(e).__name__}: {e}") from None
+            raise QueueError(f"Redis job queue {self.url}: {type(e).__name__}: {e}") from None
+
+    def _read_epoch(self) -> float:
+        """When this store was first seen empty of this queue (set now if it is)."""
+        key = f"{self.p}:epoch"
+        self.r.hsetnx(key, "created", repr(time.time()))
+        return float(self.r.hget(key, "created") or 0)
+
+    def _check_epoch(self) -> None:
+        """Name a store that was emptied under us (a restart without persistence) as such, once."""
+        epoch = self._read_epoch()
+        if self.epoch and epoch != self.epoch:
+            log.error("the Redis store of queue %s was emptied (restarted without persistence, or flushed): "
+                      "every job submitted before %s is lost, records included; run Redis with "
+                      "--appendonly yes so that jobs survive a restart", self.url,
+                      time.strftime("%H:%M:%S UTC", time.gmtime(epoch)))
+        self.epoch = epoch
+
+    def health(self) -> list[str]:
+        """What an operator should know: a Redis that keeps nothing on disk loses every job on restart."""
+        with self._errors():
+            aof = self.r.info("persistence").get("aof_enabled", 0)
+            try:
+                reply = {_text(k): _text(v) for k, v in self.r.config_get("save").items()}
+                save = reply.get("save", "?")
+            except self._response_error:  # CONFIG disabled (managed Redis): cannot tell about snapshots
+                save = "?"
+        if not int(aof) and save == "":
+            return [f"Redis at {self.url} keeps nothing on disk (appendonly no, save \"\"): a restart loses "
+                    "every queued job and its records; start it with --appendonly yes"]
+        if not int(aof):
+            return [f"Redis at {self.url} has no append-only file: a crash loses what changed since its last "
+                    "snapshot (records and tasks); --appendonly yes keeps every write"]
+        return []
 
     def _ensure_group(self) -> None:
         try:
@@ -136,8 +159,11 @@ class RedisQueue:
         return f"{self.p}:job:{job_id}"
 
     def _job(self, job_id: str) -> dict[str, str]:
-        raw = self.r.hgetall(self._job_key(job_id))
+        raw = self.r.hgetall(self._job_key(check_job_id(job_id)))
         if not raw:
+            epoch = self._read_epoch()  # now, not as this client first saw it: the store may be new since
+            if job_created(job_id) < epoch:
+                raise LostJobError(job_id, epoch)
             raise UnknownJobError(job_id)
         return {k.decode(): v.decode() for k, v in raw.items()}
 
@@ -154,26 +180,54 @@ class RedisQueue:
 
     def submit(self, spec: JobSpec) -> str:
         job_id = new_job_id()
-        key = self._job_key(job_id)
-        now = time.time()
+        retrying(lambda: self._create_job(job_id, spec), "submitting a job", deadline_s=self.settings.retry_s)
         with self._errors():
-            self.r.hset(key, mapping={
-                "id": job_id, "created": now, "updated": now, "options": json.dumps(spec.options.to_dict()),
-                "total": 0, "sealed": 0, "cancelled": 0, "done": 0, "failed": 0, "abandoned": 0,
-            })
-            self.r.zadd(f"{self.p}:jobs", {job_id: now})
-            self.r.zadd(f"{self.p}:unsealed", {job_id: now})  # the submitter's heartbeat: see _fill
             try:
                 self._fill(job_id, spec)
             except BaseException:
-                self.r.hset(key, "cancelled", 1)
-                self._drop_blobs(job_id)
+                try:
+                    self._stop_job(job_id)
+                except self._errors_base:
+                    pass  # the store is gone: a worker reaps the unsealed job once it is back
                 raise
         return job_id
 
+    def _create_job(self, job_id: str, spec: JobSpec) -> None:
+        now = time.time()
+        with self._errors():
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hset(self._job_key(job_id), mapping={
+                "id": job_id, "created": now, "updated": now, "options": json.dumps(spec.options.to_dict()),
+                "total": 0, "sealed": 0, "cancelled": 0, "done": 0, "failed": 0, "abandoned": 0,
+            })
+            pipe.zadd(f"{self.p}:jobs", {job_id: now})
+            pipe.zadd(f"{self.p}:unsealed", {job_id: now})  # the submitter's heartbeat: see _fill
+            pipe.execute()
+
     def _fill(self, job_id: str, spec: JobSpec) -> None:
-        key = self._job_key(job_id)
         for batch in chunk_tasks(spec, max_tasks=PIPELINE_TASKS, max_bytes=PIPELINE_BYTES):
+            self._check_budget(batch)
+            retrying(lambda b=batch: self._write_batch(job_id, b), f"submitting job {job_id}",  # type: ignore[misc]
+                     deadline_s=self.settings.retry_s)
+        self._maybe_finish(job_id)
+
+    def _check_budget(self, batch: SubmitBatch) -> None:
+        wanted = sum(len(data) for _, data in dict(batch.blobs).items())
+        if not wanted:
+            return
+        with self._errors():
+            held = int(self.r.get(f"{self.p}:upload_bytes") or 0)
+        if held + wanted > self.max_upload_bytes:
+            raise QueueStorageError(
+                f"the queue {self.url} holds {held / 2**20:.0f} MB of uploaded files and its budget is "
+                f"{self.max_upload_bytes / 2**20:.0f} MB (max_upload_mb= in the queue URL): wait for jobs to "
+                "finish or delete finished ones, or submit files by reference (--by-reference)")
+
+    def _write_batch(self, job_id: str, batch: SubmitBatch) -> None:
+        """One round trip of uploads and tasks (safe to repeat: blobs are SET NX, a repeated task's records
+        are written once), then the bookkeeping that needs the stream ids and which blobs were new."""
+        key = self._job_key(job_id)
+        with self._errors():
             pipe = self.r.pipeline(transaction=False)
             for ref, data in batch.blobs:  # blobs before their task: a worker never misses one
                 pipe.set(f"{self.p}:blob:{job_id}:{ref}", data, nx=True)
@@ -186,8 +240,17 @@ class RedisQueue:
             else:
                 pipe.hset(key, "total", batch.total)
                 pipe.zadd(f"{self.p}:unsealed", {job_id: time.time()})  # the submitter's heartbeat
+            replies = pipe.execute()
+            added = sum(len(data) for (_, data), new in zip(batch.blobs, replies[0 : 2 * len(batch.blobs) : 2],
+                                                            strict=True) if new)
+            ids = replies[2 * len(batch.blobs) : 2 * len(batch.blobs) + len(batch.tasks)]
+            pipe = self.r.pipeline(transaction=False)
+            if ids:
+                pipe.rpush(f"{key}:tasks", *ids)
+            if added:
+                pipe.hincrby(key, "upload_bytes", added)
+                pipe.incrby(f"{self.p}:upload_bytes", added)
             pipe.execute()
-        self._maybe_finish(job_id)
 
     def status(self, job_id: str) -> JobStatus:
         with self._errors():
@@ -222,30 +285,77 @@ class RedisQueue:
             status = self._status(self._job(job_id))
             if status.state in ("done", "failed", "cancelled"):
                 return status
-            self.r.hset(self._job_key(job_id), mapping={"cancelled": 1, "updated": time.time()})
-            self._drop_blobs(job_id)
+            self._stop_job(job_id)
             return self._status(self._job(job_id))
 
     def delete(self, job_id: str) -> None:
-        # Tasks still in the stream find no job when a worker claims them, and are dropped then.
         with self._errors():
             self._job(job_id)
-            self._drop_blobs(job_id)
+            self._stop_job(job_id)
             key = self._job_key(job_id)
-            self.r.delete(key, f"{key}:results")
+            self.r.delete(key, f"{key}:results", f"{key}:failed")
             self.r.zrem(f"{self.p}:jobs", job_id)
 
+    def retry(self, job_id: str) -> RetryPlan:
+        with self._errors():
+            status = self._status(self._job(job_id))
+            key = self._job_key(job_id)
+            failed = {int(k): v.decode() for k, v in self.r.hgetall(f"{key}:failed").items()}
+            plan = RetryPlan.of(status, failed)
+            if not plan.inputs:
+                return plan
+            pipe = self.r.pipeline(transaction=True)
+            pipe.hdel(f"{key}:results", *[i for i, _ in plan.inputs])
+            pipe.hdel(f"{key}:failed", *[i for i, _ in plan.inputs])
+            pipe.hincrby(key, "failed", -len(plan.inputs))
+            pipe.hset(key, mapping={"abandoned": 0, "updated": time.time()})
+            for start, inputs in plan.tasks():
+                pipe.xadd(self.stream, {"job": job_id, "start": start, "inputs": inputs})
+            ids = pipe.execute()[4:]
+            self.r.rpush(f"{key}:tasks", *ids)
+            return plan
+
+    def _stop_job(self, job_id: str) -> None:
+        """Cancel: flag the job (a worker holding one of its tasks writes nothing more), take its tasks out
+        of the stream, free its uploads."""
+        key = self._job_key(job_id)
+        if self.r.exists(key):
+            self.r.hset(key, mapping={"cancelled": 1, "updated": time.time()})
+        self._drop_tasks(job_id)
+        self._drop_blobs(job_id)
+
+    def _drop_tasks(self, job_id: str) -> None:
+        key = f"{self._job_key(job_id)}:tasks"
+        while True:
+            ids = self.r.lrange(key, 0, 999)
+            if not ids:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            pipe.xack(self.stream, self.group, *ids)
+            pipe.xdel(self.stream, *ids)
+            pipe.ltrim(key, len(ids), -1)
+            pipe.execute()
+        self.r.delete(key)
+
     def _drop_blobs(self, job_id: str) -> None:
-        members = [m.decode() for m in self.r.smembers(f"{self._job_key(job_id)}:blobs")]
+        key = self._job_key(job_id)
+        members = [m.decode() for m in self.r.smembers(f"{key}:blobs")]
         keys = [f"{self.p}:blob:{job_id}:{sha}" for sha in members]
         for i in range(0, len(keys), 1000):
             self.r.delete(*keys[i : i + 1000])
-        self.r.delete(f"{self._job_key(job_id)}:blobs")
+        self.r.delete(f"{key}:blobs")
+        pipe = self.r.pipeline(transaction=True)  # read and zero at once: the bytes are given back once
+        pipe.hget(key, "upload_bytes")
+        pipe.hdel(key, "upload_bytes")
+        held = int(pipe.execute()[0] or 0)
+        if held:
+            self.r.decrby(f"{self.p}:upload_bytes", held)
 
     def _maybe_finish(self, job_id: str) -> None:
         status = self._status(self._job(job_id))
         if status.sealed and status.finished >= status.total:
             self._drop_blobs(job_id)
+            self.r.delete(f"{self._job_key(job_id)}:tasks")
 
     def activity(self, job_id: str) -> JobActivity:
         """From the group's pending entries (claimed tasks): their consumer and idle time. Tasks not claimed
@@ -279,43 +389,60 @@ class RedisQueue:
             job_id = raw.decode()
             if self.r.zrem(unsealed, job_id):  # one reaper per job, whichever worker gets here first
                 log.warning("job %s: its submission stopped before it was complete; cancelling it", job_id)
-                if self.r.exists(self._job_key(job_id)):
-                    self.r.hset(self._job_key(job_id), mapping={"cancelled": 1, "updated": time.time()})
-                self._drop_blobs(job_id)
+                self._stop_job(job_id)
 
-    def claim(self, worker: str, max_tasks: int, lease_s: float) -> list[Task]:
+    def claim(self, worker: str, max_tasks: int, lease_s: float, skip: frozenset[str] = frozenset()
+              ) -> list[Task]:
+        """Tasks of cancelled or deleted jobs met on the way are dropped and do not count: the claim goes
+        on (up to ``DROP_ROUNDS`` rounds) so that live work is never behind them. Tasks of jobs in ``skip``
+        are declined on the way (see :meth:`decline`)."""
         with self._errors():
+            self._check_epoch()
             self._reap_stale_submissions()
-            try:
-                return self._claim(worker, max_tasks, lease_s)
-            except self._response_error as e:
-                if "NOGROUP" not in str(e):
-                    raise
-                self._ensure_group()  # Redis lost its data (restart without persistence)
-                return self._claim(worker, max_tasks, lease_s)
+            for _ in range(DROP_ROUNDS):
+                try:
+                    tasks, dropped = self._claim(worker, max_tasks, lease_s, skip)
+                except self._response_error as e:
+                    if "NOGROUP" not in str(e):
+                        raise
+                    self._ensure_group()  # Redis lost its data (restart without persistence)
+                    tasks, dropped = self._claim(worker, max_tasks, lease_s, skip)
+                if tasks or not dropped:
+                    return tasks
+            return []
 
-    def _claim(self, worker: str, max_tasks: int, lease_s: float) -> list[Task]:
+    def _claim(self, worker: str, max_tasks: int, lease_s: float, skip: frozenset[str]
+               ) -> tuple[list[Task], int]:
         messages: list[tuple[bytes, dict[bytes, bytes], int]] = []
+        declined: list[bytes] = []
         cursor: bytes | str = "0-0"
         for _ in range(10):  # reclaim tasks whose worker went silent, oldest first
             cursor, found, *_ = self.r.xautoclaim(self.stream, self.group, worker, int(lease_s * 1000),
                                                   start_id=cursor, count=max_tasks - len(messages))
             for msg_id, fields in found:
-                if fields:
+                if fields and fields[b"job"].decode() in skip:
+                    declined.append(msg_id)
+                elif fields:
                     messages.append((msg_id, fields, self._deliveries(msg_id)))
             if len(messages) >= max_tasks or cursor in (b"0-0", "0-0"):
                 break
         if len(messages) < max_tasks:
             for _stream, found in self.r.xreadgroup(self.group, worker, {self.stream: ">"},
                                                     count=max_tasks - len(messages)) or []:
-                messages.extend((msg_id, fields, 1) for msg_id, fields in found if fields)
+                for msg_id, fields in found:
+                    if fields and fields[b"job"].decode() in skip:
+                        declined.append(msg_id)
+                    elif fields:
+                        messages.append((msg_id, fields, 1))
+        if declined:
+            self.r.eval(DECLINE, 1, self.stream, self.group, worker, str(RELEASED_IDLE_MS), *declined)
         return self._tasks(messages)
 
     def _deliveries(self, msg_id: bytes) -> int:
         info = self.r.xpending_range(self.stream, self.group, min=msg_id, max=msg_id, count=1)
         return int(info[0]["times_delivered"]) if info else 1
 
-    def _tasks(self, messages: list[tuple[bytes, dict[bytes, bytes], int]]) -> list[Task]:
+    def _tasks(self, messages: list[tuple[bytes, dict[bytes, bytes], int]]) -> tuple[list[Task], int]:
         jobs: dict[str, dict[str, str] | None] = {}
         tasks = []
         now = time.time()
@@ -337,7 +464,7 @@ class RedisQueue:
                 self._write(task, abandoned_records(task, self.settings.max_attempts), abandon=True)
             else:
                 tasks.append(task)
-        return tasks
+        return tasks, len(messages) - len(tasks)
 
     def extend(self, worker: str, tasks: list[Task], lease_s: float) -> None:
         self._claim_own(worker, tasks, "")
@@ -345,10 +472,16 @@ class RedisQueue:
     def release(self, worker: str, tasks: list[Task]) -> None:
         self._claim_own(worker, tasks, str(RELEASED_IDLE_MS))
 
+    def decline(self, worker: str, tasks: list[Task]) -> None:
+        if tasks:
+            with self._errors():
+                self.r.eval(DECLINE, 1, self.stream, self.group, worker, str(RELEASED_IDLE_MS),
+                            *[t.task_id for t in tasks])
+
     def _claim_own(self, worker: str, tasks: list[Task], idle: str) -> None:
         if tasks:
             with self._errors():
-                self.r.eval(_CLAIM_OWN, 1, self.stream, self.group, worker, idle, *[t.task_id for t in tasks])
+                self.r.eval(CLAIM_OWN, 1, self.stream, self.group, worker, idle, *[t.task_id for t in tasks])
 
     def complete(self, task: Task, records: list[tuple[int, Record]]) -> None:
         with self._errors():
@@ -357,9 +490,10 @@ class RedisQueue:
     def _write(self, task: Task, records: list[tuple[int, Record]], abandon: bool = False) -> None:
         key = self._job_key(task.job_id)
         args: list[Any] = [self.group, task.task_id, time.time(), int(abandon)]
+        wires = dict(task.wires())
         for index, record in records:
-            args += [index, int(record.ok), record_json(record)]
-        if self._complete(keys=[key, f"{key}:results", self.stream], args=args):
+            args += [index, int(record.ok), record_json(record), "" if record.ok else wires.get(index, "")]
+        if self._complete(keys=[key, f"{key}:results", self.stream, f"{key}:failed"], args=args):
             self._maybe_finish(task.job_id)
 
     def blobs(self, job_id: str, keys: list[str]) -> dict[str, bytes]:
@@ -376,6 +510,10 @@ class RedisQueue:
 
     def close(self) -> None:
         self.r.close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _split_prefix(url: str) -> tuple[str, str]:
