@@ -447,9 +447,9 @@ class _Run:
 
     def _inferred(self, batch: list[_Slot], future: Future[list[TopScores]]) -> None:
         exc = future.exception()
-        if isinstance(exc, OutOfMemoryError):
+        if isinstance(exc, OutOfMemoryError):  # the device's state, not the images' (DeviceOutOfMemoryError)
             for slot in batch:
-                self._fail(slot, "too_large", f"out of memory even for a batch of one: {exc}")
+                self._fail(slot, "model_error", str(exc))
             return
         if exc is not None:
             raise exc  # a broken model is fatal for the run, not a per-image error
