@@ -219,7 +219,7 @@ class _Run:
         self.record_options = record
         self.preprocess = self.opts.decode_spec(rec.engine.spec.preprocess)
         # results depend on how images were decoded (--full-decode): the cache key says so
-        self.namespace = self.opts.cache_namespace(rec.engine.spec)
+        self.namespace = self.opts.cache_namespace(rec.engine.spec, rec.engine.numerics)
         self.decode_options = self.opts.decode_options()
         self.timeout = self.opts.decode_timeout
         self.decoding: dict[Future[Any], tuple[float, list[_Slot]]] = {}  # deadline, slots

@@ -78,6 +78,26 @@ class NumericsBackend(Protocol):
     def numerics(self) -> dict[str, str]: ...
 
 
+def parse_cuda_index(name: str) -> int | None:
+    """``cuda`` -> None (the current device), ``cuda:N`` -> N; anything else is a :class:`UsageError`."""
+    name = name.strip().lower()
+    if name == "cuda":
+        return None
+    prefix, _, index = name.partition(":")
+    if prefix != "cuda" or not index.isdigit():
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    return int(index)
+
+
+def numerics_of(device_type: str, precision: str) -> dict[str, str]:
+    """A backend's :attr:`NumericsBackend.numerics`: nothing for fp32 on a CPU (what every cache entry made
+    before holds), else the device class and precision. fp32 on CUDA is its own too: cuDNN convolutions use
+    TF32 on Ampere and later by default, and GPU kernels sum in other orders."""
+    if device_type == "cpu" and precision == "fp32":
+        return {}
+    return {"device": device_type, "precision": precision}
+
+
 # What an out-of-memory looks like when it comes as a plain RuntimeError (or an onnxruntime error) rather
 # than torch.cuda.OutOfMemoryError. "illegal memory access" and the like are faults, never out-of-memory.
 OOM_MESSAGES = (

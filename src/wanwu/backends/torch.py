@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from wanwu.backends import Backend, BackendOptions, TopBatch, is_out_of_memory
+from wanwu.backends import Backend, BackendOptions, TopBatch, is_out_of_memory, numerics_of, parse_cuda_index
 from wanwu.errors import MissingExtraError, ModelError, OutOfMemoryError, UsageError
 from wanwu.spec import ModelSpec
 
@@ -109,11 +109,7 @@ class TorchBackend:
 
     @property
     def numerics(self) -> dict[str, str]:
-        """Nothing for fp32 on a CPU (the results every earlier cache entry holds); else the device class and
-        precision (fp32 on CUDA differs too: cuDNN's convolutions use TF32 on Ampere and later)."""
-        if self._device.type == "cpu" and self._dtype is None:
-            return {}
-        return {"device": self._device.type, "precision": self.precision}
+        return numerics_of(self._device.type, self.precision)
 
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Normalised float32 NCHW in, every class's score out (``wanwu convert``'s parity check, benchmarks)."""
@@ -246,17 +242,6 @@ def resolve_device(name: str) -> torch.device:
     if index is not None and index >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
     return torch.device("cuda", index if index is not None else torch.cuda.current_device())
-
-
-def parse_cuda_index(name: str) -> int | None:
-    """``cuda`` -> None (the current device), ``cuda:N`` -> N; anything else is a :class:`UsageError`."""
-    name = name.strip().lower()
-    if name == "cuda":
-        return None
-    prefix, _, index = name.partition(":")
-    if prefix != "cuda" or not index.isdigit():
-        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
-    return int(index)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
