@@ -22,6 +22,7 @@ EXTRA_PROBES = {
 }
 MODULE_EXTRAS = {  # modules that import an extra at the top
     "test_convert.py": ("torch",), "test_hub.py": ("torch",), "test_seed_model.py": ("torch",),
+    "test_device_path.py": ("torch",),
     "test_clip.py": ("clip",),
     "test_service.py": ("server",), "test_web.py": ("server", "dev"), "test_jobs_redis.py": ("queue",),
     "test_parquet.py": ("parquet",), "test_s3.py": ("s3", "dev"), "test_report.py": ("server", "dev", "parquet"),
