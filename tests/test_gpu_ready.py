@@ -1,0 +1,197 @@
+"""GPU-facing logic that runs without a GPU: onnxruntime's device and providers, what counts as out of memory,
+the engine's batch back-off and regrowth, and an out-of-memory at batch one as the device's error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+import pytest
+
+from tests.helpers import image_bytes
+from wanwu.backends import BackendOptions, create_backend, is_out_of_memory, parse_cuda_index
+from wanwu.backends import onnx as onnx_backend
+from wanwu.config import RecognizeOptions
+from wanwu.engine import Engine
+from wanwu.errors import DeviceOutOfMemoryError, OutOfMemoryError, UsageError
+from wanwu.models import resolve_model
+from wanwu.pipeline import Recognizer
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+REAL_SESSION = ort.InferenceSession
+
+
+class _FakeSession:
+    """An InferenceSession that asked for CUDA and got the CPU (what onnxruntime does without cuDNN)."""
+
+    made: list[Any] = []
+    got: list[str] = [CPU]
+    error: str | None = None
+
+    def __init__(self, model: Any, options: Any, providers: list[Any]) -> None:
+        self.providers = providers
+        _FakeSession.made.append(self)
+        self.real = REAL_SESSION(model, options, providers=[CPU])
+
+    def get_providers(self) -> list[str]:
+        return list(self.got)
+
+    def get_inputs(self) -> Any:
+        return self.real.get_inputs()
+
+    def get_outputs(self) -> Any:
+        return self.real.get_outputs()
+
+    def run(self, names: Any, feed: Any) -> Any:
+        if self.error:
+            raise RuntimeError(self.error)  # onnxruntime raises its own untyped exceptions
+        return self.real.run(names, feed)
+
+
+@pytest.fixture
+def fake_ort(monkeypatch: pytest.MonkeyPatch) -> type[_FakeSession]:
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
+    monkeypatch.setattr(_FakeSession, "made", [])
+    monkeypatch.setattr(_FakeSession, "got", [CPU])
+    monkeypatch.setattr(_FakeSession, "error", None)
+    return _FakeSession
+
+
+# --- onnxruntime ----------------------------------------------------------------------------------------------
+
+
+def test_cuda_n_keeps_its_index_with_a_heuristic_algorithm_search() -> None:
+    providers = onnx_backend._providers("cuda:1", [CUDA, CPU])
+    assert providers == [(CUDA, {"device_id": 1, "cudnn_conv_algo_search": "HEURISTIC"}), CPU]
+    assert onnx_backend._providers("cuda", [CUDA, CPU])[0] == (CUDA, {"device_id": 0,
+                                                                      "cudnn_conv_algo_search": "HEURISTIC"})
+    assert onnx_backend._providers("auto", [CPU]) == [CPU]
+    for bad in ("cuda:x", "cuda1", "tpu"):
+        with pytest.raises(UsageError, match="unknown device"):
+            onnx_backend._providers(bad, [CUDA, CPU])
+    with pytest.raises(UsageError, match="pip uninstall -y onnxruntime onnxruntime-gpu"):
+        onnx_backend._providers("cuda:0", [CPU])
+    assert [parse_cuda_index(d) for d in ("cuda", "cuda:0", "CUDA:3")] == [None, 0, 3]
+
+
+def test_a_session_that_fell_back_to_the_cpu_reports_cpu(
+    fake_ort: type[_FakeSession], tiny_model: tuple[Path, Path]
+) -> None:
+    spec = resolve_model(str(tiny_model[0]), tiny_model[1])
+    backend = create_backend(spec, BackendOptions(device="cuda:1"))
+    (session,) = fake_ort.made
+    assert session.providers[0] == (CUDA, {"device_id": 1, "cudnn_conv_algo_search": "HEURISTIC"})
+    assert backend.device == "cpu" and backend.numerics == {}  # type: ignore[attr-defined]
+    assert backend.streams == onnx_backend.default_cpu_streams()  # sized for the CPU it really runs on
+
+    fake_ort.got = [CUDA, CPU]
+    backend = create_backend(spec, BackendOptions(device="cuda:1"))
+    assert backend.device == "cuda:1" and backend.streams == 1
+    assert backend.numerics == {"device": "cuda", "precision": "fp32"}  # type: ignore[attr-defined]
+
+
+def test_int8_models_stay_on_the_cpu_provider(fake_ort: type[_FakeSession], mobilenet: tuple[Path, Path]) -> None:
+    create_backend(resolve_model(str(mobilenet[0]), mobilenet[1]), BackendOptions(device="cuda"))
+    assert [s.providers for s in fake_ort.made] == [[CPU]]
+
+
+@pytest.mark.parametrize(("message", "oom"), [
+    ("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer of size 1", True),
+    ("BFCArena::AllocateRawInternal Available memory of 0 is smaller than requested bytes of 1", True),
+    ("CUDA error cudaErrorIllegalAddress:an illegal memory access was encountered", False),
+    ("CUDA failure 700: an illegal memory access was encountered", False),
+])
+def test_onnx_out_of_memory_versus_a_fault(
+    fake_ort: type[_FakeSession], tiny_model: tuple[Path, Path], message: str, oom: bool
+) -> None:
+    engine = Engine.load(str(tiny_model[0]), tiny_model[1], BackendOptions(device="cuda"), max_batch=4)
+    fake_ort.error = message
+    crops = [np.zeros((224, 224, 3), np.uint8)] * 4
+    with pytest.raises(DeviceOutOfMemoryError if oom else RuntimeError, match="memory"):
+        engine.infer(crops)
+    assert engine.max_batch == (1 if oom else 4)  # halved down to one, or never retried
+
+
+@pytest.mark.parametrize(("message", "oom"), [
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", True),
+    ("CUDA error: out of memory", True),
+    ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+    ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", True),
+    ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes", True),
+    ("CUDA error: an illegal memory access was encountered", False),
+    ("CUDA error: misaligned address", False),
+    ("shape mismatch", False),
+])
+def test_what_counts_as_out_of_memory(message: str, oom: bool) -> None:
+    assert is_out_of_memory(RuntimeError(message)) is oom
+
+
+# --- the engine's batch size -------------------------------------------------------------------------------
+
+
+class _Fake:
+    """A backend whose memory fits ``limit`` images at a time; ``limit`` can change as other work comes and goes."""
+
+    device, streams = "fake", 1
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.sizes, self.rows = limit, [], []  # type: ignore[var-annotated]
+
+    def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        self.sizes.append(len(batch))
+        if len(batch) > self.limit:
+            raise OutOfMemoryError(f"fake OOM at {len(batch)}")
+        self.rows.extend(float(b[0, 0, 0]) for b in batch)
+        return np.zeros((len(batch), 10), np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def _crops(n: int) -> list[npt.NDArray[np.uint8]]:
+    return [np.full((224, 224, 3), i % 250, np.uint8) for i in range(n)]
+
+
+def test_the_batch_grows_back_after_successes(tiny_model: tuple[Path, Path]) -> None:
+    spec = resolve_model(str(tiny_model[0]), tiny_model[1])
+    fake = _Fake(limit=4)
+    engine = Engine(spec, fake, max_batch=16)
+    engine.infer(_crops(16))
+    assert engine.max_batch == 4  # 16 -> 8 -> 4
+    fake.limit = 16  # the other process on the GPU is gone
+    fake.sizes.clear()
+    engine.infer(_crops(4 * Engine.REGROW_AFTER + 8 * Engine.REGROW_AFTER + 16))
+    assert engine.max_batch == 16 and fake.sizes[Engine.REGROW_AFTER] == 8 and fake.sizes[-1] == 16
+    assert len(fake.rows) == 16 + 4 * Engine.REGROW_AFTER + 8 * Engine.REGROW_AFTER + 16  # none lost or doubled
+
+
+def test_a_regrowth_that_fails_again_waits_twice_as_long(tiny_model: tuple[Path, Path]) -> None:
+    spec = resolve_model(str(tiny_model[0]), tiny_model[1])
+    fake = _Fake(limit=4)
+    engine = Engine(spec, fake, max_batch=8)
+    wait = Engine.REGROW_AFTER
+    engine.infer(_crops(4 * (wait + 2 * wait) + 8))
+    tries = [i for i, s in enumerate(fake.sizes) if s == 8]
+    # the first batch, a regrowth after `wait` successes, the next after twice as many
+    assert tries == [0, 1 + wait, 1 + wait + 1 + 2 * wait]
+    assert engine.max_batch == 4 and len(fake.rows) == 4 * 3 * wait + 8
+
+
+def test_out_of_memory_at_batch_one_is_the_devices_error_not_the_images(
+    tiny_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    engine = Engine.load(str(tiny_model[0]), tiny_model[1], BackendOptions(), max_batch=4)
+    engine.backend = _Fake(limit=0)
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for i, path in enumerate(paths):
+        path.write_bytes(image_bytes((40 * i, 80, 120), fmt="PNG"))
+    with pytest.raises(DeviceOutOfMemoryError, match="even for a batch of one image"):
+        engine.infer(_crops(2))
+    with Recognizer(engine=engine, options=RecognizeOptions(cache=False, workers=0, batch_size=4)) as rec:
+        records = list(rec.recognize([str(p) for p in paths]))
+    assert [r.error.type if r.error else None for r in records] == ["model_error"] * 3
+    assert all(r.error and "out of memory" in r.error.message for r in records)
