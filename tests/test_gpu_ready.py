@@ -195,3 +195,63 @@ def test_out_of_memory_at_batch_one_is_the_devices_error_not_the_images(
         records = list(rec.recognize([str(p) for p in paths]))
     assert [r.error.type if r.error else None for r in records] == ["model_error"] * 3
     assert all(r.error and "out of memory" in r.error.message for r in records)
+
+
+# --- Ray: a GPU per inference actor ---------------------------------------------------------------------------
+
+
+class _Recorded:
+    """Stands in for a Ray Dataset: records what ``recognize_dataset`` asks of each stage."""
+
+    def __init__(self) -> None:
+        self.stages: list[dict[str, Any]] = []
+
+    def map_batches(self, fn: Any, **kwargs: Any) -> _Recorded:
+        self.stages.append({"fn": fn, **kwargs})
+        return self
+
+
+@pytest.mark.extra("cluster")
+def test_ray_reserves_a_gpu_per_actor_for_auto_on_a_cluster_with_gpus(
+    tiny_model: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+
+    from wanwu.ray import dataset
+
+    probed: list[Any] = []
+    monkeypatch.setattr(dataset, "planned_numerics",
+                        lambda ray, spec, plan, layout: probed.append(plan) or {"device": "cuda", "precision": "fp32"})
+    ray.init(num_cpus=1, num_gpus=2, include_dashboard=False, log_to_driver=False)  # GPUs declared, not real
+    try:
+        assert dataset.cluster_gpus(ray) == 2
+        ds = _Recorded()
+        options = RecognizeOptions(cache=False, backend=BackendOptions(device="auto"))
+        dataset.recognize_dataset(ds, str(tiny_model[0]), labels=tiny_model[1], options=options)
+    finally:
+        ray.shutdown()
+    decode, infer = ds.stages
+    assert decode.get("num_gpus") is None and infer["num_gpus"] == 1.0
+    assert infer["fn_constructor_kwargs"]["options"].backend.device == "cuda"
+    assert infer["fn_constructor_kwargs"]["split"] is False and probed[0].calls_per_actor == 2
+    # the decode tasks look up the cache under the actors' numerics, and the actors check they agree
+    planned = options.cache_namespace(resolve_model(str(tiny_model[0]), tiny_model[1]),
+                                      {"device": "cuda", "precision": "fp32"})
+    assert decode["fn_kwargs"]["context"].namespace == infer["fn_constructor_kwargs"]["namespace"] == planned
+
+
+def test_ray_plans_devices_for_actors() -> None:
+    from wanwu.ray.dataset import RayOptions, plan_inference
+
+    def plan(device: str, gpus: float, actor_gpus: float | None = None) -> tuple[float, str, int]:
+        options = RecognizeOptions(backend=BackendOptions(device=device))
+        p = plan_inference(options, RayOptions(actor_gpus=actor_gpus), gpus)
+        return p.gpus, p.options.backend.device, p.calls_per_actor
+
+    assert plan("auto", 2) == (1.0, "cuda", 2)
+    assert plan("auto", 0) == (0.0, "cpu", 1)  # Ray would hide the GPUs anyway: say so
+    assert plan("cuda:1", 4) == (1.0, "cuda", 2)  # the actor's own GPU, whichever Ray assigned
+    assert plan("cpu", 2) == (0.0, "cpu", 1)
+    assert plan("cpu", 2, actor_gpus=1) == (1.0, "cpu", 1)
+    with pytest.raises(UsageError, match="the Ray cluster has 0"):
+        plan("cuda", 0)
