@@ -150,7 +150,8 @@ def test_streams_are_honoured_and_batches_run_at_once(folder: Path, crops: list[
 
 
 def test_bucketed_batch_sizes() -> None:
-    assert [torch_backend.bucket(n) for n in (1, 2, 3, 5, 8, 9, 17, 32, 33, 128)] == [1, 2, 4, 8, 8, 16, 24, 32, 40, 128]
+    sizes = (1, 2, 3, 5, 8, 9, 17, 32, 33, 128)
+    assert [torch_backend.bucket(n) for n in sizes] == [1, 2, 4, 8, 8, 16, 24, 32, 40, 128]
 
 
 # --- device and precision ------------------------------------------------------------------------------------

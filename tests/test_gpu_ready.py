@@ -4,7 +4,7 @@ the engine's batch back-off and regrowth, and an out-of-memory at batch one as t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -27,9 +27,9 @@ REAL_SESSION = ort.InferenceSession
 class _FakeSession:
     """An InferenceSession that asked for CUDA and got the CPU (what onnxruntime does without cuDNN)."""
 
-    made: list[Any] = []
-    got: list[str] = [CPU]
-    error: str | None = None
+    made: ClassVar[list[Any]] = []
+    got: ClassVar[list[str]] = [CPU]
+    error: ClassVar[str | None] = None
 
     def __init__(self, model: Any, options: Any, providers: list[Any]) -> None:
         self.providers = providers
@@ -255,3 +255,106 @@ def test_ray_plans_devices_for_actors() -> None:
     assert plan("cpu", 2, actor_gpus=1) == (1.0, "cpu", 1)
     with pytest.raises(UsageError, match="the Ray cluster has 0"):
         plan("cuda", 0)
+
+
+# --- GPU JPEG decoding: selection, fallback, namespace ----------------------------------------------------------
+
+
+class _FakeDecoder:
+    name = "fake"
+
+    def decode(self, datas: Any, spec: Any) -> list[Any]:
+        return []
+
+
+def test_jpeg_decoder_selection_and_its_cpu_fallback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sys
+    import types
+
+    from wanwu import gpudecode
+    from wanwu.errors import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # as here: torchvision not installed
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)
+    assert gpudecode.select_jpeg_decoder("cpu", "cuda") is None
+    with caplog.at_level("INFO", logger="wanwu"):
+        assert gpudecode.select_jpeg_decoder("auto", "cuda:0") is None  # falls back to the CPU ...
+    assert "nvjpeg not used" in caplog.text and "gpu-decode" in caplog.text  # ... and says why
+    with pytest.raises(MissingExtraError, match=r"\[gpu-decode\]"):  # named explicitly: never a silent fallback
+        gpudecode.select_jpeg_decoder("nvjpeg", "cuda")
+
+    fake_io = types.ModuleType("torchvision.io")
+    fake_io.decode_jpeg = lambda *a, **k: []  # type: ignore[attr-defined]
+    fake_io.ImageReadMode = types.SimpleNamespace(RGB=3)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchvision", types.ModuleType("torchvision"))
+    monkeypatch.setitem(sys.modules, "torchvision.io", fake_io)
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UsageError, match="no usable CUDA device"):
+        gpudecode.select_jpeg_decoder("nvjpeg", "cuda")
+
+    monkeypatch.setitem(gpudecode.JPEG_DECODERS._entries, "fake", lambda device: _FakeDecoder())
+    assert isinstance(gpudecode.select_jpeg_decoder("fake", "cuda"), _FakeDecoder)
+
+
+def test_a_gpu_decoder_has_its_own_cache_namespace(tiny_model: tuple[Path, Path]) -> None:
+    from wanwu.gpudecode import decoder_numerics
+
+    spec = resolve_model(str(tiny_model[0]), tiny_model[1])
+    assert decoder_numerics(None) == {}
+    assert spec.cache_namespace(decoder_numerics(_FakeDecoder())) != spec.cache_namespace()
+    assert spec.cache_namespace(decoder_numerics(None)) == spec.cache_namespace()
+
+
+def test_which_jpegs_a_gpu_decodes(photos: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    from wanwu.gpudecode import gpu_decodable, jpeg_frame
+    from wanwu.spec import PreprocessSpec
+
+    spec = PreprocessSpec()
+    photo = sorted(photos.glob("*.JPEG"))[7].read_bytes()
+    image = Image.open(io.BytesIO(photo)).convert("RGB")
+
+    def saved(img: Image.Image, **kw: Any) -> bytes:
+        out = io.BytesIO()
+        img.save(out, **kw)
+        return out.getvalue()
+
+    frame = jpeg_frame(saved(image, format="JPEG"))
+    assert frame is not None and frame[1:] == (*image.size, 3)
+    assert gpu_decodable(saved(image, format="JPEG"), spec)
+    assert not gpu_decodable(saved(image, format="JPEG", progressive=True), spec)
+    assert not gpu_decodable(saved(image.convert("CMYK"), format="JPEG"), spec)
+    assert not gpu_decodable(saved(image, format="PNG"), spec)
+    assert not gpu_decodable(photo[:2] + b"\xff\xda\x00\x02", spec)
+    big = saved(image.resize((2048, 1536)), format="JPEG")
+    assert not gpu_decodable(big, spec)  # the CPU decodes it at half scale, cheaper than a full GPU decode
+    from dataclasses import replace
+
+    assert gpu_decodable(big, replace(spec, jpeg_draft_factor=0.0))  # --full-decode
+
+
+@pytest.mark.extra("torch")
+def test_device_resize_and_crop_match_the_cpu_paths_geometry(photos: Path) -> None:
+    import io
+
+    import torch
+    from PIL import Image
+
+    from wanwu.gpudecode import resize_crop
+    from wanwu.imaging import prepare
+    from wanwu.spec import PreprocessSpec
+
+    spec = PreprocessSpec()
+    for path in sorted(photos.glob("*.JPEG"))[::250]:
+        data = path.read_bytes()
+        rgb = np.array(Image.open(io.BytesIO(data)).convert("RGB"))
+        got = resize_crop(torch.from_numpy(rgb).permute(2, 0, 1), spec).numpy()
+        want = prepare(data, spec).pixels
+        assert got.shape == want.shape == (224, 224, 3) and got.dtype == np.uint8
+        assert np.abs(got.astype(int) - want.astype(int)).mean() < 1.5  # other resampling, same pixels' place
