@@ -94,6 +94,8 @@ class TorchBackend:
         self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
         for _ in range(self._streams):
             self._lanes.put(_Lane(torch, self._device))
+        if self._device.type == "cuda":  # the weights' copies (default stream) end before a lane's stream reads them
+            torch.cuda.synchronize(self._device)
 
     @property
     def streams(self) -> int:
