@@ -149,6 +149,21 @@ def test_streams_are_honoured_and_batches_run_at_once(folder: Path, crops: list[
     assert both == [True, True]
 
 
+def test_closing_a_relabelled_copy_leaves_the_original_working(
+    folder: Path, crops: list[np.ndarray],  # type: ignore[type-arg]
+) -> None:
+    """The service closes a label list's relabelled backend when it is evicted; the shared one must go on."""
+    spec = resolve_model(str(folder))
+    backend = create_backend(spec, BackendOptions(device="cpu", threads=1))
+    backend._model.relabel = lambda spec: backend._model  # type: ignore[attr-defined]  # as a zero-shot head
+    backend.relabel(spec).close()  # type: ignore[attr-defined]
+    done: list[object] = []
+    worker = threading.Thread(target=lambda: done.append(backend.infer_top(crops[:1], 5)), daemon=True)  # type: ignore[attr-defined]
+    worker.start()
+    worker.join(timeout=120)
+    assert done, "the original backend waits for a lane its closed copy took"
+
+
 def test_bucketed_batch_sizes() -> None:
     sizes = (1, 2, 3, 5, 8, 9, 17, 32, 33, 128)
     assert [torch_backend.bucket(n) for n in sizes] == [1, 2, 4, 8, 8, 16, 24, 32, 40, 128]

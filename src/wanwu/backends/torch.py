@@ -91,9 +91,7 @@ class TorchBackend:
         self._preprocess = _normaliser(torch, spec, self._device)
         self._crop = (spec.preprocess.crop_size, spec.preprocess.crop_size, 3)
         self._streams = options.streams or (CUDA_STREAMS if self._device.type == "cuda" else 1)
-        self._lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
-        for _ in range(self._streams):
-            self._lanes.put(_Lane(torch, self._device))
+        self._lanes = self._new_lanes()
         if self._device.type == "cuda":  # the weights' copies (default stream) end before a lane's stream reads them
             torch.cuda.synchronize(self._device)
 
@@ -184,7 +182,14 @@ class TorchBackend:
             raise UsageError("this model's classes are fixed: only a zero-shot (CLIP) model takes other labels")
         clone = copy.copy(self)
         clone._model = relabel(spec)
+        clone._lanes = self._new_lanes()  # its own: closing one never takes the other's
         return clone
+
+    def _new_lanes(self) -> queue.SimpleQueue[_Lane]:
+        lanes: queue.SimpleQueue[_Lane] = queue.SimpleQueue()
+        for _ in range(self._streams):
+            lanes.put(_Lane(self._torch, self._device))
+        return lanes
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self._autocast_dtype is None:
@@ -193,8 +198,7 @@ class TorchBackend:
 
     def close(self) -> None:
         self._model = None
-        while not self._lanes.empty():
-            self._lanes.get()
+        self._lanes = self._new_lanes()  # the pinned buffers go with the old ones
         if self._device.type == "cuda":
             self._torch.cuda.empty_cache()
 
