@@ -3,6 +3,7 @@ the engine's batch back-off and regrowth, and an out-of-memory at batch one as t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -358,3 +359,26 @@ def test_device_resize_and_crop_match_the_cpu_paths_geometry(photos: Path) -> No
         want = prepare(data, spec).pixels
         assert got.shape == want.shape == (224, 224, 3) and got.dtype == np.uint8
         assert np.abs(got.astype(int) - want.astype(int)).mean() < 1.5  # other resampling, same pixels' place
+
+
+def test_ray_inference_records_out_of_memory_at_batch_one_as_the_devices_error(tiny_model: tuple[Path, Path]) -> None:
+    from wanwu.ray.stages import Infer
+
+    spec = resolve_model(str(tiny_model[0]), tiny_model[1])
+    infer = Infer(spec, RecognizeOptions(cache=False, batch_size=4))
+    infer.engine.backend = _Fake(limit=0)
+
+    def column(values: list[Any]) -> Any:
+        out = np.empty(len(values), dtype=object)
+        out[:] = values
+        return out
+
+    crop = np.zeros((224, 224, 3), np.uint8).tobytes()
+    batch = {"input": column(["a.jpg", "b.jpg"]), "sha256": column(["1" * 64, "2" * 64]),
+             "error_type": column(["", ""]), "error_message": column(["", ""]), "cached": column([b"", b""]),
+             "pixels": column([crop, crop]), "warnings": column(["", ""]),
+             "width": np.array([300, 300]), "height": np.array([300, 300])}
+    out = infer(batch)
+    records = [json.loads(line) for line in out["record"]]
+    assert [r["error"]["type"] for r in records] == ["model_error", "model_error"]
+    assert all("even for a batch of one image" in r["error"]["message"] for r in records)

@@ -37,7 +37,7 @@ from wanwu.cache import CachedResult, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.decoders import CRASHED, DecodeProcess, DecodeTimeoutError, timed_out
 from wanwu.engine import Engine
-from wanwu.errors import ModelError
+from wanwu.errors import ModelError, OutOfMemoryError
 from wanwu.fetch import Fetcher
 from wanwu.imaging import DecodeOptions, DecodeResult, decode_each, decode_job
 from wanwu.records import Record, RecordOptions, TopScores
@@ -160,7 +160,12 @@ class Infer:
                 todo.append(i)
         if todo:
             pixels = [np.frombuffer(bytes(batch["pixels"][i]), np.uint8).reshape(self.shape) for i in todo]
-            tops = self._infer(pixels)
+            try:
+                tops = self._infer(pixels)
+            except OutOfMemoryError as e:  # even one image did not fit: the device's state, as the local runner says
+                for i in todo:
+                    records[i] = Record.failure(str(batch["input"][i]), "model_error", str(e), str(batch["sha256"][i]))
+                todo, tops = [], []
             fresh = []
             for i, top in zip(todo, tops, strict=True):
                 if not math.isfinite(top.logsumexp):  # never NaN in a record, never cached
