@@ -31,6 +31,7 @@ EXTRA_PACKAGES = {
 _EXTRA_OF_PACKAGE = {package: extra for extra, packages in EXTRA_PACKAGES.items() for package in packages}
 MODULE_EXTRAS = {  # modules whose every test needs these extras (modules that import one at the top are found)
     "test_convert.py": ("torch",), "test_hub.py": ("torch",), "test_seed_model.py": ("torch",),
+    "test_device_path.py": ("torch",),
     "test_clip.py": ("clip",),
     "test_service.py": ("server",), "test_web.py": ("server", "dev"), "test_jobs_redis.py": ("queue",),
     "test_parquet.py": ("parquet",), "test_s3.py": ("s3", "dev"), "test_report.py": ("server", "dev", "parquet"),

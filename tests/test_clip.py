@@ -311,3 +311,25 @@ def test_service_label_lists_are_evicted_only_when_idle(clip_folder: Path, label
         for label_set in runtime._label_sets.values():
             label_set.recognizer.close()
         loop.close()
+
+
+@pytest.mark.shared
+def test_bf16_casts_the_image_tower_once_and_keeps_the_cosine_fp32(
+    clip_folder: Path, label_file: Path, images: list[Path]
+) -> None:
+    import torch
+
+    from wanwu.backends import BackendOptions
+    from wanwu.engine import Engine
+    from wanwu.imaging import prepare
+
+    spec = resolve_model(str(clip_folder), label_file)
+    crops = [prepare(p.read_bytes(), spec.preprocess).pixels for p in images]
+    fp32 = Engine.load(spec, backend_options=BackendOptions(device="cpu"))
+    bf16 = Engine.load(spec, backend_options=BackendOptions(device="cpu", precision="bf16"))
+    head = bf16.backend._model  # type: ignore[attr-defined]
+    assert head.visual_projection.weight.dtype == torch.bfloat16 and head.text.dtype == torch.float32
+    assert bf16.backend._autocast_dtype is None  # type: ignore[attr-defined]
+    for got, want in zip(bf16.infer(crops), fp32.infer(crops), strict=True):
+        assert got.values.dtype == np.float32
+        np.testing.assert_allclose(got.values[:3], want.values[:3], atol=0.02 * 30)  # cosines within 0.02

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -51,9 +52,10 @@ class RecognizeOptions:
         """The model's preprocessing as decoding should apply it for this run."""
         return replace(spec, jpeg_draft_factor=0.0) if self.full_decode else spec
 
-    def cache_namespace(self, spec: ModelSpec) -> str:
-        """The result cache's namespace for ``spec`` run with these options (a full decode is its own)."""
-        return replace(spec, preprocess=self.decode_spec(spec.preprocess)).cache_namespace()
+    def cache_namespace(self, spec: ModelSpec, numerics: Mapping[str, str] | None = None) -> str:
+        """The result cache's namespace for ``spec`` run with these options (a full decode is its own) on a
+        backend whose :attr:`~wanwu.engine.Engine.numerics` are ``numerics`` (device class, precision)."""
+        return replace(spec, preprocess=self.decode_spec(spec.preprocess)).cache_namespace(numerics)
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions.with_formats(self.max_pixels, self.formats)

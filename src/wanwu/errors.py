@@ -80,7 +80,13 @@ class MissingExtraError(WanwuError):
 
 
 class OutOfMemoryError(WanwuError):
-    """A backend ran out of memory for a batch; the orchestrator halves the batch and retries."""
+    """A backend ran out of memory for a batch; the engine halves the batch and retries."""
+
+
+class DeviceOutOfMemoryError(OutOfMemoryError):
+    """Out of memory even for a batch of one image. Every crop has the same size, so the device (full, or
+    shared with another process), not the image, is at fault: the images of that batch get ``model_error``
+    records (never ``too_large``, which says the file is too big) and the run goes on."""
 
 
 class CacheError(WanwuError):

@@ -36,7 +36,7 @@ class Inference(Protocol):
         ...
 
     def submit(self, pixels: list[Pixels]) -> Future[list[TopScores]]:
-        """Scores for ``pixels``, in order. The future raises OutOfMemoryError for a crop too large even alone,
+        """Scores for ``pixels``, in order. The future raises DeviceOutOfMemoryError when even one crop does not fit,
         a QueueError when the work is refused as a whole, and anything else when the model itself fails."""
         ...
 

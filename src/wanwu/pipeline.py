@@ -234,7 +234,7 @@ class _Run:
         self.record_options = record
         self.preprocess = self.opts.decode_spec(rec.engine.spec.preprocess)
         # results depend on how images were decoded (--full-decode): the cache key says so
-        self.namespace = self.opts.cache_namespace(rec.engine.spec)
+        self.namespace = self.opts.cache_namespace(rec.engine.spec, rec.engine.numerics)
         self.decode_options = self.opts.decode_options()
         self.timeout = self.opts.decode_timeout
         self.decoding: dict[Future[Any], tuple[float, list[_Slot]]] = {}  # deadline, slots
@@ -460,9 +460,9 @@ class _Run:
 
     def _inferred(self, batch: list[_Slot], future: Future[list[TopScores]]) -> None:
         exc = future.exception()
-        if isinstance(exc, OutOfMemoryError):
+        if isinstance(exc, OutOfMemoryError):  # the device's state, not the images' (DeviceOutOfMemoryError)
             for slot in batch:
-                self._fail(slot, "too_large", f"out of memory even for a batch of one: {exc}")
+                self._fail(slot, "model_error", str(exc))
             return
         if exc is not None:
             raise exc  # a broken model is fatal for the run, not a per-image error

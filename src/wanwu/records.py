@@ -125,6 +125,19 @@ def top_scores(outputs: npt.NDArray[np.float32], n: int = TOP_N_STORED, keep_row
     return result
 
 
+def from_top(
+    indices: npt.NDArray[np.integer[Any]], values: npt.NDArray[np.floating[Any]],
+    logsumexp: npt.NDArray[np.floating[Any]],
+) -> list[TopScores]:
+    """Per-image :class:`TopScores` from a backend that ranked on its device, ordered as :func:`top_scores`
+    orders them (by score, ties by index), whatever order the device's top-k left ties in."""
+    result = []
+    for idx, row, lse in zip(indices, values, logsumexp, strict=True):
+        order = np.lexsort((idx, -row))
+        result.append(TopScores(idx[order].astype(np.int32), row[order].astype(np.float32), float(lse)))
+    return result
+
+
 @dataclass(slots=True)
 class Record:
     input: str

@@ -120,9 +120,11 @@ class ModelSpec:
     def with_fingerprint(self, fingerprint: str) -> ModelSpec:
         return replace(self, weights_fingerprint=fingerprint)
 
-    def cache_namespace(self) -> str:
+    def cache_namespace(self, numerics: Mapping[str, str] | None = None) -> str:
         """Model weights + label count + preprocessing + output kind (+ for an open-vocabulary model, the
-        label texts and prompts): the cache-key prefix."""
+        label texts and prompts) + ``numerics``, how the backend makes its numbers where that is not fp32 on a
+        CPU (device class, precision, a GPU JPEG decoder): the cache-key prefix. bf16 results on a GPU and fp32
+        results on a CPU never share entries; fp32 on a CPU keeps the namespace it always had."""
         payload: dict[str, Any] = {
             "weights": self.weights_fingerprint,
             "classes": self.num_classes,
@@ -131,6 +133,8 @@ class ModelSpec:
         }
         if self.prompts:
             payload["vocabulary"] = self.vocabulary_fingerprint()
+        if numerics:
+            payload["numerics"] = dict(numerics)
         return _digest(payload)
 
     def vocabulary_fingerprint(self) -> str:

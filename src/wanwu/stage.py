@@ -13,7 +13,7 @@ hit, or model-ready pixels.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from wanwu.cache import CachedResult, ResultCache
@@ -34,8 +34,11 @@ class StageContext:
     decode: DecodeOptions
 
     @classmethod
-    def of(cls, spec: ModelSpec, options: RecognizeOptions) -> StageContext:
-        return cls(options.decode_spec(spec.preprocess), options.cache_namespace(spec), options.decode_options())
+    def of(cls, spec: ModelSpec, options: RecognizeOptions, numerics: Mapping[str, str] | None = None) -> StageContext:
+        """``numerics``: what the inference will run with (:attr:`wanwu.engine.Engine.numerics`)."""
+        return cls(
+            options.decode_spec(spec.preprocess), options.cache_namespace(spec, numerics), options.decode_options()
+        )
 
 
 @dataclass(frozen=True, slots=True)

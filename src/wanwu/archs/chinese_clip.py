@@ -72,9 +72,19 @@ class ZeroShotHead(torch.nn.Module):
         device: torch.device = self.visual_projection.weight.device
         return head.to(device).eval()
 
+    def cast_body(self, dtype: torch.dtype) -> None:
+        """The image tower in ``dtype`` (once); the cosine against the label embeddings stays fp32."""
+        self.vision_model.to(dtype)
+        self.visual_projection.to(dtype)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        dtype: torch.dtype = self.visual_projection.weight.dtype
+        return dtype
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pooled = self.vision_model(pixel_values=pixel_values).pooler_output
-        image = self.visual_projection(pooled)
+        image = self.visual_projection(pooled).float()
         image = image / image.norm(dim=-1, keepdim=True)
         scores: torch.Tensor = self.scale * (image @ self.text)
         return scores

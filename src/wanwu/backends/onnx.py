@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from wanwu.backends import BackendOptions
+from wanwu.backends import BackendOptions, is_out_of_memory, numerics_of, parse_cuda_index
 from wanwu.errors import ModelError, OutOfMemoryError, UsageError
 from wanwu.spec import ModelSpec
 
@@ -23,7 +23,11 @@ class OnnxBackend:
         import onnxruntime as ort
 
         providers = _providers(options.device, ort.get_available_providers())
-        on_cpu = providers[0] == "CPUExecutionProvider"
+        if providers[0] != CPU and _is_quantized(spec):
+            log.info("%s is an int8 model: it runs on the CPU provider (CUDA's int8 coverage is partial)", spec.name)
+            providers = [CPU]
+        on_cpu = providers[0] == CPU
+        self._streams_given = options.streams > 0
         self._streams = options.streams or (default_cpu_streams() if on_cpu else 1)
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.threads or max(1, default_threads() // self._streams)
@@ -47,7 +51,21 @@ class OnnxBackend:
         self._input = inputs[0].name
         self._output = outputs[0].name
         self._check_shapes(spec, inputs[0].shape, outputs[0].shape)
-        self._device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+        self._device = self._actual_device(providers)
+
+    def _actual_device(self, requested: list[Provider]) -> str:
+        """The device the session really runs on: onnxruntime falls back to the CPU silently when CUDA's
+        libraries (cuDNN, cuBLAS) cannot be loaded, and ``get_providers()`` is the only sign of it."""
+        actual = self._session.get_providers()
+        if actual and actual[0] == CUDA:
+            options = requested[0][1] if isinstance(requested[0], tuple) else {}
+            return f"cuda:{options.get('device_id', 0)}"
+        if requested[0] != CPU:
+            log.warning("onnxruntime could not start its CUDA provider (CUDA or cuDNN libraries missing?): "
+                        "running on the CPU")
+            if not self._streams_given:
+                self._streams = default_cpu_streams()
+        return "cpu"
 
     @staticmethod
     def _check_shapes(spec: ModelSpec, in_shape: list[Any], out_shape: list[Any]) -> None:
@@ -69,14 +87,20 @@ class OnnxBackend:
     def streams(self) -> int:
         return self._streams  # InferenceSession.run is thread-safe
 
+    @property
+    def numerics(self) -> dict[str, str]:
+        return numerics_of("cpu" if self._device == "cpu" else "cuda", "fp32")
+
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        message = None
         try:
             (out,) = self._session.run([self._output], {self._input: batch})
-        except Exception as e:
-            if "alloc" in str(e).lower() or "memory" in str(e).lower():
-                raise OutOfMemoryError(str(e)) from None
-            raise
-        return np.asarray(out, dtype=np.float32)
+            return np.asarray(out, dtype=np.float32)
+        except Exception as e:  # onnxruntime's errors are untyped: read the message
+            if not is_out_of_memory(e):
+                raise  # "illegal memory access" and other faults are not retried
+            message = str(e)
+        raise OutOfMemoryError(f"out of memory on {self._device} for a batch of {len(batch)}: {message}")
 
     def close(self) -> None:
         del self._session
@@ -157,16 +181,40 @@ def default_cpu_streams() -> int:
     return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
-def _providers(device: str, available: list[str]) -> list[str]:
-    if device in ("auto", "") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in available:
-            raise UsageError("--device cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]  # device index: CUDA_VISIBLE_DEVICES
-    if device not in ("auto", "", "cpu"):
-        raise UsageError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
-    return ["CPUExecutionProvider"]
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+Provider = str | tuple[str, dict[str, Any]]
+
+
+def _providers(device: str, available: list[str]) -> list[Provider]:
+    """The providers for ``--device``: ``cuda:N`` keeps N (``device_id``). cuDNN's convolution algorithm is
+    chosen by heuristic rather than by timing every candidate (``EXHAUSTIVE``, onnxruntime's default), which
+    stalls a session for seconds at every new batch shape."""
+    device = (device or "auto").strip().lower()
+    if device == "cpu" or (device == "auto" and CUDA not in available):
+        return [CPU]
+    index = None if device == "auto" else parse_cuda_index(device)
+    if CUDA not in available:
+        raise UsageError(
+            f"--device {device}: this onnxruntime has no CUDA provider. The GPU wheel replaces the CPU one (both "
+            "install the same files, so have only one): pip uninstall -y onnxruntime onnxruntime-gpu && "
+            "pip install onnxruntime-gpu"
+        )
+    cuda_options = {"device_id": index or 0, "cudnn_conv_algo_search": "HEURISTIC"}
+    return [(CUDA, cuda_options), CPU]
+
+
+def _is_quantized(spec: ModelSpec) -> bool:
+    """Whether the model computes in int8 (QOperator or QDQ): read only when a GPU provider would be used."""
+    from wanwu.backends.int8 import QOPS
+
+    int8_ops = QOPS | {"QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
+    try:
+        import onnx
+
+        graph = onnx.load(str(spec.weights), load_external_data=False).graph
+    except Exception:  # not readable here: the session's own load reports it
+        return False
+    return any(node.op_type in int8_ops for node in graph.node)
 
 
 def create(spec: ModelSpec, options: BackendOptions) -> OnnxBackend:

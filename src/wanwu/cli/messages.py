@@ -107,8 +107,9 @@ HELP: dict[str, dict[str, str]] = {
         "label_column": "The label column of a .tsv/.csv label file (default: zh, label or name, else the last).",
         "device": "auto, cpu, cuda or cuda:N.",
         "threads": "Inference threads per stream (0 = the cores shared among streams).",
-        "streams": "Batches inferred at once (0 = auto: 2 for onnxruntime on a CPU, else 1).",
-        "precision": "GPU autocast precision (torch backend).",
+        "streams": "Batches inferred at once (0 = auto: 2 for onnxruntime on a CPU and for torch on CUDA, else 1).",
+        "precision": "Precision of the torch backend: auto = bf16 on GPUs that run it natively, else fp16 (fp32 on "
+                     "a CPU); the classifier head stays fp32.",
         "int8": "int8 ONNX models: exact integer kernels (auto: on CPUs without VNNI) or the fastest native ones.",
         "top_k": "Labels per image (1-50).",
         "score": "softmax probabilities, or the raw logits (ModelScope's score; the cosine for a CLIP model).",
@@ -168,8 +169,9 @@ HELP: dict[str, dict[str, str]] = {
         "label_column": ".tsv/.csv 标签文件中的标签列（默认：zh、label 或 name，否则最后一列）。",
         "device": "auto、cpu、cuda 或 cuda:N。",
         "threads": "每个推理流的线程数（0 = 各推理流平分 CPU 核心）。",
-        "streams": "同时推理的批次数（0 = 自动：CPU 上的 onnxruntime 为 2，否则为 1）。",
-        "precision": "GPU 自动混合精度（torch 后端）。",
+        "streams": "同时推理的批次数（0 = 自动：CPU 上的 onnxruntime 与 CUDA 上的 torch 为 2，否则为 1）。",
+        "precision": "torch 后端的计算精度：auto = 原生支持 bf16 的 GPU 用 bf16，其他 GPU 用 fp16"
+                     "（CPU 上为 fp32）；分类头保持 fp32。",
         "int8": "int8 ONNX 模型：精确的整数内核（auto：在没有 VNNI 的 CPU 上），或最快的原生内核。",
         "top_k": "每张图片的标签数（1-50）。",
         "score": "softmax 概率，或原始 logits（ModelScope 的分数；CLIP 模型为余弦相似度）。",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,9 @@ from wanwu.ray.stages import Infer, decode_batch
 from wanwu.records import RecordOptions
 from wanwu.spec import ModelSpec
 from wanwu.stage import StageContext
+
+log = logging.getLogger("wanwu")
+GPU_CALLS_PER_ACTOR = 2  # batches in flight in a GPU actor: one copies and ranks while the other computes
 
 
 def import_ray() -> Any:
@@ -29,7 +33,8 @@ class RayOptions:
     """How the two stages are laid out on the cluster.
 
     ``actors``: inference actors (model copies), a fixed pool; ``actor_cpus``/``actor_gpus``: what each
-    reserves (``actor_gpus`` defaults to 1 when the backend's device is ``cuda``); ``decode_batch``: rows per
+    reserves (``actor_gpus`` defaults to 1 when the device is ``cuda``, or ``auto`` on a cluster that has
+    GPUs: see :func:`plan_inference`); ``decode_batch``: rows per
     decode task call; ``decode_cpus``/``decode_memory``: what each decode task reserves (bytes; a scheduling
     figure, not a limit).
 
@@ -50,10 +55,71 @@ class RayOptions:
         if self.actors < 1 or self.decode_batch < 1:
             raise UsageError("the Ray runner needs at least one actor and a decode batch of at least one")
 
-    def gpus(self, options: RecognizeOptions) -> float:
-        if self.actor_gpus is not None:
-            return self.actor_gpus
-        return 1.0 if options.backend.device.startswith("cuda") else 0.0
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """How the inference actors run: the GPUs each reserves, the options they load the model with, and how
+    many batches each has in flight."""
+
+    gpus: float
+    options: RecognizeOptions
+    calls_per_actor: int
+
+
+def plan_inference(options: RecognizeOptions, layout: RayOptions, cluster_gpus: float) -> InferencePlan:
+    """Ray shows an actor only the GPUs it reserved (as ``cuda:0``...), so ``--device auto`` must reserve one
+    when the cluster has GPUs, or every actor silently runs on the CPU; ``cuda:N`` names the actor's own GPU,
+    whichever Ray assigned. A GPU actor takes two batches at once (each on its own CUDA stream)."""
+    device = (options.backend.device or "auto").strip().lower()
+    gpus = layout.actor_gpus
+    if gpus is None:
+        gpus = 1.0 if device.startswith("cuda") or (device == "auto" and cluster_gpus >= 1) else 0.0
+    if gpus > cluster_gpus:
+        raise UsageError(f"each inference actor would reserve {gpus:g} GPU(s), and the Ray cluster has "
+                         f"{cluster_gpus:g}: use --device cpu, or add GPU nodes")
+    if gpus > 0 and device != "cpu":
+        if device.startswith("cuda:"):
+            log.info("--device %s on Ray: each actor runs on the GPU Ray assigns it", device)
+        device = "cuda"
+    elif device == "auto":
+        device = "cpu"  # the actor sees no GPU
+    actor_options = replace(options, backend=replace(options.backend, device=device))
+    return InferencePlan(gpus, actor_options, GPU_CALLS_PER_ACTOR if device == "cuda" else 1)
+
+
+def cluster_gpus(ray: Any) -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def planned_numerics(ray: Any, spec: ModelSpec, plan: InferencePlan, layout: RayOptions) -> dict[str, str]:
+    """The numerics (device class, precision) the actors will compute with, for the decode tasks' cache
+    lookups: none for fp32 on CPUs; else asked of a task placed as an actor is (``auto`` precision depends
+    on the GPU model). An actor that finds other numerics refuses to run (:class:`~wanwu.ray.stages.Infer`)."""
+    backend = plan.options.backend
+    if plan.gpus == 0 and backend.device == "cpu" and backend.precision in ("auto", "fp32"):
+        return {}
+    probe = ray.remote(_numerics).options(num_gpus=plan.gpus, num_cpus=layout.actor_cpus)
+    numerics: dict[str, str] = ray.get(probe.remote(spec, plan.options))
+    return numerics
+
+
+def _numerics(spec: ModelSpec, options: RecognizeOptions) -> dict[str, str]:
+    from wanwu.engine import Engine
+
+    engine = Engine.load(spec, None, options.backend, 1)
+    try:
+        return engine.numerics
+    finally:
+        engine.close()
+
+
+def _actor_pool(ray: Any, actors: int, calls: int) -> Any:
+    if calls == 1:
+        return ray.data.ActorPoolStrategy(size=actors)
+    return ray.data.ActorPoolStrategy(
+        size=actors, max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True
+    )
 
 
 def recognize_dataset(
@@ -78,14 +144,18 @@ def recognize_dataset(
     # default of 3 retries; a bad file is a record, never a failed task). Their memory reservation, which the
     # actors do not share, also keeps Ray from fusing decoding into the inference actors: decoding batch N+1
     # overlaps inferring batch N, on other cores.
+    plan = plan_inference(options, layout, cluster_gpus(ray))
+    context = StageContext.of(spec, options, planned_numerics(ray, spec, plan, layout))
     decoded = ds.map_batches(
         decode_batch, batch_size=layout.decode_batch, batch_format="numpy", num_cpus=layout.decode_cpus,
-        memory=layout.decode_memory,
-        fn_kwargs={"context": StageContext.of(spec, options), "options": options},
+        memory=layout.decode_memory, fn_kwargs={"context": context, "options": options},
     )
     return decoded.map_batches(
         Infer, batch_size=options.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=layout.actors),
-        num_cpus=layout.actor_cpus, num_gpus=layout.gpus(options),
-        fn_constructor_kwargs={"spec": spec, "options": options, "record": record or options.record},
+        compute=_actor_pool(ray, layout.actors, plan.calls_per_actor),
+        num_cpus=layout.actor_cpus, num_gpus=plan.gpus,
+        fn_constructor_kwargs={
+            "spec": spec, "options": plan.options, "record": record or options.record,
+            "namespace": context.namespace, "split": plan.calls_per_actor == 1,
+        },
     )

@@ -37,6 +37,7 @@ from wanwu.cache import CachedResult, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.decoders import CRASHED, DecodeProcess, DecodeTimeoutError, timed_out
 from wanwu.engine import Engine
+from wanwu.errors import ModelError, OutOfMemoryError
 from wanwu.fetch import Fetcher
 from wanwu.imaging import DecodeOptions, DecodeResult, decode_each, decode_job
 from wanwu.records import Record, RecordOptions, TopScores
@@ -120,14 +121,24 @@ class Infer:
     and reachable from the actor's node.
     """
 
-    def __init__(self, spec: ModelSpec, options: RecognizeOptions, record: RecordOptions | None = None) -> None:
+    def __init__(
+        self, spec: ModelSpec, options: RecognizeOptions, record: RecordOptions | None = None,
+        namespace: str | None = None, split: bool = True,
+    ) -> None:
         self.engine = Engine.load(spec, None, options.backend, options.batch_size)
         self.options = options
         self.record = record or options.record
         # A batch is split over the engine's streams (two half-width onnxruntime batches on a CPU, as the
-        # local runner does): one stream alone leaves the cores it was not given idle.
-        self.streams = ThreadPoolExecutor(self.engine.streams, thread_name_prefix="wanwu-infer")
-        self.namespace = options.cache_namespace(spec)
+        # local runner does): one stream alone leaves the cores it was not given idle. A GPU actor is not split:
+        # Ray hands it two whole batches at once instead (``split=False``).
+        self.parts = self.engine.streams if split else 1
+        self.streams = ThreadPoolExecutor(self.parts, thread_name_prefix="wanwu-infer")
+        self.namespace = options.cache_namespace(spec, self.engine.numerics)
+        if namespace is not None and namespace != self.namespace:  # the decode tasks looked up other numerics
+            raise ModelError(
+                f"this inference actor computes with {self.engine.numerics or 'fp32 on a CPU'}, not what the run "
+                "planned (a cluster with GPUs of different kinds?): pass --precision fp16 or bf16 explicitly"
+            )
         crop = spec.preprocess.crop_size
         self.shape = (crop, crop, 3)
 
@@ -149,7 +160,12 @@ class Infer:
                 todo.append(i)
         if todo:
             pixels = [np.frombuffer(bytes(batch["pixels"][i]), np.uint8).reshape(self.shape) for i in todo]
-            tops = self._infer(pixels)
+            try:
+                tops = self._infer(pixels)
+            except OutOfMemoryError as e:  # even one image did not fit: the device's state, as the local runner says
+                for i in todo:
+                    records[i] = Record.failure(str(batch["input"][i]), "model_error", str(e), str(batch["sha256"][i]))
+                todo, tops = [], []
             fresh = []
             for i, top in zip(todo, tops, strict=True):
                 if not math.isfinite(top.logsumexp):  # never NaN in a record, never cached
@@ -173,7 +189,7 @@ class Infer:
         }
 
     def _infer(self, pixels: list[npt.NDArray[np.uint8]]) -> list[TopScores]:
-        size = -(-len(pixels) // self.engine.streams)
+        size = -(-len(pixels) // self.parts)
         chunks = [pixels[i : i + size] for i in range(0, len(pixels), size)]
         return [top for tops in self.streams.map(self.engine.infer, chunks) for top in tops]
 

@@ -94,7 +94,9 @@ class SplAtConv2d(nn.Module):
             gap = x
         gap = F.adaptive_avg_pool2d(gap, 1)
         gap = self.relu(self.bn1(self.fc1(gap)))
-        atten = self.rsoftmax(self.fc2(gap)).view(batch, -1, 1, 1)
+        # Under CUDA autocast the softmax runs in fp32: bring the weights back to the features' dtype, or
+        # ``att * part`` would turn every block's output (and all later layers' inputs) into fp32.
+        atten = self.rsoftmax(self.fc2(gap)).view(batch, -1, 1, 1).to(x.dtype)
         if self.radix > 1:
             attens = torch.split(atten, self.channels, dim=1)
             out = attens[0] * splits[0]
@@ -102,7 +104,7 @@ class SplAtConv2d(nn.Module):
                 out = out + att * part
         else:
             out = atten * x
-        return out.contiguous()
+        return out  # the input's memory format (channels-last stays channels-last)
 
 
 class Bottleneck(nn.Module):
@@ -192,8 +194,23 @@ class ResNeSt(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        logits: Tensor = self.fc(torch.flatten(self.avgpool(x), 1))
+        # The head runs in its own dtype: fp32 even when the body is fp16/bf16 (see :meth:`cast_body`).
+        x = self.avgpool(x.to(self.fc.weight.dtype))
+        logits: Tensor = self.fc(torch.flatten(x, 1))
         return logits
+
+    def cast_body(self, dtype: torch.dtype) -> None:
+        """Cast every layer but the classifier head to ``dtype``, once (instead of autocast re-casting the
+        weights every batch). The head and the pooling before it stay fp32: bf16 logits would come in steps
+        of 1/16-1/8, enough to flip close scores and ``--threshold`` decisions."""
+        self.to(dtype)
+        self.fc.float()
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the first layer's weights have: what a batch must be cast to."""
+        first: nn.Conv2d = self.conv1[0]  # type: ignore[assignment]
+        return first.weight.dtype
 
 
 def resnest101(num_classes: int = GENERAL_CLASSES) -> ResNeSt:
