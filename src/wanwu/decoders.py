@@ -217,8 +217,9 @@ class DecodeProcess:
 
     def call_each(self, fn: Callable[..., Any], datas: list[Any], *args: Any, timeout: float | None) -> list[Any]:
         """``fn(datas, *args)`` one item at a time: the process runs ``fn([item], *args)`` for each item and
-        sends each answer as soon as it has it, so a deadline (``timeout`` seconds from the previous answer)
-        or a crash names its item; the answers before it come with the error (``done``)."""
+        sends each answer as soon as it has it, so a deadline or a crash names its item; the answers before it
+        come with the error (``done``). The n-th answer is due ``n x timeout`` seconds after the call started
+        (time a quick item leaves over goes to the next)."""
         conn = self._connection()
         done: list[Any] = []
         failure = None
@@ -227,9 +228,10 @@ class DecodeProcess:
         except (OSError, EOFError):
             self.close()
             raise DecodeCrashError("the decode process died", done) from None
-        for _ in datas:
+        start = time.monotonic()
+        for n in range(1, len(datas) + 1):
             try:
-                ready = conn.poll(timeout)
+                ready = conn.poll(None if timeout is None else max(0.0, start + n * timeout - time.monotonic()))
                 if not ready:
                     self.close()
                     raise DecodeTimeoutError(f"decoding took longer than {timeout or 0:g} s", done)
