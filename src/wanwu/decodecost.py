@@ -20,6 +20,7 @@ Each refusal is a :class:`~wanwu.errors.TooLargeError` whose message names the l
 from __future__ import annotations
 
 import re
+import struct
 
 from PIL import Image
 
@@ -72,20 +73,24 @@ def jpeg_scans(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
     return scans
 
 
-def check_cost(image: Image.Image, data: bytes, max_memory: int, stored: tuple[int, int]) -> None:
-    """Refuse ``image`` (opened, not loaded, from ``data``; ``stored``: its size before any DCT scaling) when
-    decoding it would cost more than it may."""
-    if image.format in ("JPEG", "MPO"):
-        scans = jpeg_scans(data)
-        if scans > MAX_JPEG_SCANS:
+def check_header(data: bytes) -> None:
+    """Refuse, from its bytes alone (before Pillow parses it: opening a TIFF of 562,500 tiles costs seconds
+    and hundreds of MB by itself), a JPEG of too many scans or a TIFF of too many tiles."""
+    if data.startswith(b"\xff\xd8"):
+        if jpeg_scans(data) > MAX_JPEG_SCANS:
             raise TooLargeError(
                 f"JPEG with more than {MAX_JPEG_SCANS} scans (refused: each scan is a pass over the whole "
                 f"image; photos have at most about 12)"
             )
-    elif image.format == "TIFF":
-        tiles = _tiff_tiles(image)
+    elif data[:4] in _TIFF_MAGIC:
+        tiles = tiff_tiles(data)
         if tiles > MAX_TIFF_TILES:
             raise TooLargeError(f"TIFF of {tiles:,} tiles or strips, above the limit of {MAX_TIFF_TILES:,}")
+
+
+def check_memory(image: Image.Image, max_memory: int, stored: tuple[int, int]) -> None:
+    """Refuse ``image`` (opened, not loaded; ``stored``: its size before any DCT scaling) when its decoded
+    pixels would take more than ``max_memory`` bytes."""
     need = decoded_bytes(image, stored)
     if need > max_memory:
         width, height = stored
@@ -111,11 +116,28 @@ def decoded_bytes(image: Image.Image, stored: tuple[int, int] | None = None) -> 
     return total
 
 
-def _tiff_tiles(image: Image.Image) -> int:
-    tags = getattr(image, "tag_v2", None)
-    if tags is None:
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_TILE_TAGS = (324, 273)  # TileOffsets, StripOffsets
+
+
+def tiff_tiles(data: bytes) -> int:
+    """How many tiles (or strips) the first image of a TIFF (or BigTIFF) has, read from its first directory's
+    entry counts (the offset arrays themselves are not read); 0 when the directory cannot be read."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    try:
+        if big:
+            (ifd,) = struct.unpack_from(order + "Q", data, 8)
+            (entries,) = struct.unpack_from(order + "Q", data, ifd)
+            first, size, layout = ifd + 8, 20, order + "HHQ"
+        else:
+            (ifd,) = struct.unpack_from(order + "I", data, 4)
+            (entries,) = struct.unpack_from(order + "H", data, ifd)
+            first, size, layout = ifd + 2, 12, order + "HHI"
+        counts = {}
+        for i in range(min(entries, 4096)):
+            tag, _, count = struct.unpack_from(layout, data, first + i * size)
+            counts[tag] = count
+    except struct.error:
         return 0
-    offsets = tags.get(324) or tags.get(273)  # TileOffsets, else StripOffsets
-    if isinstance(offsets, (tuple, list)):
-        return len(offsets)
-    return 1 if offsets is not None else 0
+    return next((counts[tag] for tag in _TILE_TAGS if tag in counts), 0)

@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from wanwu.decodecost import BYTES_PER_PIXEL_BUDGET, check_cost
+from wanwu.decodecost import BYTES_PER_PIXEL_BUDGET, check_header, check_memory
 from wanwu.errors import DecodeError, ErrorType, InputError, TooLargeError, UnsupportedError
 from wanwu.spec import PreprocessSpec
 
@@ -124,7 +124,7 @@ def _prepare(data: bytes, spec: PreprocessSpec, options: DecodeOptions) -> Prepa
     try:
         width, height = image.size  # as stored, before any DCT scaling
         _maybe_draft(image, spec)
-        check_cost(image, data, options.memory_budget, (width, height))
+        check_memory(image, options.memory_budget, (width, height))
         image.load()
         stored = image.size
         image = _upright(image)
@@ -216,6 +216,7 @@ def _open(data: bytes, options: DecodeOptions) -> Image.Image:
         raise DecodeError("empty file")
     max_pixels = options.max_pixels
     formats = options.formats
+    check_header(data)
     if "HEIF" in formats and not _heif_ready():
         formats = tuple(f for f in formats if f != "HEIF")
     try:
