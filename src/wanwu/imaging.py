@@ -227,8 +227,13 @@ def _open(data: bytes, options: DecodeOptions) -> Image.Image:
         _refuse(data, formats)
     except Image.DecompressionBombError as e:  # Pillow's own limit, when a caller left it on: say ours
         found = re.search(r"\((\d+) pixels\)", str(e))
-        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-        raise TooLargeError(f"image is {size}, above the limit of {max_pixels:,}") from None
+        pixels = int(found.group(1)) if found else max_pixels + 1
+        if pixels > max_pixels:
+            raise TooLargeError(f"image is {pixels:,} pixels, above the limit of {max_pixels:,}") from None
+        raise TooLargeError(
+            f"image is {pixels:,} pixels: within --max-pixels, but above what Pillow decodes in this process "
+            "(Image.MAX_IMAGE_PIXELS); decode in worker processes (-j 1 or more)"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(f"cannot read image header: {e}") from None
     width, height = image.size
