@@ -212,3 +212,21 @@ def test_the_table_shows_terminal_escapes_in_names_escaped(
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
     assert "\\x1b]0;x\\x07\\u202e.jpg" in out
+
+
+def test_paths_on_stdin_that_are_not_utf8_get_their_records(tiny_model: Model, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    folder = _folder(tmp_path)
+    out = tmp_path / "out.jsonl"
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "LC_ALL": "C.UTF-8"}
+    listing = os.fsencode(folder) + b"/" + RAW + b"\n" + os.fsencode(folder / "plain.jpg") + b"\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "wanwu", "recognize", "--model", str(tiny_model[0]), "--labels", str(tiny_model[1]),
+         "--no-cache", "-j", "0", "-q", "-o", str(out), "-"], input=listing, capture_output=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [(r["input"], r["status"]) for r in records] == [(str(folder / SHOWN), "ok"),
+                                                            (str(folder / "plain.jpg"), "ok")]

@@ -194,12 +194,21 @@ def expand(args: Iterable[str], stdin: TextIO | None = None) -> Iterator[InputIt
     """Expand CLI arguments lazily; ``-`` reads newline-separated inputs from ``stdin``."""
     for arg in args:
         if arg == "-":
-            for line in stdin if stdin is not None else sys.stdin:
+            for line in stdin if stdin is not None else _stdin_lines():
                 line = line.strip()
                 if line:
                     yield from _expand_one(line)
         else:
             yield from _expand_one(arg)
+
+
+def _stdin_lines() -> Iterable[str]:
+    """Standard input's lines as the OS would decode file names (bytes that are not UTF-8 as surrogates, which
+    :func:`escape_name` then shows as ``\\xHH``), so a list of paths from ``find`` never stops a run."""
+    binary = getattr(sys.stdin, "buffer", None)
+    if binary is None:
+        return sys.stdin
+    return (os.fsdecode(line) for line in binary)
 
 
 def _expand_one(arg: str) -> Iterator[InputItem]:
