@@ -221,7 +221,8 @@ def test_paths_on_stdin_that_are_not_utf8_get_their_records(tiny_model: Model, t
     folder = _folder(tmp_path)
     out = tmp_path / "out.jsonl"
     src = Path(__file__).resolve().parents[1] / "src"
-    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "PYTHONIOENCODING": "utf-8:strict"}
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "PYTHONIOENCODING": "utf-8:strict"}  # as a UTF-8 locale reads it: the bytes are not UTF-8
     listing = os.fsencode(folder) + b"/" + RAW + b"\n" + os.fsencode(folder / "plain.jpg") + b"\n"
     proc = subprocess.run(
         [sys.executable, "-m", "wanwu", "recognize", "--model", str(tiny_model[0]), "--labels", str(tiny_model[1]),
