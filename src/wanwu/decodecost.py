@@ -36,6 +36,8 @@ _ONE_BYTE = frozenset({"1", "L", "P"})
 _MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # markers without a length
 _SOS, _EOI = 0xDA, 0xD9
+_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)})
+_SEQUENTIAL = frozenset({0xC0, 0xC1})  # baseline and extended sequential, Huffman-coded
 
 
 def bytes_per_pixel(mode: str) -> int:
@@ -47,8 +49,11 @@ def jpeg_scans(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
     """The scans (SOS segments) of the first image in a JPEG, counted up to ``stop_after + 1``.
 
     Marker segments are skipped by their length and entropy-coded data up to the next real marker, so bytes
-    inside a segment (an EXIF thumbnail, an ICC profile, a comment) are never taken for markers."""
-    pos, end, scans = 2, len(data), 0
+    inside a segment (an EXIF thumbnail, an ICC profile, a comment) are never taken for markers. A sequential
+    (baseline) JPEG whose first scan holds every component is decoded from that scan alone (libjpeg reads no
+    further: scans repeated after it cost nothing but an error): it counts as 1, and nothing past its header is
+    read (most photos)."""
+    pos, end, scans, frame = 2, len(data), 0, (0, 0)  # frame: the SOF marker and its number of components
     while pos + 1 < end and scans <= stop_after:
         if data[pos] != 0xFF:
             return scans  # not a marker where one must be: the decoder will say what is wrong
@@ -63,6 +68,10 @@ def jpeg_scans(data: bytes, stop_after: int = MAX_JPEG_SCANS) -> int:
             continue
         if pos + 4 > end:
             break
+        if marker in _SOF and pos + 9 < end:
+            frame = (marker, data[pos + 9])
+        elif marker == _SOS and scans == 0 and frame[0] in _SEQUENTIAL and pos + 4 < end and data[pos + 4] == frame[1]:
+            return 1
         pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
         if marker == _SOS:
             scans += 1
