@@ -25,7 +25,7 @@ from tests.helpers import image_bytes
 from tests.hostile_seams import marking_decode
 from wanwu import RecognizeOptions, Recognizer
 from wanwu.decodecost import MAX_JPEG_SCANS, MAX_TIFF_TILES, jpeg_scans, tiff_tiles
-from wanwu.errors import TooLargeError, UsageError
+from wanwu.errors import DecodeError, TooLargeError, UsageError
 from wanwu.imaging import DecodeOptions, decode_jobs, prepare
 from wanwu.sources import InputItem
 from wanwu.spec import PreprocessSpec
@@ -123,6 +123,17 @@ def test_scan_markers_inside_segments_are_not_counted() -> None:
     jpeg = image_bytes(size=(64, 48))
     app = b"\xff\xe2" + (2 + 400).to_bytes(2, "big") + b"\xff\xda" * 200
     assert jpeg_scans(jpeg[:2] + app + jpeg[2:]) == jpeg_scans(jpeg) == 1
+
+
+def test_scans_after_a_complete_sequential_scan_are_never_decoded_so_not_counted() -> None:
+    """libjpeg decodes a baseline JPEG whose first scan holds every component from that scan alone: the repeats
+    after it cost nothing (the decode ends with an error), so such a file is not refused."""
+    jpeg = image_bytes(size=(64, 48))
+    scan = [body for kind, body in _segments(jpeg) if kind == 0xDA][0]
+    repeated = jpeg[:-2] + scan * 300 + b"\xff\xd9"
+    assert jpeg_scans(repeated) == 1
+    with pytest.raises(DecodeError, match="broken data stream"):
+        prepare(repeated, SPEC)
 
 
 def test_a_tiff_of_half_a_million_tiles_is_refused_from_its_header() -> None:
