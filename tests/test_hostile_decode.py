@@ -129,7 +129,7 @@ def test_scans_after_a_complete_sequential_scan_are_never_decoded_so_not_counted
     """libjpeg decodes a baseline JPEG whose first scan holds every component from that scan alone: the repeats
     after it cost nothing (the decode ends with an error), so such a file is not refused."""
     jpeg = image_bytes(size=(64, 48))
-    scan = [body for kind, body in _segments(jpeg) if kind == 0xDA][0]
+    scan = next(body for kind, body in _segments(jpeg) if kind == 0xDA)
     repeated = jpeg[:-2] + scan * 300 + b"\xff\xd9"
     assert jpeg_scans(repeated) == 1
     with pytest.raises(DecodeError, match="broken data stream"):
