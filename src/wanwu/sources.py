@@ -134,12 +134,12 @@ def _expand_url(arg: str) -> Iterator[InputItem]:
 
 def _expand_dir(arg: str) -> Iterator[InputItem]:
     found = False
-    for path, problem in walk_entries(Path(arg)):
+    for path, problem in walk_entries(arg):
         found = True
         if problem is None:
-            yield file_item(str(path))
+            yield file_item(path)
         else:
-            yield InputItem.failed(escape_name(str(path)), problem, "fetch_error")
+            yield InputItem.failed(escape_name(path), problem, "fetch_error")
     if not found:
         yield InputItem.failed(escape_name(arg), "folder contains no image files")
 
@@ -221,10 +221,10 @@ def _expand_one(arg: str) -> Iterator[InputItem]:
 def walk_images(root: Path) -> Iterator[Path]:
     """Image files under ``root``, depth-first, sorted by name in each folder; symlinked dirs not followed.
     Entries that cannot be read (see :func:`walk_entries`) are left out."""
-    return (path for path, problem in walk_entries(root) if problem is None)
+    return (Path(path) for path, problem in walk_entries(str(root)) if problem is None)
 
 
-def walk_entries(root: Path) -> Iterator[tuple[Path, str | None]]:
+def walk_entries(root: str) -> Iterator[tuple[str, str | None]]:
     """Every image-named entry under ``root`` and every folder that cannot be listed, depth-first, sorted by
     name in each folder (symlinked folders are not followed): ``(path, None)`` for a file to read, or
     ``(path, why)`` for what cannot be one (a folder that cannot be read, a dangling link, a link loop, a pipe
@@ -242,18 +242,23 @@ def walk_entries(root: Path) -> Iterator[tuple[Path, str | None]]:
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    subdirs.append(Path(entry.path))
+                    subdirs.append(entry.path)
                     continue
             except OSError as e:
-                yield Path(entry.path), f"cannot read: {e.strerror or e}"
+                yield entry.path, f"cannot read: {e.strerror or e}"
                 continue
             if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                yield Path(entry.path), _not_a_file(entry)
+                yield entry.path, _not_a_file(entry)
         stack.extend(reversed(subdirs))
 
 
 def _not_a_file(entry: os.DirEntry[str]) -> str | None:
     """Why an image-named entry cannot be read as a file, or None when it can be tried."""
+    try:
+        if entry.is_file():  # a regular file: known from the listing, no system call
+            return None
+    except OSError:
+        pass
     try:
         mode = os.stat(entry.path).st_mode  # follows links, never opens: a FIFO cannot block here
     except OSError as e:
