@@ -1,15 +1,18 @@
 """The decode workers: processes (or threads) running :func:`wanwu.imaging.decode_jobs`, and a one-process
-quarantine where the suspects of a crash are decoded one at a time.
+quarantine where the file a crash happened on is decoded again alone.
 
 Each worker process is a :class:`DecodeProcess`, forked from a server that has imported only what decoding
-needs and driven over a pipe by a thread of its own (:class:`DecodeProcesses`). A crash fails the task that
-caused it, which may hold several files; the orchestrator sends each of them to :meth:`DecodePool.isolate`:
-alone in the quarantine process, a second crash names its file exactly, while the workers go on with everything
-else. A task still running at its deadline (counted from when it started) has its process killed, and its files
-become suspects in the same way. The quarantine is shared by every run on the pool (concurrent service requests,
-say), so an innocent file is never retried beside another run's culprit.
-"""
+needs and driven over a pipe by a thread of its own (:class:`DecodeProcesses`). A task of several files is
+decoded one file at a time, each answer sent back at once (:meth:`DecodeProcess.call_each`), so a crash or a
+deadline names its file: the files before it keep their answers, those after it never started. After a crash,
+the orchestrator sends that file to :meth:`DecodePool.isolate`: alone in the quarantine process, a second crash
+names it for certain, while the workers go on with everything else. A file still decoding at its deadline has
+its process killed and is never retried (the time is the file's own). The quarantine is shared by every run on
+the pool (concurrent service requests, say), so an innocent file is never retried beside another run's culprit.
 
+Each decode process may map only a set amount of memory beyond what it maps at start (``RLIMIT_AS``), so a
+decompression bomb fails its own allocation (a too_large record) instead of taking the machine's memory.
+"""
 from __future__ import annotations
 
 import contextlib

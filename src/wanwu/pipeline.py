@@ -8,9 +8,11 @@ with the number of inputs:
 * fetch: a thread pool reads files / downloads URLs and hashes the bytes (hashlib and I/O drop the GIL);
 * cache + dedupe: on the orchestrator thread; a cache hit or a repeat of content already in flight never
   reaches a decoder, and every input still gets its own record;
-* decode: worker processes run :func:`wanwu.imaging.prepare`; after a decoder crash each file of the task
-  that crashed is retried alone in a quarantine process (:mod:`wanwu.decoders`), so a crash costs exactly its
-  file;
+* decode: worker processes run :func:`wanwu.imaging.prepare`, one file of a task at a time; the file a decoder
+  crashed on is retried alone in a quarantine process (:mod:`wanwu.decoders`), so a crash costs exactly its
+  file; a file past its deadline is stopped and never retried. A run may hold a share of the decode processes
+  at once and spend a budget of decode seconds (``decode_share``, ``decode_budget``: the service gives each
+  request half of them and 60 s), so one caller's slow files cannot hold every decoder;
 * infer: prepared crops go to an :class:`~wanwu.inference.Inference`. Locally, full batches (or a partial one
   when nothing more can arrive soon) run on the engine on up to ``engine.streams`` threads at once, which
   backs off on out-of-memory; in the service, every crop joins the dynamic batcher shared by all requests.
