@@ -3,8 +3,8 @@ quarantine where the file a crash happened on is decoded again alone.
 
 Each worker process is a :class:`DecodeProcess`, forked from a server that has imported only what decoding
 needs and driven over a pipe by a thread of its own (:class:`DecodeProcesses`). A task of several files is
-decoded one file at a time, each answer sent back at once (:meth:`DecodeProcess.call_each`), so a crash or a
-deadline names its file: the files before it keep their answers, those after it never started. After a crash,
+decoded one file at a time, the process noting in shared memory which file it is on (:meth:`DecodeProcess.call_each`),
+so a crash or a deadline names its file; the other files of the task are decoded again. After a crash,
 the orchestrator sends that file to :meth:`DecodePool.isolate`: alone in the quarantine process, a second crash
 names it for certain, while the workers go on with everything else. A file still decoding at its deadline has
 its process killed and is never retried (the time is the file's own). The quarantine is shared by every run on
@@ -139,9 +139,9 @@ class DecodePool:
     def submit_each(self, fn: Callable[..., Any], datas: list[Any], *args: Any, timeout: float,
                     meter: Callable[[float], None] | None = None) -> Future[Any]:
         """Run ``fn(datas, *args)`` (a function from a list to a list) on a worker. In a process, each item
-        runs alone (``fn([item], *args)``), its answer sent back at once, under a deadline of its own: a failure
-        raises DecodeTimeoutError or DecodeCrashError whose ``done`` holds the answers of the items before
-        the one that failed, which is named exactly. ``meter`` is told the seconds the task held a worker."""
+        runs alone (``fn([item], *args)``) under a deadline of its own: a failure raises DecodeTimeoutError or
+        DecodeCrashError whose ``index`` names the item it happened on. ``meter`` is told the seconds the task
+        held a worker."""
         pool = self.get()
         if isinstance(pool, DecodeProcesses):
             return pool.submit_each(timeout, fn, datas, *args, meter=meter)
@@ -174,21 +174,20 @@ class DecodePool:
 
 
 class DecodeTimeoutError(Exception):
-    """A decode ran past its deadline and its process was killed. ``done``: the answers of the items of the
-    task before the one that ran past it (:meth:`DecodeProcess.call_each`)."""
+    """A decode ran past its deadline and its process was killed. ``index``: the item of the task that did
+    (:meth:`DecodeProcess.call_each`; 0 for a single call)."""
 
-    def __init__(self, message: str, done: list[Any] | None = None) -> None:
+    def __init__(self, message: str, index: int = 0) -> None:
         super().__init__(message)
-        self.done = done or []
+        self.index = index
 
 
 class DecodeCrashError(BrokenProcessPool):
-    """The decode process died during an item of :meth:`DecodeProcess.call_each`; ``done``: the answers of
-    the items before it."""
+    """The decode process died during item ``index`` of :meth:`DecodeProcess.call_each`."""
 
-    def __init__(self, message: str, done: list[Any] | None = None) -> None:
+    def __init__(self, message: str, index: int = 0) -> None:
         super().__init__(message)
-        self.done = done or []
+        self.index = index
 
 
 def _metered(meter: Callable[[float], None] | None, fn: Callable[..., Any], *args: Any) -> Any:
@@ -216,40 +215,47 @@ class DecodeProcess:
         self.address_space = address_space  # see DecodePool
         self._process: Any = None
         self._conn: Any = None
+        self._progress: Any = None  # shared with the process: [item in progress, when it started (monotonic)]
         self._killed: Any = None  # the process kill() was last called on: dead, even if not reaped yet
 
     def call_each(self, fn: Callable[..., Any], datas: list[Any], *args: Any, timeout: float | None) -> list[Any]:
-        """``fn(datas, *args)`` one item at a time: the process runs ``fn([item], *args)`` for each item and
-        sends each answer as soon as it has it, so a deadline or a crash names its item; the answers before it
-        come with the error (``done``). The n-th answer is due ``n x timeout`` seconds after the call started
-        (time a quick item leaves over goes to the next)."""
+        """``fn(datas, *args)`` one item at a time: the process runs ``fn([item], *args)`` for each item, noting
+        in shared memory which item it is on and since when, and answers once with every result. An item still
+        running ``timeout`` seconds after it started has the process killed (DecodeTimeoutError), and a crash
+        raises DecodeCrashError: either names its item (``index``); the other items are to be decoded again."""
         conn = self._connection()
-        done: list[Any] = []
-        failure = None
+        progress = self._progress
+        progress[0] = -1.0
         try:
             conn.send((fn, (datas, *args), True))
         except (OSError, EOFError):
             self.close()
-            raise DecodeCrashError("the decode process died", done) from None
+            raise DecodeCrashError("the decode process died", 0) from None
         start = time.monotonic()
-        for n in range(1, len(datas) + 1):
-            try:
-                ready = conn.poll(None if timeout is None else max(0.0, start + n * timeout - time.monotonic()))
-                if not ready:
-                    self.close()
-                    raise DecodeTimeoutError(f"decoding took longer than {timeout or 0:g} s", done)
-                ok, value = conn.recv()
-            except (OSError, EOFError):
-                self.close()
-                raise DecodeCrashError("the decode process died", done) from None
-            if ok:
-                done.append(value)
-            else:
-                failure = failure or value
-                done.append(None)
-        if failure is not None:
-            raise RuntimeError(failure)
-        return done
+        try:
+            while not self._answered(conn, progress, start, timeout):
+                pass
+            ok, value = conn.recv()
+        except (OSError, EOFError):
+            index = max(0, int(progress[0]))
+            self.close()
+            raise DecodeCrashError("the decode process died", index) from None
+        if not ok:
+            raise RuntimeError(value)
+        return list(value)
+
+    def _answered(self, conn: Any, progress: Any, start: float, timeout: float | None) -> bool:
+        """Wait for the answer until the item in progress is due; raise DecodeTimeoutError once it is past due."""
+        if timeout is None:
+            return bool(conn.poll(None))
+        index = int(progress[0])
+        began = progress[1] if index >= 0 else start
+        if conn.poll(max(0.0, began + timeout - time.monotonic())):
+            return True
+        if int(progress[0]) == index and time.monotonic() >= began + timeout:  # still that item: past due
+            self.close()
+            raise DecodeTimeoutError(f"decoding took longer than {timeout:g} s", max(0, index))
+        return False
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float | None) -> Any:
         conn = self._connection()
@@ -277,7 +283,9 @@ class DecodeProcess:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["wanwu._decode_server", "wanwu.imaging", "wanwu.decoders"])
             ours, theirs = ctx.Pipe()
-            self._process = ctx.Process(target=_serve, args=(theirs, os.getpid(), self.address_space),
+            self._progress = ctx.RawArray("d", 2)  # CLOCK_MONOTONIC is one clock for every process (Linux)
+            self._process = ctx.Process(target=_serve,
+                                        args=(theirs, os.getpid(), self.address_space, self._progress),
                                         daemon=True, name="wanwu-decode")
             self._process.start()
             theirs.close()
@@ -302,23 +310,29 @@ class DecodeProcess:
             _kill_workers_of([process])
 
 
-def _serve(conn: Any, owner: int, address_space: int | None = None) -> None:
-    """The loop of a :class:`DecodeProcess`: call, answer ``(True, result)`` or ``(False, "Type: message")``;
-    a call ``each`` item at a time answers once per item."""
+def _serve(conn: Any, owner: int, address_space: int | None = None, progress: Any = None) -> None:
+    """The loop of a :class:`DecodeProcess`: call, answer ``(True, result)`` or ``(False, "Type: message")``.
+    A call ``each`` item at a time notes in ``progress`` which item it is on, and since when."""
     _worker_init(owner, address_space)
     while True:
         try:
             fn, args, each = conn.recv()
         except (EOFError, OSError):
             return
-        calls = [(fn, ([item], *args[1:])) for item in args[0]] if each else [(fn, args)]
-        for call, call_args in calls:
-            try:
-                value = call(*call_args)
-                answer = (True, value[0] if each else value)
-            except Exception as e:
-                answer = (False, f"{type(e).__name__}: {e}")
-            conn.send(answer)
+        answer: tuple[bool, Any]
+        try:
+            if each:
+                results = []
+                for index, item in enumerate(args[0]):
+                    progress[1] = time.monotonic()
+                    progress[0] = index
+                    results.append(fn([item], *args[1:])[0])
+                answer = (True, results)
+            else:
+                answer = (True, fn(*args))
+        except Exception as e:
+            answer = (False, f"{type(e).__name__}: {e}")
+        conn.send(answer)
 
 
 CRASHED = "the decoder process crashed on this file"  # the record's message, whichever runner decoded it

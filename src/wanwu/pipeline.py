@@ -460,19 +460,17 @@ class _Run:
     def _decoded(self, slots: list[_Slot], future: Future[list[DecodeResult]]) -> None:
         exc = future.exception()
         if isinstance(exc, (DecodeTimeoutError, DecodeCrashError)):
-            # The items were run one at a time: those before the failure are answered, the one it happened on
-            # is named, and those after it never started (they go back to the queue, not to the quarantine).
-            done = len(exc.done)
-            self._prepared(slots[:done], exc.done)
-            if done < len(slots):
-                culprit = slots[done]
-                if isinstance(exc, DecodeTimeoutError):
-                    self._fail(culprit, "decode_error", self._timed_out())
-                elif culprit.isolated:
-                    self._fail(culprit, "decode_error", CRASHED)
-                else:
-                    self.suspects.append(culprit)
-            self.to_decode.extendleft(reversed(slots[done + 1:]))
+            # The items were run one at a time: the one the failure happened on is named; the others go back to
+            # the queue (not to the quarantine: they did nothing wrong).
+            index = min(exc.index, len(slots) - 1)
+            culprit = slots[index]
+            if isinstance(exc, DecodeTimeoutError):
+                self._fail(culprit, "decode_error", self._timed_out())
+            elif culprit.isolated:
+                self._fail(culprit, "decode_error", CRASHED)
+            else:
+                self.suspects.append(culprit)
+            self.to_decode.extendleft(reversed(slots[:index] + slots[index + 1:]))
             return
         if isinstance(exc, BrokenProcessPool):
             for slot in slots:  # the pool was stopped under them, or a lone file crashed the quarantine
