@@ -17,7 +17,7 @@ HOSTILE = ["=SUM(1,2)*cmd.jpg", "+1+2.jpg", "-3.jpg", "@SUM(1).jpg"]
 
 def test_csv_cell_rule() -> None:
     assert [csv_cell(v) for v in ["=1", "+1", "-1", "@a", "\t=1", "\r=1"]] == [
-        "'=1", "'+1", "'-1", "'@a", "'\t=1", "'\r=1"]
+        "'=1", "'+1", "'-1", "'@a", "'\t=1", "'\r'=1"]
     assert [csv_cell(v) for v in ["cat.jpg", "猫", "", -1.5, 3]] == ["cat.jpg", "猫", "", -1.5, 3]
 
 

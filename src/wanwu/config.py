@@ -15,6 +15,8 @@ from wanwu.records import RecordOptions
 from wanwu.sources import DEFAULT_MAX_BYTES
 from wanwu.spec import ModelSpec, PreprocessSpec
 
+MAX_BATCH_SIZE = 512
+
 
 @dataclass(frozen=True)
 class RecognizeOptions:
@@ -28,6 +30,13 @@ class RecognizeOptions:
     fetch_threads: int = 8
     full_decode: bool = False  # decode large JPEGs at full size instead of a reduced DCT scale
     decode_timeout: float = 30.0  # seconds one image may take to decode before its worker is replaced
+    # Seconds of decoding one run (one service request) may use in all; past it, what is left to decode gets a
+    # too_large record. None: no budget (the CLI); `wanwu serve` sets one per request.
+    decode_budget: float | None = None
+    decode_share: float = 1.0  # the fraction of the decode processes one run may hold at once (service: 0.5)
+    # Address space (MiB) a decode process may map beyond what it maps at start; None: 3 x the decoded-memory
+    # budget (4 bytes per pixel of max_pixels: 1,716 MiB at the default), 0: no limit.
+    decode_memory_mb: int | None = None
     formats: tuple[str, ...] = ()  # image formats decoded beyond the defaults (--formats psd,dds or all)
     cache: bool = True
     cache_path: Path | None = None  # None = $WANWU_HOME/cache.sqlite3
@@ -36,6 +45,17 @@ class RecognizeOptions:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.batch_size > MAX_BATCH_SIZE:
+            raise UsageError(
+                f"--batch-size {self.batch_size} is above the most of {MAX_BATCH_SIZE}: memory grows with the "
+                "batch (every image of a batch is held as float32 with the model's activations)"
+            )
+        if self.decode_budget is not None and not self.decode_budget > 0:
+            raise UsageError(f"--decode-budget must be positive, got {self.decode_budget}")
+        if not 0 < self.decode_share <= 1:
+            raise UsageError(f"the decode share must be in (0, 1], got {self.decode_share}")
+        if self.decode_memory_mb is not None and self.decode_memory_mb < 0:
+            raise UsageError(f"--decode-memory-mb must be 0 (no limit) or positive, got {self.decode_memory_mb}")
         if self.workers < -1:
             raise UsageError(f"-j/--decoders must be >= 0 (or -1 for one per core), got {self.workers}")
         if self.max_pixels < 1 or self.max_bytes < 1:
@@ -59,6 +79,14 @@ class RecognizeOptions:
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions.with_formats(self.max_pixels, self.formats)
+
+    def decode_address_space(self) -> int | None:
+        """Bytes a decode process may map beyond its start (see ``decode_memory_mb``); None: no limit."""
+        if self.decode_memory_mb == 0:
+            return None
+        if self.decode_memory_mb is not None:
+            return self.decode_memory_mb << 20
+        return 3 * self.decode_options().memory_budget
 
     def resolved_cache_path(self) -> Path:
         return self.cache_path or wanwu_home() / "cache.sqlite3"

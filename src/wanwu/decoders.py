@@ -1,15 +1,18 @@
 """The decode workers: processes (or threads) running :func:`wanwu.imaging.decode_jobs`, and a one-process
-quarantine where the suspects of a crash are decoded one at a time.
+quarantine where the file a crash happened on is decoded again alone.
 
 Each worker process is a :class:`DecodeProcess`, forked from a server that has imported only what decoding
-needs and driven over a pipe by a thread of its own (:class:`DecodeProcesses`). A crash fails the task that
-caused it, which may hold several files; the orchestrator sends each of them to :meth:`DecodePool.isolate`:
-alone in the quarantine process, a second crash names its file exactly, while the workers go on with everything
-else. A task still running at its deadline (counted from when it started) has its process killed, and its files
-become suspects in the same way. The quarantine is shared by every run on the pool (concurrent service requests,
-say), so an innocent file is never retried beside another run's culprit.
-"""
+needs and driven over a pipe by a thread of its own (:class:`DecodeProcesses`). A task of several files is
+decoded one file at a time, the process noting in shared memory which file it is on (:meth:`DecodeProcess.call_each`),
+so a crash or a deadline names its file; the other files of the task are decoded again. After a crash,
+the orchestrator sends that file to :meth:`DecodePool.isolate`: alone in the quarantine process, a second crash
+names it for certain, while the workers go on with everything else. A file still decoding at its deadline has
+its process killed and is never retried (the time is the file's own). The quarantine is shared by every run on
+the pool (concurrent service requests, say), so an innocent file is never retried beside another run's culprit.
 
+Each decode process may map only a set amount of memory beyond what it maps at start (``RLIMIT_AS``), so a
+decompression bomb fails its own allocation (a too_large record) instead of taking the machine's memory.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -30,12 +33,35 @@ from typing import Any
 _PR_SET_PDEATHSIG = 1
 
 
-def _worker_init(owner: int) -> None:
-    """In each decode worker: die with the process that owns the pool, keep stderr for wanwu's own messages."""
+def _worker_init(owner: int, address_space: int | None = None) -> None:
+    """In each decode worker: die with the process that owns the pool, keep stderr for wanwu's own messages,
+    and hold at most ``address_space`` more bytes of address space than at start (a decompression bomb then
+    fails its own decode with MemoryError, a too_large record, instead of taking the machine's memory)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
     _die_with(owner)
     _quiet_stderr()
     warnings.simplefilter("always")  # every file's warnings reach its record (imaging collects them)
+    if address_space:
+        _limit_address_space(address_space)
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # this process is wanwu's own: --max-pixels decides, not Pillow's default
+
+
+def _limit_address_space(extra: int) -> None:
+    """RLIMIT_AS = what the process maps now + ``extra`` (Linux; elsewhere nothing is limited)."""
+    try:
+        import resource
+
+        with open("/proc/self/status", encoding="ascii") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = size + extra
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, OSError, ValueError, StopIteration):
+        pass
 
 
 def _die_with(owner: int) -> None:
@@ -81,13 +107,16 @@ class DecodePool:
     quarantine, where a suspect file is decoded alone. Safe to share between threads (the service's requests
     share one)."""
 
-    def __init__(self, workers: int, threads: int = 4) -> None:
-        self.workers, self.threads = workers, threads
+    def __init__(self, workers: int, threads: int = 4, address_space: int | None = None) -> None:
+        """``address_space``: bytes each decode process may map beyond what it maps when started (None: no
+        limit)."""
+        self.workers, self.threads, self.address_space = workers, threads, address_space
         self._pool: DecodeProcesses | ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         # One process, one task at a time: the next starts only when the last has finished, so a crash or a
         # deadline names its task exactly.
-        self._quarantine = DecodeProcesses(1, name="wanwu-quarantine") if workers > 0 else None
+        self._quarantine = (DecodeProcesses(1, name="wanwu-quarantine", address_space=address_space)
+                            if workers > 0 else None)
 
     def get(self) -> Executor:
         with self._lock:
@@ -95,7 +124,7 @@ class DecodePool:
                 if self.workers == 0:
                     self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wanwu-decode")
                 else:
-                    self._pool = DecodeProcesses(self.workers)
+                    self._pool = DecodeProcesses(self.workers, address_space=self.address_space)
             return self._pool
 
     def submit(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Future[Any]:
@@ -107,18 +136,30 @@ class DecodePool:
             return pool.submit_within(timeout, fn, *args)
         return pool.submit(fn, *args)
 
+    def submit_each(self, fn: Callable[..., Any], datas: list[Any], *args: Any, timeout: float,
+                    meter: Callable[[float], None] | None = None) -> Future[Any]:
+        """Run ``fn(datas, *args)`` (a function from a list to a list) on a worker. In a process, each item
+        runs alone (``fn([item], *args)``) under a deadline of its own: a failure raises DecodeTimeoutError or
+        DecodeCrashError whose ``index`` names the item it happened on. ``meter`` is told the seconds the task
+        held a worker."""
+        pool = self.get()
+        if isinstance(pool, DecodeProcesses):
+            return pool.submit_each(timeout, fn, datas, *args, meter=meter)
+        return pool.submit(_metered, meter, fn, datas, *args)
+
     @property
     def stoppable(self) -> bool:
         """Workers are processes: :meth:`submit` enforces its deadlines itself."""
         return self.workers > 0
 
-    def isolate(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> Future[Any]:
+    def isolate(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None,
+                meter: Callable[[float], None] | None = None) -> Future[Any]:
         """Run ``fn(*args)`` alone in the quarantine process. The future raises BrokenProcessPool only when
         this very call crashed its process, and DecodeTimeoutError when it ran past ``timeout`` seconds (its
         process is then killed)."""
         if self._quarantine is None:  # threads cannot crash each other's process: run it in the pool
-            return self.get().submit(fn, *args)
-        return self._quarantine.submit_within(timeout, fn, *args)
+            return self.get().submit(_metered, meter, fn, *args)
+        return self._quarantine.submit_within(timeout, fn, *args, meter=meter)
 
     def close(self, wait: bool = True) -> None:
         """Stop the workers. Idle ones exit; one still busy (a hung decoder) is killed, never waited for."""
@@ -133,7 +174,29 @@ class DecodePool:
 
 
 class DecodeTimeoutError(Exception):
-    """A decode ran past its deadline and its process was killed."""
+    """A decode ran past its deadline and its process was killed. ``index``: the item of the task that did
+    (:meth:`DecodeProcess.call_each`; 0 for a single call)."""
+
+    def __init__(self, message: str, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+class DecodeCrashError(BrokenProcessPool):
+    """The decode process died during item ``index`` of :meth:`DecodeProcess.call_each`."""
+
+    def __init__(self, message: str, index: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def _metered(meter: Callable[[float], None] | None, fn: Callable[..., Any], *args: Any) -> Any:
+    start = time.monotonic()
+    try:
+        return fn(*args)
+    finally:
+        if meter is not None:
+            meter(time.monotonic() - start)
 
 
 class DecodeProcess:
@@ -148,15 +211,56 @@ class DecodeProcess:
     start, no threads or sockets of the parent inherited, the caller's ``__main__`` never re-run
     (:mod:`wanwu._decode_server`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, address_space: int | None = None) -> None:
+        self.address_space = address_space  # see DecodePool
         self._process: Any = None
         self._conn: Any = None
+        self._progress: Any = None  # shared with the process: [item in progress, when it started (monotonic)]
         self._killed: Any = None  # the process kill() was last called on: dead, even if not reaped yet
+
+    def call_each(self, fn: Callable[..., Any], datas: list[Any], *args: Any, timeout: float | None) -> list[Any]:
+        """``fn(datas, *args)`` one item at a time: the process runs ``fn([item], *args)`` for each item, noting
+        in shared memory which item it is on and since when, and answers once with every result. An item still
+        running ``timeout`` seconds after it started has the process killed (DecodeTimeoutError), and a crash
+        raises DecodeCrashError: either names its item (``index``); the other items are to be decoded again."""
+        conn = self._connection()
+        progress = self._progress
+        progress[0] = -1.0
+        try:
+            conn.send((fn, (datas, *args), True))
+        except (OSError, EOFError):
+            self.close()
+            raise DecodeCrashError("the decode process died", 0) from None
+        start = time.monotonic()
+        try:
+            while not self._answered(conn, progress, start, timeout):
+                pass
+            ok, value = conn.recv()
+        except (OSError, EOFError):
+            index = max(0, int(progress[0]))
+            self.close()
+            raise DecodeCrashError("the decode process died", index) from None
+        if not ok:
+            raise RuntimeError(value)
+        return list(value)
+
+    def _answered(self, conn: Any, progress: Any, start: float, timeout: float | None) -> bool:
+        """Wait for the answer until the item in progress is due; raise DecodeTimeoutError once it is past due."""
+        if timeout is None:
+            return bool(conn.poll(None))
+        index = int(progress[0])
+        began = progress[1] if index >= 0 else start
+        if conn.poll(max(0.0, began + timeout - time.monotonic())):
+            return True
+        if int(progress[0]) == index and time.monotonic() >= began + timeout:  # still that item: past due
+            self.close()
+            raise DecodeTimeoutError(f"decoding took longer than {timeout:g} s", max(0, index))
+        return False
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float | None) -> Any:
         conn = self._connection()
         try:
-            conn.send((fn, args))
+            conn.send((fn, args, False))
             ready = conn.poll(timeout)
         except (OSError, EOFError):
             self.close()
@@ -179,8 +283,10 @@ class DecodeProcess:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["wanwu._decode_server", "wanwu.imaging", "wanwu.decoders"])
             ours, theirs = ctx.Pipe()
-            self._process = ctx.Process(target=_serve, args=(theirs, os.getpid()), daemon=True,
-                                        name="wanwu-decode")
+            self._progress = ctx.RawArray("d", 2)  # CLOCK_MONOTONIC is one clock for every process (Linux)
+            self._process = ctx.Process(target=_serve,
+                                        args=(theirs, os.getpid(), self.address_space, self._progress),
+                                        daemon=True, name="wanwu-decode")
             self._process.start()
             theirs.close()
             self._conn = ours
@@ -204,16 +310,26 @@ class DecodeProcess:
             _kill_workers_of([process])
 
 
-def _serve(conn: Any, owner: int) -> None:
-    """The loop of a :class:`DecodeProcess`: call, answer ``(True, result)`` or ``(False, "Type: message")``."""
-    _worker_init(owner)
+def _serve(conn: Any, owner: int, address_space: int | None = None, progress: Any = None) -> None:
+    """The loop of a :class:`DecodeProcess`: call, answer ``(True, result)`` or ``(False, "Type: message")``.
+    A call ``each`` item at a time notes in ``progress`` which item it is on, and since when."""
+    _worker_init(owner, address_space)
     while True:
         try:
-            fn, args = conn.recv()
+            fn, args, each = conn.recv()
         except (EOFError, OSError):
             return
+        answer: tuple[bool, Any]
         try:
-            answer = (True, fn(*args))
+            if each:
+                results = []
+                for index, item in enumerate(args[0]):
+                    progress[1] = time.monotonic()
+                    progress[0] = index
+                    results.append(fn([item], *args[1:])[0])
+                answer = (True, results)
+            else:
+                answer = (True, fn(*args))
         except Exception as e:
             answer = (False, f"{type(e).__name__}: {e}")
         conn.send(answer)
@@ -246,8 +362,8 @@ class DecodeProcesses(Executor):
     itself; either way that process alone starts afresh for the next task, so the pool never breaks as a whole.
     :meth:`kill` stops every process, failing the tasks in flight with BrokenProcessPool."""
 
-    def __init__(self, workers: int, name: str = "wanwu-decode") -> None:
-        self._processes = [DecodeProcess() for _ in range(workers)]
+    def __init__(self, workers: int, name: str = "wanwu-decode", address_space: int | None = None) -> None:
+        self._processes = [DecodeProcess(address_space) for _ in range(workers)]
         self._idle: queue.SimpleQueue[DecodeProcess] = queue.SimpleQueue()
         for process in self._processes:
             self._idle.put(process)
@@ -259,19 +375,31 @@ class DecodeProcesses(Executor):
             raise TypeError("decode tasks take positional arguments only")
         return self.submit_within(None, fn, *args)
 
-    def submit_within(self, timeout: float | None, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    def submit_within(self, timeout: float | None, fn: Callable[..., Any], *args: Any,
+                      meter: Callable[[float], None] | None = None) -> Future[Any]:
         """Like ``submit``, but a task still running ``timeout`` seconds after it started has its process
         killed (the next task gets a fresh one) and raises DecodeTimeoutError. Time spent queued does not
         count; ``None``: no deadline."""
-        return self._threads.submit(self._call, fn, args, timeout)
+        return self._threads.submit(self._call, fn, args, timeout, False, meter)
 
-    def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float | None) -> Any:
+    def submit_each(self, timeout: float | None, fn: Callable[..., Any], datas: list[Any], *args: Any,
+                    meter: Callable[[float], None] | None = None) -> Future[Any]:
+        """:meth:`DecodeProcess.call_each` on the next free process; ``meter`` is told how long it ran."""
+        return self._threads.submit(self._call, fn, (datas, *args), timeout, True, meter)
+
+    def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float | None, each: bool = False,
+              meter: Callable[[float], None] | None = None) -> Any:
         process = self._idle.get()  # as many threads as processes: one is always free here
+        start = time.monotonic()
         try:
             if self._closed:
                 raise BrokenProcessPool("the decode workers were shut down")
+            if each:
+                return process.call_each(fn, *args, timeout=timeout)
             return process.call(fn, *args, timeout=timeout)
         finally:
+            if meter is not None:
+                meter(time.monotonic() - start)
             if self._closed:
                 process.close()
             self._idle.put(process)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -28,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from wanwu.decodecost import BYTES_PER_PIXEL_BUDGET, check_header, check_memory
 from wanwu.errors import DecodeError, ErrorType, InputError, TooLargeError, UnsupportedError
 from wanwu.spec import PreprocessSpec
 
@@ -42,6 +44,10 @@ NEVER_IN_ALL = frozenset({"EPS", "PDF", "MPEG", "IPTC"})
 # Above this many pixels after the short-side resize, only the crop's source window is resampled. Photos
 # (anything up to about 60:1) stay on the plain resize-then-crop path, bit for bit.
 RESIZE_AREA_LIMIT = 4_000_000
+# Above this many decoded pixels, an image is box-reduced before its mode is converted (see _reduce): photos
+# up to 16 megapixels are converted and resized exactly as decoded.
+REDUCE_ABOVE = 16_777_216
+_TWO_BYTES_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -58,6 +64,11 @@ class DecodeOptions:
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     formats: tuple[str, ...] = FORMATS
+    max_memory: int | None = None  # bytes the decoded pixels may take; None: 4 bytes per pixel of max_pixels
+
+    @property
+    def memory_budget(self) -> int:
+        return self.max_memory if self.max_memory is not None else self.max_pixels * BYTES_PER_PIXEL_BUDGET
 
     @classmethod
     def with_formats(cls, max_pixels: int, extra: tuple[str, ...] = ()) -> DecodeOptions:
@@ -113,12 +124,13 @@ def _prepare(data: bytes, spec: PreprocessSpec, options: DecodeOptions) -> Prepa
     try:
         width, height = image.size  # as stored, before any DCT scaling
         _maybe_draft(image, spec)
+        check_memory(image, options.memory_budget, (width, height))
         image.load()
         stored = image.size
         image = _upright(image)
         if image.size != stored:  # EXIF orientation swapped the axes
             width, height = height, width
-        rgb = _to_rgb(image)
+        rgb = _to_rgb(_reduce(image, spec))
         pixels = _resize_crop(rgb, spec)
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # Pillow's decoder failures
         raise DecodeError(f"cannot decode image: {e}") from None
@@ -204,6 +216,7 @@ def _open(data: bytes, options: DecodeOptions) -> Image.Image:
         raise DecodeError("empty file")
     max_pixels = options.max_pixels
     formats = options.formats
+    check_header(data)
     if "HEIF" in formats and not _heif_ready():
         formats = tuple(f for f in formats if f != "HEIF")
     try:
@@ -212,8 +225,15 @@ def _open(data: bytes, options: DecodeOptions) -> Image.Image:
             image = Image.open(io.BytesIO(data), formats=formats)
     except UnidentifiedImageError:
         _refuse(data, formats)
-    except Image.DecompressionBombError as e:
-        raise TooLargeError(str(e)) from None
+    except Image.DecompressionBombError as e:  # Pillow's own limit, when a caller left it on: say ours
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = int(found.group(1)) if found else max_pixels + 1
+        if pixels > max_pixels:
+            raise TooLargeError(f"image is {pixels:,} pixels, above the limit of {max_pixels:,}") from None
+        raise TooLargeError(
+            f"image is {pixels:,} pixels: within --max-pixels, but above what Pillow decodes in this process "
+            "(Image.MAX_IMAGE_PIXELS); decode in worker processes (-j 1 or more)"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(f"cannot read image header: {e}") from None
     width, height = image.size
@@ -306,6 +326,25 @@ def _maybe_draft(image: Image.Image, spec: PreprocessSpec) -> None:
         return
     ratio = target / short
     image.draft("RGB", (math.ceil(width * ratio), math.ceil(height * ratio)))
+
+
+def _reduce(image: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """A decoded image above :data:`REDUCE_ABOVE` pixels, box-reduced by the largest integer factor that keeps
+    its short side at or above ``jpeg_draft_factor`` x ``resize_short`` (the rule of a JPEG's DCT scaling),
+    before any mode conversion: converting a 12000x12000 RGBA or 16-bit image at full size would copy it
+    three or four times. Smaller images, and any with ``--full-decode``, are left exactly as decoded."""
+    width, height = image.size
+    if width * height <= REDUCE_ABOVE or spec.jpeg_draft_factor <= 0:
+        return image
+    factor = int(min(width, height) // (spec.resize_short * spec.jpeg_draft_factor))
+    if factor < 2:
+        return image
+    if image.mode in _TWO_BYTES_MODES:  # Image.reduce does not take 16-bit modes; a box resize does
+        return image.resize((-(-width // factor), -(-height // factor)), Image.Resampling.BOX)
+    if image.mode in ("1", "P"):
+        keep_alpha = image.mode == "P" and "transparency" in image.info
+        image = image.convert("RGBA" if keep_alpha else "RGB" if image.mode == "P" else "L")
+    return image.reduce(factor)
 
 
 def _upright(image: Image.Image) -> Image.Image:

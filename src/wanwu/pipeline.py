@@ -8,9 +8,11 @@ with the number of inputs:
 * fetch: a thread pool reads files / downloads URLs and hashes the bytes (hashlib and I/O drop the GIL);
 * cache + dedupe: on the orchestrator thread; a cache hit or a repeat of content already in flight never
   reaches a decoder, and every input still gets its own record;
-* decode: worker processes run :func:`wanwu.imaging.prepare`; after a decoder crash each file of the task
-  that crashed is retried alone in a quarantine process (:mod:`wanwu.decoders`), so a crash costs exactly its
-  file;
+* decode: worker processes run :func:`wanwu.imaging.prepare`, one file of a task at a time; the file a decoder
+  crashed on is retried alone in a quarantine process (:mod:`wanwu.decoders`), so a crash costs exactly its
+  file; a file past its deadline is stopped and never retried. A run may hold a share of the decode processes
+  at once and spend a budget of decode seconds (``decode_share``, ``decode_budget``: the service gives each
+  request half of them and 60 s), so one caller's slow files cannot hold every decoder;
 * infer: prepared crops go to an :class:`~wanwu.inference.Inference`. Locally, full batches (or a partial one
   when nothing more can arrive soon) run on the engine on up to ``engine.streams`` threads at once, which
   backs off on out-of-memory; in the service, every crop joins the dynamic batcher shared by all requests.
@@ -41,7 +43,7 @@ from typing import Any
 
 from wanwu.cache import CachedResult, MemoryCache, OneThreadCache, ResultCache
 from wanwu.config import RecognizeOptions
-from wanwu.decoders import CRASHED, DecodePool, DecodeTimeoutError, timed_out
+from wanwu.decoders import CRASHED, DecodeCrashError, DecodePool, DecodeTimeoutError, timed_out
 from wanwu.engine import Engine
 from wanwu.errors import CacheError, ErrorType, InputError, OutOfMemoryError
 from wanwu.fetch import Fetched, Fetcher
@@ -83,7 +85,8 @@ class Recognizer:
         self._fetch_pool: ThreadPoolExecutor | None = None
         self._url_pool: ThreadPoolExecutor | None = None  # downloads apart: slow URLs never stall file reads
         self._lock = threading.Lock()
-        self.decoders = DecodePool(self.options.decode_workers, max(1, min(4, self.options.fetch_threads)))
+        self.decoders = DecodePool(self.options.decode_workers, max(1, min(4, self.options.fetch_threads)),
+                                   self.options.decode_address_space())
         if engine is None and self.options.decode_workers > 0:
             # Start the decode processes while the model loads: both take a few hundred milliseconds.
             threading.Thread(target=self._warm_decoders, args=(self.decoders.get(),), daemon=True).start()
@@ -201,6 +204,24 @@ def _items(inputs: Iterable[InputLike], max_bytes: int) -> Iterator[InputItem]:
 # --- one run ---------------------------------------------------------------------------------------------
 
 
+class _Meter:
+    """Seconds of decoding a run has used, added up from the decode threads."""
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.spent += seconds
+
+
+def budget_spent(budget: float) -> str:
+    """The record's message for an input left undecoded when its run's decode-time budget ran out."""
+    return (f"not decoded: this run's decode-time budget of {budget:g} s is spent (--decode-budget; the service "
+            "gives each request one)")
+
+
 @dataclass(eq=False)
 class _Slot:
     item: InputItem
@@ -237,6 +258,11 @@ class _Run:
         self.namespace = self.opts.cache_namespace(rec.engine.spec, rec.engine.numerics)
         self.decode_options = self.opts.decode_options()
         self.timeout = self.opts.decode_timeout
+        # What one run may take of the decoders shared with other runs (service requests): seconds in all, and
+        # tasks at once (a share of the processes), so one caller's slow files cannot hold every decoder.
+        self.budget = self.opts.decode_budget
+        self.meter = _Meter()
+        self.tasks = 0  # decode tasks of this run in the workers (the quarantine's apart)
         self.decoding: dict[Future[Any], tuple[float, list[_Slot]]] = {}  # deadline, slots
         self.abandoned: set[Future[Any]] = set()
         self.items = items
@@ -258,6 +284,8 @@ class _Run:
         self.chunk = self.DECODE_CHUNK if self.opts.decode_workers > 0 else 1
         self.max_fetch = max(4, self.opts.fetch_threads * 2)
         self.max_decode = self.workers * 2 * self.chunk  # a task queued behind each running one
+        share = self.opts.decode_share
+        self.max_tasks = self.workers * 2 if share >= 1 else max(1, math.ceil(self.workers * share))
         self.max_window = max(256, self.opts.batch_size * 4)
         # crops handed over at once: a batch locally; everything ready when the inference gathers by itself
         self.handoff = self.inference.gather if self.inference.gather > 1 else self.max_window
@@ -335,27 +363,41 @@ class _Run:
             future.add_done_callback(self._notify("fetch", slot))
 
     def _submit_decodes(self) -> None:
+        if self.budget is not None and self.meter.spent >= self.budget:
+            while self.to_decode or self.suspects:
+                slot = (self.to_decode or self.suspects).popleft()
+                self._fail(slot, "too_large", budget_spent(self.budget))
+            return
         while self.suspects:
-            # After a decoder crash (or a deadline), each file of the failed tasks is retried alone in the
-            # quarantine process, so a second crash names its culprit exactly; the workers go on meanwhile.
+            # After a decoder crash, the file it crashed on is retried alone in the quarantine process, so a
+            # second crash names its culprit for certain; the workers go on meanwhile. (A deadline is never
+            # retried: the file it stopped is known, and the time is its own fault.)
             slot = self.suspects.popleft()
             slot.isolated = True
             self.pending_decode += 1
             future = self.rec.decoders.isolate(
-                self.decode, [slot.data or b""], self.preprocess, self.decode_options, timeout=self.timeout
+                self.decode, [slot.data or b""], self.preprocess, self.decode_options, timeout=self._deadline(),
+                meter=self.meter.add,
             )
-            future.add_done_callback(self._notify("decode", [slot]))
-        while self.to_decode and self.pending_decode < self.max_decode:
+            future.add_done_callback(self._notify("isolated", [slot]))
+        while self.to_decode and self.pending_decode < self.max_decode and self.tasks < self.max_tasks:
             # Several images per task when many wait: each round trip to a worker process costs CPU on both
             # sides (pickling, waking a thread and a process).
             size = max(1, min(self.chunk, len(self.to_decode) // self.workers))
             self._submit_decode([self.to_decode.popleft() for _ in range(size)])
 
+    def _deadline(self) -> float:
+        """Seconds one image may take now: --decode-timeout, or what is left of the run's budget (>= 1 s)."""
+        if self.budget is None:
+            return self.timeout
+        return min(self.timeout, max(1.0, self.budget - self.meter.spent))
+
     def _submit_decode(self, slots: list[_Slot]) -> None:
         self.pending_decode += len(slots)
+        self.tasks += 1
         datas = [s.data or b"" for s in slots]
-        future = self.rec.decoders.submit(
-            self.decode, datas, self.preprocess, self.decode_options, timeout=self.timeout * len(slots)
+        future = self.rec.decoders.submit_each(
+            self.decode, datas, self.preprocess, self.decode_options, timeout=self._deadline(), meter=self.meter.add
         )
         if not self.rec.decoders.stoppable:  # a thread: give up on it at its deadline (it may wait behind one)
             self.decoding[future] = (time.monotonic() + self.timeout * (len(slots) + self.chunk), slots)
@@ -372,12 +414,13 @@ class _Run:
         if kind == "fetch":
             self.pending_fetch -= 1
             self._fetched(subject, future)
-        elif kind == "decode":
+        elif kind in ("decode", "isolated"):
             self.decoding.pop(future, None)
             if future in self.abandoned:  # given up on at its deadline (a thread that finally returned)
                 self.abandoned.discard(future)
                 return
             self.pending_decode -= len(subject)
+            self.tasks -= kind == "decode"
             self._decoded(subject, future)
         else:
             self.pending_infer -= 1
@@ -418,19 +461,32 @@ class _Run:
             del self.decoding[future]
             self.abandoned.add(future)
             self.pending_decode -= len(slots)
+            self.tasks -= 1
             for slot in slots:
                 self._fail(slot, "decode_error", self._timed_out())
 
     def _timed_out(self) -> str:
+        if self.budget is not None and self.meter.spent >= self.budget:
+            return budget_spent(self.budget).replace("not decoded", "decoding stopped", 1)
         return timed_out(self.timeout)
 
     def _decoded(self, slots: list[_Slot], future: Future[list[DecodeResult]]) -> None:
         exc = future.exception()
-        if isinstance(exc, DecodeTimeoutError) and len(slots) == 1:  # it ran alone: the culprit is known
-            self._fail(slots[0], "decode_error", self._timed_out())
+        if isinstance(exc, (DecodeTimeoutError, DecodeCrashError)):
+            # The items were run one at a time: the one the failure happened on is named; the others go back to
+            # the queue (not to the quarantine: they did nothing wrong).
+            index = min(exc.index, len(slots) - 1)
+            culprit = slots[index]
+            if isinstance(exc, DecodeTimeoutError):
+                self._fail(culprit, "decode_error", self._timed_out())
+            elif culprit.isolated:
+                self._fail(culprit, "decode_error", CRASHED)
+            else:
+                self.suspects.append(culprit)
+            self.to_decode.extendleft(reversed(slots[:index] + slots[index + 1:]))
             return
-        if isinstance(exc, (BrokenProcessPool, DecodeTimeoutError)):
-            for slot in slots:  # any of them may have crashed it or hung: each is retried alone
+        if isinstance(exc, BrokenProcessPool):
+            for slot in slots:  # the pool was stopped under them, or a lone file crashed the quarantine
                 if slot.isolated:
                     self._fail(slot, "decode_error", CRASHED)
                 else:
@@ -440,7 +496,10 @@ class _Run:
             for slot in slots:
                 self._fail(slot, "internal", f"{type(exc).__name__}: {exc}")
             return
-        for slot, result in zip(slots, future.result(), strict=True):
+        self._prepared(slots, future.result())
+
+    def _prepared(self, slots: list[_Slot], results: list[DecodeResult]) -> None:
+        for slot, result in zip(slots, results, strict=True):
             slot.data = None
             if slot.record is not None:
                 continue  # already answered (given up on at a deadline)

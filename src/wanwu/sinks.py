@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -98,29 +100,45 @@ def meta_text(record: Record) -> str:
 
 
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_LINE_BREAK_FORMULA = re.compile(r"([\r\n])(?=[=+\-@\t\r])")
 
 
 def csv_cell(value: object) -> object:
     """OWASP's rule against CSV (formula) injection: a text cell that a spreadsheet would run as a formula
-    (it starts with = + - @ tab or CR) gets a leading apostrophe. Numbers are left as they are."""
-    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+    (it starts with = + - @ tab or CR) gets a leading apostrophe, and so does every line of it that would
+    start like one after a line break (CR or LF). Numbers are left as they are."""
+    if not isinstance(value, str):
+        return value
+    if "\r" in value or "\n" in value:
+        value = _LINE_BREAK_FORMULA.sub(r"\1'", value)
+    if value.startswith(_FORMULA_STARTS):
         return "'" + value
     return value
 
 
 @register_sink("csv")
 class CsvSink:
+    """Rows end with LF; a cell holding a CR or an LF is quoted (the csv module quotes only the characters of
+    its line terminator, so rows are formatted with CRLF ones and each row's terminator is swapped for LF)."""
+
     def __init__(self, stream: TextIO, options: SinkOptions) -> None:
         self.stream = stream
         self.top_k = options.top_k
         self.english = options.english
         self.meta = options.meta
-        self.writer = csv.writer(stream, lineterminator="\n")
+        self.buffer = io.StringIO()
+        self.writer = csv.writer(self.buffer, lineterminator="\r\n")
         if not options.append:
             if options.bom:
                 stream.write("\ufeff")
-            self.writer.writerow(csv_header(self.top_k, self.english, self.meta))
+            self._write_row(csv_header(self.top_k, self.english, self.meta))
             stream.flush()
+
+    def _write_row(self, row: Sequence[object]) -> None:
+        self.buffer.seek(0)
+        self.buffer.truncate()
+        self.writer.writerow(row)
+        self.stream.write(self.buffer.getvalue()[:-2] + "\n")
 
     def write(self, record: Record) -> None:
         row: list[object] = [record.input, record.status, record.sha256 or "", record.width or "",
@@ -135,7 +153,7 @@ class CsvSink:
         row += [err.type if err else "", err.message if err else ""]
         if self.meta:
             row.append(meta_text(record))
-        self.writer.writerow([csv_cell(cell) for cell in row])
+        self._write_row([csv_cell(cell) for cell in row])
         self.stream.flush()
 
     def close(self) -> None:
@@ -174,21 +192,34 @@ class TableSink:
                                         (self.headings[3], self.more_width, "left")):
             table.add_column(heading, width=width, min_width=width, max_width=width, no_wrap=True,
                              overflow="ellipsis", justify=justify)  # type: ignore[arg-type]
-        name = _tail(record.input, self.input_width)
+        name = _tail(visible(record.input), self.input_width)
         if record.ok:
             preds = record.predictions
-            more = "  ".join(f"{p.label} {_fmt_score(p.score)}" for p in preds[1:])
-            table.add_row("[green]✓[/green]", _escape(name), _escape(preds[0].label) if preds else "",
+            more = visible("  ".join(f"{p.label} {_fmt_score(p.score)}" for p in preds[1:]))
+            table.add_row("[green]✓[/green]", _escape(name), _escape(visible(preds[0].label)) if preds else "",
                           _fmt_score(preds[0].score) if preds else "", f"[dim]{_escape(more)}[/dim]")
         else:
             err = record.error
             table.add_row("[red]✗[/red]", _escape(name), f"[red]{err.type if err else 'error'}[/red]", "",
-                          f"[red]{_escape(err.message if err else '')}[/red]")
+                          f"[red]{_escape(visible(err.message) if err else '')}[/red]")
         self.console.print(table)
         self.first = False
 
     def close(self) -> None:
         self.console.file.flush()
+
+
+# Characters a terminal acts on rather than shows: C0/C1 controls (ESC starts colour, cursor and title
+# sequences), DEL, and the bidirectional overrides that reorder what follows them.
+_INVISIBLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """``text`` with every character a terminal would act on shown as an escape (``\\x1b``, ``\\u202e``)."""
+    if text.isprintable():
+        return text
+    return _INVISIBLE.sub(lambda m: (f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                                     else f"\\u{ord(m.group()):04x}"), text)
 
 
 def _escape(text: str) -> str:

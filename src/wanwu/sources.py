@@ -9,9 +9,11 @@ disappears. Third parties add sources through the ``wanwu.sources`` entry-point 
 
 from __future__ import annotations
 
+import errno
 import glob as globlib
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -96,17 +98,66 @@ def _is_glob(arg: str) -> bool:
     return globlib.has_magic(arg) and not os.path.exists(arg)
 
 
+# --- names that are not UTF-8 ------------------------------------------------------------------------------
+#
+# A POSIX file name is bytes. Python hands over the bytes that are not UTF-8 as lone surrogates
+# (U+DC80..U+DCFF, "surrogateescape"), which no UTF-8 output (jsonl, csv, SQLite, a queue) can hold. Every
+# record's ``input`` and every path a job carries is therefore written in one escaped form, valid UTF-8 and
+# reversible: such a byte becomes ``\xHH``, any other lone surrogate ``\uDXXX``, and a backslash that would
+# otherwise read as the start of an escape (one followed by ``\``, ``x`` or ``u``) is doubled. A name that is
+# valid UTF-8 and holds no such backslash (nearly every name) is left exactly as it is.
+
+_ESCAPE = re.compile(r"\\(?=[\\xu\ud800-\udfff])|[\ud800-\udfff]")
+_UNESCAPE = re.compile(r"\\(\\|x[89a-fA-F][0-9a-fA-F]|u[dD][89a-fA-F][0-9a-fA-F]{2})")
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
+
+
+def _unescape_one(match: re.Match[str]) -> str:
+    code = match.group(1)
+    if code == "\\":
+        return "\\"
+    return chr(0xDC00 + int(code[1:], 16)) if code[0] == "x" else chr(int(code[1:], 16))
+
+
+def escape_name(name: str) -> str:
+    r"""``name`` (a path as the OS gave it) in the form records, outputs, caches and queues hold: valid UTF-8,
+    undecodable bytes as ``\xHH``; :func:`unescape_name` gives the original back."""
+    if ("\\" not in name and name.isprintable()) or not _ESCAPE.search(name):
+        return name
+    return _ESCAPE.sub(_escape_one, name)
+
+
+def unescape_name(name: str) -> str:
+    """The path :func:`escape_name` was given (with its undecodable bytes as surrogates, as ``open`` takes)."""
+    return _UNESCAPE.sub(_unescape_one, name) if "\\" in name else name
+
+
+def file_item(path: str) -> InputItem:
+    """The item for a local file: its record names it escaped, the fetcher opens it as it is."""
+    return InputItem(escape_name(path), "file", path)
+
+
 def _expand_url(arg: str) -> Iterator[InputItem]:
-    yield InputItem(arg, "url", arg)
+    yield InputItem(escape_name(arg), "url", arg)
 
 
 def _expand_dir(arg: str) -> Iterator[InputItem]:
     found = False
-    for path in walk_images(Path(arg)):
+    for path, problem in walk_entries(arg):
         found = True
-        yield InputItem(str(path), "file", str(path))
+        if problem is None:
+            yield file_item(path)
+        else:
+            yield InputItem.failed(escape_name(path), problem, "fetch_error")
     if not found:
-        yield InputItem.failed(arg, "folder contains no image files")
+        yield InputItem.failed(escape_name(arg), "folder contains no image files")
 
 
 def _expand_glob(arg: str) -> Iterator[InputItem]:
@@ -115,13 +166,13 @@ def _expand_glob(arg: str) -> Iterator[InputItem]:
         if os.path.isdir(match):
             continue
         found = True
-        yield InputItem(match, "file", match)
+        yield file_item(match)
     if not found:
-        yield InputItem.failed(arg, "no file matches this pattern")
+        yield InputItem.failed(escape_name(arg), "no file matches this pattern")
 
 
 def _expand_file(arg: str) -> Iterator[InputItem]:
-    yield InputItem(arg, "file", arg)
+    yield file_item(arg)
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -136,7 +187,8 @@ def _expand_other_scheme(arg: str) -> Iterator[InputItem]:
     match = _SCHEME.match(arg)
     scheme = match.group(1).lower() if match else "?"
     yield InputItem.failed(
-        arg, f"unsupported scheme '{scheme}://': inputs are files, folders, globs and http(s) URLs", "unsupported"
+        escape_name(arg), f"unsupported scheme '{scheme}://': inputs are files, folders, globs and http(s) URLs",
+        "unsupported",
     )
 
 
@@ -162,12 +214,21 @@ def expand(
     """Expand CLI arguments lazily; ``-`` reads newline-separated inputs from ``stdin``."""
     for arg in args:
         if arg == "-":
-            for line in stdin if stdin is not None else sys.stdin:
+            for line in stdin if stdin is not None else _stdin_lines():
                 line = line.strip()
                 if line:
                     yield from _expand_one(line, options)
         else:
             yield from _expand_one(arg, options)
+
+
+def _stdin_lines() -> Iterable[str]:
+    """Standard input's lines as the OS would decode file names (bytes that are not UTF-8 as surrogates, which
+    :func:`escape_name` then shows as ``\\xHH``), so a list of paths from ``find`` never stops a run."""
+    binary = getattr(sys.stdin, "buffer", None)
+    if binary is None:
+        return sys.stdin
+    return (os.fsdecode(line) for line in binary)
 
 
 def _expand_one(arg: str, options: SourceOptions | None = None) -> Iterator[InputItem]:
@@ -178,24 +239,63 @@ def _expand_one(arg: str, options: SourceOptions | None = None) -> Iterator[Inpu
 
 
 def walk_images(root: Path) -> Iterator[Path]:
-    """Image files under ``root``, depth-first, sorted by name in each folder; symlinked dirs not followed."""
+    """Image files under ``root``, depth-first, sorted by name in each folder; symlinked dirs not followed.
+    Entries that cannot be read (see :func:`walk_entries`) are left out."""
+    return (Path(path) for path, problem in walk_entries(str(root)) if problem is None)
+
+
+def walk_entries(root: str) -> Iterator[tuple[str, str | None]]:
+    """Every image-named entry under ``root`` and every folder that cannot be listed, depth-first, sorted by
+    name in each folder (symlinked folders are not followed): ``(path, None)`` for a file to read, or
+    ``(path, why)`` for what cannot be one (a folder that cannot be read, a dangling link, a link loop, a pipe
+    or device named like an image), so that nothing a user named disappears without a record."""
     stack = [root]
     while stack:
         folder = stack.pop()
         try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as e:
+            yield folder, f"cannot read folder: {e.strerror or e}"
             continue
         subdirs = []
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    subdirs.append(Path(entry.path))
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
-                    yield Path(entry.path)
-            except OSError:
+                    subdirs.append(entry.path)
+                    continue
+            except OSError as e:
+                yield entry.path, f"cannot read: {e.strerror or e}"
                 continue
+            if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                yield entry.path, _not_a_file(entry)
         stack.extend(reversed(subdirs))
+
+
+def _not_a_file(entry: os.DirEntry[str]) -> str | None:
+    """Why an image-named entry cannot be read as a file, or None when it can be tried."""
+    try:
+        if entry.is_file():  # a regular file: known from the listing, no system call
+            return None
+    except OSError:
+        pass
+    try:
+        mode = os.stat(entry.path).st_mode  # follows links, never opens: a FIFO cannot block here
+    except OSError as e:
+        if entry.is_symlink():
+            if e.errno == errno.ELOOP:
+                return "symbolic link loop"
+            if e.errno == errno.ENOENT:
+                return "dangling symbolic link (its target does not exist)"
+        return f"cannot read: {e.strerror or e}"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a link to a folder (folder links are not followed)"
+    kinds = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    what = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"{what}, not an image file"
 
 
 def count_items(args: Iterable[str], options: SourceOptions | None = None) -> int | None:

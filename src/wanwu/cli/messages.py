@@ -127,6 +127,10 @@ HELP: dict[str, dict[str, str]] = {
         "max_bytes": "Refuse files/downloads above this many bytes.",
         "decode_timeout": "Seconds one image may take to decode; past it the decoder is stopped and the record "
         "says decode_error (timed out).",
+        "decode_budget": "Seconds of decoding one run (with serve: one request) may use in all; what is left to "
+        "decode past it is too_large. Default: no budget (serve: 60).",
+        "decode_memory_mb": "Memory (MiB of address space) a decode process may take beyond its start; a file "
+        "needing more is too_large. Default: 3 x 4 bytes x --max-pixels (1,716 MiB); 0 = no limit.",
         "formats": "Also decode these formats, comma-separated Pillow names (psd,dds,fli,…), or 'all'. "
         "Default: JPEG, PNG, WebP, GIF, BMP, TIFF, PPM, ICO, TGA, AVIF, JPEG 2000, HEIC (with the heif extra).",
         "timeout": "URL fetch deadline (the whole download), seconds.",
@@ -186,6 +190,10 @@ HELP: dict[str, dict[str, str]] = {
         "full_decode": "以原尺寸解码大 JPEG（较慢；默认 libjpeg 在模型缩放允许的范围内边解码边缩小）。",
         "max_bytes": "拒绝超过此字节数的文件或下载。",
         "decode_timeout": "单张图片解码的时限（秒）；超时则停止解码器，记录为 decode_error（超时）。",
+        "decode_budget": "一次运行（serve：一个请求）总共可用的解码秒数；超出后其余待解码的输入记为 too_large。"
+        "默认：不限（serve：60）。",
+        "decode_memory_mb": "解码进程在启动之外可再占用的内存（地址空间，MiB）；需要更多的文件记为 too_large。"
+        "默认：3 × 4 字节 × --max-pixels（1,716 MiB）；0 = 不限。",
         "formats": "另外解码这些格式（逗号分隔的 Pillow 格式名，如 psd,dds,fli），或 all。默认：JPEG、PNG、WebP、"
         "GIF、BMP、TIFF、PPM、ICO、TGA、AVIF、JPEG 2000、HEIC（需 heif 扩展）。",
         "timeout": "网址下载的总时限（整个下载），秒。",

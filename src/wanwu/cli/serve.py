@@ -112,9 +112,15 @@ def check_exposure(host: str, api_keys: tuple[str, ...], insecure: bool) -> None
                "can use it", err=True)
 
 
+SERVE_DECODE_BUDGET_S = 60.0
+
+
 def _config(host: str, port: int, kw: dict[str, Any]) -> ServeConfig:
     batch = kw["max_batch_size"] if kw["max_batch_size"] > 0 else RecognizeOptions().batch_size
-    options = recognize_options(kw, batch_size=batch)
+    # Each request decodes under a time budget, on at most half the decode processes: one caller's slow files
+    # cannot hold every decoder (wanwu.pipeline).
+    budget = kw["decode_budget"] if kw["decode_budget"] is not None else SERVE_DECODE_BUDGET_S
+    options = recognize_options(kw, batch_size=batch, decode_budget=budget, decode_share=0.5)
     return ServeConfig(
         model=kw["model"],
         labels=kw["labels"],

@@ -14,7 +14,7 @@ from pathlib import Path
 from wanwu.errors import InputError
 from wanwu.fetch import Fetcher
 from wanwu.jobs.base import JobInput
-from wanwu.sources import DEFAULT_MAX_BYTES, InputItem, SourceOptions, expand
+from wanwu.sources import DEFAULT_MAX_BYTES, InputItem, SourceOptions, escape_name, expand
 
 
 def job_inputs(
@@ -31,11 +31,11 @@ def job_inputs(
 
 def job_input(item: InputItem, fetcher: Fetcher, by_reference: bool = False) -> JobInput:
     if item.kind == "url":
-        return JobInput.url(item.locator)
+        return JobInput.url(item.input)  # escaped like every name (sources.escape_name): the queue holds UTF-8
     if item.kind == "missing":
         return JobInput.missing(item.input, item.error_type, item.error)
     if by_reference and item.kind == "file":  # an object or a shard's sample has no path a worker could read
-        return JobInput.path(str(Path(item.locator).absolute()), name=item.input)
+        return JobInput.path(escape_name(str(Path(item.locator).absolute())), name=item.input)
     try:
         return JobInput.upload(item.input, fetcher.fetch(item).data)
     except InputError as e:

@@ -32,7 +32,7 @@ from wanwu.jobs.base import JobInput, JobOptions, JobQueue, Task, UnknownJobErro
 from wanwu.jobs.retry import Outages, retrying
 from wanwu.pipeline import Recognizer
 from wanwu.records import Record
-from wanwu.sources import InputItem
+from wanwu.sources import InputItem, escape_name, unescape_name
 
 log = logging.getLogger("wanwu")
 
@@ -260,10 +260,11 @@ def _item(item: JobInput, blobs: dict[str, bytes], roots: _Roots) -> InputItem:
             return InputItem.failed(item.name, "the uploaded file is no longer in the queue")
         return InputItem.from_bytes(item.name, data)
     if item.kind == "path":
-        refusal = roots.refusal(item.ref)
+        path = unescape_name(item.ref)  # paths travel escaped (sources.escape_name): non-UTF-8 names too
+        refusal = roots.refusal(path)
         if refusal:
             return InputItem.failed(item.name, refusal, "fetch_error")
-        return InputItem(item.name, "file", item.ref)
+        return InputItem(item.name, "file", path)
     type, message = item.failure()
     return InputItem.failed(item.name, message, type)
 
@@ -306,12 +307,12 @@ class _Roots:
         if "\x00" in path:
             return "a path cannot hold a NUL byte"
         if not self.roots:
-            return (f"this worker reads no local paths ({path}); submit the file as an upload, or start "
+            return (f"this worker reads no local paths ({escape_name(path)}); submit the file as an upload, or start "
                     "the worker with --allow-root FOLDER")
         real = Path(os.path.realpath(path))
         if any(real == root or root in real.parents for root in self.roots):
             return None
-        return f"{path} is outside the folders this worker may read (--allow-root)"
+        return f"{escape_name(path)} is outside the folders this worker may read (--allow-root)"
 
 
 class _Heartbeat:
