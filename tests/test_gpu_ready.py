@@ -286,6 +286,7 @@ def test_jpeg_decoder_selection_and_its_cpu_fallback(
     with pytest.raises(MissingExtraError, match=r"\[gpu-decode\]"):  # named explicitly: never a silent fallback
         gpudecode.select_jpeg_decoder("nvjpeg", "cuda")
 
+    pytest.importorskip("torch", reason="the rest needs the torch extra (the fake nvJPEG runs on torch)")
     fake_io = types.ModuleType("torchvision.io")
     fake_io.decode_jpeg = lambda *a, **k: []  # type: ignore[attr-defined]
     fake_io.ImageReadMode = types.SimpleNamespace(RGB=3)  # type: ignore[attr-defined]
