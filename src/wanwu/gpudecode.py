@@ -124,17 +124,11 @@ def resize_crop(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     ``resize_short``, long side truncated, the crop offset rule) and antialiased bilinear resampling."""
     import torch.nn.functional as F
 
+    from wanwu.imaging import crop_geometry
+
     _, height, width = image.shape
-    short = spec.resize_short
-    if width <= height:
-        new_w, new_h = short, int(short * height / width)
-    else:
-        new_w, new_h = int(short * width / height), short
+    new_w, new_h, left, top = crop_geometry(width, height, spec)
     crop = spec.crop_size
-    if spec.crop_offset == "floor":
-        left, top = (new_w - crop) // 2, (new_h - crop) // 2
-    else:
-        left, top = round((new_w - crop) / 2.0), round((new_h - crop) / 2.0)
     mode = "bicubic" if spec.interpolation == "bicubic" else "bilinear"
     resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
     out: torch.Tensor = resized[0, :, top : top + crop, left : left + crop].round().clamp(0, 255).to(image.dtype)

@@ -386,6 +386,20 @@ def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(grey).convert("RGB")
 
 
+def crop_geometry(width: int, height: int, spec: PreprocessSpec) -> tuple[int, int, int, int]:
+    """(resized width, resized height, crop left, crop top): the short side to ``resize_short`` (the long side
+    truncated) and the crop offset rule. The one statement of it: the CPU path and the GPU decoder share it."""
+    short = spec.resize_short
+    if width <= height:
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    crop = spec.crop_size
+    if spec.crop_offset == "floor":
+        return new_w, new_h, (new_w - crop) // 2, (new_h - crop) // 2
+    return new_w, new_h, round((new_w - crop) / 2.0), round((new_h - crop) / 2.0)
+
+
 def _resize_crop(image: Image.Image, spec: PreprocessSpec) -> npt.NDArray[np.uint8]:
     """Short side -> resize_short (long side truncated), then center crop -> crop_size, as uint8 HWC.
 
@@ -395,16 +409,8 @@ def _resize_crop(image: Image.Image, spec: PreprocessSpec) -> npt.NDArray[np.uin
     crop's source window resampled alone, so the work stays that of the crop.
     """
     width, height = image.size
-    short = spec.resize_short
-    if width <= height:
-        new_w, new_h = short, int(short * height / width)
-    else:
-        new_w, new_h = int(short * width / height), short
+    new_w, new_h, left, top = crop_geometry(width, height, spec)
     crop = spec.crop_size
-    if spec.crop_offset == "floor":
-        left, top = (new_w - crop) // 2, (new_h - crop) // 2
-    else:
-        left, top = round((new_w - crop) / 2.0), round((new_h - crop) / 2.0)
     if new_w * new_h > RESIZE_AREA_LIMIT:
         sx, sy = width / new_w, height / new_h
         box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
