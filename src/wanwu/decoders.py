@@ -25,7 +25,11 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, ClassVar
+
+from wanwu.errors import ErrorType
+from wanwu.imaging import DecodeOptions, DecodeResult, decode_each
+from wanwu.spec import PreprocessSpec
 
 _PR_SET_PDEATHSIG = 1
 
@@ -85,12 +89,29 @@ class DecodePool:
         self.workers, self.threads = workers, threads
         self._pool: DecodeProcesses | ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._closed = False
         # One process, one task at a time: the next starts only when the last has finished, so a crash or a
         # deadline names its task exactly.
         self._quarantine = DecodeProcesses(1, name="wanwu-quarantine") if workers > 0 else None
 
+    def warm(self) -> None:
+        """Start the worker processes now (a thread of their own: the model loads meanwhile)."""
+        if self.workers == 0:
+            return
+
+        def start() -> None:
+            with contextlib.suppress(RuntimeError):  # closed before the warm-up got going: nothing to warm
+                pool = self.get()
+                for _ in range(self.workers):
+                    pool.submit(int)
+
+        threading.Thread(target=start, name="wanwu-decode-warm", daemon=True).start()
+
     def get(self) -> Executor:
+        """The workers, started on first use. Raises RuntimeError once the pool is closed."""
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the decode workers are closed")
             if self._pool is None:
                 if self.workers == 0:
                     self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wanwu-decode")
@@ -123,7 +144,7 @@ class DecodePool:
     def close(self, wait: bool = True) -> None:
         """Stop the workers. Idle ones exit; one still busy (a hung decoder) is killed, never waited for."""
         with self._lock:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._closed = self._pool, None, True
         if isinstance(pool, DecodeProcesses):
             pool.shutdown(wait=False, cancel_futures=True)
         elif pool is not None:
@@ -225,6 +246,67 @@ CRASHED = "the decoder process crashed on this file"  # the record's message, wh
 def timed_out(seconds: float) -> str:
     """The record's message for a decode stopped at its deadline."""
     return f"decoding took longer than {seconds:g} s (--decode-timeout); the decoder was stopped"
+
+
+def decode_failure(exc: BaseException, *, alone: bool, isolated: bool, timeout: float) -> tuple[ErrorType, str] | None:
+    """What a decode task that raised ``exc`` means for one of its files: its failure, or None: decode it again
+    alone, so that only the culprit fails. ``alone``: the task held this file only; ``isolated``: it ran in a
+    process on its own after an earlier failure (the quarantine), so a crash there is this file's.
+
+    A task that ran past its deadline alone names its file; a crash names it only in isolation (a worker
+    process may die for reasons of its own)."""
+    if isinstance(exc, DecodeTimeoutError):
+        return ("decode_error", timed_out(timeout)) if alone or isolated else None
+    if isinstance(exc, BrokenProcessPool):
+        return ("decode_error", CRASHED) if isolated else None
+    return "internal", f"{type(exc).__name__}: {exc}"
+
+
+class ProcessDecoder:
+    """Decoding in one :class:`DecodeProcess` per calling thread, under a deadline, for a caller that decodes
+    a few images at a time and waits (a Ray decode task): a crash or a timeout costs only its own image's
+    record, and the process is replaced for the next call."""
+
+    _processes: ClassVar[dict[int, DecodeProcess]] = {}  # per thread of this process, reused by every call
+
+    def __init__(self, decode: Callable[..., DecodeResult], timeout: float) -> None:
+        self.decode, self.timeout = decode, timeout
+        process = self._processes.get(threading.get_ident())
+        if process is None:  # Ray may run tasks of one worker process in threads: one decode process each
+            process = self._processes[threading.get_ident()] = DecodeProcess()
+        self.process = process
+
+    def many(self, datas: list[bytes], preprocess: PreprocessSpec, options: DecodeOptions) -> list[DecodeResult]:
+        """All of them in one round trip (a deadline of ``timeout`` per image, plus one); after a crash or a
+        timeout, each again alone, so that only the culprit fails (:func:`decode_failure`)."""
+        if not datas:
+            return []
+        try:
+            results: list[DecodeResult] = self.process.call(
+                decode_each, self.decode, datas, preprocess, options, timeout=self.timeout * (len(datas) + 1)
+            )
+            return results
+        except Exception as e:
+            if decode_failure(e, alone=False, isolated=False, timeout=self.timeout) is not None:
+                raise
+            return [self.one(data, preprocess, options) for data in datas]
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Stop every thread's decode process (they start again on the next call)."""
+        while cls._processes:
+            _, process = cls._processes.popitem()
+            process.close()
+
+    def one(self, data: bytes, preprocess: PreprocessSpec, options: DecodeOptions) -> DecodeResult:
+        try:
+            result: DecodeResult = self.process.call(self.decode, data, preprocess, options, timeout=self.timeout)
+        except Exception as e:
+            failure = decode_failure(e, alone=True, isolated=True, timeout=self.timeout)
+            if failure is None or failure[0] == "internal":
+                raise
+            return failure
+        return result
 
 
 def _kill_workers_of(processes: list[Any]) -> None:

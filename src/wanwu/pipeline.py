@@ -24,30 +24,29 @@ runs: its fetch threads, decode processes, quarantine and cache are shared and t
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from wanwu.cache import CachedResult, MemoryCache, OneThreadCache, ResultCache
+from wanwu.cache import open_cache as open_cache_at
 from wanwu.config import RecognizeOptions
-from wanwu.decoders import CRASHED, DecodePool, DecodeTimeoutError, timed_out
+from wanwu.decoders import DecodePool, decode_failure, timed_out
 from wanwu.engine import Engine
-from wanwu.errors import CacheError, ErrorType, InputError, OutOfMemoryError
-from wanwu.fetch import Fetched, Fetcher
+from wanwu.errors import ErrorType
+from wanwu.fetch import FETCHERS, Fetched, Fetcher
 from wanwu.imaging import DecodeResult, Prepared, decode_jobs
 from wanwu.inference import Inference, LocalInference
 from wanwu.records import Record, RecordOptions, TopScores
+from wanwu.rules import Failure, fetch_failure, inference_failure, look_up, record_of, scored
 from wanwu.sources import InputItem, expand
 from wanwu.spec import ModelSpec
 
@@ -84,9 +83,8 @@ class Recognizer:
         self._url_pool: ThreadPoolExecutor | None = None  # downloads apart: slow URLs never stall file reads
         self._lock = threading.Lock()
         self.decoders = DecodePool(self.options.decode_workers, max(1, min(4, self.options.fetch_threads)))
-        if engine is None and self.options.decode_workers > 0:
-            # Start the decode processes while the model loads: both take a few hundred milliseconds.
-            threading.Thread(target=self._warm_decoders, args=(self.decoders.get(),), daemon=True).start()
+        if engine is None:
+            self.decoders.warm()  # start the decode processes while the model loads: both take a while
         label_path = Path(labels) if labels is not None else None
         try:
             self.engine = engine or Engine.load(
@@ -148,11 +146,6 @@ class Recognizer:
                 self._url_pool = ThreadPoolExecutor(self.options.fetch_threads, thread_name_prefix="wanwu-url")
             return self._url_pool
 
-    def _warm_decoders(self, pool: Executor) -> None:
-        with contextlib.suppress(RuntimeError):  # closed before the warm-up got going: nothing to warm
-            for _ in range(self.options.decode_workers):
-                pool.submit(int)
-
     def close(self) -> None:
         with self._lock:
             pools, self._fetch_pool, self._url_pool = (self._fetch_pool, self._url_pool), None, None
@@ -176,12 +169,8 @@ class Recognizer:
 
 
 def open_cache(options: RecognizeOptions) -> ResultCache:
-    """The persistent result cache the options name."""
-    try:
-        from wanwu.cache.sqlite import SqliteCache
-    except ImportError as e:
-        raise CacheError(f"the result cache is not available ({e}); run with --no-cache") from e
-    return SqliteCache(options.resolved_cache_path())
+    """The persistent result cache the options name (``--cache``, ``$WANWU_CACHE``, the default file)."""
+    return open_cache_at(options.cache_location())
 
 
 def _items(inputs: Iterable[InputLike]) -> Iterator[InputItem]:
@@ -316,7 +305,7 @@ class _Run:
             if item.kind == "missing":
                 slot.record = Record.failure(item.input, item.error_type, item.error)
                 continue
-            pool = self.rec.url_pool() if item.kind == "url" else (pool or self.rec.fetch_pool())
+            pool = self.rec.url_pool() if FETCHERS.remote(item.kind) else (pool or self.rec.fetch_pool())
             self.pending_fetch += 1
             future = pool.submit(self.rec.fetcher.fetch, item)
             future.add_done_callback(self._notify("fetch", slot))
@@ -373,23 +362,20 @@ class _Run:
     def _fetched(self, slot: _Slot, future: Future[Fetched]) -> None:
         exc = future.exception()
         if exc is not None:
-            if isinstance(exc, InputError):
-                self._fail(slot, exc.type, str(exc))
-            else:
-                self._fail(slot, "fetch_error", f"{type(exc).__name__}: {exc}")
+            self._fail(slot, *fetch_failure(exc))
             return
         fetched = future.result()
         sha = slot.sha256 = fetched.sha256
         if (leader := self.leaders.get(sha)) is not None:
             leader.followers.append(slot)
             return
-        hit = self.memo.get_many(self.namespace, [sha]).get(sha)
-        if hit is None and self.rec.cache is not None:
-            hit = self.rec.cache.get_many(self.namespace, [sha]).get(sha)
+        hit = look_up(self.memo, self.namespace, [sha]).get(sha)
+        if hit is None:
+            hit = look_up(self.rec.cache, self.namespace, [sha]).get(sha)
             if hit is not None:
                 self.rec.count_cache_hit()
         if hit is not None:
-            slot.record = self._ok(slot, hit)
+            slot.record = self._record(slot, hit)
             return
         self.leaders[sha] = slot
         slot.data = fetched.data
@@ -413,19 +399,13 @@ class _Run:
 
     def _decoded(self, slots: list[_Slot], future: Future[list[DecodeResult]]) -> None:
         exc = future.exception()
-        if isinstance(exc, DecodeTimeoutError) and len(slots) == 1:  # it ran alone: the culprit is known
-            self._fail(slots[0], "decode_error", self._timed_out())
-            return
-        if isinstance(exc, (BrokenProcessPool, DecodeTimeoutError)):
-            for slot in slots:  # any of them may have crashed it or hung: each is retried alone
-                if slot.isolated:
-                    self._fail(slot, "decode_error", CRASHED)
-                else:
-                    self.suspects.append(slot)
-            return
         if exc is not None:
-            for slot in slots:
-                self._fail(slot, "internal", f"{type(exc).__name__}: {exc}")
+            for slot in slots:  # a crash or a deadline: any of them may be the culprit, each is retried alone
+                failure = decode_failure(exc, alone=len(slots) == 1, isolated=slot.isolated, timeout=self.timeout)
+                if failure is None:
+                    self.suspects.append(slot)
+                else:
+                    self._fail(slot, *failure)
             return
         for slot, result in zip(slots, future.result(), strict=True):
             slot.data = None
@@ -440,6 +420,9 @@ class _Run:
     def _infer(self, n: int) -> None:
         """Hand the first ``n`` ready images to the inference; the result comes back as an event."""
         batch, self.ready = self.ready[:n], self.ready[n:]
+        self._submit_infer(batch)
+
+    def _submit_infer(self, batch: list[_Slot]) -> None:
         pixels = [s.prepared.pixels for s in batch if s.prepared is not None]
         self.pending_infer += 1
         future = self.inference.submit(pixels)
@@ -447,44 +430,42 @@ class _Run:
 
     def _inferred(self, batch: list[_Slot], future: Future[list[TopScores]]) -> None:
         exc = future.exception()
-        if isinstance(exc, OutOfMemoryError):
-            for slot in batch:
-                self._fail(slot, "too_large", f"out of memory even for a batch of one: {exc}")
-            return
         if exc is not None:
-            raise exc  # a broken model is fatal for the run, not a per-image error
+            # raises again what is not one image's fault (a broken model)
+            failure = inference_failure(exc, len(batch))
+            for slot in batch:
+                if failure is None:  # out of memory for several: each again, alone
+                    self._submit_infer([slot])
+                else:
+                    self._fail(slot, *failure)
+            return
         tops = future.result()
-        fresh = []
+        fresh: list[tuple[str, CachedResult]] = []
         for slot, top in zip(batch, tops, strict=True):
             assert slot.prepared is not None and slot.sha256 is not None
-            if not math.isfinite(top.logsumexp):  # NaN or inf among the scores: never a record, never cached
-                slot.prepared = None
-                self._fail(slot, "model_error", "the model returned scores that are not finite numbers for this image")
-                continue
-            result = CachedResult(top, slot.prepared.width, slot.prepared.height, slot.prepared.warnings)
-            slot.prepared = None
-            fresh.append((slot.sha256, result))
-            self._finish(slot, lambda s, r=result: self._ok(s, r))
+            prepared, slot.prepared = slot.prepared, None
+            outcome = scored(top, prepared.width, prepared.height, prepared.warnings)
+            if not isinstance(outcome, tuple):  # NaN: never cached
+                fresh.append((slot.sha256, outcome))
+            self._finish(slot, outcome)
         self.memo.put_many(self.namespace, fresh)
         if self.rec.cache is not None:
             self.rec.cache.put_many(self.namespace, fresh)
 
     # -- records ----------------------------------------------------------------------------------------
 
-    def _ok(self, slot: _Slot, result: CachedResult) -> Record:
-        return Record.success(
-            slot.item.input, result.top, self.engine.spec, self.record_options,
-            sha256=slot.sha256, width=result.width, height=result.height, warnings=result.warnings,
-        )
+    def _record(self, slot: _Slot, outcome: CachedResult | Failure) -> Record:
+        return record_of(slot.item.input, slot.sha256, outcome, self.engine.spec, self.record_options)
 
     def _fail(self, slot: _Slot, type: ErrorType, message: str) -> None:
-        self._finish(slot, lambda s: Record.failure(s.item.input, type, message, s.sha256))
+        self._finish(slot, (type, message))
 
-    def _finish(self, slot: _Slot, make: Any) -> None:
-        slot.record = make(slot)
+    def _finish(self, slot: _Slot, outcome: CachedResult | Failure) -> None:
+        """``slot`` and every repeat of its content get their records (each its own input)."""
+        slot.record = self._record(slot, outcome)
         slot.data = None
         for follower in slot.followers:
-            follower.record = make(follower)
+            follower.record = self._record(follower, outcome)
         slot.followers.clear()
         if slot.sha256 is not None and self.leaders.get(slot.sha256) is slot:
             del self.leaders[slot.sha256]

@@ -16,28 +16,48 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, TextIO
+from typing import Protocol, TextIO
 
-from wanwu.errors import ErrorType
+from wanwu.errors import ERROR_TYPES, ErrorType
 from wanwu.registry import Registry
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo"}
 )
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
-ItemKind = Literal["file", "url", "bytes", "missing", "object"]  # object: s3:// (wanwu.objstore)
+ItemKind = str
+"""``file``, ``url``, ``bytes`` (content given), ``missing`` (an error record), ``object`` (``s3://``,
+:mod:`wanwu.objstore`), or a kind a plug-in adds with a reader of its own (:data:`wanwu.fetch.FETCHERS`)."""
+ROW_FIELDS = ("input", "kind", "locator", "error_type", "error")
 
 
 @dataclass(frozen=True, slots=True)
 class InputItem:
-    """One thing to recognize. ``input`` is what appears in its record."""
+    """One thing to recognize. ``input`` is what appears in its record.
+
+    Its wire form (:meth:`to_row`: a Ray row, a queued task's input, an HTTP request's) is the same five
+    strings everywhere; ``bytes`` content travels beside it (the queue stores it by sha256 in ``locator``)."""
 
     input: str
     kind: ItemKind
-    locator: str = ""  # path, URL or object URL
-    data: bytes | None = None  # kind == "bytes": uploaded content
+    locator: str = ""  # path, URL, object URL; sha256 of ``data`` on a queue
+    data: bytes | None = None  # kind == "bytes": the content
     error_type: ErrorType = "not_found"  # kind == "missing": why it gets an error record
     error: str = ""
+
+    def to_row(self) -> dict[str, str]:
+        """The wire form: ``input``, ``kind``, ``locator``, ``error_type``, ``error`` (all strings)."""
+        return {"input": self.input, "kind": self.kind, "locator": self.locator,
+                "error_type": self.error_type if self.kind == "missing" else "", "error": self.error}
+
+    @classmethod
+    def from_row(cls, row: dict[str, str], data: bytes | None = None) -> InputItem:
+        """Back from :meth:`to_row` (an unknown error type reads as ``internal``)."""
+        if row["kind"] == "missing":
+            error_type = row.get("error_type", "")
+            return cls.failed(row["input"], row.get("error", ""),
+                              error_type if error_type in ERROR_TYPES else "internal")
+        return cls(row["input"], row["kind"], row.get("locator", ""), data)
 
     @classmethod
     def from_bytes(cls, name: str, data: bytes) -> InputItem:

@@ -1,18 +1,26 @@
 """The result cache: model outputs keyed by (model/preprocessing namespace, sha256 of the file's bytes).
 
 :class:`ResultCache` is the interface the orchestrator uses; :class:`MemoryCache` is a bounded in-process
-implementation (tests, and in-run dedupe of repeated content).
+implementation (tests, and in-run dedupe of repeated content). Persistent caches are chosen by location
+(:func:`open_cache`): a path is a SQLite file (:mod:`wanwu.cache.sqlite`, one machine), ``redis://HOST:PORT/DB``
+a Redis database (:mod:`wanwu.cache.redis`, shared by a cluster). Both store the same keys and the same bytes
+(:mod:`wanwu.cache.codec`). The schemes are a :class:`~wanwu.registry.Registry` (:data:`CACHES`, entry-point
+group ``wanwu.caches``): a plug-in adds one as ``scheme = "package.module:opener"``, ``opener(location)``
+returning a :class:`ResultCache`.
 """
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
+from wanwu.errors import UsageError
 from wanwu.records import TopScores
+from wanwu.registry import Registry
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +92,33 @@ class MemoryCache:
 
     def close(self) -> None:
         self._data.clear()
+
+
+# --- choosing a cache by location -------------------------------------------------------------------------
+
+CacheOpener = Callable[[str], ResultCache]
+CACHES: Registry[CacheOpener] = Registry("result cache", group="wanwu.caches")
+CACHES.lazy("sqlite", "wanwu.cache.sqlite:open_location")
+CACHES.lazy("redis", "wanwu.cache.redis:RedisCache", extra="queue")
+CACHES.lazy("rediss", "wanwu.cache.redis:RedisCache", extra="queue")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def cache_scheme(location: str) -> str:
+    """The registry entry for ``location``: its ``SCHEME://``, or ``sqlite`` for a plain path. An unknown
+    scheme is a :class:`~wanwu.errors.UsageError` (never a file named after it)."""
+    match = _SCHEME.match(location)
+    if match is None:
+        return "sqlite"
+    scheme = match.group(1).lower()
+    if scheme not in CACHES:
+        raise UsageError(
+            f"--cache {location!r}: unsupported scheme '{scheme}://'; a cache is a file path or "
+            f"one of {', '.join(f'{name}://' for name in CACHES.names())}"
+        )
+    return scheme
+
+
+def open_cache(location: str) -> ResultCache:
+    """The persistent result cache at ``location`` (a path, ``sqlite:///path``, ``redis://HOST:PORT/DB``)."""
+    return CACHES.get(cache_scheme(location))(location)

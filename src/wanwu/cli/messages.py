@@ -108,7 +108,8 @@ HELP: dict[str, dict[str, str]] = {
         "batch_size": "Images per batch.",
         "workers": "Decode worker processes (-1 = one per core, 0 = decode in threads).",
         "no_cache": "Neither read nor write the result cache.",
-        "cache": "Result cache file (default $WANWU_HOME/cache.sqlite3).",
+        "cache": "Result cache: a file, or redis://HOST:PORT/DB to share one between machines (default "
+                 "$WANWU_CACHE, else $WANWU_HOME/cache.sqlite3).",
         "max_pixels": "Refuse images above this many pixels (too_large).",
         "full_decode": "Decode large JPEGs at full size (slower; by default libjpeg scales them down while "
         "decoding as far as the model's resize allows).",
@@ -153,7 +154,8 @@ HELP: dict[str, dict[str, str]] = {
         "batch_size": "每批图片数。",
         "workers": "解码进程数（-1 = 每核一个，0 = 在线程中解码）。",
         "no_cache": "既不读也不写结果缓存。",
-        "cache": "结果缓存文件（默认 $WANWU_HOME/cache.sqlite3）。",
+        "cache": "结果缓存：一个文件，或 redis://主机:端口/库号（多台机器共用一个）（默认 $WANWU_CACHE，"
+                 "否则 $WANWU_HOME/cache.sqlite3）。",
         "max_pixels": "拒绝像素数超过此值的图片（too_large）。",
         "full_decode": "以原尺寸解码大 JPEG（较慢；默认 libjpeg 在模型缩放允许的范围内边解码边缩小）。",
         "max_bytes": "拒绝超过此字节数的文件或下载。",

@@ -11,8 +11,8 @@ from wanwu.errors import MissingExtraError, UsageError
 from wanwu.models import resolve_model
 from wanwu.ray.stages import Infer, decode_batch
 from wanwu.records import RecordOptions
+from wanwu.rules import Context
 from wanwu.spec import ModelSpec
-from wanwu.stage import StageContext
 
 
 def import_ray() -> Any:
@@ -72,8 +72,8 @@ def recognize_dataset(
     options = options or RecognizeOptions()
     layout = ray_options or RayOptions()
     spec = model if isinstance(model, ModelSpec) else resolve_model(model, Path(labels) if labels else None)
-    if options.cache:  # one path for every node: the driver's (a shared folder reaches them all)
-        options = replace(options, cache_path=options.resolved_cache_path())
+    if options.cache:  # one cache for every node: the driver's (redis://… reaches them all)
+        options = replace(options, cache_path=options.cache_location())
     # Decode tasks are spread over the nodes (Ray Data's default) and retried when a node dies under them (Ray's
     # default of 3 retries; a bad file is a record, never a failed task). Their memory reservation, which the
     # actors do not share, also keeps Ray from fusing decoding into the inference actors: decoding batch N+1
@@ -81,7 +81,7 @@ def recognize_dataset(
     decoded = ds.map_batches(
         decode_batch, batch_size=layout.decode_batch, batch_format="numpy", num_cpus=layout.decode_cpus,
         memory=layout.decode_memory,
-        fn_kwargs={"context": StageContext.of(spec, options), "options": options},
+        fn_kwargs={"context": Context.of(spec, options), "options": options},
     )
     return decoded.map_batches(
         Infer, batch_size=options.batch_size, batch_format="numpy",

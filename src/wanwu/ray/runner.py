@@ -44,7 +44,7 @@ class RayRunner:
         self.spec = model if isinstance(model, ModelSpec) else resolve_model(
             model, Path(labels) if labels else None, label_column
         )
-        self.cache_hits = 0  # not counted on a cluster: cached results are answered inside the decode tasks
+        self.cache_hits = 0  # records answered from the result cache, over every run of this runner
         self._connected = False
         if self.ray.is_initialized():
             pass  # the caller's Ray session: use it, leave it open
@@ -54,9 +54,6 @@ class RayRunner:
         else:
             self.ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
             self._connected = True
-        ctx = self.ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        ctx.enable_progress_bars = False
 
     def recognize(self, inputs: Iterable[InputItem], record: RecordOptions | None = None) -> Iterator[Record]:
         """One record per input, in input order. ``record`` shapes them (default ``options.record``)."""
@@ -66,7 +63,11 @@ class RayRunner:
             out = recognize_dataset(
                 ds, self.spec, options=self.options, ray_options=self.ray_options, record=record
             )
+            # This run's own settings (each Dataset carries a copy of the context): the caller's are left alone.
+            out.context.execution_options.preserve_order = True
+            out.context.enable_progress_bars = False
             for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+                self.cache_hits += int(batch["cached"].sum())
                 for line in batch["record"]:
                     yield Record.from_dict(json.loads(line))
 
