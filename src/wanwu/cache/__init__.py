@@ -15,8 +15,8 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 from wanwu.errors import UsageError
 from wanwu.records import TopScores
@@ -37,6 +37,58 @@ class ResultCache(Protocol):
     def put_many(self, namespace: str, items: Iterable[tuple[str, CachedResult]]) -> None: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class NamespaceStats:
+    name: str
+    entries: int
+    payload_bytes: int
+    oldest: int | None  # unix seconds the oldest entry was written
+    newest: int | None
+    last_access: int | None
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    path: str
+    exists: bool
+    entries: int = 0
+    bytes_on_disk: int = 0  # the database file plus its write-ahead log
+    oldest: int | None = None
+    newest: int | None = None
+    last_access: int | None = None
+    namespaces: list[NamespaceStats] = field(default_factory=list)
+
+    @property
+    def bytes_per_entry(self) -> float:
+        return self.bytes_on_disk / self.entries if self.entries else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bytes_per_entry"] = round(self.bytes_per_entry, 1)
+        return out
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    removed: int
+    bytes_before: int
+    bytes_after: int
+
+
+class PersistentCache(ResultCache, Protocol):
+    """A cache that outlives the process (SQLite, Redis): the maintenance calls of ``wanwu cache``."""
+
+    def stats(self) -> CacheStats: ...
+
+    def clear(self, namespace: str | None = None) -> int: ...
+
+    def prune(self, *, older_than: float | None = None, max_size: int | None = None) -> PruneResult: ...
+
+    def __enter__(self) -> PersistentCache: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 class OneThreadCache:
@@ -96,7 +148,7 @@ class MemoryCache:
 
 # --- choosing a cache by location -------------------------------------------------------------------------
 
-CacheOpener = Callable[[str], ResultCache]
+CacheOpener = Callable[[str], PersistentCache]
 CACHES: Registry[CacheOpener] = Registry("result cache", group="wanwu.caches")
 CACHES.lazy("sqlite", "wanwu.cache.sqlite:open_location")
 CACHES.lazy("redis", "wanwu.cache.redis:RedisCache", extra="queue")
@@ -119,6 +171,6 @@ def cache_scheme(location: str) -> str:
     return scheme
 
 
-def open_cache(location: str) -> ResultCache:
+def open_cache(location: str) -> PersistentCache:
     """The persistent result cache at ``location`` (a path, ``sqlite:///path``, ``redis://HOST:PORT/DB``)."""
     return CACHES.get(cache_scheme(location))(location)

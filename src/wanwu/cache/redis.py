@@ -29,9 +29,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from wanwu.cache import CachedResult
+from wanwu.cache import CachedResult, CacheStats, NamespaceStats, PruneResult
 from wanwu.cache.codec import decode_top, decode_warnings, encode_top, key_blob
-from wanwu.cache.sqlite import CacheStats, NamespaceStats, PruneResult
 from wanwu.errors import CacheError, MissingExtraError, UsageError
 
 log = logging.getLogger("wanwu")

@@ -37,11 +37,10 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from wanwu.cache import CachedResult
+from wanwu.cache import CachedResult, CacheStats, NamespaceStats, PruneResult
 from wanwu.cache.codec import decode_top, decode_warnings, encode_top, encode_warnings, key_blob
 from wanwu.errors import CacheError
 
@@ -82,47 +81,6 @@ def _has_warnings(conn: sqlite3.Connection) -> bool:
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-# --- statistics -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NamespaceStats:
-    name: str
-    entries: int
-    payload_bytes: int
-    oldest: int | None  # unix seconds the oldest entry was written
-    newest: int | None
-    last_access: int | None
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    path: str
-    exists: bool
-    entries: int = 0
-    bytes_on_disk: int = 0  # the database file plus its write-ahead log
-    oldest: int | None = None
-    newest: int | None = None
-    last_access: int | None = None
-    namespaces: list[NamespaceStats] = field(default_factory=list)
-
-    @property
-    def bytes_per_entry(self) -> float:
-        return self.bytes_on_disk / self.entries if self.entries else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["bytes_per_entry"] = round(self.bytes_per_entry, 1)
-        return out
-
-
-@dataclass(frozen=True)
-class PruneResult:
-    removed: int
-    bytes_before: int
-    bytes_after: int
 
 
 # --- the cache --------------------------------------------------------------------------------------------
