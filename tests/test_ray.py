@@ -396,6 +396,40 @@ def test_a_node_killed_mid_run_costs_no_record(
     assert all(session_pids(node.sid) == [] for node in cluster.nodes)
 
 
+@pytest.mark.slow
+@pytest.mark.extra("queue")
+def test_two_nodes_share_one_redis_cache_and_a_second_run_is_all_hits(
+    mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
+) -> None:
+    from tests.servers import redis_server
+
+    folder = _photo_folder(photos, tmp_path, step=29, count=40)
+    cluster = Cluster(_env(tmp_path))
+    with redis_server(tmp_path) as url:
+        try:
+            cluster.start_head(num_cpus=2)
+            cluster.add_node("node2", num_cpus=2)
+            cluster.wait_nodes(2)
+            runs = []
+            for name in ("first", "second"):
+                out = tmp_path / f"{name}.jsonl"
+                args = [*WANWU, "recognize", str(folder), "--runner", "ray", "--ray-address", cluster.address,
+                        "-m", str(mobilenet[0]), "-l", str(mobilenet[1]), "-b", "8", "--ray-actors", "2",
+                        "--cache", url, "-o", str(out)]
+                done = subprocess.run(args, env={**cluster.env, "COLUMNS": "200"}, capture_output=True,
+                                      text=True, timeout=600)
+                assert done.returncode == 3, done.stderr[-3000:]  # two bad files: "some inputs failed"
+                runs.append((out.read_text(encoding="utf-8"), done.stderr))
+        finally:
+            cluster.stop()
+    (first, first_said), (second, second_said) = runs
+    assert first == second
+    assert "from the cache" not in first_said
+    ok = sum(1 for line in first.splitlines() if json.loads(line)["status"] == "ok")
+    assert ok > 30 and f"{ok} ok" in second_said
+    assert f"{ok} from the cache" in second_said, second_said[-2000:]  # every photo, on whichever node
+
+
 def _working(sid: int) -> bool:
     titles = [_title(pid) for pid in session_pids(sid)]
     return any("MapBatches" in t or "MapWorker" in t for t in titles)
