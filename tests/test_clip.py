@@ -311,3 +311,46 @@ def test_service_label_lists_are_evicted_only_when_idle(clip_folder: Path, label
         for label_set in runtime._label_sets.values():
             label_set.recognizer.close()
         loop.close()
+
+
+@pytest.mark.extra("server")
+def test_service_label_lists_go_through_a_batcher_and_the_shared_decoders(
+    clip_folder: Path, label_file: Path, images: list[Path]
+) -> None:
+    import asyncio
+    import threading
+
+    from wanwu.engine import Engine
+    from wanwu.records import RecordOptions
+    from wanwu.service import ServeConfig
+    from wanwu.service.batcher import _NoObserver
+    from wanwu.service.runtime import Runtime
+    from wanwu.sources import InputItem
+
+    engine = Engine.load(resolve_model(str(clip_folder), label_file), max_batch=8)
+    config = ServeConfig(model=str(clip_folder), labels=label_file, max_delay_ms=200,
+                         options=RecognizeOptions(workers=1, cache=False))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    runtime = Runtime(config, engine, None, _NoObserver(), loop)
+    loop.call_soon_threadsafe(runtime.start)
+    labels = ("猫", "狗", "汽车")
+    items = [InputItem.from_bytes(p.name, p.read_bytes()) for p in images[:3]]
+    try:
+        requests = [asyncio.run_coroutine_threadsafe(runtime.recognize(items, RecordOptions(top_k=3), labels), loop)
+                    for _ in range(2)]
+        results = [r.result(timeout=300) for r in requests]
+        label_set = runtime._label_sets[labels]
+        assert all(r.ok for rs in results for r in rs)
+        for a, b in zip(*results, strict=True):  # the same answers (up to the last digit: other batch sizes)
+            assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
+            assert all(abs(p.score - q.score) < 1e-4 for p, q in zip(a.predictions, b.predictions, strict=True))
+        assert 1 <= label_set.batcher.batches < 6  # the two requests' six crops, batched together
+        assert runtime.batcher.batches == 0  # the default label list's batcher saw none of them
+        assert label_set.recognizer.decoders is runtime.recognizer.decoders  # no decode process of its own
+    finally:
+        asyncio.run_coroutine_threadsafe(runtime.close(), loop).result(timeout=120)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()

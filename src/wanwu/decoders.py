@@ -27,7 +27,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, ClassVar
 
-from wanwu.errors import ErrorType
+from wanwu.errors import ClosedError, ErrorType
 from wanwu.imaging import DecodeOptions, DecodeResult, decode_each
 from wanwu.spec import PreprocessSpec
 
@@ -100,7 +100,7 @@ class DecodePool:
             return
 
         def start() -> None:
-            with contextlib.suppress(RuntimeError):  # closed before the warm-up got going: nothing to warm
+            with contextlib.suppress(RuntimeError, ClosedError):  # closed before the warm-up: nothing to warm
                 pool = self.get()
                 for _ in range(self.workers):
                     pool.submit(int)
@@ -108,10 +108,10 @@ class DecodePool:
         threading.Thread(target=start, name="wanwu-decode-warm", daemon=True).start()
 
     def get(self) -> Executor:
-        """The workers, started on first use. Raises RuntimeError once the pool is closed."""
+        """The workers, started on first use. Raises ClosedError once the pool is closed."""
         with self._lock:
             if self._closed:
-                raise RuntimeError("the decode workers are closed")
+                raise ClosedError("the decode workers are closed")
             if self._pool is None:
                 if self.workers == 0:
                     self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wanwu-decode")
@@ -137,6 +137,8 @@ class DecodePool:
         """Run ``fn(*args)`` alone in the quarantine process. The future raises BrokenProcessPool only when
         this very call crashed its process, and DecodeTimeoutError when it ran past ``timeout`` seconds (its
         process is then killed)."""
+        if self._closed:
+            raise ClosedError("the decode workers are closed")
         if self._quarantine is None:  # threads cannot crash each other's process: run it in the pool
             return self.get().submit(fn, *args)
         return self._quarantine.submit_within(timeout, fn, *args)

@@ -24,6 +24,7 @@ runs: its fetch threads, decode processes, quarantine and cache are shared and t
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
@@ -41,7 +42,7 @@ from wanwu.cache import open_cache as open_cache_at
 from wanwu.config import RecognizeOptions
 from wanwu.decoders import DecodePool, decode_failure, timed_out
 from wanwu.engine import Engine
-from wanwu.errors import ErrorType
+from wanwu.errors import ClosedError, ErrorType
 from wanwu.fetch import FETCHERS, Fetched, Fetcher
 from wanwu.imaging import DecodeResult, Prepared, decode_jobs
 from wanwu.inference import Inference, LocalInference
@@ -79,6 +80,8 @@ class Recognizer:
         prepared crops go (default: batches on the engine). ``on_cache_hit``: told of every result served
         from the cache (metrics)."""
         self.options = options or RecognizeOptions()
+        self._owner: Recognizer | None = None  # set on a view made by sharing(): the pools are the owner's
+        self._closed = False
         self._fetch_pool: ThreadPoolExecutor | None = None
         self._url_pool: ThreadPoolExecutor | None = None  # downloads apart: slow URLs never stall file reads
         self._lock = threading.Lock()
@@ -117,7 +120,9 @@ class Recognizer:
     def recognize(self, inputs: Iterable[InputLike], record: RecordOptions | None = None) -> Iterator[Record]:
         """Records in input order. Strings are expanded like CLI arguments (folders, globs, URLs).
 
-        ``record`` shapes the records (top-k, score, threshold); default: ``options.record``."""
+        ``record`` shapes the records (top-k, score, threshold); default: ``options.record``. Raises
+        :class:`~wanwu.errors.ClosedError` once closed."""
+        self._check_open()
         return _Run(self, _items(inputs), record or self.options.record).records()
 
     def recognize_one(self, input: InputLike, record: RecordOptions | None = None) -> Record:
@@ -134,20 +139,47 @@ class Recognizer:
         if self.on_cache_hit is not None:
             self.on_cache_hit()
 
+    def sharing(self, engine: Engine, inference: Inference) -> Recognizer:
+        """Another model, run through this recognizer's fetch threads, decode processes and cache (the service's
+        zero-shot label sets: one network, a label list per request). Closing the view closes ``inference``
+        only; closing this recognizer makes its views unusable too."""
+        self._check_open()
+        view = copy.copy(self)
+        view.engine, view.inference, view._owner, view.cache_hits = engine, inference, self, 0
+        return view
+
+    def _check_open(self) -> None:
+        if self._closed or (self._owner is not None and self._owner._closed):
+            raise ClosedError("this recognizer is closed")
+
     def fetch_pool(self) -> ThreadPoolExecutor:
+        if self._owner is not None:
+            return self._owner.fetch_pool()
         with self._lock:
+            self._check_open()
             if self._fetch_pool is None:
                 self._fetch_pool = ThreadPoolExecutor(self.options.fetch_threads, thread_name_prefix="wanwu-fetch")
             return self._fetch_pool
 
     def url_pool(self) -> ThreadPoolExecutor:
+        if self._owner is not None:
+            return self._owner.url_pool()
         with self._lock:
+            self._check_open()
             if self._url_pool is None:
                 self._url_pool = ThreadPoolExecutor(self.options.fetch_threads, thread_name_prefix="wanwu-url")
             return self._url_pool
 
     def close(self) -> None:
+        """Stop everything this recognizer started; it raises ClosedError from then on. Idempotent."""
+        if self._owner is not None:
+            self._closed = True
+            self.inference.close()
+            return
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             pools, self._fetch_pool, self._url_pool = (self._fetch_pool, self._url_pool), None, None
         for pool in pools:
             if pool is not None:
