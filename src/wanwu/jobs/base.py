@@ -14,7 +14,6 @@ inputs recorded as ``internal`` errors) apply to every backend.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import secrets
@@ -27,6 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from wanwu.errors import ERROR_TYPES, ErrorType, QueueError, UsageError
 from wanwu.paths import wanwu_home
 from wanwu.records import Record, RecordOptions
+from wanwu.registry import Registry
 from wanwu.sources import is_url
 
 JobState = Literal["queued", "running", "done", "cancelled", "failed"]
@@ -377,17 +377,15 @@ class QueueURL:
 
 
 QueueFactory = Callable[[QueueURL], JobQueue]
-QUEUES: dict[str, QueueFactory] = {}
-# Built-in backends register on import; importing only the one asked for keeps redis-py optional.
-BUILTIN_QUEUES = {"sqlite": "wanwu.jobs.sqlite", "redis": "wanwu.jobs.redis", "rediss": "wanwu.jobs.redis"}
+# Queue backends by URL scheme; lazy built-ins keep redis-py optional; plug-ins: the wanwu.queues entry points.
+QUEUES: Registry[QueueFactory] = Registry("job queue", group="wanwu.queues")
+QUEUES.lazy("sqlite", "wanwu.jobs.sqlite:open_sqlite")
+QUEUES.lazy("redis", "wanwu.jobs.redis:open_redis", extra="queue")
+QUEUES.lazy("rediss", "wanwu.jobs.redis:open_redis", extra="queue")
 
 
 def register_queue(scheme: str) -> Callable[[QueueFactory], QueueFactory]:
-    def wrap(factory: QueueFactory) -> QueueFactory:
-        QUEUES[scheme] = factory
-        return factory
-
-    return wrap
+    return QUEUES.register(scheme)
 
 
 def default_queue_url() -> str:
@@ -398,8 +396,8 @@ def default_queue_url() -> str:
 def parse_queue_url(url: str) -> QueueURL:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in QUEUES and scheme not in BUILTIN_QUEUES:
-        known = ", ".join(sorted({*QUEUES, *BUILTIN_QUEUES}))
+    if scheme not in QUEUES:
+        known = ", ".join(sorted(QUEUES.names()))
         raise UsageError(f"queue URL {url!r}: unknown scheme {parts.scheme!r}; use one of {known}, "
                          "e.g. sqlite:///path/jobs.sqlite3 or redis://host:6379/0")
     ours: dict[str, str] = {}
@@ -428,9 +426,7 @@ def with_query(url: str, query: list[tuple[str, str]]) -> str:
 def open_queue(url: str | None = None) -> JobQueue:
     """Open the queue at ``url`` (default ``$WANWU_QUEUE`` or SQLite under ``$WANWU_HOME``)."""
     parsed = parse_queue_url(url or default_queue_url())
-    if parsed.scheme not in QUEUES:
-        importlib.import_module(BUILTIN_QUEUES[parsed.scheme])
-    return QUEUES[parsed.scheme](parsed)
+    return QUEUES.get(parsed.scheme)(parsed)
 
 
 def _iso(ts: float) -> str:
