@@ -354,3 +354,66 @@ def test_service_label_lists_go_through_a_batcher_and_the_shared_decoders(
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
         loop.close()
+
+
+def test_hf_download_is_checked_and_done_once_by_concurrent_processes(
+    clip_folder: Path, label_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+    import http.server
+    import threading
+    from collections import Counter
+
+    from tests.servers import free_port
+    from wanwu.errors import DownloadError
+    from wanwu.hf import HubRef, fetch
+
+    weights = (clip_folder / "model.safetensors").read_bytes()
+    good = hashlib.sha256(weights).hexdigest()
+    gets: Counter[str] = Counter()
+    lying = {"on": True}
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            name = self.path.rsplit("/", 1)[-1]
+            gets[name] += 1
+            local = clip_folder / name
+            if not local.is_file():
+                self.send_response(404)
+                self.end_headers()
+                return
+            body = local.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            if name == "model.safetensors":  # as the Hub answers for an LFS file
+                self.send_header("X-Linked-Etag", f'"{"0" * 64 if lying["on"] else good}"')
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("WANWU_OFFLINE", raising=False)
+    monkeypatch.setenv("WANWU_HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    ref = HubRef.parse("hf:OFA-Sys/tiny-clip")
+    try:
+        with pytest.raises(DownloadError, match="does not match"):
+            fetch(ref)  # a corrupted download is refused, and not kept
+        assert not (ref.folder() / "model.safetensors").exists()
+        assert not (ref.folder() / "model.safetensors.part").exists()
+        lying["on"] = False
+        gets.clear()
+        results: list[Path] = []
+        threads = [threading.Thread(target=lambda: results.append(fetch(ref))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert results == [ref.folder()] * 3
+        assert gets["model.safetensors"] == 1  # one of them downloaded it; the others waited and found it
+        assert (ref.folder() / "model.safetensors").read_bytes() == weights
+    finally:
+        server.shutdown()
+        server.server_close()
