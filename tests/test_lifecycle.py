@@ -121,3 +121,24 @@ def test_runtime_close_waits_for_the_requests_in_hand(
     assert [r.ok for r in records] == [True]  # finished, not cut off by the shutdown
     with pytest.raises(ClosedError):
         runtime.recognizer.recognize([item])
+
+
+def test_wanwu_leaves_the_process_warnings_hook_as_it_found_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import warnings
+
+    from tests.helpers import with_corrupt_exif
+    from wanwu.imaging import prepare
+    from wanwu.spec import PreprocessSpec
+
+    code = ("import warnings; before = warnings.showwarning; import wanwu.imaging, wanwu.pipeline, wanwu.ray; "
+            "assert warnings.showwarning is before, 'importing wanwu replaced warnings.showwarning'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    before = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        prepared = prepare(with_corrupt_exif(image_bytes((90, 40, 160), size=(80, 60))), PreprocessSpec())
+    assert any("Corrupt EXIF" in w for w in prepared.warnings)  # the file's warning reached its record
+    assert warnings.showwarning is before  # and the hook is the application's again
