@@ -142,3 +142,21 @@ def test_wanwu_leaves_the_process_warnings_hook_as_it_found_it(tmp_path: Path) -
         prepared = prepare(with_corrupt_exif(image_bytes((90, 40, 160), size=(80, 60))), PreprocessSpec())
     assert any("Corrupt EXIF" in w for w in prepared.warnings)  # the file's warning reached its record
     assert warnings.showwarning is before  # and the hook is the application's again
+
+
+def test_the_chinese_cli_leaves_click_itself_alone() -> None:
+    import subprocess
+    import sys
+
+    code = ("import click.core, click.exceptions, click.formatting, click.decorators\n"
+            "before = {m: getattr(m, '_', None) for m in (click.core, click.exceptions, click.formatting, "
+            "click.decorators)}\n"
+            "from wanwu.cli.main import main\n"
+            "assert main(['recognize', '--help']) == 0\n"
+            "assert main(['recognize', 'x', '--top-k', '0']) == 2\n"
+            "assert all(getattr(m, '_', None) is f for m, f in before.items()), 'click was patched'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "WANWU_LANG": "zh", "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert "用法：" in done.stdout and "[默认：5; 1<=x<=50]" in done.stdout
+    assert "错误：'-k' / '--top-k' 的值无效" in done.stderr and "用 'wanwu recognize -h' 查看帮助。" in done.stderr

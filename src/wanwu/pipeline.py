@@ -377,6 +377,8 @@ class _Run:
 
     def _handle(self, event: tuple[str, Any, Future[Any]]) -> None:
         kind, subject, future = event
+        if future.cancelled():  # only close() cancels work: the run cannot go on
+            raise ClosedError("the recognizer was closed during this run")
         if kind == "fetch":
             self.pending_fetch -= 1
             self._fetched(subject, future)

@@ -13,7 +13,8 @@ import sys
 import click
 
 from wanwu import __version__
-from wanwu.cli.messages import h, install_click_translations, short_help, t
+from wanwu.cli.localized import localize, show_error
+from wanwu.cli.messages import h, short_help, t
 from wanwu.cli.progress import ReportedInterrupt
 from wanwu.errors import UsageError, WanwuError
 
@@ -22,7 +23,6 @@ EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 COMMAND_MODULES = ("recognize", "cache", "convert", "serve", "jobs", "worker", "report")
 
 
-install_click_translations()
 VERBOSE_HELP = h("verbose")
 
 
@@ -76,6 +76,7 @@ def _accept_verbose(group: click.Group) -> None:
 
 _accept_verbose(cli)
 _localize_short_help(cli)
+localize(cli)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(t("interrupted"), err=True)
         return EXIT_INTERRUPTED
     except click.ClickException as e:
-        e.show()
+        show_error(e)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         if not isinstance(e, ReportedInterrupt):

@@ -194,12 +194,13 @@ SHORT_HELP_ZH = {
     "worker": "用一个已加载的模型处理队列中的子任务；可在任意机器上启动任意多个。",
 }
 
-# click's own words in --help and usage errors (it looks them up through gettext).
+# click's own words in --help and usage errors, by click's English text.
 CLICK_ZH = {
-    "Usage:": "用法：", "Options": "选项", "Commands": "命令", "default: {default}": "默认：{default}",
+    "Usage:": "用法：", "Options": "选项", "Commands": "命令", "Positional arguments": "位置参数",
+    "default": "默认", "required": "必填",
     "Show this message and exit.": "显示此帮助并退出。", "Show the version and exit.": "显示版本并退出。",
-    "required": "必填", "Try {command} for help.": "用 {command} 查看帮助。", "Error": "错误",
-    "Invalid value for {name}: {message}": "{name} 的值无效：{message}",
+    "Try '{command} {option}' for help.": "用 '{command} {option}' 查看帮助。", "Error: {message}": "错误：{message}",
+    "Invalid value for {param_hint}: {message}": "{param_hint} 的值无效：{message}",
 }
 
 
@@ -213,21 +214,9 @@ def h(key: str) -> str:
     return HELP[language()].get(key) or HELP["en"][key]
 
 
-def install_click_translations() -> None:
-    """Under a Chinese locale, click's headings (Usage, Options, default...) in Chinese too."""
-    if language() != "zh":
-        return
-    import click.core
-    import click.decorators
-    import click.exceptions
-    import click.formatting
-
-    def gettext(message: str) -> str:
-        return CLICK_ZH.get(message, message)
-
-    for module in (click.core, click.decorators, click.exceptions, click.formatting):
-        if hasattr(module, "_"):
-            module._ = gettext  # type: ignore[attr-defined]
+def click_zh(text: str) -> str:
+    """click's English ``text`` under a Chinese locale (as it is otherwise)."""
+    return CLICK_ZH.get(text, text) if language() == "zh" else text
 
 
 def language(environ: dict[str, str] | None = None) -> str:
