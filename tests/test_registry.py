@@ -93,3 +93,23 @@ def test_caches_queues_and_input_kinds_take_plug_ins(tmp_path: Path, monkeypatch
     fetched = Fetcher().fetch(InputItem("x", "acme", "bytes of x"))
     assert fetched.data == b"bytes of x" and FETCHERS.remote("acme")
     assert "acme" in CACHES.names() and "acme" in QUEUES.names()
+
+
+def test_one_input_model_on_every_wire() -> None:
+    """An input is the same InputItem in a Ray row, on the queue and back."""
+    from wanwu.jobs.base import JobInput
+    from wanwu.sources import InputItem
+
+    items = [InputItem("https://example.com/a.jpg", "url", "https://example.com/a.jpg"),
+             InputItem("photos/b.jpg", "file", "/abs/photos/b.jpg"),
+             InputItem("s3://bucket/c.jpg", "object", "s3://bucket/c.jpg"),
+             InputItem.failed("gone.jpg", "no such file"),
+             InputItem.failed("odd://x", "unsupported scheme", "unsupported")]
+    for item in items:
+        assert InputItem.from_row(item.to_row()) == item  # a Ray row
+        queued = JobInput.from_wire(JobInput.by_reference(item).to_wire())  # a queued task's input
+        assert queued.to_item() == item
+    upload = JobInput.upload("d.png", b"\x89PNG...")
+    assert JobInput.from_wire(upload.to_wire()).to_item(b"\x89PNG...") == InputItem(
+        "d.png", "bytes", upload.ref, b"\x89PNG...")
+    assert JobInput.from_wire(upload.to_wire()).to_item(None).kind == "missing"  # its bytes are gone

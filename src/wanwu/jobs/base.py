@@ -24,13 +24,18 @@ from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from wanwu.errors import ERROR_TYPES, ErrorType, QueueError, UsageError
+from wanwu.fetch import FETCHERS
 from wanwu.paths import wanwu_home
 from wanwu.records import Record, RecordOptions
 from wanwu.registry import Registry
-from wanwu.sources import is_url
+from wanwu.sources import InputItem, is_url
 
 JobState = Literal["queued", "running", "done", "cancelled", "failed"]
-InputKind = Literal["url", "path", "upload", "missing"]
+InputKind = str
+"""``url``, ``path`` (the ``file`` input kind, by absolute path), ``upload`` (the ``bytes`` kind, its bytes kept in
+the queue by sha256), ``missing``, or any other input kind with a reader (:data:`wanwu.fetch.FETCHERS`: ``object``,
+a plug-in's), sent by reference as its locator."""
+_ITEM_KIND = {"path": "file", "upload": "bytes"}  # the queue's names of two InputItem kinds (its wire keeps them)
 DEFAULT_TASK_SIZE = 16
 # A submission that has added nothing for this long while unsealed is dead (a killed `jobs submit`): queues
 # cancel it and free its uploads when a worker next claims, so it is not "running" for ever.
@@ -48,7 +53,8 @@ class UnknownJobError(QueueError):
 
 @dataclass(frozen=True, slots=True)
 class JobInput:
-    """One input of a job. ``name`` is what its record says; ``ref`` is how a worker finds the bytes.
+    """One input of a job: an :class:`~wanwu.sources.InputItem` as the queue stores it (``[name, kind, ref]``).
+    ``name`` is what its record says; ``ref`` is how a worker finds the bytes.
 
     url: ``ref`` is the URL · path: ``ref`` is an absolute path, read by workers allowed to read it ·
     upload: ``ref`` is the sha256 of bytes stored in the queue (``data`` only while submitting) ·
@@ -87,6 +93,26 @@ class JobInput:
             return cls.url(text)
         return cls.path(text)
 
+    @classmethod
+    def by_reference(cls, item: InputItem) -> JobInput:
+        """``item`` as a reference a worker follows (not for ``bytes`` items: upload those)."""
+        if item.kind == "missing":
+            return cls.missing(item.input, item.error_type, item.error)
+        if item.kind == "file":
+            return cls.path(item.locator, name=item.input)
+        return cls(item.input, item.kind, item.locator)
+
+    def to_item(self, data: bytes | None = None) -> InputItem:
+        """The input item a worker recognizes (``data``: an upload's bytes, fetched from the queue)."""
+        if self.kind == "missing":
+            type, message = self.failure()
+            return InputItem.failed(self.name, message, type)
+        if self.kind == "upload":
+            if data is None:
+                return InputItem.failed(self.name, "the uploaded file is no longer in the queue")
+            return InputItem(self.name, "bytes", self.ref, data)
+        return InputItem(self.name, _ITEM_KIND.get(self.kind, self.kind), self.ref)
+
     def failure(self) -> tuple[ErrorType, str]:
         """For ``missing`` inputs: the error type and message."""
         return self.error_type or "internal", self.error
@@ -101,9 +127,9 @@ class JobInput:
         if kind == "missing":
             type, _, message = ref.partition(": ")
             return cls.missing(name, type if type in ERROR_TYPES else "internal", message)
-        if kind not in ("url", "path", "upload"):
+        if kind not in ("url", "path", "upload") and (kind in ("file", "bytes") or kind not in FETCHERS):
             raise QueueError(f"corrupt task: unknown input kind {kind!r}")
-        return cls(name, kind, ref)  # type: ignore[arg-type]
+        return cls(name, kind, ref)
 
 
 JobOptions = RecordOptions  # what shapes a job's records; the worker's model and settings do the rest

@@ -9,6 +9,7 @@ carrying the reason, never silently dropped; the caller decides whether to queue
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from wanwu.errors import InputError
@@ -29,12 +30,10 @@ def job_inputs(
 
 
 def job_input(item: InputItem, fetcher: Fetcher, by_reference: bool = False) -> JobInput:
-    if item.kind == "url":
-        return JobInput.url(item.locator)
-    if item.kind == "missing":
-        return JobInput.missing(item.input, item.error_type, item.error)
-    if by_reference and item.kind != "object":  # an s3:// object has no path a worker could read: upload it
-        return JobInput.path(str(Path(item.locator).absolute()), name=item.input)
+    if item.kind in ("url", "missing"):
+        return JobInput.by_reference(item)
+    if by_reference and item.kind == "file":  # an s3:// object has no path a worker could read: upload it
+        return JobInput.by_reference(replace(item, locator=str(Path(item.locator).absolute())))
     try:
         return JobInput.upload(item.input, fetcher.fetch(item).data)
     except InputError as e:

@@ -142,20 +142,9 @@ def _items(queue: JobQueue, tasks: list[Task], roots: _Roots) -> Iterator[InputI
 
 
 def _item(item: JobInput, blobs: dict[str, bytes], roots: _Roots) -> InputItem:
-    if item.kind == "url":
-        return InputItem(item.name, "url", item.ref)
-    if item.kind == "upload":
-        data = blobs.get(item.ref)
-        if data is None:
-            return InputItem.failed(item.name, "the uploaded file is no longer in the queue")
-        return InputItem.from_bytes(item.name, data)
-    if item.kind == "path":
-        refusal = roots.refusal(item.ref)
-        if refusal:
-            return InputItem.failed(item.name, refusal, "fetch_error")
-        return InputItem(item.name, "file", item.ref)
-    type, message = item.failure()
-    return InputItem.failed(item.name, message, type)
+    if item.kind == "path" and (refusal := roots.refusal(item.ref)):
+        return InputItem.failed(item.name, refusal, "fetch_error")
+    return item.to_item(blobs.get(item.ref) if item.kind == "upload" else None)
 
 
 class _Roots:
