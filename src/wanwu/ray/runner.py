@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 from wanwu.config import RecognizeOptions
+from wanwu.errors import ClosedError
 from wanwu.models import resolve_model
 from wanwu.ray.dataset import RayOptions, import_ray, recognize_dataset
 from wanwu.ray.stages import item_rows
@@ -46,6 +47,7 @@ class RayRunner:
         )
         self.cache_hits = 0  # records answered from the result cache, over every run of this runner
         self._connected = False
+        self._closed = False
         if self.ray.is_initialized():
             pass  # the caller's Ray session: use it, leave it open
         elif address:
@@ -56,7 +58,10 @@ class RayRunner:
             self._connected = True
 
     def recognize(self, inputs: Iterable[InputItem], record: RecordOptions | None = None) -> Iterator[Record]:
-        """One record per input, in input order. ``record`` shapes them (default ``options.record``)."""
+        """One record per input, in input order. ``record`` shapes them (default ``options.record``). Raises
+        ClosedError once closed."""
+        if self._closed:
+            raise ClosedError("this Ray runner is closed")
         items = iter(inputs)
         while shard := list(islice(items, self.shard_size)):
             ds = self.ray.data.from_items(item_rows(shard), override_num_blocks=self._blocks(len(shard)))
@@ -76,6 +81,7 @@ class RayRunner:
         return max(1, min(1000, n // self.ray_options.decode_batch))
 
     def close(self) -> None:
+        self._closed = True
         if self._connected:
             self.ray.shutdown()
             self._connected = False
