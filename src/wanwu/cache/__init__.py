@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from wanwu.errors import UsageError
+from wanwu.errors import CacheError, MissingExtraError, UsageError
 from wanwu.records import TopScores
 from wanwu.registry import Registry
 
@@ -173,4 +173,11 @@ def cache_scheme(location: str) -> str:
 
 def open_cache(location: str) -> PersistentCache:
     """The persistent result cache at ``location`` (a path, ``sqlite:///path``, ``redis://HOST:PORT/DB``)."""
-    return CACHES.get(cache_scheme(location))(location)
+    scheme = cache_scheme(location)
+    try:
+        opener = CACHES.get(scheme)
+    except MissingExtraError:
+        raise
+    except ImportError as e:  # a Python built without sqlite3, say
+        raise CacheError(f"the result cache is not available ({e}); run with --no-cache") from e
+    return opener(location)
