@@ -16,8 +16,9 @@ import click
 from wanwu.cli.messages import t
 from wanwu.cli.progress import RunProgress
 from wanwu.errors import UsageError
-from wanwu.jobs.base import JobActivity, JobInput, JobOptions, JobQueue, JobSpec, JobStatus, open_queue
+from wanwu.jobs.base import JobActivity, JobInput, JobQueue, JobSpec, JobStatus, open_queue
 from wanwu.jobs.inputs import job_inputs
+from wanwu.records import RecordOptions
 from wanwu.sinks import SinkOptions, create_sink
 from wanwu.sources import DEFAULT_MAX_BYTES
 
@@ -55,7 +56,7 @@ def submit(inputs: tuple[str, ...], queue_url: str | None, top_k: int, score: st
     input that cannot be expanded or read (a missing path, a glob matching nothing, a file too large) is
     not queued: it is named on stderr, and the exit code is 3.
     """
-    options = JobOptions(top_k=top_k, score=score, threshold=threshold)  # type: ignore[arg-type]
+    options = RecordOptions(top_k=top_k, score=score, threshold=threshold)  # type: ignore[arg-type]
     tally = _Tally()
     queued = tally.queued(job_inputs(inputs, by_reference=by_reference, max_bytes=max_bytes))
     first = next(queued, None)

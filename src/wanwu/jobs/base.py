@@ -132,7 +132,6 @@ class JobInput:
         return cls(name, kind, ref)
 
 
-JobOptions = RecordOptions  # what shapes a job's records; the worker's model and settings do the rest
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ class JobSpec:
     """A job to submit. ``inputs`` may be a generator: queues consume it once, in chunks."""
 
     inputs: Iterable[JobInput]
-    options: JobOptions = field(default_factory=JobOptions)
+    options: RecordOptions = field(default_factory=RecordOptions)
     task_size: int = DEFAULT_TASK_SIZE
 
     def __post_init__(self) -> None:
@@ -162,7 +161,7 @@ class JobStatus:
     rate: float
     created: float
     updated: float
-    options: JobOptions
+    options: RecordOptions
     sealed: bool = True
     abandoned: int = 0  # tasks given up after too many deliveries (their inputs have internal errors)
 
@@ -177,7 +176,7 @@ class JobStatus:
             state=derive_state(cancelled=cancelled, sealed=sealed, total=total, finished=done + failed,
                                started=started is not None, abandoned=abandoned),
             total=total, done=done, failed=failed, rate=job_rate(done + failed, started, updated),
-            created=created, updated=updated, options=JobOptions.from_dict(json.loads(options)),
+            created=created, updated=updated, options=RecordOptions.from_dict(json.loads(options)),
             sealed=sealed, abandoned=abandoned,
         )
 
@@ -249,7 +248,7 @@ class Task:
     task_id: str
     start: int
     inputs: tuple[JobInput, ...]
-    options: JobOptions
+    options: RecordOptions
     attempt: int = 1
 
     def indexed(self) -> Iterator[tuple[int, JobInput]]:

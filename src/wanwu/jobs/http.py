@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from wanwu.errors import MissingExtraError, QueueError, UsageError
-from wanwu.jobs.base import JobInput, JobOptions, JobQueue, JobSpec, UnknownJobError, open_queue
+from wanwu.jobs.base import JobInput, JobQueue, JobSpec, UnknownJobError, open_queue
+from wanwu.records import RecordOptions
 from wanwu.sinks import SinkOptions, create_sink
 from wanwu.sources import DEFAULT_MAX_BYTES
 
@@ -170,7 +171,7 @@ async def _json_body(request: Any) -> dict[str, Any]:
     return body
 
 
-def _options(data: Any) -> tuple[JobOptions, int]:
+def _options(data: Any) -> tuple[RecordOptions, int]:
     def number(key: str, kind: type[int] | type[float], default: Any) -> Any:
         value = data.get(key)
         if value in (None, ""):
@@ -181,7 +182,7 @@ def _options(data: Any) -> tuple[JobOptions, int]:
             raise UsageError(f"{key} must be a number, got {value!r}") from None
 
     score: Any = data.get("score") or "softmax"
-    options = JobOptions(number("top_k", int, 5), score, number("threshold", float, None))
+    options = RecordOptions(number("top_k", int, 5), score, number("threshold", float, None))
     return options, number("task_size", int, 16)
 
 

@@ -29,7 +29,6 @@ from wanwu.errors import MissingExtraError, QueueError
 from wanwu.jobs.base import (
     STALE_SUBMISSION_S,
     JobActivity,
-    JobOptions,
     JobSpec,
     JobStatus,
     QueueURL,
@@ -43,7 +42,7 @@ from wanwu.jobs.base import (
     register_queue,
     with_query,
 )
-from wanwu.records import Record
+from wanwu.records import Record, RecordOptions
 
 log = logging.getLogger("wanwu")
 
@@ -328,7 +327,7 @@ class RedisQueue:
                 except UnknownJobError:
                     jobs[job_id] = None
             job = jobs[job_id]
-            options = JobOptions.from_dict(json.loads(job["options"])) if job else JobOptions()
+            options = RecordOptions.from_dict(json.loads(job["options"])) if job else RecordOptions()
             inputs = decode_inputs(fields[b"inputs"].decode())
             task = Task(job_id, msg_id.decode(), int(fields[b"start"]), inputs, options, deliveries)
             if job is None or job["cancelled"] == "1":

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wanwu.jobs.base import JobInput, JobOptions, JobQueue, Task
+from wanwu.jobs.base import JobInput, JobQueue, Task
 from wanwu.pipeline import Recognizer
-from wanwu.records import Record
+from wanwu.records import Record, RecordOptions
 from wanwu.sources import InputItem
 
 log = logging.getLogger("wanwu")
@@ -105,7 +105,7 @@ def run_worker(queue: JobQueue, recognizer: Recognizer, config: WorkerConfig,
 
 def _process(queue: JobQueue, recognizer: Recognizer, tasks: list[Task], roots: _Roots, stats: WorkerStats,
              heartbeat: _Heartbeat) -> None:
-    by_options: dict[JobOptions, list[Task]] = {}
+    by_options: dict[RecordOptions, list[Task]] = {}
     for task in tasks:
         by_options.setdefault(task.options, []).append(task)
     for options, group in by_options.items():
