@@ -31,6 +31,7 @@ from wanwu.errors import ClosedError, UsageError
 from wanwu.pipeline import Recognizer
 from wanwu.records import Record, RecordOptions
 from wanwu.service.batcher import Batcher, BatcherConfig, BatchObserver
+from wanwu.service.bodies import ByteBudget, DownloadBudget
 from wanwu.service.config import ServeConfig
 from wanwu.service.inference import BatcherInference
 from wanwu.sources import InputItem
@@ -65,8 +66,11 @@ class Runtime:
 
     def __init__(
         self, config: ServeConfig, engine: Engine, cache: ResultCache | None, observer: BatchObserver,
-        loop: asyncio.AbstractEventLoop, on_cache_hit: Callable[[], None] = lambda: None, drain_s: float = 30.0,
+        loop: asyncio.AbstractEventLoop, on_cache_hit: Callable[[], None] = lambda: None,
+        budget: ByteBudget | None = None, drain_s: float = 30.0,
     ) -> None:
+        """``budget``: the in-flight bytes (--max-inflight-mb) that URL downloads count against; ``drain_s``: how
+        long close() waits for the requests in hand."""
         self.config = config
         self.engine = engine
         self.loop = loop
@@ -77,6 +81,8 @@ class Runtime:
             options=config.options, engine=engine, cache=cache,
             inference=BatcherInference(self.batcher, loop), on_cache_hit=on_cache_hit,
         )
+        self.downloads = DownloadBudget(budget or ByteBudget(int(config.inflight_mb * 1024 * 1024)))
+        self.recognizer.fetcher = self.downloads.fetcher(self.recognizer.fetcher)
         # One thread per request in progress: each runs the orchestrator's loop for its own inputs.
         self._requests = ThreadPoolExecutor(config.max_requests, thread_name_prefix="wanwu-request")
         self._label_sets: OrderedDict[tuple[str, ...], _LabelSet] = OrderedDict()
@@ -117,13 +123,14 @@ class Runtime:
         return await asyncio.wrap_future(future)
 
     def _run(self, items: list[InputItem], record: RecordOptions, labels: tuple[str, ...] | None) -> list[Record]:
-        if labels is None:
-            return list(self.recognizer.recognize(items, record))
-        label_set = self._for_labels(labels)
-        try:
-            return list(label_set.recognizer.recognize(items, record))
-        finally:
-            self._release(label_set)
+        with self.downloads.hold(items):  # what its URLs download counts against --max-inflight-mb till the end
+            if labels is None:
+                return list(self.recognizer.recognize(items, record))
+            label_set = self._for_labels(labels)
+            try:
+                return list(label_set.recognizer.recognize(items, record))
+            finally:
+                self._release(label_set)
 
     def _release(self, label_set: _LabelSet) -> None:
         with self._label_lock:
@@ -156,6 +163,7 @@ class Runtime:
             engine = Engine(spec, relabel(spec), self.config.max_batch_size)
             batcher = self._batcher(engine)
             self.loop.call_soon_threadsafe(batcher.start)  # before any crop of this thread reaches it
+            # the main recognizer's fetcher (URL bytes counted in the in-flight budget), decoders and cache
             view = self.recognizer.sharing(engine, BatcherInference(batcher, self.loop))
             label_set = _LabelSet(view, batcher, users=1)
             self._label_sets[labels] = label_set
