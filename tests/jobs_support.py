@@ -25,9 +25,10 @@ import wanwu
 from tests.helpers import image_bytes
 from wanwu.config import RecognizeOptions
 from wanwu.errors import QueueError
-from wanwu.jobs.base import JobInput, JobOptions, JobQueue, JobSpec, UnknownJobError, open_queue
+from wanwu.jobs.base import JobInput, JobQueue, JobSpec, UnknownJobError, open_queue
 from wanwu.jobs.worker import WorkerConfig, WorkerStats, run_worker
 from wanwu.pipeline import Recognizer
+from wanwu.records import RecordOptions
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (20, 20, 20), (240, 240, 240), (230, 220, 40),
           (40, 220, 220), (220, 40, 220), (128, 128, 128), (250, 140, 20)]
@@ -181,7 +182,7 @@ def scenario_worker_killed_mid_job(queue_url: str, tiny_model: tuple[Path, Path]
         inputs = [*uploads(10), JobInput.url(f"{server.url}/slow.jpg"), *uploads(29, 10),
                   *[JobInput.url(f"{server.url}/img/{i}.jpg") for i in range(10)]]
         names = [i.name for i in inputs]
-        job_id = queue.submit(JobSpec(inputs, JobOptions(top_k=2), task_size=4))
+        job_id = queue.submit(JobSpec(inputs, RecordOptions(top_k=2), task_size=4))
         a = worker_process(queue_url, tiny_model, "--lease", "2")
         b = None
         try:
@@ -391,7 +392,7 @@ def scenario_killed_submit_is_reaped(queue_url: str, monkeypatch: pytest.MonkeyP
 
     def submit() -> None:
         with contextlib.suppress(KeyboardInterrupt, QueueError):
-            queue.submit(JobSpec(inputs(), JobOptions(), task_size=1))
+            queue.submit(JobSpec(inputs(), RecordOptions(), task_size=1))
 
     thread = threading.Thread(target=submit, daemon=True)
     thread.start()

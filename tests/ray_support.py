@@ -144,3 +144,61 @@ def hostile_decode(data: bytes, spec: Any, options: Any) -> Any:
         time.sleep(2.0)
         data = data[4:]
     return decode_job(data, spec, options)
+
+
+def hostile_decode_jobs(datas: list[bytes], spec: Any, options: Any) -> list[Any]:
+    """:func:`hostile_decode` for the local runner's decode tasks (``wanwu.pipeline._Run.decode``)."""
+    return [hostile_decode(data, spec, options) for data in datas]
+
+
+def pixel_key(image: Any) -> str:
+    """What names one preprocessed image in a batch, whichever batch it is in."""
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+class PoisonBackend:
+    """Wraps a real backend: an image whose key (:func:`pixel_key`) is in ``nan`` scores NaN; a batch holding
+    one in ``oom`` runs out of memory, as a GPU would (so alone, that image always does)."""
+
+    def __init__(self, inner: Any, nan: frozenset[str], oom: frozenset[str]) -> None:
+        self.inner, self.nan, self.oom = inner, nan, oom
+
+    @property
+    def device(self) -> str:
+        return str(self.inner.device)
+
+    @property
+    def streams(self) -> int:
+        return int(self.inner.streams)
+
+    def infer(self, batch: Any) -> Any:
+        from wanwu.errors import OutOfMemoryError
+
+        keys = [pixel_key(image) for image in batch]
+        if any(k in self.oom for k in keys):
+            raise OutOfMemoryError(f"poisoned batch of {len(batch)}")
+        out = self.inner.infer(batch).copy()
+        for i, key in enumerate(keys):
+            if key in self.nan:
+                out[i] = float("nan")
+        return out
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def poison_infer() -> Any:
+    """The Ray inference stage with its model behind a :class:`PoisonBackend` (a class Ray can pickle)."""
+    from wanwu.ray import Infer
+
+    class PoisonInfer(Infer):
+        def __init__(self, spec: Any, options: Any, record: Any = None, *, nan: frozenset[str] = frozenset(),
+                     oom: frozenset[str] = frozenset()) -> None:
+            super().__init__(spec, options, record)
+            self.engine.backend = PoisonBackend(self.engine.backend, nan, oom)
+
+    return PoisonInfer

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import pytest
 import wanwu
 import wanwu.pipeline
 from tests.helpers import image_bytes, make_tiny_onnx, with_corrupt_exif
-from wanwu.cache import CachedResult
+from tests.servers import redis_server
+from wanwu.cache import CachedResult, open_cache
 from wanwu.cache.sqlite import SCHEMA_VERSION, SqliteCache, decode_top, encode_top
 from wanwu.cli.cache import parse_duration, parse_size
 from wanwu.cli.main import main
@@ -76,6 +78,45 @@ class _InferSpy:
         monkeypatch.setattr(wanwu.engine.Engine, "infer", infer)
 
 
+BACKENDS = ["sqlite", pytest.param("redis", marks=pytest.mark.extra("queue"))]
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty cache location of each kind: a SQLite file, a Redis database (the suite runs on both)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "store" / "cache.sqlite3")
+    url: str = request.getfixturevalue("redis_url")
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    return url
+
+
+def _damage(location: str, namespace: str, key: str) -> None:
+    """Spoil one stored entry, the way each store can be spoiled."""
+    if location.startswith("redis://"):
+        import redis
+
+        from wanwu.cache.redis import PREFIX
+
+        client = redis.Redis.from_url(location)
+        client.set(PREFIX + namespace.encode() + b":" + bytes.fromhex(key), b"\x01\x02not an entry")
+        client.close()
+        return
+    with sqlite3.connect(location) as conn:
+        conn.execute("UPDATE results SET warnings = '{not json' WHERE key = ?", (bytes.fromhex(key),))
+    conn.close()
+
+
 def _run(model: tuple[Path, Path], inputs: list[Path], **options: Any) -> list[dict[str, Any]]:
     shape = {key: options.pop(key) for key in ("top_k", "score", "threshold") if key in options}
     opts = RecognizeOptions(**{"workers": 0, "batch_size": 4, **options})
@@ -118,6 +159,29 @@ def test_store_is_lazy_and_round_trips(tmp_path: Path) -> None:
     conn.close()
 
 
+def test_every_store_round_trips_results_and_warnings(store: str) -> None:
+    noted = CachedResult(_result(2).top, 7, 8, ("UserWarning: Corrupt EXIF data", "第二条\n两行"))
+    with open_cache(store) as cache:
+        assert cache.get_many("ns", [_key(1)]) == {}
+        items = [(_key(i), _result(i)) for i in range(120)]
+        cache.put_many("ns", [*items, (_key(500), noted)])
+        got = cache.get_many("ns", [_key(i) for i in range(130)] + [_key(500)])
+        assert set(got) == {_key(i) for i in range(120)} | {_key(500)}
+        assert all(_same(got[k], r) and got[k].warnings == () for k, r in items)
+        assert _same(got[_key(500)], noted) and got[_key(500)].warnings == noted.warnings
+        assert cache.get_many("other", [_key(1)]) == {}
+    with open_cache(store) as reopened:  # and once more, from the store
+        assert reopened.get_many("ns", [_key(500)])[_key(500)].warnings == noted.warnings
+
+
+def test_a_damaged_entry_is_a_miss_in_every_store(store: str) -> None:
+    with open_cache(store) as cache:
+        cache.put_many("ns", [(_key(1), _result(1)), (_key(2), _result(2))])
+    _damage(store, "ns", _key(1))
+    with open_cache(store) as cache:
+        assert set(cache.get_many("ns", [_key(1), _key(2)])) == {_key(2)}
+
+
 _SCHEMA_1_WITHOUT_WARNINGS = """
 CREATE TABLE namespaces (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, created INTEGER NOT NULL);
 CREATE TABLE results (ns INTEGER NOT NULL, key BLOB NOT NULL, top BLOB NOT NULL, width INTEGER NOT NULL,
@@ -152,26 +216,15 @@ def test_warnings_round_trip_and_a_file_from_before_them_gains_the_column(tmp_pa
     assert stored[bytes.fromhex(_key(3))] is None  # nothing to say costs nothing
 
 
-def test_a_damaged_warnings_entry_is_a_miss(tmp_path: Path) -> None:
-    path = tmp_path / "c.sqlite3"
-    with SqliteCache(path) as cache:
-        cache.put_many("ns", [(_key(1), _result(1)), (_key(2), _result(2))])
-    with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE results SET warnings = '{not json' WHERE key = ?", (bytes.fromhex(_key(1)),))
-    conn.close()
-    with SqliteCache(path) as cache:
-        assert set(cache.get_many("ns", [_key(1), _key(2)])) == {_key(2)}
-
-
-def test_stats_clear_and_namespaces(tmp_path: Path) -> None:
-    with SqliteCache(tmp_path / "c.sqlite3") as cache:
+def test_stats_clear_and_namespaces(store: str) -> None:
+    with open_cache(store) as cache:
         cache.put_many("aaaa1111", [(_key(i), _result(i)) for i in range(10)])
         cache.put_many("bbbb2222", [(_key(i), _result(i)) for i in range(4)])
         stats = cache.stats()
         assert stats.entries == 14 and len(stats.namespaces) == 2
         assert {n.name: n.entries for n in stats.namespaces} == {"aaaa1111": 10, "bbbb2222": 4}
         assert stats.bytes_on_disk > 0 and stats.oldest is not None and stats.newest is not None
-        assert 300 < stats.namespaces[0].payload_bytes / stats.namespaces[0].entries < 320
+        assert 300 < stats.namespaces[0].payload_bytes / stats.namespaces[0].entries < 340
         with pytest.raises(CacheError):
             cache.clear("zzz")
         assert cache.clear("bbbb") == 4
@@ -242,14 +295,13 @@ _WRITER = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from wanwu.cache import CachedResult
-    from wanwu.cache.sqlite import SqliteCache
+    from wanwu.cache import CachedResult, open_cache
     from wanwu.records import top_scores
 
     path, who, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     while time.time() < start:
         time.sleep(0.001)
-    cache = SqliteCache(path)
+    cache = open_cache(path)
     rng = np.random.default_rng(who)
     for batch in range(150):
         raw = rng.normal(size=(4, 100)).astype(np.float32)
@@ -258,15 +310,15 @@ _WRITER = textwrap.dedent(
         items.append(("ff" * 32, CachedResult(top_scores(raw)[0], 7, 7)))  # a key both write
         cache.put_many("shared-ns", items)
         cache.get_many("shared-ns", [items[0][0], f"{(1 - who):02x}{batch * 4:062x}"])
-    assert not cache._disabled, "a cache operation failed"
+    assert not getattr(cache, "_disabled", False), "a cache operation failed"
     cache.close()
     print("done", who)
     """
 )
 
 
-def test_two_processes_share_one_cache(tmp_path: Path) -> None:
-    path = tmp_path / "fresh" / "shared.sqlite3"  # neither process finds the file: both create it at once
+def test_two_processes_share_one_cache(store: str) -> None:
+    path = store  # neither process finds the store: both create it at once
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     start = time.time() + 1.5
     procs = [
@@ -278,7 +330,7 @@ def test_two_processes_share_one_cache(tmp_path: Path) -> None:
     for proc, (_out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err
         assert "locked" not in err and "carrying on without" not in err, err
-    with SqliteCache(path) as cache:
+    with open_cache(path) as cache:
         for who in (0, 1):
             keys = [f"{who:02x}{i:062x}" for i in range(600)]
             got = cache.get_many("shared-ns", keys)
@@ -305,11 +357,11 @@ def _changed_weights(model: tuple[Path, Path], folder: Path) -> Path:
 
 
 def test_changed_model_or_preprocessing_misses_the_cache(
-    tmp_path: Path, tiny_model: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, store: str
 ) -> None:
     images = _images(tmp_path / "img", 5)
     spy = _InferSpy(monkeypatch)
-    cache = tmp_path / "c.sqlite3"
+    cache = store
     first = _run(tiny_model, images, cache_path=cache)
     assert spy.images == 5
     assert _run(tiny_model, images, cache_path=cache) == first
@@ -327,17 +379,17 @@ def test_changed_model_or_preprocessing_misses_the_cache(
                    preprocess=PreprocessSpec(resize_short=240))
     _run((folder, None), images, cache_path=cache)  # type: ignore[arg-type]
     assert spy.images == 15  # same weights, different preprocessing: all misses
-    with SqliteCache(cache) as c:
+    with open_cache(cache) as c:
         assert len(c.stats().namespaces) == 3
 
 
 def test_cache_hits_answer_any_top_k_and_score_exactly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
 ) -> None:
     model, labels = make_tiny_onnx(tmp_path, num_classes=60)
     labels.write_text("".join(f"类{i}\n" for i in range(60)), encoding="utf-8")
     images = _images(tmp_path / "img", 6)
-    cache = tmp_path / "c.sqlite3"
+    cache = store
     spy = _InferSpy(monkeypatch)
     _run((model, labels), images, cache_path=cache)  # fills the cache at the default top-5
     assert spy.images == 6
@@ -391,14 +443,14 @@ def test_identical_content_is_decoded_and_inferred_once_per_run(
 
 
 def test_a_cached_record_keeps_the_decoders_warnings(
-    tiny_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store: str
 ) -> None:
     folder = tmp_path / "in"
     plain = _images(folder, 2)
     odd = folder / "exif.jpg"
     odd.write_bytes(with_corrupt_exif(image_bytes((90, 40, 160), size=(80, 60))))
     inputs = [plain[0], odd, plain[1]]
-    cache = tmp_path / "cache.sqlite3"
+    cache = store
     # decode workers (-j 1): threads would see Python's once-per-location warning filter
     first = _run(tiny_model, inputs, workers=1, cache_path=cache)
     assert any("Corrupt EXIF" in w for w in first[1].get("warnings", [])), first[1]
@@ -479,3 +531,86 @@ def test_a_forked_copy_never_reuses_the_parents_connection(tmp_path: Path) -> No
     assert parents is not None
     parents.execute("SELECT 1")  # the parent's connection was left alone
     parents.close()
+
+
+# --- choosing a cache by location -------------------------------------------------------------------------
+
+
+@pytest.mark.extra("queue")
+def test_the_cli_uses_a_redis_url_or_wanwu_cache(
+    tmp_path: Path, tiny_model: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    work = tmp_path / "work"
+    _images(work / "img", 3)
+    monkeypatch.chdir(work)
+    model = ["-m", str(tiny_model[0]), "-l", str(tiny_model[1]), "-j", "0", "-q"]
+    spy = _InferSpy(monkeypatch)
+    url = redis_url[: -len("/0")] + "/3"  # a database of its own
+    assert _cli("recognize", "img", *model, "--cache", url, "-o", "a.jsonl") == 0
+    assert spy.images == 3
+    monkeypatch.setenv("WANWU_CACHE", url)  # the same cache, named by the environment
+    assert _cli("recognize", "img", *model, "-o", "b.jsonl") == 0
+    assert spy.images == 3  # all hits
+    assert (work / "a.jsonl").read_text() == (work / "b.jsonl").read_text()
+    assert sorted(p.name for p in work.iterdir()) == ["a.jsonl", "b.jsonl", "img"]  # no file named redis:…
+    capsys.readouterr()
+    assert _cli("cache", "stats", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["entries"] == 3
+
+
+def test_an_unsupported_cache_scheme_is_a_usage_error(
+    tmp_path: Path, tiny_model: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = tmp_path / "work"
+    _images(work / "img", 1)
+    monkeypatch.chdir(work)
+    model = ["-m", str(tiny_model[0]), "-l", str(tiny_model[1]), "-j", "0", "-q"]
+    assert _cli("recognize", "img", *model, "--cache", "memcached://127.0.0.1:11211/0") == 2
+    assert _cli("cache", "stats", "--cache", "memcached://127.0.0.1:11211/0") == 2
+    with pytest.raises(UsageError, match="unsupported scheme 'memcached://'"):
+        RecognizeOptions(cache_path="memcached://127.0.0.1:11211/0")
+    assert RecognizeOptions(cache_path="memcached://x", cache=False).cache is False  # off: never opened
+    assert sorted(p.name for p in work.iterdir()) == ["img"]
+
+
+def test_a_cache_server_that_is_down_never_fails_a_run(
+    tmp_path: Path, tiny_model: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    pytest.importorskip("redis")
+    from tests.servers import free_port
+
+    records = _run(tiny_model, _images(tmp_path / "img", 3), cache_path=f"redis://127.0.0.1:{free_port()}/0")
+    assert [r["status"] for r in records] == ["ok"] * 3
+    assert [r.message for r in caplog.records if "carrying on without it" in r.message][:1]
+
+
+def test_a_sqlite_cache_on_a_network_file_system_is_refused(
+    tmp_path: Path, tiny_model: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wanwu.cache import sqlite as sqlite_cache
+
+    (tmp_path / "shared" / "my smb").mkdir(parents=True)  # mount points exist
+    mounts = tmp_path / "mounts"
+    smb = str(tmp_path / "shared" / "my smb").replace(" ", "\\040")  # as /proc/mounts writes a space
+    mounts.write_text(
+        "/dev/sda1 / ext4 rw 0 0\n"
+        f"server:/export {tmp_path / 'shared'} nfs4 rw,relatime 0 0\n"
+        f"//host/share {smb} cifs rw 0 0\n"
+    )
+    assert sqlite_cache.mounted_filesystem(tmp_path / "local.sqlite3", str(mounts)) == "ext4"
+    assert sqlite_cache.mounted_filesystem(tmp_path / "shared" / "a" / "c.sqlite3", str(mounts)) == "nfs4"
+    assert sqlite_cache.mounted_filesystem(tmp_path / "shared" / "my smb" / "c.sqlite3", str(mounts)) == "cifs"
+    on_nfs = tmp_path / "shared" / "cache.sqlite3"
+    with SqliteCache(on_nfs) as cache:  # written before the folder was (said to be) a network mount
+        cache.put_many("ns", [(_key(1), _result(1))])
+    real = sqlite_cache.mounted_filesystem
+    monkeypatch.setattr(sqlite_cache, "mounted_filesystem", lambda path: real(path, str(mounts)))
+    with pytest.raises(CacheError, match=r"network file system \(nfs4\).*redis://"):
+        SqliteCache(on_nfs).stats()
+    assert main(["cache", "stats", "--cache", str(on_nfs)]) == 1
+    records = _run(tiny_model, _images(tmp_path / "img", 2), cache_path=on_nfs)
+    assert [r["status"] for r in records] == ["ok", "ok"]  # warned, carried on uncached
+    monkeypatch.undo()
+    with SqliteCache(on_nfs) as cache:
+        assert cache.stats().entries == 1  # nothing written there

@@ -333,3 +333,109 @@ def test_bf16_casts_the_image_tower_once_and_keeps_the_cosine_fp32(
     for got, want in zip(bf16.infer(crops), fp32.infer(crops), strict=True):
         assert got.values.dtype == np.float32
         np.testing.assert_allclose(got.values[:3], want.values[:3], atol=0.02 * 30)  # cosines within 0.02
+
+
+@pytest.mark.extra("server")
+def test_service_label_lists_go_through_a_batcher_and_the_shared_decoders(
+    clip_folder: Path, label_file: Path, images: list[Path]
+) -> None:
+    import asyncio
+    import threading
+
+    from wanwu.engine import Engine
+    from wanwu.records import RecordOptions
+    from wanwu.service import ServeConfig
+    from wanwu.service.batcher import _NoObserver
+    from wanwu.service.runtime import Runtime
+    from wanwu.sources import InputItem
+
+    engine = Engine.load(resolve_model(str(clip_folder), label_file), max_batch=8)
+    config = ServeConfig(model=str(clip_folder), labels=label_file, max_delay_ms=200,
+                         options=RecognizeOptions(workers=1, cache=False))
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    runtime = Runtime(config, engine, None, _NoObserver(), loop)
+    loop.call_soon_threadsafe(runtime.start)
+    labels = ("猫", "狗", "汽车")
+    items = [InputItem.from_bytes(p.name, p.read_bytes()) for p in images[:3]]
+    try:
+        requests = [asyncio.run_coroutine_threadsafe(runtime.recognize(items, RecordOptions(top_k=3), labels), loop)
+                    for _ in range(2)]
+        results = [r.result(timeout=300) for r in requests]
+        label_set = runtime._label_sets[labels]
+        assert all(r.ok for rs in results for r in rs)
+        for a, b in zip(*results, strict=True):  # the same answers (up to the last digit: other batch sizes)
+            assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
+            assert all(abs(p.score - q.score) < 1e-4 for p, q in zip(a.predictions, b.predictions, strict=True))
+        assert 1 <= label_set.batcher.batches < 6  # the two requests' six crops, batched together
+        assert runtime.batcher.batches == 0  # the default label list's batcher saw none of them
+        assert label_set.recognizer.decoders is runtime.recognizer.decoders  # no decode process of its own
+    finally:
+        asyncio.run_coroutine_threadsafe(runtime.close(), loop).result(timeout=120)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
+
+
+def test_hf_download_is_checked_and_done_once_by_concurrent_processes(
+    clip_folder: Path, label_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+    import http.server
+    import threading
+    from collections import Counter
+
+    from tests.servers import free_port
+    from wanwu.errors import DownloadError
+    from wanwu.hf import HubRef, fetch
+
+    weights = (clip_folder / "model.safetensors").read_bytes()
+    good = hashlib.sha256(weights).hexdigest()
+    gets: Counter[str] = Counter()
+    lying = {"on": True}
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            name = self.path.rsplit("/", 1)[-1]
+            gets[name] += 1
+            local = clip_folder / name
+            if not local.is_file():
+                self.send_response(404)
+                self.end_headers()
+                return
+            body = local.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            if name == "model.safetensors":  # as the Hub answers for an LFS file
+                self.send_header("X-Linked-Etag", f'"{"0" * 64 if lying["on"] else good}"')
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("WANWU_OFFLINE", raising=False)
+    monkeypatch.setenv("WANWU_HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    ref = HubRef.parse("hf:OFA-Sys/tiny-clip")
+    try:
+        with pytest.raises(DownloadError, match="does not match"):
+            fetch(ref)  # a corrupted download is refused, and not kept
+        assert not (ref.folder() / "model.safetensors").exists()
+        assert not (ref.folder() / "model.safetensors.part").exists()
+        lying["on"] = False
+        gets.clear()
+        results: list[Path] = []
+        threads = [threading.Thread(target=lambda: results.append(fetch(ref))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert results == [ref.folder()] * 3
+        assert gets["model.safetensors"] == 1  # one of them downloaded it; the others waited and found it
+        assert (ref.folder() / "model.safetensors").read_bytes() == weights
+    finally:
+        server.shutdown()
+        server.server_close()

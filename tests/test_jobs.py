@@ -20,7 +20,6 @@ from wanwu.cli.main import main
 from wanwu.errors import MissingExtraError, UsageError
 from wanwu.jobs.base import (
     JobInput,
-    JobOptions,
     JobQueue,
     JobSpec,
     UnknownJobError,
@@ -74,7 +73,7 @@ def test_job_records_match_plain_recognize(queue_url: str, tiny_model: TinyModel
     """Each input gets its own image's answer (nothing shifted between tasks), as the plain CLI gives it."""
     inputs = js.uploads(23)
     queue = open_queue(queue_url)
-    job_id = queue.submit(JobSpec(inputs, JobOptions(top_k=3, score="logit"), task_size=5))
+    job_id = queue.submit(JobSpec(inputs, RecordOptions(top_k=3, score="logit"), task_size=5))
     stats = js.work(queue, tiny_model, tasks_per_claim=2)
     assert stats.tasks == 5 and stats.records == 23
     got = {r.input: r for r in queue.results(job_id)}
@@ -175,7 +174,7 @@ def test_queue_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UsageError, match="absolute"):
         JobInput.parse("relative/a.jpg")
     with pytest.raises(UsageError, match="top_k"):
-        JobOptions(top_k=0)
+        RecordOptions(top_k=0)
     queue.close()
     monkeypatch.setitem(sys.modules, "redis", None)
     monkeypatch.delitem(sys.modules, "wanwu.jobs.redis", raising=False)
@@ -396,7 +395,7 @@ def test_a_stuck_worker_stops_renewing_so_its_tasks_go_back(queue_url: str) -> N
     from wanwu.jobs.worker import WorkerConfig, run_worker
 
     queue = open_queue(queue_url)
-    queue.submit(JobSpec(js.uploads(2), JobOptions(), task_size=16))
+    queue.submit(JobSpec(js.uploads(2), RecordOptions(), task_size=16))
     stuck, stop, errors = _StuckRecognizer(), threading.Event(), []
 
     def work() -> None:

@@ -13,7 +13,8 @@ import pytest
 from tests import jobs_support as js
 from tests.redis_server import RedisServer
 from wanwu.errors import QueueError
-from wanwu.jobs.base import JobInput, JobOptions, JobSpec, open_queue
+from wanwu.jobs.base import JobInput, JobSpec, open_queue
+from wanwu.records import RecordOptions
 
 TinyModel = tuple[Path, Path]
 
@@ -113,7 +114,7 @@ def test_submit_holds_a_bounded_number_of_upload_bytes(queue_url: str, monkeypat
 
     monkeypatch.setattr(queue.r, "pipeline", spying_pipeline)  # type: ignore[attr-defined]
     uploads = [JobInput.upload(f"u{i}.bin", bytes([i % 256]) * 20_000 + str(i).encode()) for i in range(40)]
-    job = queue.submit(JobSpec(uploads, JobOptions(), task_size=16))
+    job = queue.submit(JobSpec(uploads, RecordOptions(), task_size=16))
     assert queue.status(job).total == 40
     assert max(held) <= 50_000 + 20_010  # the bound plus the one upload that crossed it
     queue.close()
@@ -121,7 +122,7 @@ def test_submit_holds_a_bounded_number_of_upload_bytes(queue_url: str, monkeypat
 
 def test_a_heartbeat_does_not_take_a_task_back_from_its_new_owner(queue_url: str) -> None:
     queue = open_queue(queue_url)
-    queue.submit(JobSpec(js.uploads(1), JobOptions(), task_size=16))
+    queue.submit(JobSpec(js.uploads(1), RecordOptions(), task_size=16))
     (mine,) = queue.claim("a", 1, 0.05)
     taken: list[Any] = []
     deadline = time.monotonic() + 30

@@ -43,8 +43,9 @@ def _top_level_imports(path: Path, modules: set[str]) -> set[str]:
                     base = ".".join([*package.split(".")[:len(package.split(".")) - node.level + 1], base])
                     base = base.rstrip(".")
                 subs = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules]
-                # "from pkg import sub" imports the module pkg.sub; "from pkg import name" imports pkg
-                names = subs if len(subs) == len(node.names) else [base, *subs]
+                # "from pkg import sub" imports pkg (its __init__ runs first) and the module pkg.sub;
+                # "from pkg import name" imports pkg
+                names = [base, *subs]
             else:
                 continue
             found.update(name for name in names if name in modules and name != own)

@@ -108,7 +108,7 @@ def test_a_decoder_that_crashes_or_hangs_costs_only_its_own_row(
     from tests.ray_support import hostile_decode
     from wanwu.models import resolve_model
     from wanwu.ray import Infer, decode_batch
-    from wanwu.stage import StageContext
+    from wanwu.rules import Context
 
     folder = _photo_folder(photos, tmp_path, step=53, count=12, bad=False)
     good = sorted(str(p) for p in folder.iterdir())
@@ -122,7 +122,7 @@ def test_a_decoder_that_crashes_or_hangs_costs_only_its_own_row(
     ds = ray.data.from_items([{"input": p} for p in inputs], override_num_blocks=4)
     rows = ds.map_batches(
         decode_batch, batch_size=4, batch_format="numpy",
-        fn_kwargs={"context": StageContext.of(spec, options), "options": options, "decode": hostile_decode},
+        fn_kwargs={"context": Context.of(spec, options), "options": options, "decode": hostile_decode},
     ).map_batches(Infer, batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
                   fn_constructor_kwargs={"spec": spec, "options": options}).take_all()
     got = {row["input"]: json.loads(row["record"]) for row in rows}
@@ -134,14 +134,128 @@ def test_a_decoder_that_crashes_or_hangs_costs_only_its_own_row(
         assert got[path] == json.loads(expected[path])
 
 
+def _poison_keys(spec: Any, paths: list[Path]) -> frozenset[str]:
+    from tests.ray_support import pixel_key
+    from wanwu.imaging import prepare, to_batch
+
+    options = RecognizeOptions()
+    return frozenset(
+        pixel_key(to_batch([prepare(p.read_bytes(), spec.preprocess, options.decode_options()).pixels],
+                           spec.preprocess)[0])
+        for p in paths
+    )
+
+
+def test_ray_and_local_give_the_same_records_under_every_rule(
+    local_ray: Any, mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ok, repeats (in one block and across blocks), NaN scores, out of memory, a decoder crash, a decode past
+    its deadline, a missing file, a non-image, and results from the cache: each rule gives the same record."""
+    from tests.ray_support import PoisonBackend, hostile_decode, hostile_decode_jobs, poison_infer
+    from wanwu.engine import Engine
+    from wanwu.models import resolve_model
+    from wanwu.ray import decode_batch, item_rows
+    from wanwu.rules import Context
+
+    folder = _photo_folder(photos, tmp_path, step=67, count=12)
+    good = sorted(p for p in folder.iterdir() if not p.name.startswith("zz_"))
+    (folder / "copy-a.jpg").write_bytes(good[0].read_bytes())  # beside its original: one block
+    (folder / "crash.jpg").write_bytes(b"CRASH" + good[2].read_bytes())
+    (folder / "hang.jpg").write_bytes(b"HANG" + good[3].read_bytes())
+    inputs = [str(good[0]), str(folder / "copy-a.jpg"), *map(str, good[1:]), str(folder / "crash.jpg"),
+              str(folder / "hang.jpg"), str(folder / "zz_truncated.jpg"), str(folder / "zz_notes.png"),
+              str(folder / "missing.jpg"), str(good[5]), str(good[1])]  # repeats in a later block
+    spec = resolve_model(str(mobilenet[0]), mobilenet[1])
+    nan, oom = _poison_keys(spec, [good[7]]), _poison_keys(spec, [good[9]])
+    warm = [str(p) for p in good[:4]]  # in the cache before the compared run
+
+    def local(options: RecognizeOptions, names: list[str]) -> tuple[list[str], int]:
+        engine = Engine.load(spec, None, options.backend, options.batch_size)
+        engine.backend = PoisonBackend(engine.backend, nan, oom)  # type: ignore[assignment]
+        with Recognizer(options=options, engine=engine) as rec:
+            return [dumps(r) for r in rec.recognize(expand(names))], rec.cache_hits
+
+    def on_ray(options: RecognizeOptions, names: list[str]) -> tuple[list[str], int]:
+        ds = ray.data.from_items(item_rows(expand(names)), override_num_blocks=4)
+        out = ds.map_batches(
+            decode_batch, batch_size=4, batch_format="numpy",
+            fn_kwargs={"context": Context.of(spec, options), "options": options, "decode": hostile_decode},
+        ).map_batches(poison_infer(), batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+                      fn_constructor_kwargs={"spec": spec, "options": options, "nan": nan, "oom": oom})
+        out.context.execution_options.preserve_order = True
+        rows = out.take_all()
+        return [str(row["record"]) for row in rows], sum(bool(row["cached"]) for row in rows)
+
+    monkeypatch.setattr("wanwu.pipeline._Run.decode", staticmethod(hostile_decode_jobs))
+    runs = {}
+    for name, run in (("local", local), ("ray", on_ray)):
+        options = RecognizeOptions(cache_path=tmp_path / f"{name}.sqlite3", decode_timeout=3.0, batch_size=4)
+        run(options, warm)
+        runs[name] = run(options, inputs)
+    assert runs["ray"][0] == runs["local"][0]  # the same records in the same order
+    records, hits = runs["local"]
+    assert hits == 6  # the four warm photos, the copy of one, and a warm photo again
+    # On Ray, a repeat in a later block of content first seen in this run (good[5]) is a cache hit too when the
+    # batch with its first copy was inferred (and cached) before the later block was looked up.
+    assert runs["ray"][1] in (6, 7)
+    by_input = {json.loads(line)["input"]: json.loads(line) for line in records}
+    kinds = Counter(json.loads(line).get("error", {}).get("type", "ok") for line in records)
+    assert kinds == {"ok": 13, "decode_error": 3, "model_error": 1, "too_large": 1, "unsupported": 1,
+                     "not_found": 1}
+    assert by_input[str(folder / "copy-a.jpg")]["predictions"] == by_input[str(good[0])]["predictions"]
+    assert by_input[str(good[7])]["error"]["type"] == "model_error"
+    assert by_input[str(good[9])]["error"]["type"] == "too_large"
+
+
+def test_the_decode_stage_decodes_repeated_content_once_per_block(
+    mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from wanwu import engine as engine_module
+    from wanwu.models import resolve_model
+    from wanwu.ray import Infer, decode_batch
+    from wanwu.rules import Context
+
+    chosen = sorted(photos.iterdir())[3::211][:3]
+    copy = tmp_path / "copy.jpg"
+    copy.write_bytes(chosen[0].read_bytes())
+    inputs = [str(chosen[0]), str(chosen[1]), str(copy), str(chosen[2]), str(copy)]
+    spec = resolve_model(str(mobilenet[0]), mobilenet[1])
+    options = RecognizeOptions(cache=False, workers=0)
+    decoded_sizes: list[int] = []
+    inferred: list[int] = []
+    real_infer = engine_module.Engine.infer
+
+    def counting_decode(data: bytes, *args: Any) -> Any:
+        from wanwu.imaging import decode_job
+
+        decoded_sizes.append(len(data))
+        return decode_job(data, *args)
+
+    def counting_infer(engine: Any, pixels: list[Any]) -> Any:
+        inferred.append(len(pixels))
+        return real_infer(engine, pixels)
+
+    monkeypatch.setattr(engine_module.Engine, "infer", counting_infer)
+    rows = decode_batch({"input": np.array(inputs, dtype=object)}, context=Context.of(spec, options),
+                        options=options, decode=counting_decode)
+    assert len(decoded_sizes) == 3  # three distinct contents among five rows
+    records = [json.loads(line) for line in Infer(spec, options)(rows)["record"]]
+    assert sum(inferred) == 3
+    assert [r["input"] for r in records] == inputs
+    assert records[2]["predictions"] == records[4]["predictions"] == records[0]["predictions"]
+    assert records == [json.loads(line) for line in _local(mobilenet, inputs)]
+
+
 def _through_stages(spec: Any, options: RecognizeOptions, inputs: list[str], record: Any = None) -> list[str]:
     """The two stages called directly, in this process, as Ray would call them."""
     import numpy as np
 
     from wanwu.ray import Infer, decode_batch
-    from wanwu.stage import StageContext
+    from wanwu.rules import Context
 
-    decoded = decode_batch({"input": np.array(inputs, dtype=object)}, context=StageContext.of(spec, options),
+    decoded = decode_batch({"input": np.array(inputs, dtype=object)}, context=Context.of(spec, options),
                            options=options)
     return [str(line) for line in Infer(spec, options, record)(decoded)["record"]]
 
@@ -162,15 +276,14 @@ def test_the_stages_carry_decoder_warnings_like_the_local_runner(
     try:  # decoded as on Ray: in this process's decode process (the warnings are collected there)
         got = _through_stages(spec, options, inputs)
         from wanwu.ray import Infer, decode_batch
-        from wanwu.stage import StageContext
+        from wanwu.rules import Context
 
-        decoded = decode_batch({"input": np.array(inputs, dtype=object)}, context=StageContext.of(spec, options),
+        decoded = decode_batch({"input": np.array(inputs, dtype=object)}, context=Context.of(spec, options),
                                options=options)
         assert all(decoded["cached"]) and not any(decoded["pixels"])  # every row a cache hit this time
         again = [str(line) for line in Infer(spec, options)(decoded)["record"]]
     finally:
-        for key in [k for k in stages._PER_PROCESS if k[0] in ("decoder", "cache")]:
-            stages._PER_PROCESS.pop(key).close()
+        stages.close_per_process()
     assert any("Corrupt EXIF" in w for w in json.loads(got[0]).get("warnings", [])), got[0]
     assert got == _local(mobilenet, inputs)
     assert again == got  # the cached record keeps the decoder's warnings
@@ -282,6 +395,40 @@ def test_a_node_killed_mid_run_costs_no_record(
             proc.wait(timeout=30)
         cluster.stop()
     assert all(session_pids(node.sid) == [] for node in cluster.nodes)
+
+
+@pytest.mark.slow
+@pytest.mark.extra("queue")
+def test_two_nodes_share_one_redis_cache_and_a_second_run_is_all_hits(
+    mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
+) -> None:
+    from tests.servers import redis_server
+
+    folder = _photo_folder(photos, tmp_path, step=29, count=40)
+    cluster = Cluster(_env(tmp_path))
+    with redis_server(tmp_path) as url:
+        try:
+            cluster.start_head(num_cpus=2)
+            cluster.add_node("node2", num_cpus=2)
+            cluster.wait_nodes(2)
+            runs = []
+            for name in ("first", "second"):
+                out = tmp_path / f"{name}.jsonl"
+                args = [*WANWU, "recognize", str(folder), "--runner", "ray", "--ray-address", cluster.address,
+                        "-m", str(mobilenet[0]), "-l", str(mobilenet[1]), "-b", "8", "--ray-actors", "2",
+                        "--cache", url, "-o", str(out)]
+                done = subprocess.run(args, env={**cluster.env, "COLUMNS": "200"}, capture_output=True,
+                                      text=True, timeout=600)
+                assert done.returncode == 3, done.stderr[-3000:]  # two bad files: "some inputs failed"
+                runs.append((out.read_text(encoding="utf-8"), done.stderr))
+        finally:
+            cluster.stop()
+    (first, first_said), (second, second_said) = runs
+    assert first == second
+    assert "from the cache" not in first_said
+    ok = sum(1 for line in first.splitlines() if json.loads(line)["status"] == "ok")
+    assert ok > 30 and f"{ok} ok" in second_said
+    assert f"{ok} from the cache" in second_said, second_said[-2000:]  # every photo, on whichever node
 
 
 def _working(sid: int) -> bool:

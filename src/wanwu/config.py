@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wanwu.backends import BackendOptions
+from wanwu.cache import cache_scheme
 from wanwu.errors import UsageError
 from wanwu.imaging import DEFAULT_MAX_PIXELS, DecodeOptions
 from wanwu.paths import wanwu_home
@@ -39,7 +40,8 @@ class RecognizeOptions:
     decode_memory_mb: int | None = None
     formats: tuple[str, ...] = ()  # image formats decoded beyond the defaults (--formats psd,dds or all)
     cache: bool = True
-    cache_path: Path | None = None  # None = $WANWU_HOME/cache.sqlite3
+    # a path (SQLite) or redis://HOST:PORT/DB; None = $WANWU_CACHE, else $WANWU_HOME/cache.sqlite3
+    cache_path: Path | str | None = None
     backend: BackendOptions = field(default_factory=BackendOptions)
 
     def __post_init__(self) -> None:
@@ -63,6 +65,8 @@ class RecognizeOptions:
         if not self.decode_timeout > 0:
             raise UsageError(f"--decode-timeout must be positive, got {self.decode_timeout}")
         self.decode_options()  # unknown --formats names fail here, before any work
+        if self.cache:
+            cache_scheme(self.cache_location())  # so do unknown cache schemes
 
     @property
     def decode_workers(self) -> int:
@@ -88,5 +92,8 @@ class RecognizeOptions:
             return self.decode_memory_mb << 20
         return 3 * self.decode_options().memory_budget
 
-    def resolved_cache_path(self) -> Path:
-        return self.cache_path or wanwu_home() / "cache.sqlite3"
+    def cache_location(self) -> str:
+        """Where the result cache is: ``--cache``, else ``$WANWU_CACHE``, else ``$WANWU_HOME/cache.sqlite3``."""
+        if self.cache_path is not None and str(self.cache_path):
+            return str(self.cache_path)
+        return os.environ.get("WANWU_CACHE") or str(wanwu_home() / "cache.sqlite3")

@@ -25,10 +25,14 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, ClassVar, Final, Literal
+
+from wanwu.errors import ClosedError, ErrorType
+from wanwu.imaging import DecodeOptions, DecodeResult, decode_each
+from wanwu.spec import PreprocessSpec
 
 _PR_SET_PDEATHSIG = 1
 
@@ -113,13 +117,30 @@ class DecodePool:
         self.workers, self.threads, self.address_space = workers, threads, address_space
         self._pool: DecodeProcesses | ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._closed = False
         # One process, one task at a time: the next starts only when the last has finished, so a crash or a
         # deadline names its task exactly.
         self._quarantine = (DecodeProcesses(1, name="wanwu-quarantine", address_space=address_space)
                             if workers > 0 else None)
 
+    def warm(self) -> None:
+        """Start the worker processes now (a thread of their own: the model loads meanwhile)."""
+        if self.workers == 0:
+            return
+
+        def start() -> None:
+            with contextlib.suppress(RuntimeError, ClosedError):  # closed before the warm-up: nothing to warm
+                pool = self.get()
+                for _ in range(self.workers):
+                    pool.submit(int)
+
+        threading.Thread(target=start, name="wanwu-decode-warm", daemon=True).start()
+
     def get(self) -> Executor:
+        """The workers, started on first use. Raises ClosedError once the pool is closed."""
         with self._lock:
+            if self._closed:
+                raise ClosedError("the decode workers are closed")
             if self._pool is None:
                 if self.workers == 0:
                     self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wanwu-decode")
@@ -157,6 +178,8 @@ class DecodePool:
         """Run ``fn(*args)`` alone in the quarantine process. The future raises BrokenProcessPool only when
         this very call crashed its process, and DecodeTimeoutError when it ran past ``timeout`` seconds (its
         process is then killed)."""
+        if self._closed:
+            raise ClosedError("the decode workers are closed")
         if self._quarantine is None:  # threads cannot crash each other's process: run it in the pool
             return self.get().submit(_metered, meter, fn, *args)
         return self._quarantine.submit_within(timeout, fn, *args, meter=meter)
@@ -164,7 +187,7 @@ class DecodePool:
     def close(self, wait: bool = True) -> None:
         """Stop the workers. Idle ones exit; one still busy (a hung decoder) is killed, never waited for."""
         with self._lock:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._closed = self._pool, None, True
         if isinstance(pool, DecodeProcesses):
             pool.shutdown(wait=False, cancel_futures=True)
         elif pool is not None:
@@ -341,6 +364,100 @@ CRASHED = "the decoder process crashed on this file"  # the record's message, wh
 def timed_out(seconds: float) -> str:
     """The record's message for a decode stopped at its deadline."""
     return f"decoding took longer than {seconds:g} s (--decode-timeout); the decoder was stopped"
+
+
+AGAIN: Final = "again"  # decode this file again as before: the failure was a neighbour's
+ALONE: Final = "alone"  # decode this file again alone, in the quarantine: it may be the culprit
+DecodeOutcome = tuple[ErrorType, str] | Literal["again", "alone"]
+
+
+def decode_outcomes(exc: BaseException, isolated: Sequence[bool], timeout_message: str) -> list[DecodeOutcome]:
+    """What a decode task over ``len(isolated)`` files that raised ``exc`` means for each file: its failure,
+    :data:`AGAIN` or :data:`ALONE`. ``isolated[i]``: file ``i`` ran in a process of its own after an earlier
+    failure (the quarantine), so a crash there is its own. The one rule for every runner.
+
+    A task whose files ran one at a time names the file a crash or a deadline happened on
+    (:class:`DecodeCrashError`, :class:`DecodeTimeoutError`: ``index``): a deadline fails that file at once (it
+    is never retried); a crash fails it in isolation, else sends it alone to the quarantine (a worker may die
+    for reasons of its own); the other files did nothing wrong and are decoded again. A pool broken under a task
+    (no file named) sends each of its files to the quarantine. Any other exception is ``internal``."""
+    n = len(isolated)
+    if isinstance(exc, (DecodeTimeoutError, DecodeCrashError)):
+        index = min(exc.index, n - 1)
+        outcomes: list[DecodeOutcome] = [AGAIN] * n
+        if isinstance(exc, DecodeTimeoutError):
+            outcomes[index] = ("decode_error", timeout_message)
+        else:
+            outcomes[index] = ("decode_error", CRASHED) if isolated[index] else ALONE
+        return outcomes
+    if isinstance(exc, BrokenProcessPool):
+        return [("decode_error", CRASHED) if alone else ALONE for alone in isolated]
+    return [("internal", f"{type(exc).__name__}: {exc}")] * n
+
+
+class ProcessDecoder:
+    """Decoding in one :class:`DecodeProcess` per calling thread, under a deadline per file, for a caller that
+    decodes a few images at a time and waits (a Ray decode task): a crash or a timeout costs only its own image's
+    record (:func:`decode_outcomes`, as in the orchestrator), and the process is replaced for the next call."""
+
+    _processes: ClassVar[dict[int, DecodeProcess]] = {}  # per thread of this process, reused by every call
+
+    def __init__(self, decode: Callable[..., DecodeResult], timeout: float, address_space: int | None = None) -> None:
+        self.decode, self.timeout = decode, timeout
+        process = self._processes.get(threading.get_ident())
+        if process is None:  # Ray may run tasks of one worker process in threads: one decode process each
+            process = self._processes[threading.get_ident()] = DecodeProcess(address_space)
+        self.process = process
+
+    def many(self, datas: list[bytes], preprocess: PreprocessSpec, options: DecodeOptions) -> list[DecodeResult]:
+        """All of them in one round trip, one file at a time under a deadline each; after a crash or a
+        deadline, the file it happened on fails (a deadline) or is decoded again alone (a crash: alone, a
+        second crash is its own), and the rest are decoded again."""
+        results: list[DecodeResult | None] = [None] * len(datas)
+        todo = list(range(len(datas)))
+        isolated = [False] * len(datas)
+        while todo:
+            try:
+                done = self.process.call_each(_decode_list, [datas[i] for i in todo], self.decode, preprocess,
+                                              options, timeout=self.timeout)
+            except Exception as e:
+                outcomes = decode_outcomes(e, [isolated[i] for i in todo], timed_out(self.timeout))
+                again = []
+                for i, outcome in zip(todo, outcomes, strict=True):
+                    if outcome == ALONE:
+                        results[i] = self._alone(datas[i], preprocess, options)
+                    elif outcome == AGAIN:
+                        again.append(i)
+                    elif isinstance(outcome, tuple):
+                        results[i] = outcome
+                todo = again
+                continue
+            for i, result in zip(todo, done, strict=True):
+                results[i] = result
+            todo = []
+        return [r for r in results if r is not None]
+
+    def _alone(self, data: bytes, preprocess: PreprocessSpec, options: DecodeOptions) -> DecodeResult:
+        try:
+            result: DecodeResult = self.process.call_each(_decode_list, [data], self.decode, preprocess, options,
+                                                          timeout=self.timeout)[0]
+        except Exception as e:
+            outcome = decode_outcomes(e, [True], timed_out(self.timeout))[0]
+            assert isinstance(outcome, tuple)  # isolated: never again or alone
+            return outcome
+        return result
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Stop every thread's decode process (they start again on the next call)."""
+        while cls._processes:
+            _, process = cls._processes.popitem()
+            process.close()
+
+
+def _decode_list(datas: list[bytes], decode: Callable[..., DecodeResult], preprocess: PreprocessSpec,
+                 options: DecodeOptions) -> list[DecodeResult]:
+    return decode_each(decode, datas, preprocess, options)
 
 
 def _kill_workers_of(processes: list[Any]) -> None:

@@ -40,6 +40,10 @@ class UsageError(WanwuError):
     """The caller asked for something inconsistent or impossible (exit code 2 on the CLI)."""
 
 
+class ClosedError(WanwuError):
+    """The object was closed: it does no more work (a closed object never starts threads or processes again)."""
+
+
 class ModelError(WanwuError):
     """A model could not be found, loaded or understood."""
 

@@ -1,7 +1,14 @@
 """Each input's bytes: files read, URLs downloaded, objects fetched, uploads taken as they are; sha256 of each.
 
 :class:`Fetcher` bounds what it reads (``max_bytes``) and how long a download may take; it is thread-safe, and
-the orchestrator runs it on its fetch threads.
+the orchestrator runs it on its fetch threads. How an item's bytes are read depends on its ``kind`` alone,
+through :data:`FETCHERS` (a :class:`~wanwu.registry.Registry`; the ``wanwu.fetchers`` entry-point group), so a
+source plug-in that yields items of a kind of its own registers the reader of that kind beside it::
+
+    def read_tar_member(fetcher: Fetcher, item: InputItem) -> bytes: ...   # raises InputError subclasses
+    FETCHERS.register("tar", FetchKind(read_tar_member, remote=False))
+
+``remote`` kinds (downloads) run on threads apart from local reads, so slow servers never stall file reads.
 """
 
 from __future__ import annotations
@@ -9,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from wanwu.errors import FetchError, InputError, NotFoundError, TooLargeError
+from wanwu.errors import FetchError, InputError, NotFoundError, TooLargeError, UnsupportedError
+from wanwu.registry import Registry
 from wanwu.sources import DEFAULT_MAX_BYTES, InputItem
 
 if TYPE_CHECKING:
@@ -40,24 +49,17 @@ class Fetcher:
         """Raises :class:`~wanwu.errors.InputError` with the reason."""
         if item.kind == "missing":
             raise NotFoundError(item.error)
-        if item.kind == "bytes":
-            data = item.data or b""
-            self._check_size(len(data))
-        elif item.kind == "url":
-            data = self._download(item.locator)
-        elif item.kind == "object":
-            from wanwu import objstore
-
-            data = objstore.read(item.locator, self.max_bytes)
-        else:
-            data = self._read(item.locator)
+        if item.kind not in FETCHERS:
+            raise UnsupportedError(f"no reader for inputs of kind {item.kind!r}")
+        data = FETCHERS.get(item.kind).read(self, item)
         return Fetched(data, hashlib.sha256(data).hexdigest())
 
-    def _check_size(self, size: int) -> None:
+    def check_size(self, size: int) -> None:
+        """Raises TooLargeError above ``max_bytes`` (for readers: before reading when the size is known)."""
         if size > self.max_bytes:
             raise TooLargeError(f"{size:,} bytes, above the limit of {self.max_bytes:,}")
 
-    def _read(self, path: str) -> bytes:
+    def read_file(self, path: str) -> bytes:
         try:
             # O_NONBLOCK: opening a FIFO must not wait for a writer (it would hold the thread for ever);
             # anything but a regular file is then refused before a byte is read.
@@ -67,7 +69,7 @@ class Fetcher:
                     raise NotFoundError("is a folder, not a file")
                 if not stat.S_ISREG(mode):
                     raise FetchError("not a regular file (a pipe, socket or device)")
-                self._check_size(os.fstat(f.fileno()).st_size)
+                self.check_size(os.fstat(f.fileno()).st_size)
                 return f.read(self.max_bytes + 1)
         except FileNotFoundError:
             raise NotFoundError("no such file") from None
@@ -80,7 +82,7 @@ class Fetcher:
         except OSError as e:
             raise FetchError(f"cannot read file: {e.strerror or e}") from None
 
-    def _download(self, url: str) -> bytes:
+    def download(self, url: str) -> bytes:
         import httpx
 
         from wanwu.netguard import deadline
@@ -94,11 +96,11 @@ class Fetcher:
                     raise FetchError(f"HTTP {response.status_code} from {url}")
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit():
-                    self._check_size(int(declared))
+                    self.check_size(int(declared))
                 chunks, size = [], 0
                 for chunk in response.iter_bytes():
                     size += len(chunk)
-                    self._check_size(size)
+                    self.check_size(size)
                     self.downloaded(len(chunk))
                     chunks.append(chunk)
                 return b"".join(chunks)
@@ -124,3 +126,42 @@ class Fetcher:
         if self._client is not None:
             self._client.close()
         self._client = None
+
+
+# --- readers by input kind --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FetchKind:
+    """How the bytes of one kind of input are read: ``read(fetcher, item)`` returns them (at most
+    ``fetcher.max_bytes``) or raises an :class:`~wanwu.errors.InputError`; ``remote``: over a network."""
+
+    read: Callable[[Fetcher, InputItem], bytes]
+    remote: bool = False
+
+
+class _Readers(Registry[FetchKind]):
+    def remote(self, kind: str) -> bool:
+        """Items of ``kind`` are read over a network (an unknown kind is not: it fails at once)."""
+        return kind in self and self.get(kind).remote
+
+
+def _read_file(fetcher: Fetcher, item: InputItem) -> bytes:
+    return fetcher.read_file(item.locator)
+
+
+def _download(fetcher: Fetcher, item: InputItem) -> bytes:
+    return fetcher.download(item.locator)
+
+
+def _uploaded(fetcher: Fetcher, item: InputItem) -> bytes:
+    data = item.data or b""
+    fetcher.check_size(len(data))
+    return data
+
+
+FETCHERS = _Readers("input kind", group="wanwu.fetchers")
+FETCHERS.register("file", FetchKind(_read_file))
+FETCHERS.register("url", FetchKind(_download, remote=True))
+FETCHERS.register("bytes", FetchKind(_uploaded))
+FETCHERS.lazy("object", "wanwu.objstore:FETCH", extra="s3")

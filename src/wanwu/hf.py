@@ -177,9 +177,12 @@ class HubRef:
 
 
 def fetch(ref: HubRef) -> Path:
-    """Download the checkpoint's files once (each via ``NAME.part`` then renamed); the folder is complete
-    when ``.complete`` is there."""
+    """Download the checkpoint's files once (each via ``NAME.part``, checked, then renamed); the folder is
+    complete when ``.complete`` is there. Processes on one machine take turns (a ``filelock`` beside the
+    folder, as for ModelScope): the others find the folder complete. Each file's size is checked against what
+    the server announced, and its sha256 against the Hub's ``X-Linked-Etag`` (the LFS files: the weights)."""
     import httpx
+    from filelock import FileLock
 
     folder = ref.folder()
     if (folder / ".complete").is_file():
@@ -189,13 +192,16 @@ def fetch(ref: HubRef) -> Path:
     if offline():
         raise DownloadError(f"{PREFIX}{ref.repo} is not downloaded yet and WANWU_OFFLINE is set")
     folder.mkdir(parents=True, exist_ok=True)
-    base = f"{endpoint()}/{ref.repo}/resolve/{ref.revision}"
-    with httpx.Client(follow_redirects=True, timeout=30.0) as client:
-        for name in CONFIG_FILES + TOKENIZER_FILES:
-            _get(client, f"{base}/{name}", folder / name, required=name in ("config.json", "vocab.txt"))
-        if not any(_get(client, f"{base}/{name}", folder / name, required=False) for name in WEIGHT_FILES):
-            raise DownloadError(f"{PREFIX}{ref.repo}@{ref.revision}: no {' or '.join(WEIGHT_FILES)} at {base}")
-    (folder / ".complete").write_text(f"{PREFIX}{ref.repo}@{ref.revision}\n", encoding="utf-8")
+    with FileLock(str(folder) + ".lock"):
+        if (folder / ".complete").is_file():  # another process finished it while this one waited
+            return folder
+        base = f"{endpoint()}/{ref.repo}/resolve/{ref.revision}"
+        with httpx.Client(follow_redirects=True, timeout=30.0) as client:
+            for name in CONFIG_FILES + TOKENIZER_FILES:
+                _get(client, f"{base}/{name}", folder / name, required=name in ("config.json", "vocab.txt"))
+            if not any(_get(client, f"{base}/{name}", folder / name, required=False) for name in WEIGHT_FILES):
+                raise DownloadError(f"{PREFIX}{ref.repo}@{ref.revision}: no {' or '.join(WEIGHT_FILES)} at {base}")
+        (folder / ".complete").write_text(f"{PREFIX}{ref.repo}@{ref.revision}\n", encoding="utf-8")
     return folder
 
 
@@ -211,13 +217,37 @@ def _get(client: Any, url: str, dest: Path, *, required: bool) -> bool:
                 return False
             if response.status_code != 200:
                 raise DownloadError(f"GET {url}: HTTP {response.status_code}")
+            expected = _expected(response.headers)
             with part.open("wb") as f:
                 for chunk in response.iter_bytes(1 << 20):
                     f.write(chunk)
     except httpx.HTTPError as e:
         raise DownloadError(f"GET {url}: {type(e).__name__}: {e}") from None
+    _check(part, url, *expected)
     os.replace(part, dest)
     return True
+
+
+def _expected(headers: Any) -> tuple[int | None, str | None]:
+    """The size and sha256 the server vouches for (the Hub: ``X-Linked-Size``/``X-Linked-Etag`` for LFS files,
+    ``Content-Length`` otherwise)."""
+    size = headers.get("x-linked-size") or (headers.get("content-length") if not headers.get("content-encoding")
+                                            else None)
+    etag = (headers.get("x-linked-etag") or "").strip('"').removeprefix("W/").strip('"').lower()
+    sha = etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag) else None
+    return (int(size) if size and size.isdigit() else None), sha
+
+
+def _check(part: Path, url: str, size: int | None, sha256: str | None) -> None:
+    from wanwu.seed.download import sha256_file
+
+    got = part.stat().st_size
+    if size is not None and got != size:
+        part.unlink()
+        raise DownloadError(f"GET {url}: got {got} bytes, the server announced {size}; deleted it")
+    if sha256 is not None and (digest := sha256_file(part)) != sha256:
+        part.unlink()
+        raise DownloadError(f"GET {url}: sha256 {digest} does not match the Hub's {sha256}; deleted it")
 
 
 class _FolderLoader:

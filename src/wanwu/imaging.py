@@ -110,10 +110,12 @@ def prepare(data: bytes, spec: PreprocessSpec, options: DecodeOptions | int = DE
         options = DecodeOptions(options)
     caught: list[str] = []
     _collector.caught = caught
+    _hook.enter()
     try:
         prepared = _prepare(data, spec, options)
     finally:
         _collector.caught = None
+        _hook.leave()
     if caught:
         prepared = Prepared(prepared.pixels, prepared.width, prepared.height, tuple(dict.fromkeys(caught)))
     return prepared
@@ -176,20 +178,44 @@ class _Collector(threading.local):
 
 
 _collector = _Collector()
-_original_showwarning = warnings.showwarning
 
 
-def _showwarning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                 file: Any = None, line: str | None = None) -> None:
-    """While a thread prepares an image, warnings go to that image's record; elsewhere, as before."""
-    caught = _collector.caught
-    if caught is not None:
-        caught.append(f"{category.__name__}: {message}")
-    else:
-        _original_showwarning(message, category, filename, lineno, file, line)
+class _Hook:
+    """``warnings.showwarning`` is wanwu's only while some thread prepares an image (counted), and the one it
+    found is put back once none does: importing wanwu changes nothing, and between runs the process is as the
+    application left it. (If the application replaces it meanwhile, its own stays.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._previous: Any = None
+
+    def enter(self) -> None:
+        with self._lock:
+            self._users += 1
+            if self._users == 1:
+                self._previous = warnings.showwarning
+                warnings.showwarning = self.show
+
+    def leave(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                if warnings.showwarning == self.show:
+                    warnings.showwarning = self._previous
+                self._previous = None
+
+    def show(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        """While a thread prepares an image, warnings go to that image's record; elsewhere, as before."""
+        caught = _collector.caught
+        if caught is not None:
+            caught.append(f"{category.__name__}: {message}")
+        elif self._previous is not None:
+            self._previous(message, category, filename, lineno, file, line)
 
 
-warnings.showwarning = _showwarning
+_hook = _Hook()
 
 
 def to_batch(images: list[npt.NDArray[np.uint8]], spec: PreprocessSpec) -> npt.NDArray[np.float32]:

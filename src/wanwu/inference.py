@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from wanwu.engine import Engine
+from wanwu.errors import ClosedError
 from wanwu.records import TopScores
 
 Pixels = npt.NDArray[np.uint8]
@@ -52,9 +53,12 @@ class LocalInference:
         self.in_flight = engine.streams
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     def submit(self, pixels: list[Pixels]) -> Future[list[TopScores]]:
         with self._lock:
+            if self._closed:
+                raise ClosedError("this inference is closed")
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="wanwu-infer")
             pool = self._pool
@@ -62,6 +66,6 @@ class LocalInference:
 
     def close(self) -> None:
         with self._lock:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._closed = self._pool, None, True
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

@@ -181,8 +181,8 @@ def _load_wanwu_folder(ref: str, labels: Path | None) -> ModelSpec:
     )
 
 
-LOADERS.lazy("modelscope-folder", "wanwu.seed:FOLDER_LOADER")
-LOADERS.lazy("modelscope-hub", "wanwu.seed:HUB_LOADER")
+LOADERS.lazy("modelscope-folder", "wanwu.seed.modelscope:FOLDER_LOADER")
+LOADERS.lazy("modelscope-hub", "wanwu.seed.modelscope:HUB_LOADER")
 LOADERS.lazy("hf-folder", "wanwu.hf:FOLDER_LOADER")
 LOADERS.lazy("hf-hub", "wanwu.hf:HUB_LOADER")
 

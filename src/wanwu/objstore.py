@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from wanwu.errors import FetchError, MissingExtraError, NotFoundError, TooLargeError
+from wanwu.fetch import Fetcher, FetchKind
 from wanwu.sources import IMAGE_EXTENSIONS, InputItem, SourceOptions
 
 SCHEMES = ("s3://",)
@@ -123,3 +124,10 @@ class _ObjectSource:
 
 
 SOURCE = _ObjectSource()
+
+
+def _fetch(fetcher: Fetcher, item: InputItem) -> bytes:
+    return read(item.locator, fetcher.max_bytes)
+
+
+FETCH = FetchKind(_fetch, remote=True)  # the ``object`` entry of :data:`wanwu.fetch.FETCHERS`

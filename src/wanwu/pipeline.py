@@ -26,7 +26,7 @@ runs: its fetch threads, decode processes, quarantine and cache are shared and t
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import logging
 import math
 import queue
@@ -34,22 +34,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from wanwu.cache import CachedResult, MemoryCache, OneThreadCache, ResultCache
+from wanwu.cache import open_cache as open_cache_at
 from wanwu.config import RecognizeOptions
-from wanwu.decoders import CRASHED, DecodeCrashError, DecodePool, DecodeTimeoutError, timed_out
+from wanwu.decoders import AGAIN, ALONE, DecodePool, decode_outcomes, timed_out
 from wanwu.engine import Engine
-from wanwu.errors import CacheError, ErrorType, InputError, OutOfMemoryError
-from wanwu.fetch import Fetched, Fetcher
+from wanwu.errors import ClosedError, ErrorType
+from wanwu.fetch import FETCHERS, Fetched, Fetcher
 from wanwu.imaging import DecodeResult, Prepared, decode_jobs
 from wanwu.inference import Inference, LocalInference
 from wanwu.records import Record, RecordOptions, TopScores
+from wanwu.rules import Failure, fetch_failure, inference_failure, look_up, record_of, scored
 from wanwu.sources import InputItem, SourceOptions, expand
 from wanwu.spec import ModelSpec
 
@@ -82,14 +83,15 @@ class Recognizer:
         prepared crops go (default: batches on the engine). ``on_cache_hit``: told of every result served
         from the cache (metrics)."""
         self.options = options or RecognizeOptions()
+        self._owner: Recognizer | None = None  # set on a view made by sharing(): the pools are the owner's
+        self._closed = False
         self._fetch_pool: ThreadPoolExecutor | None = None
         self._url_pool: ThreadPoolExecutor | None = None  # downloads apart: slow URLs never stall file reads
         self._lock = threading.Lock()
         self.decoders = DecodePool(self.options.decode_workers, max(1, min(4, self.options.fetch_threads)),
                                    self.options.decode_address_space())
-        if engine is None and self.options.decode_workers > 0:
-            # Start the decode processes while the model loads: both take a few hundred milliseconds.
-            threading.Thread(target=self._warm_decoders, args=(self.decoders.get(),), daemon=True).start()
+        if engine is None:
+            self.decoders.warm()  # start the decode processes while the model loads: both take a while
         label_path = Path(labels) if labels is not None else None
         try:
             self.engine = engine or Engine.load(
@@ -122,7 +124,9 @@ class Recognizer:
     def recognize(self, inputs: Iterable[InputLike], record: RecordOptions | None = None) -> Iterator[Record]:
         """Records in input order. Strings are expanded like CLI arguments (folders, globs, URLs).
 
-        ``record`` shapes the records (top-k, score, threshold); default: ``options.record``."""
+        ``record`` shapes the records (top-k, score, threshold); default: ``options.record``. Raises
+        :class:`~wanwu.errors.ClosedError` once closed."""
+        self._check_open()
         return _Run(self, _items(inputs, self.options.max_bytes), record or self.options.record).records()
 
     def recognize_one(self, input: InputLike, record: RecordOptions | None = None) -> Record:
@@ -139,25 +143,47 @@ class Recognizer:
         if self.on_cache_hit is not None:
             self.on_cache_hit()
 
+    def sharing(self, engine: Engine, inference: Inference) -> Recognizer:
+        """Another model, run through this recognizer's fetch threads, decode processes and cache (the service's
+        zero-shot label sets: one network, a label list per request). Closing the view closes ``inference``
+        only; closing this recognizer makes its views unusable too."""
+        self._check_open()
+        view = copy.copy(self)
+        view.engine, view.inference, view._owner, view.cache_hits = engine, inference, self, 0
+        return view
+
+    def _check_open(self) -> None:
+        if self._closed or (self._owner is not None and self._owner._closed):
+            raise ClosedError("this recognizer is closed")
+
     def fetch_pool(self) -> ThreadPoolExecutor:
+        if self._owner is not None:
+            return self._owner.fetch_pool()
         with self._lock:
+            self._check_open()
             if self._fetch_pool is None:
                 self._fetch_pool = ThreadPoolExecutor(self.options.fetch_threads, thread_name_prefix="wanwu-fetch")
             return self._fetch_pool
 
     def url_pool(self) -> ThreadPoolExecutor:
+        if self._owner is not None:
+            return self._owner.url_pool()
         with self._lock:
+            self._check_open()
             if self._url_pool is None:
                 self._url_pool = ThreadPoolExecutor(self.options.fetch_threads, thread_name_prefix="wanwu-url")
             return self._url_pool
 
-    def _warm_decoders(self, pool: Executor) -> None:
-        with contextlib.suppress(RuntimeError):  # closed before the warm-up got going: nothing to warm
-            for _ in range(self.options.decode_workers):
-                pool.submit(int)
-
     def close(self) -> None:
+        """Stop everything this recognizer started; it raises ClosedError from then on. Idempotent."""
+        if self._owner is not None:
+            self._closed = True
+            self.inference.close()
+            return
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             pools, self._fetch_pool, self._url_pool = (self._fetch_pool, self._url_pool), None, None
         for pool in pools:
             if pool is not None:
@@ -179,12 +205,8 @@ class Recognizer:
 
 
 def open_cache(options: RecognizeOptions) -> ResultCache:
-    """The persistent result cache the options name."""
-    try:
-        from wanwu.cache.sqlite import SqliteCache
-    except ImportError as e:
-        raise CacheError(f"the result cache is not available ({e}); run with --no-cache") from e
-    return SqliteCache(options.resolved_cache_path())
+    """The persistent result cache the options name (``--cache``, ``$WANWU_CACHE``, the default file)."""
+    return open_cache_at(options.cache_location())
 
 
 def _items(inputs: Iterable[InputLike], max_bytes: int) -> Iterator[InputItem]:
@@ -237,8 +259,6 @@ def _out(slot: _Slot) -> Record:
     """A finished slot's record, with what rode along with its input."""
     record = slot.record
     assert record is not None
-    if slot.item.meta is not None:
-        record.meta = slot.item.meta
     return record
 
 
@@ -357,7 +377,7 @@ class _Run:
             if item.kind == "missing":
                 slot.record = Record.failure(item.input, item.error_type, item.error)
                 continue
-            pool = self.rec.url_pool() if item.kind == "url" else (pool or self.rec.fetch_pool())
+            pool = self.rec.url_pool() if FETCHERS.remote(item.kind) else (pool or self.rec.fetch_pool())
             self.pending_fetch += 1
             future = pool.submit(self.rec.fetcher.fetch, item)
             future.add_done_callback(self._notify("fetch", slot))
@@ -411,6 +431,8 @@ class _Run:
 
     def _handle(self, event: tuple[str, Any, Future[Any]]) -> None:
         kind, subject, future = event
+        if future.cancelled():  # only close() cancels work: the run cannot go on
+            raise ClosedError("the recognizer was closed during this run")
         if kind == "fetch":
             self.pending_fetch -= 1
             self._fetched(subject, future)
@@ -429,23 +451,22 @@ class _Run:
     def _fetched(self, slot: _Slot, future: Future[Fetched]) -> None:
         exc = future.exception()
         if exc is not None:
-            if isinstance(exc, InputError):
-                self._fail(slot, exc.type, str(exc))
-            else:
-                self._fail(slot, "fetch_error", f"{type(exc).__name__}: {exc}")
+            self._fail(slot, *fetch_failure(exc))
             return
         fetched = future.result()
         sha = slot.sha256 = fetched.sha256
         if (leader := self.leaders.get(sha)) is not None:
             leader.followers.append(slot)
             return
-        hit = None if self.record_options.scores else self.memo.get_many(self.namespace, [sha]).get(sha)
-        if hit is None and self.rec.cache is not None and not self.record_options.scores:
-            hit = self.rec.cache.get_many(self.namespace, [sha]).get(sha)
+        hit = None
+        if not self.record_options.scores:  # caches keep the top scores, not every class's
+            hit = look_up(self.memo, self.namespace, [sha]).get(sha)
+            if hit is None:
+                hit = look_up(self.rec.cache, self.namespace, [sha]).get(sha)
             if hit is not None:
                 self.rec.count_cache_hit()
         if hit is not None:
-            slot.record = self._ok(slot, hit)
+            slot.record = self._record(slot, hit)
             return
         self.leaders[sha] = slot
         slot.data = fetched.data
@@ -472,29 +493,15 @@ class _Run:
 
     def _decoded(self, slots: list[_Slot], future: Future[list[DecodeResult]]) -> None:
         exc = future.exception()
-        if isinstance(exc, (DecodeTimeoutError, DecodeCrashError)):
-            # The items were run one at a time: the one the failure happened on is named; the others go back to
-            # the queue (not to the quarantine: they did nothing wrong).
-            index = min(exc.index, len(slots) - 1)
-            culprit = slots[index]
-            if isinstance(exc, DecodeTimeoutError):
-                self._fail(culprit, "decode_error", self._timed_out())
-            elif culprit.isolated:
-                self._fail(culprit, "decode_error", CRASHED)
-            else:
-                self.suspects.append(culprit)
-            self.to_decode.extendleft(reversed(slots[:index] + slots[index + 1:]))
-            return
-        if isinstance(exc, BrokenProcessPool):
-            for slot in slots:  # the pool was stopped under them, or a lone file crashed the quarantine
-                if slot.isolated:
-                    self._fail(slot, "decode_error", CRASHED)
-                else:
-                    self.suspects.append(slot)
-            return
         if exc is not None:
-            for slot in slots:
-                self._fail(slot, "internal", f"{type(exc).__name__}: {exc}")
+            outcomes = decode_outcomes(exc, [slot.isolated for slot in slots], self._timed_out())
+            again = [slot for slot, outcome in zip(slots, outcomes, strict=True) if outcome == AGAIN]
+            self.to_decode.extendleft(reversed(again))  # they did nothing wrong: back to the front of the line
+            for slot, outcome in zip(slots, outcomes, strict=True):
+                if outcome == ALONE:
+                    self.suspects.append(slot)
+                elif outcome != AGAIN:
+                    self._fail(slot, *outcome)
             return
         self._prepared(slots, future.result())
 
@@ -512,6 +519,9 @@ class _Run:
     def _infer(self, n: int) -> None:
         """Hand the first ``n`` ready images to the inference; the result comes back as an event."""
         batch, self.ready = self.ready[:n], self.ready[n:]
+        self._submit_infer(batch)
+
+    def _submit_infer(self, batch: list[_Slot]) -> None:
         pixels = [s.prepared.pixels for s in batch if s.prepared is not None]
         self.pending_infer += 1
         future = self.inference.submit(pixels)
@@ -519,44 +529,42 @@ class _Run:
 
     def _inferred(self, batch: list[_Slot], future: Future[list[TopScores]]) -> None:
         exc = future.exception()
-        if isinstance(exc, OutOfMemoryError):  # the device's state, not the images' (DeviceOutOfMemoryError)
-            for slot in batch:
-                self._fail(slot, "model_error", str(exc))
-            return
         if exc is not None:
-            raise exc  # a broken model is fatal for the run, not a per-image error
+            # raises again what is not one image's fault (a broken model)
+            failure = inference_failure(exc, len(batch))
+            for slot in batch:
+                if failure is None:  # out of memory for several: each again, alone
+                    self._submit_infer([slot])
+                else:
+                    self._fail(slot, *failure)
+            return
         tops = future.result()
-        fresh = []
+        fresh: list[tuple[str, CachedResult]] = []
         for slot, top in zip(batch, tops, strict=True):
             assert slot.prepared is not None and slot.sha256 is not None
-            if not math.isfinite(top.logsumexp):  # NaN or inf among the scores: never a record, never cached
-                slot.prepared = None
-                self._fail(slot, "model_error", "the model returned scores that are not finite numbers for this image")
-                continue
-            result = CachedResult(top, slot.prepared.width, slot.prepared.height, slot.prepared.warnings)
-            slot.prepared = None
-            fresh.append((slot.sha256, replace(result, top=top.without_row())))  # caches keep no score rows
-            self._finish(slot, lambda s, r=result: self._ok(s, r))
+            prepared, slot.prepared = slot.prepared, None
+            outcome = scored(top, prepared.width, prepared.height, prepared.warnings)
+            if not isinstance(outcome, tuple):  # NaN: never cached; caches keep no score rows
+                fresh.append((slot.sha256, replace(outcome, top=top.without_row())))
+            self._finish(slot, outcome)
         self.memo.put_many(self.namespace, fresh)
         if self.rec.cache is not None:
             self.rec.cache.put_many(self.namespace, fresh)
 
     # -- records ----------------------------------------------------------------------------------------
 
-    def _ok(self, slot: _Slot, result: CachedResult) -> Record:
-        return Record.success(
-            slot.item.input, result.top, self.engine.spec, self.record_options,
-            sha256=slot.sha256, width=result.width, height=result.height, warnings=result.warnings,
-        )
+    def _record(self, slot: _Slot, outcome: CachedResult | Failure) -> Record:
+        return record_of(slot.item.input, slot.sha256, outcome, self.engine.spec, self.record_options, slot.item.meta)
 
     def _fail(self, slot: _Slot, type: ErrorType, message: str) -> None:
-        self._finish(slot, lambda s: Record.failure(s.item.input, type, message, s.sha256))
+        self._finish(slot, (type, message))
 
-    def _finish(self, slot: _Slot, make: Any) -> None:
-        slot.record = make(slot)
+    def _finish(self, slot: _Slot, outcome: CachedResult | Failure) -> None:
+        """``slot`` and every repeat of its content get their records (each its own input)."""
+        slot.record = self._record(slot, outcome)
         slot.data = None
         for follower in slot.followers:
-            follower.record = make(follower)
+            follower.record = self._record(follower, outcome)
         slot.followers.clear()
         if slot.sha256 is not None and self.leaders.get(slot.sha256) is slot:
             del self.leaders[slot.sha256]

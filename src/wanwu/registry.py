@@ -23,7 +23,6 @@ import importlib
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib.metadata import entry_points
 from typing import Generic, TypeVar, overload
 
 from wanwu.errors import MissingExtraError, UsageError, WanwuError
@@ -137,5 +136,7 @@ class Registry(Generic[T]):
                 return
             self._plugins_loaded = True
             assert self.group is not None
+            from importlib.metadata import entry_points  # ~0.1 s to import: only when a plug-in may be named
+
             for ep in entry_points(group=self.group):
                 self._entries.setdefault(ep.name, _Lazy(ep.value, None, plugin=True))

@@ -218,9 +218,7 @@ def shard_rows(row: dict[str, Any], options: SourceOptions) -> Iterator[dict[str
     """A Ray ``flat_map`` over rows ``{"shard": path}``: one row per sample, read in the task that runs it
     (rows as :func:`wanwu.ray.stages.item_rows` makes them, the sample's bytes included)."""
     for item in read_shard(str(row["shard"]), options):
-        yield {"input": item.input, "kind": item.kind, "locator": item.locator or item.error,
-               "error_type": item.error_type, "bytes": item.data or b"",
-               "meta": json.dumps(item.meta, ensure_ascii=False) if item.meta is not None else ""}
+        yield {**item.to_row(), "bytes": item.data or b""}
 
 
 SOURCE = ShardSource()

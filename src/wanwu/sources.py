@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import glob as globlib
+import json
 import os
 import re
 import stat
@@ -18,32 +19,56 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
-from wanwu.errors import ErrorType
+from wanwu.errors import ERROR_TYPES, ErrorType
 from wanwu.registry import Registry
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff", ".mpo"}
 )
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
-ItemKind = Literal["file", "url", "bytes", "missing", "object", "shard"]  # object: s3://; shard: a .tar not yet read
+ItemKind = str
+"""``file``, ``url``, ``bytes`` (content given), ``missing`` (an error record), ``object`` (``s3://``,
+:mod:`wanwu.objstore`), ``shard`` (a WebDataset ``.tar`` not yet read: :mod:`wanwu.shards` expands it), or a
+kind a plug-in adds with a reader of its own (:data:`wanwu.fetch.FETCHERS`)."""
+ROW_FIELDS = ("input", "kind", "locator", "error_type", "error", "meta")
 
 
 @dataclass(frozen=True, slots=True)
 class InputItem:
-    """One thing to recognize. ``input`` is what appears in its record."""
+    """One thing to recognize. ``input`` is what appears in its record.
+
+    Its wire form (:meth:`to_row`: a Ray row, a queued task's input, an HTTP request's) is the same five
+    strings everywhere; ``bytes`` content travels beside it (the queue stores it by sha256 in ``locator``)."""
 
     input: str
     kind: ItemKind
-    locator: str = ""  # path, URL or object URL
-    data: bytes | None = None  # kind == "bytes": uploaded content
+    locator: str = ""  # path, URL, object URL; sha256 of ``data`` on a queue
+    data: bytes | None = None  # kind == "bytes": the content
     error_type: ErrorType = "not_found"  # kind == "missing": why it gets an error record
     error: str = ""
     meta: dict[str, Any] | None = None  # rides along into the record (a shard sample's .json, a table's columns)
 
     def with_meta(self, meta: dict[str, Any]) -> InputItem:
         return replace(self, meta=meta)
+
+    def to_row(self) -> dict[str, str]:
+        """The wire form: ``input``, ``kind``, ``locator``, ``error_type``, ``error``, ``meta`` (all strings;
+        ``meta`` as JSON, empty when there is none)."""
+        return {"input": self.input, "kind": self.kind, "locator": self.locator,
+                "error_type": self.error_type if self.kind == "missing" else "", "error": self.error,
+                "meta": json.dumps(self.meta, ensure_ascii=False) if self.meta else ""}
+
+    @classmethod
+    def from_row(cls, row: dict[str, str], data: bytes | None = None) -> InputItem:
+        """Back from :meth:`to_row` (an unknown error type reads as ``internal``)."""
+        if row["kind"] == "missing":
+            error_type = row.get("error_type", "")
+            return cls.failed(row["input"], row.get("error", ""),
+                              error_type if error_type in ERROR_TYPES else "internal")
+        meta = row.get("meta")
+        return cls(row["input"], row["kind"], row.get("locator", ""), data, meta=json.loads(meta) if meta else None)
 
     @classmethod
     def from_bytes(cls, name: str, data: bytes) -> InputItem:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -116,9 +116,6 @@ class ModelSpec:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
-
-    def with_fingerprint(self, fingerprint: str) -> ModelSpec:
-        return replace(self, weights_fingerprint=fingerprint)
 
     def cache_namespace(self, numerics: Mapping[str, str] | None = None) -> str:
         """Model weights + label count + preprocessing + output kind (+ for an open-vocabulary model, the

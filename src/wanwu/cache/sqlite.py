@@ -29,32 +29,26 @@ stored time is older than ``touch_interval`` seconds, so a warm rerun costs a ha
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import sqlite3
-import struct
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
-
-from wanwu.cache import CachedResult
+from wanwu.cache import CachedResult, CacheStats, NamespaceStats, PruneResult
+from wanwu.cache.codec import decode_top, decode_warnings, encode_top, encode_warnings, key_blob
 from wanwu.errors import CacheError
-from wanwu.records import TopScores
+
+__all__ = ["SCHEMA_VERSION", "CacheStats", "SqliteCache", "decode_top", "encode_top"]
 
 log = logging.getLogger("wanwu")
 
 SCHEMA_VERSION = 1
-_BLOB_VERSION = 1
-_HEADER = struct.Struct("<BBBxd")  # blob version, flags, n, pad, logsumexp
-_FLAG_U16 = 1  # indices stored as uint16 (every index < 65536), else int32
 _CHUNK = 500  # keys per SELECT ... IN (...)
 _TOUCH_BATCH = 256
 
@@ -80,61 +74,6 @@ CREATE TABLE IF NOT EXISTS results (
 T = TypeVar("T")
 
 
-# --- the blob ---------------------------------------------------------------------------------------------
-
-
-def encode_top(top: TopScores) -> bytes:
-    """Header (12 bytes) + indices (uint16 when they fit, else int32) + float32 values; exact round trip."""
-    n = len(top.indices)
-    if n > 255 or len(top.values) != n:
-        raise ValueError(f"cannot store {n} scores (at most 255, one value per index)")
-    small = n == 0 or (int(top.indices.max()) < 65536 and int(top.indices.min()) >= 0)
-    indices = np.asarray(top.indices, dtype="<u2" if small else "<i4")
-    values = np.asarray(top.values, dtype="<f4")
-    header = _HEADER.pack(_BLOB_VERSION, _FLAG_U16 if small else 0, n, float(top.logsumexp))
-    return header + indices.tobytes() + values.tobytes()
-
-
-def decode_top(blob: bytes) -> TopScores:
-    """Raises ValueError for anything that is not a whole encoded result (never struct.error)."""
-    if not isinstance(blob, bytes) or len(blob) < _HEADER.size:
-        raise ValueError("truncated result")
-    version, flags, n, lse = _HEADER.unpack_from(blob)
-    if version != _BLOB_VERSION:
-        raise ValueError(f"unknown result encoding {version}")
-    width = 2 if flags & _FLAG_U16 else 4
-    start = _HEADER.size
-    if len(blob) != start + n * (width + 4):
-        raise ValueError("truncated result")
-    idx = np.frombuffer(blob, dtype="<u2" if width == 2 else "<i4", count=n, offset=start)
-    values = np.frombuffer(blob, dtype="<f4", count=n, offset=start + n * width)
-    return TopScores(idx.astype(np.int32), values.astype(np.float32), lse)
-
-
-def _key_blob(key: str) -> bytes:
-    """A hex sha256 becomes its 32 raw bytes; anything else is stored as UTF-8."""
-    if len(key) == 64:
-        try:
-            return bytes.fromhex(key)
-        except ValueError:
-            pass
-    return key.encode()
-
-
-def _encode_warnings(warnings: tuple[str, ...]) -> str | None:
-    return json.dumps(list(warnings), ensure_ascii=False) if warnings else None
-
-
-def _decode_warnings(text: str | None) -> tuple[str, ...]:
-    """Raises ValueError for a damaged entry (a miss, like a damaged ``top``)."""
-    if not text:
-        return ()
-    value = json.loads(text)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError("damaged warnings")
-    return tuple(value)
-
-
 def _has_warnings(conn: sqlite3.Connection) -> bool:
     return any(row[1] == "warnings" for row in conn.execute("PRAGMA table_info(results)"))
 
@@ -142,47 +81,6 @@ def _has_warnings(conn: sqlite3.Connection) -> bool:
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-# --- statistics -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NamespaceStats:
-    name: str
-    entries: int
-    payload_bytes: int
-    oldest: int | None  # unix seconds the oldest entry was written
-    newest: int | None
-    last_access: int | None
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    path: str
-    exists: bool
-    entries: int = 0
-    bytes_on_disk: int = 0  # the database file plus its write-ahead log
-    oldest: int | None = None
-    newest: int | None = None
-    last_access: int | None = None
-    namespaces: list[NamespaceStats] = field(default_factory=list)
-
-    @property
-    def bytes_per_entry(self) -> float:
-        return self.bytes_on_disk / self.entries if self.entries else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["bytes_per_entry"] = round(self.bytes_per_entry, 1)
-        return out
-
-
-@dataclass(frozen=True)
-class PruneResult:
-    removed: int
-    bytes_before: int
-    bytes_after: int
 
 
 # --- the cache --------------------------------------------------------------------------------------------
@@ -224,7 +122,7 @@ class SqliteCache:
             return
         now = int(time.time())
         rows = [
-            (_key_blob(key), encode_top(r.top), int(r.width), int(r.height), now, now, _encode_warnings(r.warnings))
+            (key_blob(key), encode_top(r.top), int(r.width), int(r.height), now, now, encode_warnings(r.warnings))
             for key, r in items
         ]
         if not rows:
@@ -362,7 +260,7 @@ class SqliteCache:
         ns = self._namespace_id(conn, namespace, create=False)
         if ns is None:
             return {}
-        by_blob = {_key_blob(k): k for k in keys}
+        by_blob = {key_blob(k): k for k in keys}
         out: dict[str, CachedResult] = {}
         now = int(time.time())
         for chunk in _chunks(list(by_blob), _CHUNK):
@@ -374,7 +272,7 @@ class SqliteCache:
             )
             for key, top, width, height, accessed, warnings in rows:
                 try:
-                    out[by_blob[key]] = CachedResult(decode_top(top), width, height, _decode_warnings(warnings))
+                    out[by_blob[key]] = CachedResult(decode_top(top), width, height, decode_warnings(warnings))
                 except ValueError as e:  # one damaged entry is a miss (and is rewritten), not a broken cache
                     log.debug("result cache %s: unreadable entry (%s); treated as a miss", self.path, e)
                     continue
@@ -401,6 +299,7 @@ class SqliteCache:
             return self._conn
         if not create and not self.path.exists():
             return None
+        _refuse_network_filesystem(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -520,6 +419,48 @@ class SqliteCache:
                 "result cache %s: cannot %s it (%s); carrying on without the cache", self.path, what, error
             )
         self._disabled = True
+
+
+def open_location(location: str) -> SqliteCache:
+    """The :data:`wanwu.cache.CACHES` entry: a path, or ``sqlite:///absolute/path``."""
+    if location.lower().startswith("sqlite://"):
+        location = location[len("sqlite://"):]
+    return SqliteCache(location)
+
+
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "afs", "ceph", "glusterfs", "lustre", "gpfs", "beegfs",
+    "fuse.sshfs", "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "ncpfs", "davfs",
+})
+
+
+def mounted_filesystem(path: Path, mounts: str = "/proc/mounts") -> str | None:
+    """The type of the file system ``path`` is on (its nearest existing folder's mount), None if unknown."""
+    try:
+        with open(mounts, encoding="utf-8", errors="replace") as f:
+            table = [line.split()[1:3] for line in f if len(line.split()) >= 3]
+    except OSError:
+        return None
+    here = path.absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    real = os.path.realpath(here)
+    best: tuple[int, str] | None = None
+    for point, kind in table:
+        point = point.replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) > best[0]):
+            best = (len(point), kind)
+    return best[1] if best else None
+
+
+def _refuse_network_filesystem(path: Path) -> None:
+    kind = mounted_filesystem(path)
+    if kind in NETWORK_FILESYSTEMS or (kind or "").startswith("nfs"):
+        raise CacheError(
+            f"{path} is on a network file system ({kind}), where SQLite's locking and write-ahead log do not "
+            "work (a shared cache there gets corrupted): use --cache redis://HOST:PORT/DB to share one"
+        )
 
 
 def _transient(error: sqlite3.OperationalError) -> bool:

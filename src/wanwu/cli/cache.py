@@ -1,4 +1,4 @@
-"""``wanwu cache stats|clear|prune``: look after the result cache (a thin shell over :class:`SqliteCache`)."""
+"""``wanwu cache stats|clear|prune``: look after the result cache (a thin shell over the SQLite or Redis cache)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import json
 import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from wanwu.cache.sqlite import CacheStats, SqliteCache
+from wanwu.cache import open_cache
+from wanwu.cache.sqlite import CacheStats
 from wanwu.config import RecognizeOptions
 from wanwu.errors import UsageError
 
@@ -26,13 +26,15 @@ _SIZE_UNITS = {
 
 def cache_path_option(fn: F) -> F:
     return click.option(
-        "--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-        help="Result cache file (default $WANWU_HOME/cache.sqlite3).",
+        "--cache", "cache_path", metavar="PATH|URL", default=None,
+        help="Result cache: a file, or redis://HOST:PORT/DB (default $WANWU_CACHE, else "
+             "$WANWU_HOME/cache.sqlite3).",
     )(fn)
 
 
-def _open(cache_path: Path | None) -> SqliteCache:
-    return SqliteCache(RecognizeOptions(cache_path=cache_path).resolved_cache_path())
+def _open(cache_path: str | None) -> Any:
+    """The cache with its maintenance calls (stats, clear, prune): SQLite or Redis."""
+    return open_cache(RecognizeOptions(cache_path=cache_path).cache_location())
 
 
 @click.group("cache")
@@ -43,7 +45,7 @@ def command() -> None:
 @command.command("stats")
 @cache_path_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def stats(cache_path: Path | None, as_json: bool) -> None:
+def stats(cache_path: str | None, as_json: bool) -> None:
     """Entries, size on disk, age, per model/preprocessing namespace."""
     with _open(cache_path) as cache:
         result = cache.stats()
@@ -57,7 +59,7 @@ def stats(cache_path: Path | None, as_json: bool) -> None:
 @cache_path_option
 @click.option("--namespace", default=None, metavar="ID",
               help="Only this model/preprocessing namespace (a unique prefix from `wanwu cache stats`).")
-def clear(cache_path: Path | None, namespace: str | None) -> None:
+def clear(cache_path: str | None, namespace: str | None) -> None:
     """Remove cached results (all of them, or one namespace's)."""
     with _open(cache_path) as cache:
         removed = cache.clear(namespace)
@@ -70,7 +72,7 @@ def clear(cache_path: Path | None, namespace: str | None) -> None:
               help="Drop results not used for this long: 90d, 12h, 2w, 3600s.")
 @click.option("--max-size", default=None, metavar="SIZE",
               help="Then drop the least recently used until the file is at most this big: 500MB, 2GiB.")
-def prune(cache_path: Path | None, older_than: str | None, max_size: str | None) -> None:
+def prune(cache_path: str | None, older_than: str | None, max_size: str | None) -> None:
     """Drop old or least recently used results."""
     if older_than is None and max_size is None:
         raise UsageError("prune needs --older-than and/or --max-size")

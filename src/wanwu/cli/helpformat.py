@@ -59,15 +59,3 @@ class WideTextHelpFormatter(click.HelpFormatter):
         text_width = max(self.width - first_col - 2, 10)
         super().write_dl([(first, _unwrappable(second, text_width) if second else second)
                           for first, second in rows], col_max, col_spacing)
-
-
-class WideTextContext(click.Context):
-    formatter_class = WideTextHelpFormatter
-
-
-def use_wide_text_help(commands: Iterable[click.Command]) -> None:
-    """Give these commands (and their subcommands) the Chinese-aware help formatter."""
-    for command in commands:
-        command.context_class = WideTextContext
-        if isinstance(command, click.Group):
-            use_wide_text_help(command.commands.values())

@@ -19,7 +19,6 @@ from wanwu.errors import QueueUnavailableError, UsageError
 from wanwu.jobs.base import (
     JobActivity,
     JobInput,
-    JobOptions,
     JobQueue,
     JobSpec,
     JobStatus,
@@ -28,6 +27,7 @@ from wanwu.jobs.base import (
 )
 from wanwu.jobs.inputs import job_inputs
 from wanwu.jobs.retry import retrying
+from wanwu.records import RecordOptions
 from wanwu.sinks import SinkOptions, create_sink
 from wanwu.sources import DEFAULT_MAX_BYTES
 
@@ -67,7 +67,7 @@ def submit(inputs: tuple[str, ...], queue_url: str | None, top_k: int, score: st
     input that cannot be expanded or read (a missing path, a glob matching nothing, a file too large) is
     not queued: it is named on stderr, and the exit code is 3.
     """
-    options = JobOptions(top_k=top_k, score=score, threshold=threshold)  # type: ignore[arg-type]
+    options = RecordOptions(top_k=top_k, score=score, threshold=threshold)  # type: ignore[arg-type]
     tally = _Tally()
     queued = tally.queued(job_inputs(inputs, by_reference=by_reference, max_bytes=max_bytes))
     first = next(queued, None)

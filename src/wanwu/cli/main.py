@@ -16,8 +16,8 @@ from typing import Any
 import click
 
 from wanwu import __version__
-from wanwu.cli.helpformat import use_wide_text_help
-from wanwu.cli.messages import h, install_click_translations, language, short_help, t
+from wanwu.cli.localized import localize, show_error
+from wanwu.cli.messages import h, short_help, t
 from wanwu.cli.progress import ReportedInterrupt
 from wanwu.errors import UsageError, WanwuError
 
@@ -27,7 +27,6 @@ EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a command th
 COMMAND_MODULES = ("recognize", "cache", "convert", "serve", "jobs", "worker", "report")
 
 
-install_click_translations()
 VERBOSE_HELP = h("verbose")
 
 
@@ -95,8 +94,7 @@ def _accept_verbose(group: click.Group) -> None:
 
 _accept_verbose(cli)
 _localize_short_help(cli)
-if language() == "zh":
-    use_wide_text_help([cli])
+localize(cli)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         return EXIT_BROKEN_PIPE
     except click.ClickException as e:
-        e.show()
+        show_error(e)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         if not isinstance(e, ReportedInterrupt):

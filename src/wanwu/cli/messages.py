@@ -120,7 +120,8 @@ HELP: dict[str, dict[str, str]] = {
         "batch_size": "Images per batch.",
         "workers": "Decode worker processes (-1 = one per core, 0 = decode in threads).",
         "no_cache": "Neither read nor write the result cache.",
-        "cache": "Result cache file (default $WANWU_HOME/cache.sqlite3).",
+        "cache": "Result cache: a file, or redis://HOST:PORT/DB to share one between machines (default "
+                 "$WANWU_CACHE, else $WANWU_HOME/cache.sqlite3).",
         "max_pixels": "Refuse images above this many pixels (too_large).",
         "full_decode": "Decode large JPEGs at full size (slower; by default libjpeg scales them down while "
         "decoding as far as the model's resize allows).",
@@ -185,7 +186,8 @@ HELP: dict[str, dict[str, str]] = {
         "batch_size": "每批图片数。",
         "workers": "解码进程数（-1 = 每核一个，0 = 在线程中解码）。",
         "no_cache": "既不读也不写结果缓存。",
-        "cache": "结果缓存文件（默认 $WANWU_HOME/cache.sqlite3）。",
+        "cache": "结果缓存：一个文件，或 redis://主机:端口/库号（多台机器共用一个）（默认 $WANWU_CACHE，"
+                 "否则 $WANWU_HOME/cache.sqlite3）。",
         "max_pixels": "拒绝像素数超过此值的图片（too_large）。",
         "full_decode": "以原尺寸解码大 JPEG（较慢；默认 libjpeg 在模型缩放允许的范围内边解码边缩小）。",
         "max_bytes": "拒绝超过此字节数的文件或下载。",
@@ -242,12 +244,13 @@ SHORT_HELP_ZH = {
     "worker": "用一个已加载的模型处理队列中的子任务；可在任意机器上启动任意多个。",
 }
 
-# click's own words in --help and usage errors (it looks them up through gettext).
+# click's own words in --help and usage errors, by click's English text.
 CLICK_ZH = {
-    "Usage:": "用法：", "Options": "选项", "Commands": "命令", "default: {default}": "默认：{default}",
+    "Usage:": "用法：", "Options": "选项", "Commands": "命令", "Positional arguments": "位置参数",
+    "default": "默认", "required": "必填",
     "Show this message and exit.": "显示此帮助并退出。", "Show the version and exit.": "显示版本并退出。",
-    "required": "必填", "Try {command} for help.": "用 {command} 查看帮助。", "Error": "错误",
-    "Invalid value for {name}: {message}": "{name} 的值无效：{message}",
+    "Try '{command} {option}' for help.": "用 '{command} {option}' 查看帮助。", "Error: {message}": "错误：{message}",
+    "Invalid value for {param_hint}: {message}": "{param_hint} 的值无效：{message}",
 }
 
 
@@ -261,21 +264,9 @@ def h(key: str) -> str:
     return HELP[language()].get(key) or HELP["en"][key]
 
 
-def install_click_translations() -> None:
-    """Under a Chinese locale, click's headings (Usage, Options, default...) in Chinese too."""
-    if language() != "zh":
-        return
-    import click.core
-    import click.decorators
-    import click.exceptions
-    import click.formatting
-
-    def gettext(message: str) -> str:
-        return CLICK_ZH.get(message, message)
-
-    for module in (click.core, click.decorators, click.exceptions, click.formatting):
-        if hasattr(module, "_"):
-            module._ = gettext  # type: ignore[attr-defined]
+def click_zh(text: str) -> str:
+    """click's English ``text`` under a Chinese locale (as it is otherwise)."""
+    return CLICK_ZH.get(text, text) if language() == "zh" else text
 
 
 def language(environ: dict[str, str] | None = None) -> str:

@@ -103,8 +103,7 @@ io_options = _compose(
     ),
     click.option("--no-cache", is_flag=True, help=h("no_cache")),
     click.option(
-        "--cache", "cache_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-        help=h("cache"),
+        "--cache", "cache_path", metavar="PATH|URL", default=None, help=h("cache"),
     ),
     click.option(
         "--max-pixels", type=click.IntRange(min=1), default=RecognizeOptions.max_pixels,

@@ -96,10 +96,6 @@ class RunProgress:
         self._task = self._bar.add_task(label, total=None, rate="", failed="")
         self._bar.start()
 
-    @property
-    def active(self) -> bool:
-        return self._bar is not None
-
     def set_total(self, total: int) -> None:
         self.total = total
         if self._bar is not None:

@@ -144,9 +144,6 @@ def _warn_if_overwriting(output: Path) -> None:
         )
 
 
-_SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv"}
-
-
 def _default_format(output: Path | None) -> str:
     """By the output file's suffix (unknown: a usage error); else jsonl, or a table on a terminal."""
     if output is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from wanwu.jobs.base import (
     JobInput,
-    JobOptions,
     JobQueue,
     JobSpec,
     JobStatus,
@@ -19,7 +18,6 @@ from wanwu.jobs.inputs import job_inputs
 
 __all__ = [
     "JobInput",
-    "JobOptions",
     "JobQueue",
     "JobSpec",
     "JobStatus",

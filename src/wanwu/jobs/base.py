@@ -14,7 +14,6 @@ inputs recorded as ``internal`` errors) apply to every backend.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import itertools
 import json
 import os
@@ -27,12 +26,18 @@ from typing import Any, Literal, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from wanwu.errors import ERROR_TYPES, ErrorType, QueueError, UsageError
+from wanwu.fetch import FETCHERS
 from wanwu.paths import wanwu_home
 from wanwu.records import Record, RecordOptions
-from wanwu.sources import is_url
+from wanwu.registry import Registry
+from wanwu.sources import InputItem, escape_name, is_url, unescape_name
 
 JobState = Literal["queued", "running", "done", "cancelled", "failed"]
-InputKind = Literal["url", "path", "upload", "missing"]
+InputKind = str
+"""``url``, ``path`` (the ``file`` input kind, by absolute path), ``upload`` (the ``bytes`` kind, its bytes kept in
+the queue by sha256), ``missing``, or any other input kind with a reader (:data:`wanwu.fetch.FETCHERS`: ``object``,
+a plug-in's), sent by reference as its locator."""
+_ITEM_KIND = {"path": "file", "upload": "bytes"}  # the queue's names of two InputItem kinds (its wire keeps them)
 DEFAULT_TASK_SIZE = 16
 # A submission that has added nothing for this long while unsealed is dead (a killed `jobs submit`): queues
 # cancel it and free its uploads when a worker next claims, so it is not "running" for ever.
@@ -78,7 +83,8 @@ def job_created(job_id: str) -> float:
 
 @dataclass(frozen=True, slots=True)
 class JobInput:
-    """One input of a job. ``name`` is what its record says; ``ref`` is how a worker finds the bytes.
+    """One input of a job: an :class:`~wanwu.sources.InputItem` as the queue stores it (``[name, kind, ref]``).
+    ``name`` is what its record says; ``ref`` is how a worker finds the bytes.
 
     url: ``ref`` is the URL · path: ``ref`` is an absolute path, read by workers allowed to read it ·
     upload: ``ref`` is the sha256 of bytes stored in the queue (``data`` only while submitting) ·
@@ -117,6 +123,29 @@ class JobInput:
             return cls.url(text)
         return cls.path(text)
 
+    @classmethod
+    def by_reference(cls, item: InputItem) -> JobInput:
+        """``item`` as a reference a worker follows (not for ``bytes`` items: upload those)."""
+        if item.kind == "missing":
+            return cls.missing(item.input, item.error_type, item.error)
+        if item.kind == "file":  # paths travel escaped (sources.escape_name): the queue holds UTF-8
+            return cls.path(escape_name(item.locator), name=item.input)
+        if item.kind == "url":
+            return cls.url(item.input)  # escaped like every name
+        return cls(item.input, item.kind, escape_name(item.locator))
+
+    def to_item(self, data: bytes | None = None) -> InputItem:
+        """The input item a worker recognizes (``data``: an upload's bytes, fetched from the queue)."""
+        if self.kind == "missing":
+            type, message = self.failure()
+            return InputItem.failed(self.name, message, type)
+        if self.kind == "upload":
+            if data is None:
+                return InputItem.failed(self.name, "the uploaded file is no longer in the queue")
+            return InputItem(self.name, "bytes", self.ref, data)
+        ref = unescape_name(self.ref) if self.kind == "path" else self.ref
+        return InputItem(self.name, _ITEM_KIND.get(self.kind, self.kind), ref)
+
     def failure(self) -> tuple[ErrorType, str]:
         """For ``missing`` inputs: the error type and message."""
         return self.error_type or "internal", self.error
@@ -131,12 +160,11 @@ class JobInput:
         if kind == "missing":
             type, _, message = ref.partition(": ")
             return cls.missing(name, type if type in ERROR_TYPES else "internal", message)
-        if kind not in ("url", "path", "upload"):
+        if kind not in ("url", "path", "upload") and (kind in ("file", "bytes") or kind not in FETCHERS):
             raise QueueError(f"corrupt task: unknown input kind {kind!r}")
-        return cls(name, kind, ref)  # type: ignore[arg-type]
+        return cls(name, kind, ref)
 
 
-JobOptions = RecordOptions  # what shapes a job's records; the worker's model and settings do the rest
 
 
 @dataclass(frozen=True)
@@ -144,7 +172,7 @@ class JobSpec:
     """A job to submit. ``inputs`` may be a generator: queues consume it once, in chunks."""
 
     inputs: Iterable[JobInput]
-    options: JobOptions = field(default_factory=JobOptions)
+    options: RecordOptions = field(default_factory=RecordOptions)
     task_size: int = DEFAULT_TASK_SIZE
 
     def __post_init__(self) -> None:
@@ -166,7 +194,7 @@ class JobStatus:
     rate: float
     created: float
     updated: float
-    options: JobOptions
+    options: RecordOptions
     sealed: bool = True
     abandoned: int = 0  # tasks given up after too many deliveries (their inputs have internal errors)
 
@@ -181,7 +209,7 @@ class JobStatus:
             state=derive_state(cancelled=cancelled, sealed=sealed, total=total, finished=done + failed,
                                started=started is not None, abandoned=abandoned),
             total=total, done=done, failed=failed, rate=job_rate(done + failed, started, updated),
-            created=created, updated=updated, options=JobOptions.from_dict(json.loads(options)),
+            created=created, updated=updated, options=RecordOptions.from_dict(json.loads(options)),
             sealed=sealed, abandoned=abandoned,
         )
 
@@ -253,7 +281,7 @@ class Task:
     task_id: str
     start: int
     inputs: tuple[JobInput, ...]
-    options: JobOptions
+    options: RecordOptions
     attempt: int = 1
 
     def indexed(self) -> Iterator[tuple[int, JobInput]]:
@@ -477,17 +505,15 @@ class QueueURL:
 
 
 QueueFactory = Callable[[QueueURL], JobQueue]
-QUEUES: dict[str, QueueFactory] = {}
-# Built-in backends register on import; importing only the one asked for keeps redis-py optional.
-BUILTIN_QUEUES = {"sqlite": "wanwu.jobs.sqlite", "redis": "wanwu.jobs.redis", "rediss": "wanwu.jobs.redis"}
+# Queue backends by URL scheme; lazy built-ins keep redis-py optional; plug-ins: the wanwu.queues entry points.
+QUEUES: Registry[QueueFactory] = Registry("job queue", group="wanwu.queues")
+QUEUES.lazy("sqlite", "wanwu.jobs.sqlite:open_sqlite")
+QUEUES.lazy("redis", "wanwu.jobs.redis:open_redis", extra="queue")
+QUEUES.lazy("rediss", "wanwu.jobs.redis:open_redis", extra="queue")
 
 
 def register_queue(scheme: str) -> Callable[[QueueFactory], QueueFactory]:
-    def wrap(factory: QueueFactory) -> QueueFactory:
-        QUEUES[scheme] = factory
-        return factory
-
-    return wrap
+    return QUEUES.register(scheme)
 
 
 def default_queue_url() -> str:
@@ -498,8 +524,8 @@ def default_queue_url() -> str:
 def parse_queue_url(url: str) -> QueueURL:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in QUEUES and scheme not in BUILTIN_QUEUES:
-        known = ", ".join(sorted({*QUEUES, *BUILTIN_QUEUES}))
+    if scheme not in QUEUES:
+        known = ", ".join(sorted(QUEUES.names()))
         raise UsageError(f"queue URL {redact_url(url)!r}: unknown scheme {parts.scheme!r}; use one of "
                          f"{known}, e.g. sqlite:///path/jobs.sqlite3 or redis://host:6379/0")
     ours: dict[str, str] = {}
@@ -547,9 +573,7 @@ def with_query(url: str, query: list[tuple[str, str]]) -> str:
 def open_queue(url: str | None = None) -> JobQueue:
     """Open the queue at ``url`` (default ``$WANWU_QUEUE`` or SQLite under ``$WANWU_HOME``)."""
     parsed = parse_queue_url(url or default_queue_url())
-    if parsed.scheme not in QUEUES:
-        importlib.import_module(BUILTIN_QUEUES[parsed.scheme])
-    return QUEUES[parsed.scheme](parsed)
+    return QUEUES.get(parsed.scheme)(parsed)
 
 
 def _iso(ts: float) -> str:

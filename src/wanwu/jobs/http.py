@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 from wanwu.errors import MissingExtraError, QueueError, QueueStorageError, QueueUnavailableError, UsageError
 from wanwu.jobs.base import (
     JobInput,
-    JobOptions,
     JobQueue,
     JobSpec,
     UnknownJobError,
@@ -33,6 +32,7 @@ from wanwu.jobs.base import (
     parse_queue_url,
     with_english,
 )
+from wanwu.records import RecordOptions
 from wanwu.sinks import SinkOptions, create_sink
 from wanwu.sources import DEFAULT_MAX_BYTES
 
@@ -233,7 +233,7 @@ async def _json_body(request: Any) -> dict[str, Any]:
     return body
 
 
-def _options(data: Any) -> tuple[JobOptions, int]:
+def _options(data: Any) -> tuple[RecordOptions, int]:
     def number(key: str, kind: type[int] | type[float], default: Any) -> Any:
         value = data.get(key)
         if value in (None, ""):
@@ -244,7 +244,7 @@ def _options(data: Any) -> tuple[JobOptions, int]:
             raise UsageError(f"{key} must be a number, got {value!r}") from None
 
     score: Any = data.get("score") or "softmax"
-    options = JobOptions(number("top_k", int, 5), score, number("threshold", float, None))
+    options = RecordOptions(number("top_k", int, 5), score, number("threshold", float, None))
     return options, number("task_size", int, 16)
 
 

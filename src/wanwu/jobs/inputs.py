@@ -9,12 +9,13 @@ carrying the reason, never silently dropped; the caller decides whether to queue
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from wanwu.errors import InputError
 from wanwu.fetch import Fetcher
 from wanwu.jobs.base import JobInput
-from wanwu.sources import DEFAULT_MAX_BYTES, InputItem, SourceOptions, escape_name, expand
+from wanwu.sources import DEFAULT_MAX_BYTES, InputItem, SourceOptions, expand
 
 
 def job_inputs(
@@ -30,12 +31,11 @@ def job_inputs(
 
 
 def job_input(item: InputItem, fetcher: Fetcher, by_reference: bool = False) -> JobInput:
-    if item.kind == "url":
-        return JobInput.url(item.input)  # escaped like every name (sources.escape_name): the queue holds UTF-8
-    if item.kind == "missing":
-        return JobInput.missing(item.input, item.error_type, item.error)
-    if by_reference and item.kind == "file":  # an object or a shard's sample has no path a worker could read
-        return JobInput.path(escape_name(str(Path(item.locator).absolute())), name=item.input)
+    if item.kind in ("url", "missing"):
+        return JobInput.by_reference(item)
+    if by_reference and item.kind == "file":
+        return JobInput.by_reference(replace(item, locator=str(Path(item.locator).absolute())))
+    # an object or a shard's sample has no path a worker could read: upload it
     try:
         return JobInput.upload(item.input, fetcher.fetch(item).data)
     except InputError as e:

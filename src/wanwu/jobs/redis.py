@@ -35,7 +35,6 @@ from wanwu.errors import MissingExtraError, QueueError, QueueStorageError, Queue
 from wanwu.jobs.base import (
     STALE_SUBMISSION_S,
     JobActivity,
-    JobOptions,
     JobSpec,
     JobStatus,
     LostJobError,
@@ -57,7 +56,7 @@ from wanwu.jobs.base import (
 )
 from wanwu.jobs.redis_lua import CLAIM_OWN, COMPLETE_LUA, DECLINE
 from wanwu.jobs.retry import retrying
-from wanwu.records import Record
+from wanwu.records import Record, RecordOptions
 
 log = logging.getLogger("wanwu")
 
@@ -455,7 +454,7 @@ class RedisQueue:
                 except UnknownJobError:
                     jobs[job_id] = None
             job = jobs[job_id]
-            options = JobOptions.from_dict(json.loads(job["options"])) if job else JobOptions()
+            options = RecordOptions.from_dict(json.loads(job["options"])) if job else RecordOptions()
             inputs = decode_inputs(fields[b"inputs"].decode())
             task = Task(job_id, msg_id.decode(), int(fields[b"start"]), inputs, options, deliveries)
             if job is None or job["cancelled"] == "1":

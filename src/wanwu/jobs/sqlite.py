@@ -29,7 +29,6 @@ from wanwu.errors import QueueError, QueueStorageError, QueueUnavailableError, U
 from wanwu.jobs.base import (
     STALE_SUBMISSION_S,
     JobActivity,
-    JobOptions,
     JobSpec,
     JobStatus,
     QueueURL,
@@ -47,7 +46,7 @@ from wanwu.jobs.base import (
     register_queue,
 )
 from wanwu.jobs.retry import retrying
-from wanwu.records import Record
+from wanwu.records import Record, RecordOptions
 
 log = logging.getLogger("wanwu")
 
@@ -320,7 +319,7 @@ class SqliteQueue:
             ).fetchall()
             for task_id, job_id, start, inputs, attempts, options in rows:
                 task = Task(job_id, str(task_id), start, decode_inputs(inputs),
-                            JobOptions.from_dict(json.loads(options)), attempts + 1)
+                            RecordOptions.from_dict(json.loads(options)), attempts + 1)
                 if attempts >= self.settings.max_attempts:
                     self._write(task, abandoned_records(task, self.settings.max_attempts), abandon=True)
                     continue

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wanwu.errors import QueueError, QueueUnavailableError
-from wanwu.jobs.base import JobInput, JobOptions, JobQueue, Task, UnknownJobError
+from wanwu.jobs.base import JobInput, JobQueue, Task, UnknownJobError
 from wanwu.jobs.retry import Outages, retrying
 from wanwu.pipeline import Recognizer
-from wanwu.records import Record
+from wanwu.records import Record, RecordOptions
 from wanwu.sources import InputItem, escape_name, unescape_name
 
 log = logging.getLogger("wanwu")
@@ -171,7 +171,7 @@ class _Calls:
 
 def _process(calls: _Calls, recognizer: Recognizer, tasks: list[Task], roots: _Roots, stats: WorkerStats,
              heartbeat: _Heartbeat) -> None:
-    by_options: dict[JobOptions, list[Task]] = {}
+    by_options: dict[RecordOptions, list[Task]] = {}
     for task in tasks:
         by_options.setdefault(task.options, []).append(task)
     for options, group in by_options.items():
@@ -187,7 +187,7 @@ def _process(calls: _Calls, recognizer: Recognizer, tasks: list[Task], roots: _R
                 _recognize_alone(calls, recognizer, task, options, roots, stats, heartbeat)
 
 
-def _recognize(calls: _Calls, recognizer: Recognizer, group: list[Task], options: JobOptions, roots: _Roots,
+def _recognize(calls: _Calls, recognizer: Recognizer, group: list[Task], options: RecordOptions, roots: _Roots,
                stats: WorkerStats, heartbeat: _Heartbeat) -> None:
     records = heartbeat.watch(recognizer.recognize(_items(calls, group, roots), options))
     for task in group:
@@ -196,7 +196,7 @@ def _recognize(calls: _Calls, recognizer: Recognizer, group: list[Task], options
         raise RuntimeError(f"recognizer returned an unexpected extra record for {extra.input!r}")
 
 
-def _recognize_alone(calls: _Calls, recognizer: Recognizer, task: Task, options: JobOptions, roots: _Roots,
+def _recognize_alone(calls: _Calls, recognizer: Recognizer, task: Task, options: RecordOptions, roots: _Roots,
                      stats: WorkerStats, heartbeat: _Heartbeat) -> None:
     """Each input of ``task`` on its own; whatever one raises becomes its error record."""
     items = list(_items(calls, [task], roots))
@@ -252,21 +252,9 @@ def _items(calls: _Calls, tasks: list[Task], roots: _Roots) -> Iterator[InputIte
 
 
 def _item(item: JobInput, blobs: dict[str, bytes], roots: _Roots) -> InputItem:
-    if item.kind == "url":
-        return InputItem(item.name, "url", item.ref)
-    if item.kind == "upload":
-        data = blobs.get(item.ref)
-        if data is None:
-            return InputItem.failed(item.name, "the uploaded file is no longer in the queue")
-        return InputItem.from_bytes(item.name, data)
-    if item.kind == "path":
-        path = unescape_name(item.ref)  # paths travel escaped (sources.escape_name): non-UTF-8 names too
-        refusal = roots.refusal(path)
-        if refusal:
-            return InputItem.failed(item.name, refusal, "fetch_error")
-        return InputItem(item.name, "file", path)
-    type, message = item.failure()
-    return InputItem.failed(item.name, message, type)
+    if item.kind == "path" and (refusal := roots.refusal(unescape_name(item.ref))):
+        return InputItem.failed(item.name, refusal, "fetch_error")
+    return item.to_item(blobs.get(item.ref) if item.kind == "upload" else None)
 
 
 class _Roots:

@@ -12,8 +12,8 @@ from wanwu.errors import MissingExtraError, UsageError
 from wanwu.models import resolve_model
 from wanwu.ray.stages import Infer, decode_batch
 from wanwu.records import RecordOptions
+from wanwu.rules import Context
 from wanwu.spec import ModelSpec
-from wanwu.stage import StageContext
 
 log = logging.getLogger("wanwu")
 GPU_CALLS_PER_ACTOR = 2  # batches in flight in a GPU actor: one copies and ranks while the other computes
@@ -138,14 +138,14 @@ def recognize_dataset(
     options = options or RecognizeOptions()
     layout = ray_options or RayOptions()
     spec = model if isinstance(model, ModelSpec) else resolve_model(model, Path(labels) if labels else None)
-    if options.cache:  # one path for every node: the driver's (a shared folder reaches them all)
-        options = replace(options, cache_path=options.resolved_cache_path())
+    if options.cache:  # one cache for every node: the driver's (redis://… reaches them all)
+        options = replace(options, cache_path=options.cache_location())
     # Decode tasks are spread over the nodes (Ray Data's default) and retried when a node dies under them (Ray's
     # default of 3 retries; a bad file is a record, never a failed task). Their memory reservation, which the
     # actors do not share, also keeps Ray from fusing decoding into the inference actors: decoding batch N+1
     # overlaps inferring batch N, on other cores.
     plan = plan_inference(options, layout, cluster_gpus(ray))
-    context = StageContext.of(spec, options, planned_numerics(ray, spec, plan, layout))
+    context = Context.of(spec, options, planned_numerics(ray, spec, plan, layout))
     decoded = ds.map_batches(
         decode_batch, batch_size=layout.decode_batch, batch_format="numpy", num_cpus=layout.decode_cpus,
         memory=layout.decode_memory, fn_kwargs={"context": context, "options": options},

@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from wanwu.config import RecognizeOptions
+from wanwu.errors import ClosedError
 from wanwu.models import resolve_model
 from wanwu.ray.dataset import RayOptions, import_ray, recognize_dataset
 from wanwu.ray.stages import item_rows
@@ -46,8 +47,9 @@ class RayRunner:
         self.spec = model if isinstance(model, ModelSpec) else resolve_model(
             model, Path(labels) if labels else None, label_column
         )
-        self.cache_hits = 0  # not counted on a cluster: cached results are answered inside the decode tasks
+        self.cache_hits = 0  # records answered from the result cache, over every run of this runner
         self._connected = False
+        self._closed = False
         if self.ray.is_initialized():
             pass  # the caller's Ray session: use it, leave it open
         elif address:
@@ -56,15 +58,15 @@ class RayRunner:
         else:
             self.ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
             self._connected = True
-        ctx = self.ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
-        ctx.enable_progress_bars = False
 
     def recognize(self, inputs: Iterable[InputItem], record: RecordOptions | None = None) -> Iterator[Record]:
-        """One record per input, in input order. ``record`` shapes them (default ``options.record``).
+        """One record per input, in input order. ``record`` shapes them (default ``options.record``). Raises
+        ClosedError once closed.
 
         Consecutive WebDataset shards not yet read (``shard`` items) are read on the cluster, one read task
         per shard, each streaming its samples into the decode stage."""
+        if self._closed:
+            raise ClosedError("this Ray runner is closed")
         for deferred, group in groupby(inputs, key=lambda item: item.kind == "shard"):
             items = iter(group)
             while part := list(islice(items, self.shard_size)):
@@ -78,7 +80,11 @@ class RayRunner:
 
     def _records(self, ds: Any, record: RecordOptions | None) -> Iterator[Record]:
         out = recognize_dataset(ds, self.spec, options=self.options, ray_options=self.ray_options, record=record)
+        # This run's own settings (each Dataset carries a copy of the context): the caller's are left alone.
+        out.context.execution_options.preserve_order = True
+        out.context.enable_progress_bars = False
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+            self.cache_hits += int(batch["cached"].sum())
             for line in batch["record"]:
                 yield Record.from_dict(json.loads(line))
 
@@ -87,6 +93,7 @@ class RayRunner:
         return max(1, min(1000, n // self.ray_options.decode_batch))
 
     def close(self) -> None:
+        self._closed = True
         if self._connected:
             self.ray.shutdown()
             self._connected = False

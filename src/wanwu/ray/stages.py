@@ -8,43 +8,49 @@ Rows in (any of these shapes, mixed blocks are fine):
   (``s3://``, ``gs://``, HDFS, ... are read by Ray itself; the record's ``input`` is the path).
 
 :func:`decode_batch` (a plain function: Ray runs it as CPU tasks) turns each row into pixels, a cache hit or an
-error (:func:`wanwu.stage.look_up_item`, then decoding). As in the local runner, images are decoded in a process
-of their own (a :class:`~wanwu.decoders.DecodeProcess` per Ray worker thread, reused; a task's images in one
-round trip) under ``options.decode_timeout``: a decoder that crashes or hangs
-costs its own row a ``decode_error`` record, never the task, its neighbours or the Ray worker
-(``options.workers == 0`` decodes in the task's own process, without either guard).
+error. Every decision about a row is one of the orchestrator's own rules (:mod:`wanwu.rules`: fetch failures,
+cache lookup, NaN, out of memory; :func:`wanwu.decoders.decode_failure`: crashes and deadlines), so a row's
+record is the one ``wanwu recognize`` writes. As in the local runner, images are decoded in a process of their
+own (:class:`~wanwu.decoders.ProcessDecoder`: one per Ray worker thread, reused; a task's images in one round
+trip) under ``options.decode_timeout``: a decoder that crashes or hangs costs its own row a ``decode_error``
+record, never the task, its neighbours or the Ray worker (``options.workers == 0`` decodes in the task's own
+process, without either guard).
+
+Repeated content: within one decode task, a file whose bytes repeat another's is looked up and decoded once;
+within one inference batch, inferred once; every row still gets its own record. Across blocks, a repeat is
+answered from the result cache when the batch holding its first copy has already been inferred (the actors
+write fresh results to the cache), and recognized again otherwise: the cluster keeps no state of its own
+between tasks.
 
 :class:`Infer` (a callable class: Ray runs it in an actor pool, one model per actor) turns those into records.
-Rows out: ``input``, ``status`` (``ok``/``error``) and ``record``, the record as one JSON line exactly as
-``wanwu recognize -f jsonl`` writes it. A bad image is an error row, never a failed task, so
-``max_errored_blocks`` is never needed.
+Rows out: ``input``, ``status`` (``ok``/``error``), ``record``, the record as one JSON line exactly as
+``wanwu recognize -f jsonl`` writes it, and ``cached`` (answered from the result cache). A bad image is an
+error row, never a failed task, so ``max_errored_blocks`` is never needed.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from wanwu.cache import CachedResult, ResultCache
+from wanwu.cache import CachedResult, ResultCache, open_cache
+from wanwu.cache.codec import decode_top, encode_top
 from wanwu.config import RecognizeOptions
-from wanwu.decoders import CRASHED, DecodeProcess, DecodeTimeoutError, timed_out
+from wanwu.decoders import ProcessDecoder
 from wanwu.engine import Engine
-from wanwu.errors import ModelError, OutOfMemoryError
-from wanwu.fetch import Fetcher
-from wanwu.imaging import DecodeOptions, DecodeResult, decode_each, decode_job
-from wanwu.records import Record, RecordOptions, TopScores
+from wanwu.errors import ModelError
+from wanwu.fetch import Fetched, Fetcher
+from wanwu.imaging import DecodeResult, decode_each, decode_job
+from wanwu.records import RecordOptions, TopScores
+from wanwu.rules import Context, Decode, Failure, fetch_item, inference_failure, look_up, record_of, scored
 from wanwu.sinks import dumps
-from wanwu.sources import InputItem, expand
-from wanwu.spec import ModelSpec, PreprocessSpec
-from wanwu.stage import Decode, StageContext, Staged, ToDecode, look_up_item
+from wanwu.sources import ROW_FIELDS, InputItem, expand
+from wanwu.spec import ModelSpec
 
 Batch = dict[str, npt.NDArray[Any]]
 _PER_PROCESS: dict[tuple[str, Any], Any] = {}  # one fetcher / cache per Ray worker process, reused by its tasks
@@ -52,73 +58,35 @@ _PER_PROCESS: dict[tuple[str, Any], Any] = {}  # one fetcher / cache per Ray wor
 
 def item_rows(items: Iterable[InputItem]) -> list[dict[str, str]]:
     """Rows for ``ray.data.from_items``: the expanded inputs, each exactly as the local runner would see it."""
-    return [
-        {"input": i.input, "kind": i.kind, "locator": i.locator or i.error, "error_type": i.error_type}
-        for i in items
-    ]
+    return [item.to_row() for item in items]
 
 
-def decode_batch(
-    batch: Batch, *, context: StageContext, options: RecognizeOptions, decode: Decode = decode_job
-) -> Batch:
+def decode_batch(batch: Batch, *, context: Context, options: RecognizeOptions, decode: Decode = decode_job) -> Batch:
     """The CPU stage (``map_batches(decode_batch, fn_kwargs=...)``): fetch, hash, cache lookup, decode.
 
     ``decode`` (a module-level function, so that it pickles) is what runs in the decode process."""
     fetcher = _fetcher(options)
-    cache = _cache(options)
-    found = [look_up_item(item, fetcher, context, cache, data) for item, data in _items(batch)]
-    todo = [(i, x) for i, x in enumerate(found) if isinstance(x, ToDecode)]
-    datas = [x.data for _, x in todo]
+    items = list(_items(batch))
+    fetched = [fetch_item(item, fetcher) for item in items]
+    shas = [f.sha256 for f in fetched if isinstance(f, Fetched)]
+    hits = look_up(_cache(options), context.namespace, shas)
+    todo: dict[str, bytes] = {}  # each distinct content to decode, once
+    for f in fetched:
+        if isinstance(f, Fetched) and f.sha256 not in hits:
+            todo.setdefault(f.sha256, f.data)
+    datas = list(todo.values())
     if options.workers == 0:
         results = decode_each(decode, datas, context.preprocess, context.decode)
     else:
-        results = _Isolated(decode, options.decode_timeout).many(datas, context.preprocess, context.decode)
-    for (i, x), result in zip(todo, results, strict=True):
-        found[i] = x.decoded(result)
-    staged = [x for x in found if isinstance(x, Staged)]
-    assert len(staged) == len(found)  # every input decoded or answered before
-    return _staged_columns(staged)
-
-
-class _Isolated:
-    """``decode`` in this Ray worker's decode process under a deadline. A crash or a timeout is that image's
-    record; the process is replaced for the next one."""
-
-    def __init__(self, decode: Decode, timeout: float) -> None:
-        self.decode, self.timeout = decode, timeout
-        process = _PER_PROCESS.get(("decoder", threading.get_ident()))
-        if process is None:  # Ray may run tasks of one worker process in threads: one decode process each
-            process = _PER_PROCESS[("decoder", threading.get_ident())] = DecodeProcess()
-        self.process: DecodeProcess = process
-
-    def many(self, datas: list[bytes], preprocess: PreprocessSpec, options: DecodeOptions) -> list[DecodeResult]:
-        """All of them in one round trip (a deadline of ``timeout`` per image, plus one); after a crash or a
-        timeout, each again alone, so that only the culprit fails."""
-        if not datas:
-            return []
-        try:
-            results: list[DecodeResult] = self.process.call(
-                decode_each, self.decode, datas, preprocess, options, timeout=self.timeout * (len(datas) + 1)
-            )
-            return results
-        except (DecodeTimeoutError, BrokenProcessPool):
-            return [self(data, preprocess, options) for data in datas]
-
-    def __call__(self, data: bytes, preprocess: PreprocessSpec, options: DecodeOptions) -> DecodeResult:
-        try:
-            result: DecodeResult = self.process.call(self.decode, data, preprocess, options, timeout=self.timeout)
-        except DecodeTimeoutError:
-            return ("decode_error", timed_out(self.timeout))
-        except BrokenProcessPool:
-            return ("decode_error", CRASHED)
-        return result
+        results = ProcessDecoder(decode, options.decode_timeout).many(datas, context.preprocess, context.decode)
+    decoded = dict(zip(todo, results, strict=True))
+    return _rows(items, fetched, hits, decoded)
 
 
 class Infer:
     """The inference stage: an actor per model copy (``compute=ray.data.ActorPoolStrategy(size=n)``).
 
-    The model is loaded once, in ``__init__``; fresh results go to the result cache when one is configured
-    and reachable from the actor's node.
+    The model is loaded once, in ``__init__``; fresh results go to the result cache when one is configured.
     """
 
     def __init__(
@@ -144,84 +112,83 @@ class Infer:
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["input"])
-        records: list[Record | None] = [None] * n
-        todo: list[int] = []
+        outcomes: list[CachedResult | Failure | None] = [None] * n
+        first: dict[str, int] = {}  # each distinct content to infer: its first row
         for i in range(n):
             if batch["error_type"][i]:
-                records[i] = Record.failure(
-                    str(batch["input"][i]), batch["error_type"][i], str(batch["error_message"][i]),
-                    _str_or_none(batch["sha256"][i]),
-                )
+                outcomes[i] = (batch["error_type"][i], str(batch["error_message"][i]))
             elif batch["cached"][i]:
-                from wanwu.cache.sqlite import decode_top
-
-                records[i] = self._ok(batch, i, decode_top(bytes(batch["cached"][i])))
+                outcomes[i] = CachedResult(decode_top(bytes(batch["cached"][i])), *_size_and_warnings(batch, i))
             else:
-                todo.append(i)
-        if todo:
-            pixels = [np.frombuffer(bytes(batch["pixels"][i]), np.uint8).reshape(self.shape) for i in todo]
-            try:
-                tops = self._infer(pixels)
-            except OutOfMemoryError as e:  # even one image did not fit: the device's state, as the local runner says
-                for i in todo:
-                    records[i] = Record.failure(str(batch["input"][i]), "model_error", str(e), str(batch["sha256"][i]))
-                todo, tops = [], []
-            fresh = []
-            for i, top in zip(todo, tops, strict=True):
-                if not math.isfinite(top.logsumexp):  # never NaN in a record, never cached
-                    records[i] = Record.failure(
-                        str(batch["input"][i]), "model_error",
-                        "the model returned scores that are not finite numbers for this image",
-                        str(batch["sha256"][i]),
-                    )
-                    continue
-                records[i] = self._ok(batch, i, top)
-                fresh.append((str(batch["sha256"][i]), CachedResult(
-                    top, int(batch["width"][i]), int(batch["height"][i]), _warnings(batch, i))))
+                first.setdefault(str(batch["sha256"][i]), i)
+        fresh = self._fresh(batch, list(first.values()))
+        if fresh:
             cache = _cache(self.options)
             if cache is not None:
-                cache.put_many(self.namespace, fresh)
-        done = [r for r in records if r is not None]
+                cache.put_many(self.namespace, [(k, r) for k, r in fresh.items() if isinstance(r, CachedResult)])
+        for i in range(n):
+            if outcomes[i] is None:
+                outcomes[i] = fresh[str(batch["sha256"][i])]
+        metas = batch.get("meta")
+        records = [
+            record_of(str(batch["input"][i]), _str_or_none(batch["sha256"][i]), o, self.engine.spec, self.record,
+                      json.loads(metas[i]) if metas is not None and metas[i] else None)
+            for i, o in enumerate(outcomes) if o is not None
+        ]
         return {
-            "input": np.array([r.input for r in done], dtype=object),
-            "status": np.array([r.status for r in done], dtype=object),
-            "record": np.array([dumps(r) for r in done], dtype=object),
+            "input": _col([r.input for r in records]),
+            "status": _col([r.status for r in records]),
+            "record": _col([dumps(r) for r in records]),
+            "cached": np.array([bool(batch["cached"][i]) for i in range(n)], dtype=bool),
         }
+
+    def _fresh(self, batch: Batch, rows: list[int]) -> dict[str, CachedResult | Failure]:
+        """Each of ``rows`` inferred: its result or failure, by sha256."""
+        pixels = [np.frombuffer(bytes(batch["pixels"][i]), np.uint8).reshape(self.shape) for i in rows]
+        out: dict[str, CachedResult | Failure] = {}
+        for i, top in zip(rows, self._scores(pixels), strict=True):
+            sha = str(batch["sha256"][i])
+            out[sha] = top if isinstance(top, tuple) else scored(top, *_size_and_warnings(batch, i))
+        return out
+
+    def _scores(self, pixels: list[npt.NDArray[np.uint8]]) -> list[TopScores | Failure]:
+        """Scores for each image; out of memory for several: each again alone (:func:`inference_failure`)."""
+        if not pixels:
+            return []
+        try:
+            return list(self._infer(pixels))
+        except Exception as e:
+            failure = inference_failure(e, len(pixels))
+            if failure is None:
+                return [one for p in pixels for one in self._scores([p])]
+            return [failure]
 
     def _infer(self, pixels: list[npt.NDArray[np.uint8]]) -> list[TopScores]:
         size = -(-len(pixels) // self.parts)
         chunks = [pixels[i : i + size] for i in range(0, len(pixels), size)]
         return [top for tops in self.streams.map(self.engine.infer, chunks) for top in tops]
 
-    def _ok(self, batch: Batch, i: int, top: Any) -> Record:
-        return Record.success(
-            str(batch["input"][i]), top, self.engine.spec, self.record, sha256=str(batch["sha256"][i]),
-            width=int(batch["width"][i]), height=int(batch["height"][i]), warnings=_warnings(batch, i),
-        )
-
 
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-def _items(batch: Batch) -> Iterable[tuple[InputItem, bytes | None]]:
+def _items(batch: Batch) -> Iterator[InputItem]:
     if "input" in batch:
-        kinds, locators, types = batch.get("kind"), batch.get("locator"), batch.get("error_type")
+        columns = {name: batch[name] for name in ROW_FIELDS[1:] if name in batch}
         datas = batch.get("bytes")  # a shard's samples (wanwu.shards.shard_rows) carry their bytes
         for i, value in enumerate(batch["input"]):
-            if kinds is not None and locators is not None and types is not None:
-                if kinds[i] == "missing":  # the row's locator column carries the reason
-                    yield InputItem.failed(str(value), str(locators[i]), types[i]), None
-                elif kinds[i] == "bytes" and datas is not None:
-                    yield InputItem.from_bytes(str(value), bytes(datas[i])), None
-                else:
-                    yield InputItem(str(value), kinds[i], str(locators[i])), None
+            if "kind" in columns and "locator" in columns:  # rows as item_rows (or shard_rows) write them
+                row = {"input": str(value), **{k: str(c[i]) for k, c in columns.items()}}
+                yield InputItem.from_row(row, bytes(datas[i]) if datas is not None and row["kind"] == "bytes" else None)
             else:
-                yield _single(str(value)), None
+                yield _single(str(value))
     else:
         datas = batch.get("bytes")
         for i, path in enumerate(batch["path"]):
-            data = None if datas is None else bytes(datas[i])
-            yield InputItem(str(path), "file", str(path)), data
+            if datas is None:
+                yield InputItem(str(path), "file", str(path))
+            else:
+                yield InputItem.from_bytes(str(path), bytes(datas[i]))
 
 
 def _single(value: str) -> InputItem:
@@ -230,51 +197,45 @@ def _single(value: str) -> InputItem:
     return items[0] if len(items) == 1 else InputItem.failed(value, "not a single file or URL")
 
 
-def _staged_columns(staged: list[Staged]) -> Batch:
-    def col(values: list[Any]) -> npt.NDArray[Any]:
-        out = np.empty(len(values), dtype=object)
-        out[:] = values
-        return out
-
+def _rows(
+    items: list[InputItem], fetched: list[Fetched | Failure], hits: dict[str, CachedResult],
+    decoded: dict[str, DecodeResult],
+) -> Batch:
+    """The decode stage's columns: per row an error, a cache hit (``cached``: the encoded scores), or pixels."""
+    sha, error_type, message, cached, pixels, warnings, width, height = ([] for _ in range(8))
+    for f in fetched:
+        key = f.sha256 if isinstance(f, Fetched) else ""
+        outcome: Any = f if isinstance(f, tuple) else hits.get(key) or decoded[key]
+        failure = outcome if isinstance(outcome, tuple) else None
+        sha.append(key)
+        error_type.append(failure[0] if failure else "")
+        message.append(failure[1] if failure else "")
+        cached.append(encode_top(outcome.top) if isinstance(outcome, CachedResult) else b"")
+        pixels.append(b"" if failure or isinstance(outcome, CachedResult) else outcome.pixels.tobytes())
+        said = () if failure else outcome.warnings
+        warnings.append(json.dumps(list(said)) if said else "")
+        width.append(0 if failure else outcome.width)
+        height.append(0 if failure else outcome.height)
     return {
-        "input": col([s.input for s in staged]),
-        "sha256": col([s.sha256 or "" for s in staged]),
-        "error_type": col([s.error[0] if s.error else "" for s in staged]),
-        "error_message": col([s.error[1] if s.error else "" for s in staged]),
-        "cached": col([_encoded(s.cached) for s in staged]),
-        "pixels": col([s.prepared.pixels.tobytes() if s.prepared else b"" for s in staged]),
-        "warnings": col([json.dumps(list(w)) if (w := _staged_warnings(s)) else "" for s in staged]),
-        "width": np.array([_size(s)[0] for s in staged], dtype=np.int64),
-        "height": np.array([_size(s)[1] for s in staged], dtype=np.int64),
+        "input": _col([item.input for item in items]), "sha256": _col(sha),
+        "meta": _col([json.dumps(item.meta, ensure_ascii=False) if item.meta else "" for item in items]),
+        "error_type": _col(error_type),
+        "error_message": _col(message), "cached": _col(cached), "pixels": _col(pixels),
+        "warnings": _col(warnings), "width": np.array(width, dtype=np.int64),
+        "height": np.array(height, dtype=np.int64),
     }
 
 
-def _staged_warnings(s: Staged) -> tuple[str, ...]:
-    """What the decoder said: now, or when the cached result was made."""
-    if s.prepared is not None:
-        return s.prepared.warnings
-    return s.cached.warnings if s.cached is not None else ()
+def _col(values: list[Any]) -> npt.NDArray[Any]:
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
-def _warnings(batch: Batch, i: int) -> tuple[str, ...]:
+def _size_and_warnings(batch: Batch, i: int) -> tuple[int, int, tuple[str, ...]]:
     column = batch.get("warnings")
-    return tuple(json.loads(column[i])) if column is not None and column[i] else ()
-
-
-def _encoded(cached: CachedResult | None) -> bytes:
-    if cached is None:
-        return b""
-    from wanwu.cache.sqlite import encode_top
-
-    return encode_top(cached.top)
-
-
-def _size(s: Staged) -> tuple[int, int]:
-    if s.prepared is not None:
-        return s.prepared.width, s.prepared.height
-    if s.cached is not None:
-        return s.cached.width, s.cached.height
-    return 0, 0
+    said = tuple(json.loads(column[i])) if column is not None and column[i] else ()
+    return int(batch["width"][i]), int(batch["height"][i]), said
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -290,13 +251,19 @@ def _fetcher(options: RecognizeOptions) -> Fetcher:
 
 
 def _cache(options: RecognizeOptions) -> ResultCache | None:
-    """The result cache at ``options``' path on this node, opened once per process; None when off."""
+    """The result cache ``options`` name, opened once per process on this node; None when off."""
     if not options.cache:
         return None
-    key = ("cache", str(options.resolved_cache_path()))
+    key = ("cache", options.cache_location())
     if key not in _PER_PROCESS:
-        from wanwu.cache.sqlite import SqliteCache
-
-        _PER_PROCESS[key] = SqliteCache(options.resolved_cache_path())
+        _PER_PROCESS[key] = open_cache(options.cache_location())
     cache: ResultCache = _PER_PROCESS[key]
     return cache
+
+
+def close_per_process() -> None:
+    """Close what this process's tasks kept open between calls (fetcher, cache, decode processes)."""
+    while _PER_PROCESS:
+        _, thing = _PER_PROCESS.popitem()
+        thing.close()
+    ProcessDecoder.close_all()

@@ -19,7 +19,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
@@ -239,11 +238,6 @@ class _Progress:
 
 def progress(title: str) -> _Progress:
     return _Progress(title)
-
-
-def file_url(base: str, model_id: str, revision: str, path: str) -> str:
-    """The download URL of one file (for messages)."""
-    return f"{base}/api/v1/models/{model_id}/repo?Revision={quote(revision)}&FilePath={quote(path)}"
 
 
 def offline() -> bool:

@@ -255,3 +255,27 @@ def load_hub(ref_text: str, labels: Path | None) -> ModelSpec:
     if hf.is_hf_folder(str(folder)):
         return hf.load_folder(folder, labels, source=ref_text)
     return load_folder(folder, labels, name=ref.model_id, source=ref_text)
+
+
+class _FolderLoader:
+    name = "modelscope-folder"
+
+    def claims(self, ref: str) -> bool:
+        return is_modelscope_folder(ref)
+
+    def load(self, ref: str, labels: Path | None) -> ModelSpec:
+        return load_folder(Path(ref), labels, source=ref)
+
+
+class _HubLoader:
+    name = "modelscope-hub"
+
+    def claims(self, ref: str) -> bool:
+        return ref.startswith(PREFIX)
+
+    def load(self, ref: str, labels: Path | None) -> ModelSpec:
+        return load_hub(ref, labels)
+
+
+FOLDER_LOADER = _FolderLoader()
+HUB_LOADER = _HubLoader()

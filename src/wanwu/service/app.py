@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException
 
 from wanwu import __version__
 from wanwu.cache import ResultCache
-from wanwu.errors import UsageError
+from wanwu.errors import ClosedError, UsageError
 from wanwu.pipeline import FROM_OPTIONS
 from wanwu.service.batcher import QueueFullError
 from wanwu.service.bodies import MB, BodyLimitMiddleware, ByteBudget
@@ -276,6 +276,8 @@ def _add_routes(app: FastAPI, state: ServiceState, guard: list[Any]) -> None:
         except QueueFullError:
             state.metrics.rejected.inc()
             raise ApiError(503, "queue_full", "the server is busy; retry shortly", retry) from None
+        except ClosedError:
+            raise ApiError(503, "shutting_down", "the server is shutting down", retry) from None
         state.metrics.records(records)
         return JSONResponse({"results": [r.to_dict() for r in records]})
 

@@ -43,7 +43,7 @@ class ServeConfig:
         bounds = [
             ("--max-batch-size", self.max_batch_size, 1, True), ("--max-delay-ms", self.max_delay_ms, 0, True),
             ("--max-queue", self.max_queue, 1, True), ("--max-upload-mb", self.max_upload_mb, 0, False),
-            ("--max-inflight-mb", self.max_inflight_mb, 0, True), ("--max-requests", self.max_requests, 1, True),
+            ("--max-inflight-mb", self.max_inflight_mb, 0, True), ("max_requests", self.max_requests, 1, True),
             ("--max-files", self.max_files, 1, True), ("--port", self.port, 0, True),
             ("--body-timeout", self.body_timeout_s, 0, False), ("--min-upload-rate", self.min_upload_kb_s, 0, False),
         ]

@@ -7,8 +7,12 @@ request shares, so batches form across requests. Records have exactly the CLI's 
 decode or crash-isolation code of its own. Nothing heavy runs on the event loop.
 
 A zero-shot (CLIP) model also answers a request's own label list: the same network (image tower shared) is
-projected onto those labels (text embeddings cached on disk), through a recognizer of its own that batches
-within the request and decodes in one worker process; the last :data:`LABEL_SETS` label lists are kept ready.
+projected onto those labels (text embeddings cached on disk), and requests with the same list share a dynamic
+batcher of its own (batches across requests, 503 when full), through the one recognizer's fetch threads,
+decode processes and result cache; the last :data:`LABEL_SETS` label lists are kept ready.
+
+Shutdown (:meth:`Runtime.close`) refuses new requests, waits up to ``drain_s`` for the ones in hand, then
+stops the batchers and closes the recognizer.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 
 from wanwu.cache import ResultCache
 from wanwu.engine import Engine
-from wanwu.errors import UsageError
+from wanwu.errors import ClosedError, UsageError
 from wanwu.pipeline import Recognizer
 from wanwu.records import Record, RecordOptions
 from wanwu.service.batcher import Batcher, BatcherConfig, BatchObserver
@@ -34,14 +38,16 @@ from wanwu.service.inference import BatcherInference
 from wanwu.sources import InputItem
 
 log = logging.getLogger("wanwu")
-LABEL_SETS = 4  # per-request label lists kept ready (each: a [labels, 512] text matrix and a decode process)
+LABEL_SETS = 4  # per-request label lists kept ready (each: a [labels, 512] text matrix and a batcher)
 
 
 @dataclass
 class _LabelSet:
-    """A recognizer for one request label list; closed once evicted and no request uses it."""
+    """One request label list: its engine, its batcher and a view of the recognizer that runs through them;
+    closed once evicted and no request uses it."""
 
     recognizer: Recognizer
+    batcher: Batcher
     users: int = 0
     evicted: bool = False
 EngineFactory = Callable[[], Engine]
@@ -62,16 +68,16 @@ class Runtime:
     def __init__(
         self, config: ServeConfig, engine: Engine, cache: ResultCache | None, observer: BatchObserver,
         loop: asyncio.AbstractEventLoop, on_cache_hit: Callable[[], None] = lambda: None,
-        budget: ByteBudget | None = None,
+        budget: ByteBudget | None = None, drain_s: float = 30.0,
     ) -> None:
-        """``budget``: the in-flight bytes (--max-inflight-mb) that URL downloads count against."""
+        """``budget``: the in-flight bytes (--max-inflight-mb) that URL downloads count against; ``drain_s``: how
+        long close() waits for the requests in hand."""
         self.config = config
         self.engine = engine
-        self.batcher = Batcher(
-            functools.partial(engine.infer, keep_rows=True),  # /v2 answers every class's score
-            BatcherConfig(config.max_batch_size, config.max_delay_ms / 1000.0, config.max_queue, engine.streams),
-            observer,
-        )
+        self.loop = loop
+        self.observer = observer
+        self.drain_s = drain_s  # how long close() waits for the requests in hand
+        self.batcher = self._batcher(engine)
         self.recognizer = Recognizer(
             options=config.options, engine=engine, cache=cache,
             inference=BatcherInference(self.batcher, loop), on_cache_hit=on_cache_hit,
@@ -82,6 +88,16 @@ class Runtime:
         self._requests = ThreadPoolExecutor(config.max_requests, thread_name_prefix="wanwu-request")
         self._label_sets: OrderedDict[tuple[str, ...], _LabelSet] = OrderedDict()
         self._label_lock = threading.Lock()
+        self._in_hand: set[Future[list[Record]]] = set()
+        self._closed = False
+
+    def _batcher(self, engine: Engine) -> Batcher:
+        config = self.config
+        return Batcher(
+            functools.partial(engine.infer, keep_rows=True),  # /v2 answers every class's score
+            BatcherConfig(config.max_batch_size, config.max_delay_ms / 1000.0, config.max_queue, engine.streams),
+            self.observer,
+        )
 
     def start(self) -> None:
         self.batcher.start()
@@ -98,10 +114,14 @@ class Runtime:
     async def recognize(
         self, items: list[InputItem], record: RecordOptions, labels: tuple[str, ...] | None = None
     ) -> list[Record]:
-        """One record per item, in order. Raises QueueFullError (the whole request is refused).
-        ``labels``: the request's own label list (zero-shot models; UsageError otherwise)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._requests, self._run, items, record, labels)
+        """One record per item, in order. Raises QueueFullError (the whole request is refused), ClosedError
+        once shutting down. ``labels``: the request's own label list (zero-shot models; UsageError otherwise)."""
+        if self._closed:
+            raise ClosedError("the service is shutting down")
+        future = self._requests.submit(self._run, items, record, labels)
+        self._in_hand.add(future)
+        future.add_done_callback(self._in_hand.discard)
+        return await asyncio.wrap_future(future)
 
     def _run(self, items: list[InputItem], record: RecordOptions, labels: tuple[str, ...] | None) -> list[Record]:
         with self.downloads.hold(items):  # what its URLs download counts against --max-inflight-mb till the end
@@ -118,7 +138,14 @@ class Runtime:
             label_set.users -= 1
             close = label_set.evicted and label_set.users == 0
         if close:
-            label_set.recognizer.close()  # its decode process and a clone of the backend; the network stays
+            self._close_label_set(label_set)
+
+    def _close_label_set(self, label_set: _LabelSet) -> None:
+        """No request uses it any more: its engine closed (a clone of the backend; the network stays), its idle
+        batcher stopped on the event loop."""
+        label_set.recognizer.close()
+        label_set.recognizer.engine.close()
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(label_set.batcher.stop()))
 
     def _for_labels(self, labels: tuple[str, ...]) -> _LabelSet:
         evicted: _LabelSet | None = None
@@ -135,11 +162,11 @@ class Runtime:
             spec = replace(spec, labels=labels, labels_en=())
             relabel = self.engine.backend.relabel  # type: ignore[attr-defined]  # zero_shot: it has one
             engine = Engine(spec, relabel(spec), self.config.max_batch_size)
-            # Decoding stays crash-isolated (one worker process) unless the operator chose threads (-j 0).
-            options = replace(self.config.options, workers=0 if self.config.options.workers == 0 else 1)
-            recognizer = Recognizer(options=options, engine=engine, cache=None)
-            recognizer.fetcher = self.downloads.fetcher(recognizer.fetcher)  # counted like the main one's
-            label_set = _LabelSet(recognizer, users=1)
+            batcher = self._batcher(engine)
+            self.loop.call_soon_threadsafe(batcher.start)  # before any crop of this thread reaches it
+            # the main recognizer's fetcher (URL bytes counted in the in-flight budget), decoders and cache
+            view = self.recognizer.sharing(engine, BatcherInference(batcher, self.loop))
+            label_set = _LabelSet(view, batcher, users=1)
             self._label_sets[labels] = label_set
             if len(self._label_sets) > LABEL_SETS:
                 _, evicted = self._label_sets.popitem(last=False)
@@ -150,8 +177,18 @@ class Runtime:
         return label_set
 
     async def close(self) -> None:
+        """Refuse new requests; wait up to ``drain_s`` for those in hand; then stop everything. A request still
+        running after that fails (its batcher is stopped: "the server is shutting down")."""
+        self._closed = True
+        in_hand = set(self._in_hand)
+        if in_hand:
+            await asyncio.to_thread(wait, in_hand, self.drain_s)
         await self.batcher.stop()
+        for label_set in list(self._label_sets.values()):
+            label_set.recognizer.close()
+            await label_set.batcher.stop()
         self._requests.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.recognizer.close)  # decode processes, fetcher, cache, engine
         for label_set in self._label_sets.values():
-            await asyncio.to_thread(label_set.recognizer.close)
+            label_set.recognizer.engine.close()
+        self._label_sets.clear()
