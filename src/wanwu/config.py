@@ -30,6 +30,7 @@ class RecognizeOptions:
     formats: tuple[str, ...] = ()  # image formats decoded beyond the defaults (--formats psd,dds or all)
     cache: bool = True
     cache_path: Path | None = None  # None = $WANWU_HOME/cache.sqlite3
+    rehash: bool = False  # read every input again, even those the stat memo knows unchanged (wanwu.cache.memo)
     backend: BackendOptions = field(default_factory=BackendOptions)
 
     def __post_init__(self) -> None:

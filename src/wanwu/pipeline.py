@@ -31,7 +31,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -40,6 +40,7 @@ from types import TracebackType
 from typing import Any
 
 from wanwu.cache import CachedResult, MemoryCache, OneThreadCache, ResultCache
+from wanwu.cache.memo import Memo, Remembered, memo_path
 from wanwu.config import RecognizeOptions
 from wanwu.decoders import CRASHED, DecodePool, DecodeTimeoutError, timed_out
 from wanwu.engine import Engine
@@ -50,6 +51,7 @@ from wanwu.inference import Inference, LocalInference
 from wanwu.records import Record, RecordOptions, TopScores
 from wanwu.sources import InputItem, expand
 from wanwu.spec import ModelSpec
+from wanwu.unchanged import Look, Probed, Prober, remember
 
 log = logging.getLogger("wanwu")
 InputLike = str | Path | InputItem
@@ -75,10 +77,12 @@ class Recognizer:
         cache: ResultCache | None = FROM_OPTIONS,
         inference: Inference | None = None,
         on_cache_hit: Callable[[], None] | None = None,
+        memo: Memo | None = FROM_OPTIONS,
     ) -> None:
         """``engine``: an already loaded model (else ``model`` + ``labels`` are loaded). ``inference``: where
         prepared crops go (default: batches on the engine). ``on_cache_hit``: told of every result served
-        from the cache (metrics)."""
+        from the cache (metrics). ``memo``: the stat memo (default: the one beside the options' cache, when
+        the result cache is the options' own)."""
         self.options = options or RecognizeOptions()
         self._fetch_pool: ThreadPoolExecutor | None = None
         self._url_pool: ThreadPoolExecutor | None = None  # downloads apart: slow URLs never stall file reads
@@ -98,7 +102,9 @@ class Recognizer:
         self.inference: Inference = inference or LocalInference(self.engine, self.options.batch_size)
         self.on_cache_hit = on_cache_hit
         self.cache_hits = 0  # records answered from the result cache, over every run of this recognizer
+        self.unchanged = 0  # of those, inputs the stat memo vouched for: never read
         self.cache: ResultCache | None = None
+        self.prober: Prober | None = None
         try:
             if cache is FROM_OPTIONS:
                 if self.options.cache:
@@ -106,6 +112,10 @@ class Recognizer:
             elif cache is not None:
                 given = cache
                 self.cache = OneThreadCache(lambda: given)
+            if memo is FROM_OPTIONS:
+                memo = open_memo(self.options) if self.options.cache and cache is FROM_OPTIONS else None
+            if memo is not None and self.cache is not None:
+                self.prober = Prober(memo, rehash=self.options.rehash)
         except BaseException:
             self.decoders.close(wait=False)
             self.engine.close()
@@ -120,7 +130,7 @@ class Recognizer:
         """Records in input order. Strings are expanded like CLI arguments (folders, globs, URLs).
 
         ``record`` shapes the records (top-k, score, threshold); default: ``options.record``."""
-        return _Run(self, _items(inputs), record or self.options.record).records()
+        return RecordStream(_Run(self, _items(inputs), record or self.options.record))
 
     def recognize_one(self, input: InputLike, record: RecordOptions | None = None) -> Record:
         records = list(self.recognize([input], record))
@@ -135,6 +145,15 @@ class Recognizer:
             self.cache_hits += 1
         if self.on_cache_hit is not None:
             self.on_cache_hit()
+
+    def count_unchanged(self, n: int) -> None:
+        """``n`` inputs answered from the cache without being read (the stat memo vouched for them)."""
+        with self._lock:
+            self.cache_hits += n
+            self.unchanged += n
+        if self.on_cache_hit is not None:
+            for _ in range(n):
+                self.on_cache_hit()
 
     def fetch_pool(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -162,6 +181,8 @@ class Recognizer:
         self.inference.close()
         self.decoders.close()
         self.fetcher.close()
+        if self.prober is not None:
+            self.prober.memo.close()
         if self.cache is not None:
             self.cache.close()
         self.engine.close()
@@ -184,6 +205,15 @@ def open_cache(options: RecognizeOptions) -> ResultCache:
     return SqliteCache(options.resolved_cache_path())
 
 
+def open_memo(options: RecognizeOptions) -> Memo | None:
+    """The stat memo beside the options' result cache."""
+    try:
+        from wanwu.cache.memo_sqlite import SqliteMemo
+    except ImportError:  # no sqlite3 in this Python: every input is read
+        return None
+    return SqliteMemo(memo_path(options.resolved_cache_path()))
+
+
 def _items(inputs: Iterable[InputLike]) -> Iterator[InputItem]:
     for value in inputs:
         if isinstance(value, InputItem):
@@ -195,6 +225,25 @@ def _items(inputs: Iterable[InputLike]) -> Iterator[InputItem]:
 # --- one run ---------------------------------------------------------------------------------------------
 
 
+class RecordStream(Iterator[Record]):
+    """The records of one run, in input order; :meth:`ready` says whether the next one is there already
+    (a writer flushes its output when it is not)."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._records: Generator[Record, None, None] = run.records()
+
+    def __next__(self) -> Record:
+        return next(self._records)
+
+    def ready(self) -> bool:
+        window = self._run.window
+        return bool(window) and window[0].record is not None
+
+    def close(self) -> None:
+        self._records.close()
+
+
 @dataclass(eq=False)
 class _Slot:
     item: InputItem
@@ -204,11 +253,15 @@ class _Slot:
     prepared: Prepared | None = None
     followers: list[_Slot] = field(default_factory=list)
     isolated: bool = False
+    look: Look | None = None  # what the stat memo knows of it
+    known: CachedResult | None = None  # a URL's cached result, if the server says it is not modified
 
 
 class _Run:
     FLUSH_AFTER_S = 0.05  # a partial batch waits at most this long for more decoded images
     DECODE_CHUNK = 4  # most images sent to a decode worker in one task
+    PROBE_BLOCK = 512  # most inputs looked up in the stat memo at once (the first blocks are smaller)
+    REMEMBER_BATCH = 512  # memo entries written at once
     decode = staticmethod(decode_jobs)  # what a decode worker runs (a seam for the crash tests)
 
     def __init__(self, rec: Recognizer, items: Iterator[InputItem], record: RecordOptions) -> None:
@@ -233,6 +286,10 @@ class _Run:
         self.leaders: dict[str, _Slot] = {}
         self.memo = MemoryCache(4096)  # recent results by content, for repeats after the leader finished
         self.pending_fetch = 0
+        self.to_fetch: deque[_Slot] = deque()
+        self.probing = 0  # blocks of inputs being looked up in the stat memo
+        self.block = 16  # the next block's size: small first (the first records come soon), then larger
+        self.remembered: list[tuple[str, Remembered]] = []  # memo entries not written yet
         self.pending_decode = 0
         self.pending_infer = 0
         self.streams = self.inference.in_flight
@@ -243,11 +300,11 @@ class _Run:
         self.chunk = self.DECODE_CHUNK if self.opts.decode_workers > 0 else 1
         self.max_fetch = max(4, self.opts.fetch_threads * 2)
         self.max_decode = self.workers * 2 * self.chunk  # a task queued behind each running one
-        self.max_window = max(256, self.opts.batch_size * 4)
+        self.max_window = max(2 * self.PROBE_BLOCK, self.opts.batch_size * 4)
         # crops handed over at once: a batch locally; everything ready when the inference gathers by itself
         self.handoff = self.inference.gather if self.inference.gather > 1 else self.max_window
 
-    def records(self) -> Iterator[Record]:
+    def records(self) -> Generator[Record, None, None]:
         try:
             yield from self._loop()
         except KeyboardInterrupt:
@@ -257,6 +314,7 @@ class _Run:
                     yield slot.record
             raise
         finally:
+            self._remember()
             self._abandon()
 
     def _loop(self) -> Iterator[Record]:
@@ -296,30 +354,86 @@ class _Run:
         """Nothing can join the current partial batch without waiting on a fetch."""
         if self.pending_decode or self.to_decode or self.suspects:
             return False
-        return self.pending_fetch == 0 or len(self.window) >= self.max_window
+        return (self.pending_fetch == 0 and self.probing == 0) or len(self.window) >= self.max_window
 
     # -- stages -----------------------------------------------------------------------------------------
 
     def _fill(self) -> None:
-        pool = None
+        """Take inputs in blocks: each block is looked up in the stat memo (when there is one) on a fetch
+        thread; what it does not answer, and every input without a memo, queues for a fetch."""
         while (
             not self.exhausted
             and len(self.window) < self.max_window
-            and self.pending_fetch + len(self.to_decode) < self.max_fetch
+            and self.probing < 2
+            and self.pending_fetch + len(self.to_fetch) + len(self.to_decode) < self.max_fetch
         ):
-            item = next(self.items, None)
-            if item is None:
-                self.exhausted = True
-                break
-            slot = _Slot(item)
-            self.window.append(slot)
-            if item.kind == "missing":
-                slot.record = Record.failure(item.input, item.error_type, item.error)
+            block: list[_Slot] = []
+            limit = min(self.block, self.max_window - len(self.window))
+            while len(block) < limit:
+                item = next(self.items, None)
+                if item is None:
+                    self.exhausted = True
+                    break
+                slot = _Slot(item)
+                self.window.append(slot)
+                if item.kind == "missing":
+                    slot.record = Record.failure(item.input, item.error_type, item.error)
+                else:
+                    block.append(slot)
+            if not block:
                 continue
+            if self.rec.prober is None:
+                self.to_fetch.extend(block)
+                continue
+            self.block = min(self.PROBE_BLOCK, self.block * 2)
+            self.probing += 1
+            future = self.rec.fetch_pool().submit(
+                self.rec.prober.probe, [s.item for s in block], self.rec.cache, self.namespace
+            )
+            future.add_done_callback(self._notify("probe", block))
+        self._submit_fetches()
+
+    def _submit_fetches(self) -> None:
+        pool = None
+        while self.to_fetch and self.pending_fetch + len(self.to_decode) < self.max_fetch:
+            slot = self.to_fetch.popleft()
+            item = slot.item
             pool = self.rec.url_pool() if item.kind == "url" else (pool or self.rec.fetch_pool())
             self.pending_fetch += 1
-            future = pool.submit(self.rec.fetcher.fetch, item)
+            look = slot.look
+            known = look.known if look is not None and slot.known is not None else None
+            future = pool.submit(self.rec.fetcher.fetch, item, known)
             future.add_done_callback(self._notify("fetch", slot))
+
+    def _probed(self, block: list[_Slot], future: Future[Probed]) -> None:
+        """Inputs the memo vouches for get their records from the cache; the others queue for a fetch."""
+        self.probing -= 1
+        exc = future.exception()
+        if exc is not None:  # the memo is only a shortcut: without it, each input is read
+            log.debug("stat memo lookup failed (%s: %s); reading the inputs", type(exc).__name__, exc)
+            self.to_fetch.extend(block)
+            return
+        probed = future.result()
+        answered = 0
+        for i, slot in enumerate(block):
+            slot.look = probed.looks[i]
+            found = probed.answer(i)
+            if found is not None:
+                slot.sha256, result = found
+                slot.record = self._ok(slot, result)
+                answered += 1
+                continue
+            look = slot.look
+            if look is not None and look.revalidate and look.sha256 is not None:
+                slot.known = probed.hits.get(look.sha256)
+            self.to_fetch.append(slot)
+        if answered:
+            self.rec.count_unchanged(answered)
+
+    def _remember(self) -> None:
+        if self.remembered and self.rec.prober is not None:
+            entries, self.remembered = self.remembered, []
+            self.rec.prober.memo.put_many(entries)
 
     def _submit_decodes(self) -> None:
         while self.suspects:
@@ -356,7 +470,9 @@ class _Run:
 
     def _handle(self, event: tuple[str, Any, Future[Any]]) -> None:
         kind, subject, future = event
-        if kind == "fetch":
+        if kind == "probe":
+            self._probed(subject, future)
+        elif kind == "fetch":
             self.pending_fetch -= 1
             self._fetched(subject, future)
         elif kind == "decode":
@@ -380,6 +496,16 @@ class _Run:
             return
         fetched = future.result()
         sha = slot.sha256 = fetched.sha256
+        if slot.look is not None:
+            entry = remember(slot.look, fetched)
+            if entry is not None:
+                self.remembered.append(entry)
+                if len(self.remembered) >= self.REMEMBER_BATCH:
+                    self._remember()
+        if fetched.not_modified and slot.known is not None:  # a URL revalidated: its cached result stands
+            slot.record = self._ok(slot, slot.known)
+            self.rec.count_unchanged(1)
+            return
         if (leader := self.leaders.get(sha)) is not None:
             leader.followers.append(slot)
             return

@@ -54,8 +54,11 @@ class RecordOptions:
         return cls(data.get("top_k", 5), data.get("score", "softmax"), data.get("threshold"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prediction:
+    """One label of a record (not frozen: a frozen dataclass costs three times as much to build, and a rerun
+    answered from the cache builds tens of thousands a second)."""
+
     index: int
     label: str
     score: float
@@ -92,13 +95,16 @@ class TopScores:
         ``labels_en``: English names by class, carried as ``label_en`` (empty: none). ``logit_scale``: the
         model's outputs are ``logit_scale * cosine`` (CLIP); a ``logit`` score is then the cosine."""
         out: list[Prediction] = []
-        for idx, value in zip(self.indices[:top_k], self.values[:top_k], strict=True):
-            raw = score == "logit" or probabilities
-            s = float(value) / logit_scale if raw else float(np.exp(np.float64(value) - self.logsumexp))
+        values: list[float] = self.values[:top_k].tolist()  # float32 -> float64, exactly
+        if score == "logit" or probabilities:
+            scores = [v / logit_scale for v in values] if logit_scale != 1.0 else values
+        else:
+            lse = self.logsumexp
+            scores = [math.exp(v - lse) for v in values]
+        for idx, s in zip(self.indices[:top_k].tolist(), scores, strict=True):
             if threshold is not None and s < threshold:
                 break
-            english = labels_en[int(idx)] if labels_en else None
-            out.append(Prediction(int(idx), labels[int(idx)], round(s, 6), english))
+            out.append(Prediction(idx, labels[idx], round(s, 6), labels_en[idx] if labels_en else None))
         return out
 
 

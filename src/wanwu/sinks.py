@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +49,60 @@ def create_sink(name: str, stream: TextIO, options: SinkOptions) -> Sink:
     return SINKS.get(name)(stream, options)
 
 
+class DeferredFlush:
+    """A text stream whose ``flush()`` waits for :meth:`flush_now`: a sink that flushes after every record then
+    costs one write per burst of records, not one per record. The caller flushes whenever no further record is
+    ready at once, so a reader of the output never waits for a record that is done."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.write = stream.write
+
+    def flush(self) -> None:
+        pass
+
+    def flush_now(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def dumps(record: Record) -> str:
-    return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))
+    """The record as one compact JSON object: ``json.dumps(record.to_dict(), ensure_ascii=False)`` exactly,
+    written out directly for an ``ok`` record (a rerun answered from the cache writes tens of thousands a
+    second, and the generic encoder would be a third of its time)."""
+    if record.status != "ok":
+        return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))
+    text = _text
+    predictions = ",".join([
+        f'{{"index":{int(p.index)!r},"label":{text(p.label)},"score":{_number(p.score)}}}'
+        if p.label_en is None else
+        f'{{"index":{int(p.index)!r},"label":{text(p.label)},"label_en":{text(p.label_en)},'
+        f'"score":{_number(p.score)}}}'
+        for p in record.predictions
+    ])
+    out = (
+        f'{{"input":{text(record.input)},"status":"ok","predictions":[{predictions}],'
+        f'"sha256":{_optional(record.sha256)},"width":{_optional(record.width)},'
+        f'"height":{_optional(record.height)}'
+    )
+    if record.warnings:
+        return out + ',"warnings":[' + ",".join([text(w) for w in record.warnings]) + "]}"
+    return out + "}"
+
+
+_text = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) writes a str as
+
+
+def _number(value: float) -> str:
+    return json.dumps(value) if isinstance(value, float) and not math.isfinite(value) else repr(value)
+
+
+def _optional(value: str | int | None) -> str:
+    if value is None:
+        return "null"
+    return _text(value) if isinstance(value, str) else repr(int(value))
 
 
 @register_sink("jsonl")

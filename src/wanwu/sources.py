@@ -38,6 +38,7 @@ class InputItem:
     data: bytes | None = None  # kind == "bytes": uploaded content
     error_type: ErrorType = "not_found"  # kind == "missing": why it gets an error record
     error: str = ""
+    stamp: str | None = None  # kind == "object": size, ETag, version from the listing (wanwu.cache.memo)
 
     @classmethod
     def from_bytes(cls, name: str, data: bytes) -> InputItem:
@@ -86,9 +87,9 @@ def _expand_url(arg: str) -> Iterator[InputItem]:
 
 def _expand_dir(arg: str) -> Iterator[InputItem]:
     found = False
-    for path in walk_images(Path(arg)):
+    for path in walk_image_paths(arg):
         found = True
-        yield InputItem(str(path), "file", str(path))
+        yield InputItem(path, "file", path)
     if not found:
         yield InputItem.failed(arg, "folder contains no image files")
 
@@ -159,20 +160,28 @@ def _expand_one(arg: str) -> Iterator[InputItem]:
 
 def walk_images(root: Path) -> Iterator[Path]:
     """Image files under ``root``, depth-first, sorted by name in each folder; symlinked dirs not followed."""
+    for path in walk_image_paths(str(root)):
+        yield Path(path)
+
+
+def walk_image_paths(root: str) -> Iterator[str]:
+    """:func:`walk_images` as strings (what a folder argument expands to: no Path object per file)."""
     stack = [root]
+    splitext, images = os.path.splitext, IMAGE_EXTENSIONS
     while stack:
         folder = stack.pop()
         try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
         except OSError:
             continue
         subdirs = []
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    subdirs.append(Path(entry.path))
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
-                    yield Path(entry.path)
+                    subdirs.append(entry.path)
+                elif splitext(entry.name)[1].lower() in images and entry.is_file():
+                    yield entry.path
             except OSError:
                 continue
         stack.extend(reversed(subdirs))

@@ -45,6 +45,7 @@ class RayRunner:
             model, Path(labels) if labels else None, label_column
         )
         self.cache_hits = 0  # not counted on a cluster: cached results are answered inside the decode tasks
+        self.unchanged = 0  # nor are inputs the stat memo answered
         self._connected = False
         if self.ray.is_initialized():
             pass  # the caller's Ray session: use it, leave it open
