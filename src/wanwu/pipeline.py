@@ -40,7 +40,7 @@ from types import TracebackType
 from typing import Any
 
 from wanwu.cache import CachedResult, MemoryCache, OneThreadCache, ResultCache
-from wanwu.cache.memo import Memo, Remembered, memo_path
+from wanwu.cache.memo import Memo, Remembered
 from wanwu.config import RecognizeOptions
 from wanwu.decoders import CRASHED, DecodePool, DecodeTimeoutError, timed_out
 from wanwu.engine import Engine
@@ -48,10 +48,10 @@ from wanwu.errors import CacheError, ErrorType, InputError, OutOfMemoryError
 from wanwu.fetch import Fetched, Fetcher
 from wanwu.imaging import DecodeResult, Prepared, decode_jobs
 from wanwu.inference import Inference, LocalInference
-from wanwu.records import Record, RecordOptions, TopScores
+from wanwu.records import Record, RecordOptions, RecordStream, TopScores
 from wanwu.sources import InputItem, expand
 from wanwu.spec import ModelSpec
-from wanwu.unchanged import Look, Probed, Prober, remember
+from wanwu.unchanged import Look, Probed, Prober, open_memo, remember
 
 log = logging.getLogger("wanwu")
 InputLike = str | Path | InputItem
@@ -130,7 +130,8 @@ class Recognizer:
         """Records in input order. Strings are expanded like CLI arguments (folders, globs, URLs).
 
         ``record`` shapes the records (top-k, score, threshold); default: ``options.record``."""
-        return RecordStream(_Run(self, _items(inputs), record or self.options.record))
+        run = _Run(self, _items(inputs), record or self.options.record)
+        return RecordStream(run.records(), run.head_ready)
 
     def recognize_one(self, input: InputLike, record: RecordOptions | None = None) -> Record:
         records = list(self.recognize([input], record))
@@ -205,15 +206,6 @@ def open_cache(options: RecognizeOptions) -> ResultCache:
     return SqliteCache(options.resolved_cache_path())
 
 
-def open_memo(options: RecognizeOptions) -> Memo | None:
-    """The stat memo beside the options' result cache."""
-    try:
-        from wanwu.cache.memo_sqlite import SqliteMemo
-    except ImportError:  # no sqlite3 in this Python: every input is read
-        return None
-    return SqliteMemo(memo_path(options.resolved_cache_path()))
-
-
 def _items(inputs: Iterable[InputLike]) -> Iterator[InputItem]:
     for value in inputs:
         if isinstance(value, InputItem):
@@ -223,25 +215,6 @@ def _items(inputs: Iterable[InputLike]) -> Iterator[InputItem]:
 
 
 # --- one run ---------------------------------------------------------------------------------------------
-
-
-class RecordStream(Iterator[Record]):
-    """The records of one run, in input order; :meth:`ready` says whether the next one is there already
-    (a writer flushes its output when it is not)."""
-
-    def __init__(self, run: _Run) -> None:
-        self._run = run
-        self._records: Generator[Record, None, None] = run.records()
-
-    def __next__(self) -> Record:
-        return next(self._records)
-
-    def ready(self) -> bool:
-        window = self._run.window
-        return bool(window) and window[0].record is not None
-
-    def close(self) -> None:
-        self._records.close()
 
 
 @dataclass(eq=False)
@@ -254,7 +227,6 @@ class _Slot:
     followers: list[_Slot] = field(default_factory=list)
     isolated: bool = False
     look: Look | None = None  # what the stat memo knows of it
-    known: CachedResult | None = None  # a URL's cached result, if the server says it is not modified
 
 
 class _Run:
@@ -317,6 +289,9 @@ class _Run:
             self._remember()
             self._abandon()
 
+    def head_ready(self) -> bool:
+        return bool(self.window) and self.window[0].record is not None
+
     def _loop(self) -> Iterator[Record]:
         batch_size = max(1, self.inference.gather)
         while True:
@@ -359,8 +334,7 @@ class _Run:
     # -- stages -----------------------------------------------------------------------------------------
 
     def _fill(self) -> None:
-        """Take inputs in blocks: each block is looked up in the stat memo (when there is one) on a fetch
-        thread; what it does not answer, and every input without a memo, queues for a fetch."""
+        """Inputs in blocks, each looked up in the stat memo on a fetch thread; the rest queue for a fetch."""
         while (
             not self.exhausted
             and len(self.window) < self.max_window
@@ -400,8 +374,7 @@ class _Run:
             item = slot.item
             pool = self.rec.url_pool() if item.kind == "url" else (pool or self.rec.fetch_pool())
             self.pending_fetch += 1
-            look = slot.look
-            known = look.known if look is not None and slot.known is not None else None
+            known = slot.look.known if slot.look is not None and slot.look.cached is not None else None
             future = pool.submit(self.rec.fetcher.fetch, item, known)
             future.add_done_callback(self._notify("fetch", slot))
 
@@ -422,11 +395,8 @@ class _Run:
                 slot.sha256, result = found
                 slot.record = self._ok(slot, result)
                 answered += 1
-                continue
-            look = slot.look
-            if look is not None and look.revalidate and look.sha256 is not None:
-                slot.known = probed.hits.get(look.sha256)
-            self.to_fetch.append(slot)
+            else:
+                self.to_fetch.append(slot)
         if answered:
             self.rec.count_unchanged(answered)
 
@@ -502,8 +472,8 @@ class _Run:
                 self.remembered.append(entry)
                 if len(self.remembered) >= self.REMEMBER_BATCH:
                     self._remember()
-        if fetched.not_modified and slot.known is not None:  # a URL revalidated: its cached result stands
-            slot.record = self._ok(slot, slot.known)
+        if fetched.not_modified and slot.look is not None and slot.look.cached is not None:
+            slot.record = self._ok(slot, slot.look.cached)  # a URL revalidated: its cached result stands
             self.rec.count_unchanged(1)
             return
         if (leader := self.leaders.get(sha)) is not None:

@@ -8,6 +8,7 @@ This is also what the result cache stores.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -121,6 +122,21 @@ def top_scores(outputs: npt.NDArray[np.float32], n: int = TOP_N_STORED) -> list[
         order = cand[np.lexsort((cand, -row[cand]))]  # by score desc, ties by index
         result.append(TopScores(order.astype(np.int32), row[order].astype(np.float32), float(lse[i])))
     return result
+
+
+class RecordStream(Iterator["Record"]):
+    """The records of one run, in input order; :meth:`ready`: the next one is there already (a writer
+    flushes its output when it is not)."""
+
+    def __init__(self, records: Generator[Record, None, None], ready: Callable[[], bool]) -> None:
+        self._records = records
+        self.ready = ready
+
+    def __next__(self) -> Record:
+        return next(self._records)
+
+    def close(self) -> None:
+        self._records.close()
 
 
 @dataclass(slots=True)

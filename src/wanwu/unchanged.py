@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from wanwu.cache import CachedResult, ResultCache
 from wanwu.cache import memo as memos
 from wanwu.cache.memo import Memo, Remembered
+from wanwu.config import RecognizeOptions
 from wanwu.fetch import Fetched
 from wanwu.sources import InputItem
 
@@ -40,6 +41,7 @@ class Look:
     sha256: str | None = None
     known: Remembered | None = None  # URL: the entry to revalidate
     revalidate: bool = False
+    cached: CachedResult | None = None  # URL: its cached result, if the server says it is not modified
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,9 @@ class Prober:
                 self._judge(look, entry)
         shas = list({look.sha256 for look in keyed if look.sha256 is not None})
         hits = cache.get_many(namespace, shas) if cache is not None and shas else {}
+        for look in keyed:
+            if look.revalidate and look.sha256 is not None:
+                look.cached = hits.get(look.sha256)
         return Probed(looks, hits)
 
     def _look(self, item: InputItem) -> Look | None:
@@ -103,6 +108,15 @@ class Prober:
                 look.sha256 = entry.sha256
         elif entry.stamp == look.stamp:
             look.sha256 = entry.sha256
+
+
+def open_memo(options: RecognizeOptions) -> Memo | None:
+    """The stat memo beside the options' result cache (None: this Python has no sqlite3; every input is read)."""
+    try:
+        from wanwu.cache.memo_sqlite import SqliteMemo
+    except ImportError:
+        return None
+    return SqliteMemo(memos.memo_path(options.resolved_cache_path()))
 
 
 def remember(look: Look | None, fetched: Fetched) -> tuple[str, Remembered] | None:
