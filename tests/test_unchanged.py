@@ -374,3 +374,35 @@ def test_cli_summary_stats_and_prune(
 ])
 def test_records_are_written_exactly_as_json_dumps_writes_them(record: Record) -> None:
     assert dumps(record) == json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+
+# --- the Ray stage ----------------------------------------------------------------------------------------
+
+
+def test_the_ray_decode_stage_answers_from_the_same_memo(
+    model: Callable[..., Recognizer], photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's CPU stage (a plain function: run here without a cluster) reads and writes the node's memo."""
+    import numpy as np
+
+    from wanwu.ray.stages import decode_batch, item_rows
+    from wanwu.sources import expand
+    from wanwu.stage import StageContext
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for src in sorted(photos.glob("*.JPEG"))[:4]:
+        _aged(folder / src.name, src.read_bytes())
+    with model() as rec:  # results cached by a local run (the Ray stage reads the same cache)
+        _run(rec, folder)
+        spec, options = rec.spec, rec.options
+    memo_path(options.resolved_cache_path()).unlink()  # the memo starts empty: the Ray stage fills it
+    rows = item_rows(expand([str(folder)]))
+    batch = {key: np.array([row[key] for row in rows], dtype=object) for key in rows[0]}
+    context = StageContext.of(spec, options)
+    reads = _Reads(monkeypatch)
+    first = decode_batch(batch, context=context, options=options)
+    assert sum(reads.take().values()) == 4 and all(first["cached"])
+    again = decode_batch(batch, context=context, options=options)
+    assert not reads.take()  # answered by the memo and the cache: no file opened
+    assert list(again["sha256"]) == list(first["sha256"]) and list(again["cached"]) == list(first["cached"])

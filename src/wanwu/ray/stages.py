@@ -37,13 +37,14 @@ from wanwu.cache import CachedResult, ResultCache
 from wanwu.config import RecognizeOptions
 from wanwu.decoders import CRASHED, DecodeProcess, DecodeTimeoutError, timed_out
 from wanwu.engine import Engine
-from wanwu.fetch import Fetcher
+from wanwu.fetch import Fetched, Fetcher
 from wanwu.imaging import DecodeOptions, DecodeResult, decode_each, decode_job
 from wanwu.records import Record, RecordOptions, TopScores
 from wanwu.sinks import dumps
 from wanwu.sources import InputItem, expand
 from wanwu.spec import ModelSpec, PreprocessSpec
 from wanwu.stage import Decode, StageContext, Staged, ToDecode, look_up_item
+from wanwu.unchanged import Look, Prober, open_memo, remember
 
 Batch = dict[str, npt.NDArray[Any]]
 _PER_PROCESS: dict[tuple[str, Any], Any] = {}  # one fetcher / cache per Ray worker process, reused by its tasks
@@ -52,7 +53,8 @@ _PER_PROCESS: dict[tuple[str, Any], Any] = {}  # one fetcher / cache per Ray wor
 def item_rows(items: Iterable[InputItem]) -> list[dict[str, str]]:
     """Rows for ``ray.data.from_items``: the expanded inputs, each exactly as the local runner would see it."""
     return [
-        {"input": i.input, "kind": i.kind, "locator": i.locator or i.error, "error_type": i.error_type}
+        {"input": i.input, "kind": i.kind, "locator": i.locator or i.error, "error_type": i.error_type,
+         "stamp": i.stamp or ""}
         for i in items
     ]
 
@@ -65,7 +67,11 @@ def decode_batch(
     ``decode`` (a module-level function, so that it pickles) is what runs in the decode process."""
     fetcher = _fetcher(options)
     cache = _cache(options)
-    found = [look_up_item(item, fetcher, context, cache, data) for item, data in _items(batch)]
+    items = list(_items(batch))
+    unchanged = _Unchanged(items, options, context, cache)
+    found = [unchanged.answers[i] or look_up_item(item, fetcher, context, cache, data)
+             for i, (item, data) in enumerate(items)]
+    unchanged.remember(found)
     todo = [(i, x) for i, x in enumerate(found) if isinstance(x, ToDecode)]
     datas = [x.data for _, x in todo]
     if options.workers == 0:
@@ -190,12 +196,14 @@ class Infer:
 def _items(batch: Batch) -> Iterable[tuple[InputItem, bytes | None]]:
     if "input" in batch:
         kinds, locators, types = batch.get("kind"), batch.get("locator"), batch.get("error_type")
+        stamps = batch.get("stamp")
         for i, value in enumerate(batch["input"]):
             if kinds is not None and locators is not None and types is not None:
                 if kinds[i] == "missing":  # the row's locator column carries the reason
                     yield InputItem.failed(str(value), str(locators[i]), types[i]), None
                 else:
-                    yield InputItem(str(value), kinds[i], str(locators[i])), None
+                    stamp = str(stamps[i]) if stamps is not None and stamps[i] else None
+                    yield InputItem(str(value), kinds[i], str(locators[i]), stamp=stamp), None
             else:
                 yield _single(str(value)), None
     else:
@@ -260,6 +268,52 @@ def _size(s: Staged) -> tuple[int, int]:
 
 def _str_or_none(value: Any) -> str | None:
     return str(value) if value else None
+
+
+class _Unchanged:
+    """The stat memo of this node for one batch: inputs it vouches for (local files, objects) are answered from
+    the cache unread; what the batch read is remembered. (URLs are not revalidated here: they are read.)"""
+
+    def __init__(self, items: list[tuple[InputItem, bytes | None]], options: RecognizeOptions,
+                 context: StageContext, cache: ResultCache | None) -> None:
+        self.prober = _prober(options) if cache is not None else None
+        self.answers: list[Staged | None] = [None] * len(items)
+        self.looks: list[Look | None] = [None] * len(items)
+        if self.prober is None:
+            return
+        # rows that came with their bytes (read_binary_files) are not looked up: they were read already
+        probed = self.prober.probe([item if data is None else InputItem.from_bytes(item.input, b"")
+                                    for item, data in items], cache, context.namespace)
+        self.looks = [look if look is not None and look.stamp is not None else None for look in probed.looks]
+        for i, (item, _) in enumerate(items):
+            found = probed.answer(i)
+            if found is not None:
+                self.answers[i] = Staged(item.input, found[0], cached=found[1])
+
+    def remember(self, found: list[Staged | ToDecode]) -> None:
+        if self.prober is None:
+            return
+        entries = []
+        for look, answer, outcome in zip(self.looks, self.answers, found, strict=True):
+            if look is None or answer is not None or outcome.sha256 is None:
+                continue
+            data = outcome.data if isinstance(outcome, ToDecode) else None
+            if data is None and not look.key.startswith("f:"):
+                continue  # an object answered by the cache after a read: its bytes are gone, no ETag check
+            entry = remember(look, Fetched(data or b"", outcome.sha256))
+            if entry is not None:
+                entries.append(entry)
+        self.prober.memo.put_many(entries)
+
+
+def _prober(options: RecognizeOptions) -> Prober | None:
+    """The stat memo beside ``options``' cache on this node, opened once per process."""
+    key = ("memo", (str(options.resolved_cache_path()), options.rehash))
+    if key not in _PER_PROCESS:
+        memo = open_memo(options)
+        _PER_PROCESS[key] = None if memo is None else Prober(memo, rehash=options.rehash)
+    prober: Prober | None = _PER_PROCESS[key]
+    return prober
 
 
 def _fetcher(options: RecognizeOptions) -> Fetcher:
