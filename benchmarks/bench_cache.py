@@ -120,13 +120,13 @@ def rerun(opts: argparse.Namespace, files: list[Path]) -> dict[str, Any]:
         "rerun_s": round(rerun_s, 2),
         "rerun_records_per_s": round(opts.rerun / rerun_s, 1),
         "rerun_identical_records": same,
-        "rerun_summary": said.strip().splitlines()[-1] if said.strip() else "",
+        "rerun_summary": " ".join(said.split()),
         "rerun_peak_rss_mb": round(rerun_rss / 1e6, 1),
         "rerun_tenth_peak_rss_mb": round(tenth_rss / 1e6, 1),
         "first_peak_rss_mb": round(first_rss / 1e6, 1),
         "one_percent_changed_s": round(changed_s, 2),
         "one_percent_changed_records_per_s": round(opts.rerun / changed_s, 1),
-        "one_percent_changed_summary": changed_said.strip().splitlines()[-1] if changed_said.strip() else "",
+        "one_percent_changed_summary": " ".join(changed_said.split()),
     }
 
 

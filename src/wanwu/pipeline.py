@@ -272,9 +272,10 @@ class _Run:
         self.chunk = self.DECODE_CHUNK if self.opts.decode_workers > 0 else 1
         self.max_fetch = max(4, self.opts.fetch_threads * 2)
         self.max_decode = self.workers * 2 * self.chunk  # a task queued behind each running one
-        self.max_window = max(2 * self.PROBE_BLOCK, self.opts.batch_size * 4)
+        self.max_window = max(2 * self.PROBE_BLOCK, self.opts.batch_size * 4)  # records waiting to leave in order
+        self.max_busy = max(256, self.opts.batch_size * 4)  # of them, holding bytes or pixels: memory
         # crops handed over at once: a batch locally; everything ready when the inference gathers by itself
-        self.handoff = self.inference.gather if self.inference.gather > 1 else self.max_window
+        self.handoff = self.inference.gather if self.inference.gather > 1 else self.max_busy
 
     def records(self) -> Generator[Record, None, None]:
         try:
@@ -329,7 +330,8 @@ class _Run:
         """Nothing can join the current partial batch without waiting on a fetch."""
         if self.pending_decode or self.to_decode or self.suspects:
             return False
-        return (self.pending_fetch == 0 and self.probing == 0) or len(self.window) >= self.max_window
+        return (self.pending_fetch == 0 and self.probing == 0) or len(self.window) >= self.max_window or (
+            len(self.ready) + self.pending_decode + len(self.to_decode) >= self.max_busy)
 
     # -- stages -----------------------------------------------------------------------------------------
 
@@ -338,6 +340,7 @@ class _Run:
         while (
             not self.exhausted
             and len(self.window) < self.max_window
+            and len(self.ready) + self.pending_decode + len(self.to_decode) < self.max_busy
             and self.probing < 2
             and self.pending_fetch + len(self.to_fetch) + len(self.to_decode) < self.max_fetch
         ):
