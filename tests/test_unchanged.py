@@ -116,6 +116,9 @@ def test_unchanged_files_are_not_read_and_get_the_same_records(
     again, unchanged = _run(rec, folder)
     assert unchanged == 6 and not reads.take()  # not one file opened
     assert again == first and all(r["status"] == "ok" for r in again)
+    os.link(sorted(folder.iterdir())[0], tmp_path / "backup.jpg")  # a hard link elsewhere changes only the ctime
+    again, unchanged = _run(rec, folder)
+    assert unchanged == 6 and not reads.take() and again == first
 
 
 def test_same_size_and_mtime_but_a_new_inode_is_read_again(
@@ -140,8 +143,9 @@ def test_content_rewritten_in_place_within_the_same_second_is_read_again(
     rec: Recognizer, two_photos: tuple[bytes, bytes], tmp_path: Path
 ) -> None:
     old, new = two_photos
-    target = tmp_path / "x.jpg"
-    target.write_bytes(old)  # modified just now: within the racy window of the first run's read
+    # Written "now", as the first run reads it: its timestamp is within one tick of that read. (Dated a few
+    # seconds ahead, so that the first run's read falls within the tick even on a machine that stalls.)
+    target = _aged(tmp_path / "x.jpg", old, mtime_ns=time.time_ns() + 5 * 10**9)
     mtime = target.stat().st_mtime_ns
     first, _ = _run(rec, target)
     with open(target, "r+b") as f:  # same inode, same size, and the timestamp put back as it was
@@ -247,9 +251,9 @@ def test_the_racy_timestamp_rule_and_the_stamp(tmp_path: Path) -> None:
     # read within the timestamp tick of its last change: a change after the read could keep the stamp
     assert not trusted_file(Remembered(stamp, "0" * 64, m + RACY_NS - 1), stamp, m)
     assert not trusted_file(Remembered(stamp, "0" * 64, m), stamp, m)
-    dev, ino, size, mtime, ctime = stamp.split(":")
-    for changed in (f"{dev}:{int(ino) + 1}:{size}:{mtime}:{ctime}", f"{dev}:{ino}:{size}:{mtime}:{int(ctime) + 1}",
-                    f"{dev}:{ino}:{int(size) + 1}:{mtime}:{ctime}"):
+    dev, ino, size, mtime = stamp.split(":")
+    for changed in (f"{int(dev) + 1}:{ino}:{size}:{mtime}", f"{dev}:{int(ino) + 1}:{size}:{mtime}",
+                    f"{dev}:{ino}:{int(size) + 1}:{mtime}", f"{dev}:{ino}:{size}:{int(mtime) + 1}"):
         assert not trusted_file(Remembered(changed, "0" * 64, m + HOUR_NS), stamp, m)
 
 

@@ -3,9 +3,10 @@
 A rerun over a collection where almost nothing changed should not read almost everything again. The memo
 maps an input to the sha256 of its bytes together with a *stamp* observed before those bytes were read:
 
-* a local file: ``device:inode:size:mtime_ns:ctime_ns`` (:func:`file_stamp`), under a key that names this
-  machine and the file's absolute path (:func:`file_key`), so an entry written on another machine never
-  matches;
+* a local file: ``device:inode:size:mtime_ns`` (:func:`file_stamp`), under a key that names this machine and
+  the file's absolute path (:func:`file_key`), so an entry written on another machine never matches. (Not the
+  ctime: it changes whenever a hard link to the file is made or removed anywhere, or its owner or mode
+  changes, and backup tools do that every night without touching a byte);
 * an object (``s3://``): ``size:ETag:version`` from the listing;
 * a URL: the response's ``ETag`` (or ``Last-Modified``), revalidated with a conditional GET.
 
@@ -76,12 +77,12 @@ def file_stamp(st: os.stat_result) -> str | None:
     """The stamp of a regular file (None for anything else: pipes, folders, devices are never memoized)."""
     if not stat.S_ISREG(st.st_mode):
         return None
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def trusted_file(entry: Remembered, stamp: str, mtime_ns: int) -> bool:
-    """The file is unchanged since ``entry`` was taken: the same stamp (device, inode, size, mtime, ctime), and
-    it had not been modified within :data:`RACY_NS` of the moment the entry's stamp was observed."""
+    """The file is unchanged since ``entry`` was taken: the same stamp (device, inode, size, mtime), and it had
+    not been modified within :data:`RACY_NS` of the moment the entry's stamp was observed."""
     return entry.stamp == stamp and mtime_ns < entry.checked_ns - RACY_NS
 
 
