@@ -375,6 +375,7 @@ def test_cli_summary_stats_and_prune(
     Record("b.jpg", "ok", [], "cd", 1, 2),
     Record.failure("c.jpg", "decode_error", "bad \"file\""),
     Record("d.jpg", "ok", [Prediction(0, "x", 3.0), Prediction(1, "y", 12345678.901234)], "ef", 3, 4),
+    Record("e.jpg", "ok", [Prediction(0, "x", float("nan")), Prediction(1, "y", float("-inf"))], "ef", 3, 4),
 ])
 def test_records_are_written_exactly_as_json_dumps_writes_them(record: Record) -> None:
     assert dumps(record) == json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))

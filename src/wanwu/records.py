@@ -102,7 +102,10 @@ class TopScores:
         else:
             lse = self.logsumexp
             scores = [math.exp(v - lse) for v in values]
-        for idx, s in zip(self.indices[:top_k].tolist(), scores, strict=True):
+        indices: list[int] = self.indices[:top_k].tolist()
+        if threshold is None and not labels_en:
+            return [Prediction(i, labels[i], round(s, 6)) for i, s in zip(indices, scores, strict=True)]
+        for idx, s in zip(indices, scores, strict=True):
             if threshold is not None and s < threshold:
                 break
             out.append(Prediction(idx, labels[idx], round(s, 6), labels_en[idx] if labels_en else None))

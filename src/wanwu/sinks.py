@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,20 +71,21 @@ def dumps(record: Record) -> str:
     """The record as one compact JSON object: ``json.dumps(record.to_dict(), ensure_ascii=False)`` exactly,
     written out directly for an ``ok`` record (a rerun answered from the cache writes tens of thousands a
     second, and the generic encoder would be a third of its time)."""
-    if record.status != "ok":
+    predictions = record.predictions
+    scores = [repr(p.score) for p in predictions]
+    if record.status != "ok" or "n" in "".join(scores):  # an error, or a score of nan/inf (JSON: NaN, Infinity)
         return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))
     text = _text
-    predictions = ",".join([
-        f'{{"index":{int(p.index)!r},"label":{text(p.label)},"score":{_number(p.score)}}}'
-        if p.label_en is None else
-        f'{{"index":{int(p.index)!r},"label":{text(p.label)},"label_en":{text(p.label_en)},'
-        f'"score":{_number(p.score)}}}'
-        for p in record.predictions
+    body = ",".join([
+        f'{{"index":{int(p.index)!r},"label":{text(p.label)},"score":{score}}}' if p.label_en is None else
+        f'{{"index":{int(p.index)!r},"label":{text(p.label)},"label_en":{text(p.label_en)},"score":{score}}}'
+        for p, score in zip(predictions, scores, strict=True)
     ])
+    sha, width, height = record.sha256, record.width, record.height
     out = (
-        f'{{"input":{text(record.input)},"status":"ok","predictions":[{predictions}],'
-        f'"sha256":{_optional(record.sha256)},"width":{_optional(record.width)},'
-        f'"height":{_optional(record.height)}'
+        f'{{"input":{text(record.input)},"status":"ok","predictions":[{body}],'
+        f'"sha256":{"null" if sha is None else text(sha)},"width":{"null" if width is None else repr(int(width))},'
+        f'"height":{"null" if height is None else repr(int(height))}'
     )
     if record.warnings:
         return out + ',"warnings":[' + ",".join([text(w) for w in record.warnings]) + "]}"
@@ -93,16 +93,6 @@ def dumps(record: Record) -> str:
 
 
 _text = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) writes a str as
-
-
-def _number(value: float) -> str:
-    return json.dumps(value) if isinstance(value, float) and not math.isfinite(value) else repr(value)
-
-
-def _optional(value: str | int | None) -> str:
-    if value is None:
-        return "null"
-    return _text(value) if isinstance(value, str) else repr(int(value))
 
 
 @register_sink("jsonl")

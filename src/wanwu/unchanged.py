@@ -38,6 +38,7 @@ class Look:
     key: str
     stamp: str | None
     checked_ns: int
+    mtime_ns: int = 0  # a file's
     sha256: str | None = None
     known: Remembered | None = None  # URL: the entry to revalidate
     revalidate: bool = False
@@ -91,7 +92,9 @@ class Prober:
             except (OSError, ValueError):  # the fetch says what is wrong with it
                 return None
             stamp = memos.file_stamp(st)
-            return None if stamp is None else Look(memos.file_key(item.locator, self.machine), stamp, checked)
+            if stamp is None:
+                return None
+            return Look(memos.file_key(item.locator, self.machine), stamp, checked, st.st_mtime_ns)
         if item.kind == "object":
             return Look(item.locator, item.stamp, time.time_ns())
         if item.kind == "url":
@@ -103,8 +106,7 @@ class Prober:
         if look.stamp is None:  # a URL: its result may be used once the server says it is not modified
             look.sha256, look.known, look.revalidate = entry.sha256, entry, True
         elif look.key.startswith("f:"):
-            mtime = int(look.stamp.split(":")[3])
-            if memos.trusted_file(entry, look.stamp, mtime):
+            if memos.trusted_file(entry, look.stamp, look.mtime_ns):
                 look.sha256 = entry.sha256
         elif entry.stamp == look.stamp:
             look.sha256 = entry.sha256

@@ -176,7 +176,7 @@ class SqliteMemo:
                 f"SELECT key, stamp, sha, checked FROM memo WHERE key IN ({','.join('?' * len(chunk))})", chunk
             )
             for key, stamp, sha, checked in rows:
-                if isinstance(stamp, str) and isinstance(sha, bytes) and len(sha) == 32 and isinstance(checked, int):
+                if type(sha) is bytes and len(sha) == 32 and type(stamp) is str and type(checked) is int:
                     out[by_blob[key]] = Remembered(stamp, sha.hex(), checked)
                 # else: an entry that cannot be read back is a miss (and is rewritten after the read)
         return out
