@@ -411,3 +411,40 @@ def test_the_ray_decode_stage_answers_from_the_same_memo(
     again = decode_batch(batch, context=context, options=options)
     assert not reads.take()  # answered by the memo and the cache: no file opened
     assert list(again["sha256"]) == list(first["sha256"]) and list(again["cached"]) == list(first["cached"])
+
+
+# --- the Redis memo (a cluster's) -------------------------------------------------------------------------
+
+
+@pytest.mark.extra("queue")
+def test_the_redis_memo_round_trips_prunes_and_is_a_miss_when_unreachable(tmp_path: Path) -> None:
+    import redis
+
+    from tests import jobs_support as js
+    from tests.test_jobs_redis import RedisServer
+    from wanwu.cache.memo_redis import PREFIX, RedisMemo
+
+    server = RedisServer(tmp_path, js.free_port(), durable=False)
+    server.start()
+    client = redis.Redis(port=server.port)
+    try:
+        memo = RedisMemo(client)
+        kept, gone = _aged(tmp_path / "kept.jpg", b"a"), _aged(tmp_path / "gone.jpg", b"b")
+        entries = {wanwu.cache.memo.file_key(str(p), "m1"): Remembered(f"1:2:3:{i}", _sha(p.read_bytes()), 7 + i)
+                   for i, p in enumerate((kept, gone))}
+        entries["s3://b/k.jpg"] = Remembered("5:etag:", _sha(b"c"), 9)
+        memo.put_many(entries.items())
+        assert memo.get_many([*entries, "s3://b/missing.jpg"]) == entries
+        client.set(PREFIX + b"s3://b/k.jpg", b"damaged")  # an entry that cannot be read back: a miss
+        assert "s3://b/k.jpg" not in memo.get_many(["s3://b/k.jpg"])
+        gone.unlink()
+        assert memo.prune("m1") == 1 and memo.prune("m2") == 0
+        assert list(memo.get_many(list(entries))) == [wanwu.cache.memo.file_key(str(kept), "m1")]
+        stats = memo.stats()
+        assert (stats.entries, stats.files) == (2, 1)
+        server.stop()
+        assert memo.get_many(list(entries)) == {}  # the server is gone: misses, not errors
+        memo.put_many(entries.items())
+    finally:
+        client.close()
+        server.stop()
