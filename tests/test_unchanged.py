@@ -448,3 +448,15 @@ def test_the_redis_memo_round_trips_prunes_and_is_a_miss_when_unreachable(tmp_pa
     finally:
         client.close()
         server.stop()
+
+
+def test_a_file_above_max_bytes_is_refused_even_when_unchanged(
+    model: Callable[..., Recognizer], photos: Path, tmp_path: Path
+) -> None:
+    data = sorted(photos.glob("*.JPEG"))[5].read_bytes()
+    target = _aged(tmp_path / "x.jpg", data)
+    with model() as rec:
+        first, _ = _run(rec, target)
+    with model(max_bytes=len(data) - 1) as rec:
+        records, unchanged = _run(rec, target)
+    assert first[0]["status"] == "ok" and unchanged == 0 and records[0]["error"]["type"] == "too_large"

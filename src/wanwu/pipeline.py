@@ -115,7 +115,7 @@ class Recognizer:
             if memo is FROM_OPTIONS:
                 memo = open_memo(self.options) if self.options.cache and cache is FROM_OPTIONS else None
             if memo is not None and self.cache is not None:
-                self.prober = Prober(memo, rehash=self.options.rehash)
+                self.prober = Prober(memo, rehash=self.options.rehash, max_bytes=self.options.max_bytes)
         except BaseException:
             self.decoders.close(wait=False)
             self.engine.close()

@@ -62,9 +62,10 @@ class Probed:
 class Prober:
     """Stats, memo lookups and cache lookups for batches of inputs. Thread-safe (the memo and cache are)."""
 
-    def __init__(self, memo: Memo, *, rehash: bool = False) -> None:
+    def __init__(self, memo: Memo, *, rehash: bool = False, max_bytes: int | None = None) -> None:
         self.memo = memo
         self.rehash = rehash  # look nothing up (every input is read again), but remember what is read
+        self.max_bytes = max_bytes  # a larger file is read (and refused as too large), never answered
         self.machine = memos.machine_id()
 
     def probe(self, items: Sequence[InputItem], cache: ResultCache | None, namespace: str) -> Probed:
@@ -92,10 +93,13 @@ class Prober:
             except (OSError, ValueError):  # the fetch says what is wrong with it
                 return None
             stamp = memos.file_stamp(st)
-            if stamp is None:
+            if stamp is None or (self.max_bytes is not None and st.st_size > self.max_bytes):
                 return None
             return Look(memos.file_key(item.locator, self.machine), stamp, checked, st.st_mtime_ns)
         if item.kind == "object":
+            size = item.stamp.split(":", 1)[0] if item.stamp else ""
+            if not size.isdigit() or (self.max_bytes is not None and int(size) > self.max_bytes):
+                return None  # no listing to vouch for it, or too large: read (and refused)
             return Look(item.locator, item.stamp, time.time_ns())
         if item.kind == "url":
             return Look(item.locator, None, time.time_ns())

@@ -308,10 +308,10 @@ class _Unchanged:
 
 def _prober(options: RecognizeOptions) -> Prober | None:
     """The stat memo beside ``options``' cache on this node, opened once per process."""
-    key = ("memo", (str(options.resolved_cache_path()), options.rehash))
+    key = ("memo", (str(options.resolved_cache_path()), options.rehash, options.max_bytes))
     if key not in _PER_PROCESS:
         memo = open_memo(options)
-        _PER_PROCESS[key] = None if memo is None else Prober(memo, rehash=options.rehash)
+        _PER_PROCESS[key] = None if memo is None else Prober(memo, rehash=options.rehash, max_bytes=options.max_bytes)
     prober: Prober | None = _PER_PROCESS[key]
     return prober
 
