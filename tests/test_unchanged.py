@@ -460,3 +460,29 @@ def test_a_file_above_max_bytes_is_refused_even_when_unchanged(
     with model(max_bytes=len(data) - 1) as rec:
         records, unchanged = _run(rec, target)
     assert first[0]["status"] == "ok" and unchanged == 0 and records[0]["error"]["type"] == "too_large"
+
+
+def test_a_queue_worker_answers_unchanged_paths_from_the_memo(
+    model: Callable[..., Recognizer], photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from wanwu.jobs.base import JobInput, JobSpec, open_queue
+    from wanwu.jobs.worker import WorkerConfig, run_worker
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    files = [_aged(folder / p.name, p.read_bytes()) for p in sorted(photos.glob("*.JPEG"))[:3]]
+    queue = open_queue(f"sqlite:///{tmp_path / 'q.sqlite3'}")
+    reads = _Reads(monkeypatch)
+    try:
+        with model() as rec:
+            results = []
+            for expect_unchanged in (0, 3):
+                job = queue.submit(JobSpec([JobInput.path(str(f)) for f in files]))
+                before = rec.unchanged
+                run_worker(queue, rec, WorkerConfig(allow_roots=(folder,), exit_when_idle=True, poll_s=0.05))
+                assert rec.unchanged - before == expect_unchanged
+                assert sum(reads.take().values()) == 3 - expect_unchanged
+                results.append([r.to_dict() for r in queue.results(job)])
+        assert results[0] == results[1] and all(r["status"] == "ok" for r in results[0])
+    finally:
+        queue.close()
