@@ -115,3 +115,42 @@ def test_jobs_submit_uploads_objects_even_by_reference(s3: object, photos: Path)
     s3.put_object(Bucket="cat", Key="p.jpg", Body=photo.read_bytes())  # type: ignore[attr-defined]
     (job_input,) = job_inputs(["s3://cat/p.jpg"], by_reference=True)
     assert (job_input.name, job_input.kind, job_input.data) == ("s3://cat/p.jpg", "upload", photo.read_bytes())
+
+
+def test_unchanged_objects_are_not_downloaded_and_an_overwritten_one_is(
+    s3: object, mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing's size and ETag say an object is unchanged (no download); an overwrite changes its ETag."""
+    import hashlib
+
+    import wanwu.fetch
+    from wanwu.config import RecognizeOptions
+    from wanwu.pipeline import Recognizer
+
+    client = s3
+    local = sorted(photos.glob("*.JPEG"))[:3]
+    client.create_bucket(Bucket="nightly")  # type: ignore[attr-defined]
+    for path in local[:2]:
+        client.put_object(Bucket="nightly", Key=f"set/{path.name}", Body=path.read_bytes())  # type: ignore[attr-defined]
+    downloads: list[str] = []
+    original = wanwu.fetch.Fetcher.fetch
+
+    def fetch(fetcher: object, item: object, known: object = None) -> object:
+        downloads.append(item.input)  # type: ignore[attr-defined]
+        return original(fetcher, item, known)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(wanwu.fetch.Fetcher, "fetch", fetch)
+    opts = RecognizeOptions(workers=0, cache_path=tmp_path / "c.sqlite3")
+    with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=opts) as rec:
+        first = [r.to_dict() for r in rec.recognize(["s3://nightly/set/", f"s3://nightly/set/{local[0].name}"])]
+        assert len(downloads) == 3 and rec.unchanged == 0
+        downloads.clear()
+        again = [r.to_dict() for r in rec.recognize(["s3://nightly/set/", f"s3://nightly/set/{local[0].name}"])]
+        assert again == first and not downloads and rec.unchanged == 3  # nothing downloaded
+        # Overwritten with another photo: a new ETag. Its record must be the new photo's.
+        client.put_object(Bucket="nightly", Key=f"set/{local[1].name}", Body=local[2].read_bytes())  # type: ignore[attr-defined]
+        records = [r.to_dict() for r in rec.recognize(["s3://nightly/set/"])]
+        assert downloads == [f"s3://nightly/set/{local[1].name}"] and rec.unchanged == 4
+        assert records[0] == first[0]
+        assert records[1]["sha256"] == hashlib.sha256(local[2].read_bytes()).hexdigest()
+        assert records[1]["predictions"] != first[1]["predictions"]

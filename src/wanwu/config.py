@@ -42,6 +42,7 @@ class RecognizeOptions:
     cache: bool = True
     # a path (SQLite) or redis://HOST:PORT/DB; None = $WANWU_CACHE, else $WANWU_HOME/cache.sqlite3
     cache_path: Path | str | None = None
+    rehash: bool = False  # read every input again, even those the stat memo knows unchanged (wanwu.unchanged)
     backend: BackendOptions = field(default_factory=BackendOptions)
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -27,11 +28,15 @@ from wanwu.sources import DEFAULT_MAX_BYTES, InputItem
 if TYPE_CHECKING:
     import httpx
 
+    from wanwu.cache.memo import Remembered
+
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
     data: bytes
     sha256: str
+    validator: str | None = None  # a URL's ETag / Last-Modified, for the stat memo (wanwu.cache.memo)
+    not_modified: bool = False  # a conditional GET answered 304: ``sha256`` is the remembered one, no data
 
 
 class Fetcher:
@@ -45,10 +50,17 @@ class Fetcher:
         self.allow_private = allow_private  # see wanwu.netguard: by default only public addresses
         self._client: httpx.Client | None = None
 
-    def fetch(self, item: InputItem) -> Fetched:
-        """Raises :class:`~wanwu.errors.InputError` with the reason."""
+    def fetch(self, item: InputItem, known: Remembered | None = None) -> Fetched:
+        """Raises :class:`~wanwu.errors.InputError` with the reason. ``known``: what the stat memo remembers of
+        a URL; it is revalidated with a conditional GET, and a 304 answers with its sha256, without data."""
         if item.kind == "missing":
             raise NotFoundError(item.error)
+        if item.kind == "url":  # a download keeps its validator, and revalidates what the memo knows
+            body, validator = self.download_validated(item.locator, known.stamp if known else None)
+            if body is None:
+                assert known is not None
+                return Fetched(b"", known.sha256, validator or known.stamp, not_modified=True)
+            return Fetched(body, hashlib.sha256(body).hexdigest(), validator)
         if item.kind not in FETCHERS:
             raise UnsupportedError(f"no reader for inputs of kind {item.kind!r}")
         data = FETCHERS.get(item.kind).read(self, item)
@@ -83,13 +95,21 @@ class Fetcher:
             raise FetchError(f"cannot read file: {e.strerror or e}") from None
 
     def download(self, url: str) -> bytes:
+        body, _ = self.download_validated(url)
+        assert body is not None  # not a conditional GET
+        return body
+
+    def download_validated(self, url: str, validator: str | None = None) -> tuple[bytes | None, str | None]:
+        """The body (None: not modified since ``validator``) and the response's validator."""
         import httpx
 
         from wanwu.netguard import deadline
 
         client = self._http()
         try:
-            with deadline(self.timeout), client.stream("GET", url) as response:
+            with deadline(self.timeout), client.stream("GET", url, headers=conditional(validator)) as response:
+                if response.status_code == 304 and validator is not None:
+                    return None, response_validator(response.headers)
                 if response.status_code in (404, 410):
                     raise NotFoundError(f"HTTP {response.status_code} from {url}")
                 if response.status_code >= 400:
@@ -103,7 +123,7 @@ class Fetcher:
                     self.check_size(size)
                     self.downloaded(len(chunk))
                     chunks.append(chunk)
-                return b"".join(chunks)
+                return b"".join(chunks), response_validator(response.headers)
         except InputError:
             raise
         except httpx.TimeoutException:
@@ -126,6 +146,37 @@ class Fetcher:
         if self._client is not None:
             self._client.close()
         self._client = None
+
+
+# --- revalidation (the stat memo's validators of URLs) ------------------------------------------------------
+
+
+def response_validator(headers: httpx.Headers) -> str | None:
+    """What identifies this version of a resource: its ``ETag``, else a ``Last-Modified`` at least two seconds
+    older than the response (a resource changed twice within one second keeps its Last-Modified)."""
+    etag: str | None = headers.get("etag")
+    if etag:
+        return "etag:" + etag
+    modified: str | None = headers.get("last-modified")
+    if not modified:
+        return None
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(modified).timestamp()
+        date = headers.get("date")
+        now = parsedate_to_datetime(date).timestamp() if date else time.time()
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return "lm:" + modified if when <= now - 2 else None
+
+
+def conditional(validator: str | None) -> dict[str, str]:
+    """The request headers that revalidate ``validator``."""
+    if validator is None:
+        return {}
+    kind, _, value = validator.partition(":")
+    return {"If-None-Match": value} if kind == "etag" else {"If-Modified-Since": value} if kind == "lm" else {}
 
 
 # --- readers by input kind --------------------------------------------------------------------------------

@@ -56,15 +56,18 @@ def expand(arg: str) -> Iterator[InputItem]:
         return
     try:
         fs = filesystem()
-        if not arg.endswith("/") and fs.isfile(bare):
-            yield InputItem(arg, "object", arg)
+        fs.invalidate_cache()  # listings remembered from an earlier run may be stale (ETags included)
+        info = _file_info(fs, bare) if not arg.endswith("/") else None
+        if info is not None:
+            yield InputItem(arg, "object", arg, stamp=stamp(info))
             return
         found = False
-        for folder, _dirs, files in fs.walk(bare.rstrip("/"), detail=False):
+        for folder, _dirs, files in fs.walk(bare.rstrip("/"), detail=True):
             for name in sorted(files):
                 if _is_image(name):
                     found = True
-                    yield InputItem(f"s3://{folder.rstrip('/')}/{name}", "object", f"s3://{folder}/{name}")
+                    yield InputItem(f"s3://{folder.rstrip('/')}/{name}", "object", f"s3://{folder}/{name}",
+                                    stamp=stamp(files[name]))
         if not found:
             yield InputItem.failed(arg, _nothing_under(fs, bare))
     except MissingExtraError:
@@ -87,6 +90,21 @@ def _nothing_under(fs: Any, bare: str) -> str:
     if key.strip("/") and not fs.exists(bare.rstrip("/")):
         return f"no object or prefix {key!r} in bucket {bucket}"
     return "no image objects under this prefix"
+
+
+def _file_info(fs: Any, path: str) -> dict[str, Any] | None:
+    try:
+        info: dict[str, Any] = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return info if info.get("type") == "file" else None
+
+
+def stamp(info: dict[str, Any]) -> str | None:
+    """What the stat memo compares (:func:`wanwu.cache.memo.object_stamp`): size, ETag, version id."""
+    from wanwu.cache.memo import object_stamp
+
+    return object_stamp(info.get("size"), info.get("ETag"), info.get("VersionId"))
 
 
 def read(url: str, max_bytes: int) -> bytes:

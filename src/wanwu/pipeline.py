@@ -28,31 +28,27 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import queue
 import threading
-import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from wanwu.cache import CachedResult, MemoryCache, OneThreadCache, ResultCache
+from wanwu.cache import OneThreadCache, ResultCache
 from wanwu.cache import open_cache as open_cache_at
+from wanwu.cache.memo import Memo
 from wanwu.config import RecognizeOptions
-from wanwu.decoders import AGAIN, ALONE, DecodePool, decode_outcomes, timed_out
+from wanwu.decoders import DecodePool
 from wanwu.engine import Engine
-from wanwu.errors import ClosedError, ErrorType
-from wanwu.fetch import FETCHERS, Fetched, Fetcher
-from wanwu.imaging import DecodeResult, Prepared, decode_jobs
+from wanwu.errors import ClosedError
+from wanwu.fetch import Fetcher
 from wanwu.inference import Inference, LocalInference
-from wanwu.records import Record, RecordOptions, TopScores
-from wanwu.rules import Failure, fetch_failure, inference_failure, look_up, record_of, scored
+from wanwu.records import Record, RecordOptions, RecordStream
+from wanwu.run import _Run
 from wanwu.sources import InputItem, SourceOptions, expand
 from wanwu.spec import ModelSpec
+from wanwu.unchanged import Prober, open_memo
 
 log = logging.getLogger("wanwu")
 InputLike = str | Path | InputItem
@@ -78,10 +74,12 @@ class Recognizer:
         cache: ResultCache | None = FROM_OPTIONS,
         inference: Inference | None = None,
         on_cache_hit: Callable[[], None] | None = None,
+        memo: Memo | None = FROM_OPTIONS,
     ) -> None:
         """``engine``: an already loaded model (else ``model`` + ``labels`` are loaded). ``inference``: where
         prepared crops go (default: batches on the engine). ``on_cache_hit``: told of every result served
-        from the cache (metrics)."""
+        from the cache (metrics). ``memo``: the stat memo (default: the one beside the options' cache, when
+        the result cache is the options' own)."""
         self.options = options or RecognizeOptions()
         self._owner: Recognizer | None = None  # set on a view made by sharing(): the pools are the owner's
         self._closed = False
@@ -103,7 +101,9 @@ class Recognizer:
         self.inference: Inference = inference or LocalInference(self.engine, self.options.batch_size)
         self.on_cache_hit = on_cache_hit
         self.cache_hits = 0  # records answered from the result cache, over every run of this recognizer
+        self.unchanged = 0  # of those, inputs the stat memo vouched for: never read
         self.cache: ResultCache | None = None
+        self.prober: Prober | None = None
         try:
             if cache is FROM_OPTIONS:
                 if self.options.cache:
@@ -111,6 +111,10 @@ class Recognizer:
             elif cache is not None:
                 given = cache
                 self.cache = OneThreadCache(lambda: given)
+            if memo is FROM_OPTIONS:
+                memo = open_memo(self.options) if self.options.cache and cache is FROM_OPTIONS else None
+            if memo is not None and self.cache is not None:
+                self.prober = Prober(memo, rehash=self.options.rehash, max_bytes=self.options.max_bytes)
         except BaseException:
             self.decoders.close(wait=False)
             self.engine.close()
@@ -127,7 +131,8 @@ class Recognizer:
         ``record`` shapes the records (top-k, score, threshold); default: ``options.record``. Raises
         :class:`~wanwu.errors.ClosedError` once closed."""
         self._check_open()
-        return _Run(self, _items(inputs, self.options.max_bytes), record or self.options.record).records()
+        run = _Run(self, _items(inputs, self.options.max_bytes), record or self.options.record)
+        return RecordStream(run.records(), run.head_ready)
 
     def recognize_one(self, input: InputLike, record: RecordOptions | None = None) -> Record:
         records = list(self.recognize([input], record))
@@ -142,6 +147,15 @@ class Recognizer:
             self.cache_hits += 1
         if self.on_cache_hit is not None:
             self.on_cache_hit()
+
+    def count_unchanged(self, n: int) -> None:
+        """``n`` inputs answered from the cache without being read (the stat memo vouched for them)."""
+        with self._lock:
+            self.cache_hits += n
+            self.unchanged += n
+        if self.on_cache_hit is not None:
+            for _ in range(n):
+                self.on_cache_hit()
 
     def sharing(self, engine: Engine, inference: Inference) -> Recognizer:
         """Another model, run through this recognizer's fetch threads, decode processes and cache (the service's
@@ -191,6 +205,8 @@ class Recognizer:
         self.inference.close()
         self.decoders.close()
         self.fetcher.close()
+        if self.prober is not None:
+            self.prober.memo.close()
         if self.cache is not None:
             self.cache.close()
         self.engine.close()
@@ -221,357 +237,3 @@ def _items(inputs: Iterable[InputLike], max_bytes: int) -> Iterator[InputItem]:
                 yield value
         else:
             yield from expand([str(value)], options=options)
-
-
-# --- one run ---------------------------------------------------------------------------------------------
-
-
-class _Meter:
-    """Seconds of decoding a run has used, added up from the decode threads."""
-
-    def __init__(self) -> None:
-        self.spent = 0.0
-        self._lock = threading.Lock()
-
-    def add(self, seconds: float) -> None:
-        with self._lock:
-            self.spent += seconds
-
-
-def budget_spent(budget: float) -> str:
-    """The record's message for an input left undecoded when its run's decode-time budget ran out."""
-    return (f"not decoded: this run's decode-time budget of {budget:g} s is spent (--decode-budget; the service "
-            "gives each request one)")
-
-
-@dataclass(eq=False)
-class _Slot:
-    item: InputItem
-    record: Record | None = None
-    sha256: str | None = None
-    data: bytes | None = None
-    prepared: Prepared | None = None
-    followers: list[_Slot] = field(default_factory=list)
-    isolated: bool = False
-
-
-def _out(slot: _Slot) -> Record:
-    """A finished slot's record, with what rode along with its input."""
-    record = slot.record
-    assert record is not None
-    return record
-
-
-class _Run:
-    FLUSH_AFTER_S = 0.05  # a partial batch waits at most this long for more decoded images
-    DECODE_CHUNK = 4  # most images sent to a decode worker in one task
-    decode = staticmethod(decode_jobs)  # what a decode worker runs (a seam for the crash tests)
-
-    def __init__(self, rec: Recognizer, items: Iterator[InputItem], record: RecordOptions) -> None:
-        self.rec = rec
-        self.engine = rec.engine
-        self.inference = rec.inference
-        self.opts = rec.options
-        self.record_options = record
-        self.preprocess = self.opts.decode_spec(rec.engine.spec.preprocess)
-        # results depend on how images were decoded (--full-decode): the cache key says so
-        self.namespace = self.opts.cache_namespace(rec.engine.spec, rec.engine.numerics)
-        self.decode_options = self.opts.decode_options()
-        self.timeout = self.opts.decode_timeout
-        # What one run may take of the decoders shared with other runs (service requests): seconds in all, and
-        # tasks at once (a share of the processes), so one caller's slow files cannot hold every decoder.
-        self.budget = self.opts.decode_budget
-        self.meter = _Meter()
-        self.tasks = 0  # decode tasks of this run in the workers (the quarantine's apart)
-        self.decoding: dict[Future[Any], tuple[float, list[_Slot]]] = {}  # deadline, slots
-        self.abandoned: set[Future[Any]] = set()
-        self.items = items
-        self.events: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
-        self.window: deque[_Slot] = deque()
-        self.to_decode: deque[_Slot] = deque()
-        self.suspects: deque[_Slot] = deque()
-        self.ready: list[_Slot] = []
-        self.leaders: dict[str, _Slot] = {}
-        self.memo = MemoryCache(4096)  # recent results by content, for repeats after the leader finished
-        self.pending_fetch = 0
-        self.pending_decode = 0
-        self.pending_infer = 0
-        self.streams = self.inference.in_flight
-        self.exhausted = False
-        self.workers = max(1, self.opts.decode_workers)
-        # Several images per task amortize a process round trip; threads need none, and a task of one image
-        # is what a deadline can give up on without taking its neighbours along (a thread cannot be stopped).
-        self.chunk = self.DECODE_CHUNK if self.opts.decode_workers > 0 else 1
-        self.max_fetch = max(4, self.opts.fetch_threads * 2)
-        self.max_decode = self.workers * 2 * self.chunk  # a task queued behind each running one
-        share = self.opts.decode_share
-        self.max_tasks = self.workers * 2 if share >= 1 else max(1, math.ceil(self.workers * share))
-        self.max_window = max(256, self.opts.batch_size * 4)
-        # crops handed over at once: a batch locally; everything ready when the inference gathers by itself
-        self.handoff = self.inference.gather if self.inference.gather > 1 else self.max_window
-
-    def records(self) -> Iterator[Record]:
-        try:
-            yield from self._loop()
-        except KeyboardInterrupt:
-            # Flush everything already finished (out of order past the head), then stop.
-            for slot in self.window:
-                if slot.record is not None:
-                    yield _out(slot)
-            raise
-        finally:
-            self._abandon()
-
-    def _loop(self) -> Iterator[Record]:
-        batch_size = max(1, self.inference.gather)
-        while True:
-            self._fill()
-            while self.window and self.window[0].record is not None:
-                yield _out(self.window.popleft())
-            if not self.window and self.exhausted:
-                return
-            self._submit_decodes()
-            can_infer = bool(self.ready) and self.pending_infer < self.streams
-            if can_infer and (len(self.ready) >= batch_size or self._starved()):
-                self._infer(min(self.handoff, len(self.ready)))
-                continue
-            wait = self.FLUSH_AFTER_S if can_infer else 1.0
-            if self.decoding:
-                nearest = min(deadline for deadline, _ in self.decoding.values())
-                wait = max(0.0, min(wait, nearest - time.monotonic()))
-            try:
-                event = self.events.get(timeout=wait)
-            except queue.Empty:
-                self._enforce_deadlines()
-                if can_infer:
-                    self._infer(len(self.ready))
-                continue
-            self._handle(event)
-            while True:  # drain what else has arrived before deciding what to do next
-                try:
-                    self._handle(self.events.get_nowait())
-                except queue.Empty:
-                    break
-
-    def _starved(self) -> bool:
-        """Nothing can join the current partial batch without waiting on a fetch."""
-        if self.pending_decode or self.to_decode or self.suspects:
-            return False
-        return self.pending_fetch == 0 or len(self.window) >= self.max_window
-
-    # -- stages -----------------------------------------------------------------------------------------
-
-    def _fill(self) -> None:
-        pool = None
-        while (
-            not self.exhausted
-            and len(self.window) < self.max_window
-            and self.pending_fetch + len(self.to_decode) < self.max_fetch
-        ):
-            item = next(self.items, None)
-            if item is None:
-                self.exhausted = True
-                break
-            slot = _Slot(item)
-            self.window.append(slot)
-            if item.kind == "missing":
-                slot.record = Record.failure(item.input, item.error_type, item.error)
-                continue
-            pool = self.rec.url_pool() if FETCHERS.remote(item.kind) else (pool or self.rec.fetch_pool())
-            self.pending_fetch += 1
-            future = pool.submit(self.rec.fetcher.fetch, item)
-            future.add_done_callback(self._notify("fetch", slot))
-
-    def _submit_decodes(self) -> None:
-        if self.budget is not None and self.meter.spent >= self.budget:
-            while self.to_decode or self.suspects:
-                slot = (self.to_decode or self.suspects).popleft()
-                self._fail(slot, "too_large", budget_spent(self.budget))
-            return
-        while self.suspects:
-            # After a decoder crash, the file it crashed on is retried alone in the quarantine process, so a
-            # second crash names its culprit for certain; the workers go on meanwhile. (A deadline is never
-            # retried: the file it stopped is known, and the time is its own fault.)
-            slot = self.suspects.popleft()
-            slot.isolated = True
-            self.pending_decode += 1
-            future = self.rec.decoders.isolate(
-                self.decode, [slot.data or b""], self.preprocess, self.decode_options, timeout=self._deadline(),
-                meter=self.meter.add,
-            )
-            future.add_done_callback(self._notify("isolated", [slot]))
-        while self.to_decode and self.pending_decode < self.max_decode and self.tasks < self.max_tasks:
-            # Several images per task when many wait: each round trip to a worker process costs CPU on both
-            # sides (pickling, waking a thread and a process).
-            size = max(1, min(self.chunk, len(self.to_decode) // self.workers))
-            self._submit_decode([self.to_decode.popleft() for _ in range(size)])
-
-    def _deadline(self) -> float:
-        """Seconds one image may take now: --decode-timeout, or what is left of the run's budget (>= 1 s)."""
-        if self.budget is None:
-            return self.timeout
-        return min(self.timeout, max(1.0, self.budget - self.meter.spent))
-
-    def _submit_decode(self, slots: list[_Slot]) -> None:
-        self.pending_decode += len(slots)
-        self.tasks += 1
-        datas = [s.data or b"" for s in slots]
-        future = self.rec.decoders.submit_each(
-            self.decode, datas, self.preprocess, self.decode_options, timeout=self._deadline(), meter=self.meter.add
-        )
-        if not self.rec.decoders.stoppable:  # a thread: give up on it at its deadline (it may wait behind one)
-            self.decoding[future] = (time.monotonic() + self.timeout * (len(slots) + self.chunk), slots)
-        future.add_done_callback(lambda f: self.events.put(("decode", slots, f)))
-
-    def _notify(self, kind: str, subject: _Slot | list[_Slot]) -> Callable[[Future[Any]], None]:
-        def done(future: Future[Any]) -> None:
-            self.events.put((kind, subject, future))
-
-        return done
-
-    def _handle(self, event: tuple[str, Any, Future[Any]]) -> None:
-        kind, subject, future = event
-        if future.cancelled():  # only close() cancels work: the run cannot go on
-            raise ClosedError("the recognizer was closed during this run")
-        if kind == "fetch":
-            self.pending_fetch -= 1
-            self._fetched(subject, future)
-        elif kind in ("decode", "isolated"):
-            self.decoding.pop(future, None)
-            if future in self.abandoned:  # given up on at its deadline (a thread that finally returned)
-                self.abandoned.discard(future)
-                return
-            self.pending_decode -= len(subject)
-            self.tasks -= kind == "decode"
-            self._decoded(subject, future)
-        else:
-            self.pending_infer -= 1
-            self._inferred(subject, future)
-
-    def _fetched(self, slot: _Slot, future: Future[Fetched]) -> None:
-        exc = future.exception()
-        if exc is not None:
-            self._fail(slot, *fetch_failure(exc))
-            return
-        fetched = future.result()
-        sha = slot.sha256 = fetched.sha256
-        if (leader := self.leaders.get(sha)) is not None:
-            leader.followers.append(slot)
-            return
-        hit = None
-        if not self.record_options.scores:  # caches keep the top scores, not every class's
-            hit = look_up(self.memo, self.namespace, [sha]).get(sha)
-            if hit is None:
-                hit = look_up(self.rec.cache, self.namespace, [sha]).get(sha)
-            if hit is not None:
-                self.rec.count_cache_hit()
-        if hit is not None:
-            slot.record = self._record(slot, hit)
-            return
-        self.leaders[sha] = slot
-        slot.data = fetched.data
-        self.to_decode.append(slot)
-
-    def _enforce_deadlines(self) -> None:
-        """A decode thread past its deadline cannot be stopped: give up on its files. (A decode process past
-        its deadline is stopped by the pool, and its task fails with DecodeTimeoutError.)"""
-        now = time.monotonic()
-        for future, (deadline, slots) in list(self.decoding.items()):
-            if now < deadline or future.done():
-                continue
-            del self.decoding[future]
-            self.abandoned.add(future)
-            self.pending_decode -= len(slots)
-            self.tasks -= 1
-            for slot in slots:
-                self._fail(slot, "decode_error", self._timed_out())
-
-    def _timed_out(self) -> str:
-        if self.budget is not None and self.meter.spent >= self.budget:
-            return budget_spent(self.budget).replace("not decoded", "decoding stopped", 1)
-        return timed_out(self.timeout)
-
-    def _decoded(self, slots: list[_Slot], future: Future[list[DecodeResult]]) -> None:
-        exc = future.exception()
-        if exc is not None:
-            outcomes = decode_outcomes(exc, [slot.isolated for slot in slots], self._timed_out())
-            again = [slot for slot, outcome in zip(slots, outcomes, strict=True) if outcome == AGAIN]
-            self.to_decode.extendleft(reversed(again))  # they did nothing wrong: back to the front of the line
-            for slot, outcome in zip(slots, outcomes, strict=True):
-                if outcome == ALONE:
-                    self.suspects.append(slot)
-                elif outcome != AGAIN:
-                    self._fail(slot, *outcome)
-            return
-        self._prepared(slots, future.result())
-
-    def _prepared(self, slots: list[_Slot], results: list[DecodeResult]) -> None:
-        for slot, result in zip(slots, results, strict=True):
-            slot.data = None
-            if slot.record is not None:
-                continue  # already answered (given up on at a deadline)
-            if isinstance(result, tuple):
-                self._fail(slot, result[0], result[1])
-            else:
-                slot.prepared = result
-                self.ready.append(slot)
-
-    def _infer(self, n: int) -> None:
-        """Hand the first ``n`` ready images to the inference; the result comes back as an event."""
-        batch, self.ready = self.ready[:n], self.ready[n:]
-        self._submit_infer(batch)
-
-    def _submit_infer(self, batch: list[_Slot]) -> None:
-        pixels = [s.prepared.pixels for s in batch if s.prepared is not None]
-        self.pending_infer += 1
-        future = self.inference.submit(pixels)
-        future.add_done_callback(lambda f: self.events.put(("infer", batch, f)))
-
-    def _inferred(self, batch: list[_Slot], future: Future[list[TopScores]]) -> None:
-        exc = future.exception()
-        if exc is not None:
-            # raises again what is not one image's fault (a broken model)
-            failure = inference_failure(exc, len(batch))
-            for slot in batch:
-                if failure is None:  # out of memory for several: each again, alone
-                    self._submit_infer([slot])
-                else:
-                    self._fail(slot, *failure)
-            return
-        tops = future.result()
-        fresh: list[tuple[str, CachedResult]] = []
-        for slot, top in zip(batch, tops, strict=True):
-            assert slot.prepared is not None and slot.sha256 is not None
-            prepared, slot.prepared = slot.prepared, None
-            outcome = scored(top, prepared.width, prepared.height, prepared.warnings)
-            if not isinstance(outcome, tuple):  # NaN: never cached; caches keep no score rows
-                fresh.append((slot.sha256, replace(outcome, top=top.without_row())))
-            self._finish(slot, outcome)
-        self.memo.put_many(self.namespace, fresh)
-        if self.rec.cache is not None:
-            self.rec.cache.put_many(self.namespace, fresh)
-
-    # -- records ----------------------------------------------------------------------------------------
-
-    def _record(self, slot: _Slot, outcome: CachedResult | Failure) -> Record:
-        return record_of(slot.item.input, slot.sha256, outcome, self.engine.spec, self.record_options, slot.item.meta)
-
-    def _fail(self, slot: _Slot, type: ErrorType, message: str) -> None:
-        self._finish(slot, (type, message))
-
-    def _finish(self, slot: _Slot, outcome: CachedResult | Failure) -> None:
-        """``slot`` and every repeat of its content get their records (each its own input)."""
-        slot.record = self._record(slot, outcome)
-        slot.data = None
-        for follower in slot.followers:
-            follower.record = self._record(follower, outcome)
-        slot.followers.clear()
-        if slot.sha256 is not None and self.leaders.get(slot.sha256) is slot:
-            del self.leaders[slot.sha256]
-
-    def _abandon(self) -> None:
-        self.window.clear()
-        self.ready.clear()
-        self.to_decode.clear()
-        self.suspects.clear()
-        self.leaders.clear()

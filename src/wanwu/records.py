@@ -8,6 +8,7 @@ This is also what the result cache stores.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -55,8 +56,11 @@ class RecordOptions:
         return cls(data.get("top_k", 5), data.get("score", "softmax"), data.get("threshold"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prediction:
+    """One label of a record (not frozen: a frozen dataclass costs three times as much to build, and a rerun
+    answered from the cache builds tens of thousands a second)."""
+
     index: int
     label: str
     score: float
@@ -98,13 +102,19 @@ class TopScores:
         ``labels_en``: English names by class, carried as ``label_en`` (empty: none). ``logit_scale``: the
         model's outputs are ``logit_scale * cosine`` (CLIP); a ``logit`` score is then the cosine."""
         out: list[Prediction] = []
-        for idx, value in zip(self.indices[:top_k], self.values[:top_k], strict=True):
-            raw = score == "logit" or probabilities
-            s = float(value) / logit_scale if raw else float(np.exp(np.float64(value) - self.logsumexp))
+        values: list[float] = self.values[:top_k].tolist()  # float32 -> float64, exactly
+        if score == "logit" or probabilities:
+            scores = [v / logit_scale for v in values] if logit_scale != 1.0 else values
+        else:
+            lse = self.logsumexp
+            scores = [math.exp(v - lse) for v in values]
+        indices: list[int] = self.indices[:top_k].tolist()
+        if threshold is None and not labels_en:
+            return [Prediction(i, labels[i], round(s, 6)) for i, s in zip(indices, scores, strict=True)]
+        for idx, s in zip(indices, scores, strict=True):
             if threshold is not None and s < threshold:
                 break
-            english = labels_en[int(idx)] if labels_en else None
-            out.append(Prediction(int(idx), labels[int(idx)], round(s, 6), english))
+            out.append(Prediction(idx, labels[idx], round(s, 6), labels_en[idx] if labels_en else None))
         return out
 
 
@@ -136,6 +146,21 @@ def from_top(
         order = np.lexsort((idx, -row))
         result.append(TopScores(idx[order].astype(np.int32), row[order].astype(np.float32), float(lse)))
     return result
+
+
+class RecordStream(Iterator["Record"]):
+    """The records of one run, in input order; :meth:`ready`: the next one is there already (a writer
+    flushes its output when it is not)."""
+
+    def __init__(self, records: Generator[Record, None, None], ready: Callable[[], bool]) -> None:
+        self._records = records
+        self.ready = ready
+
+    def __next__(self) -> Record:
+        return next(self._records)
+
+    def close(self) -> None:
+        self._records.close()
 
 
 @dataclass(slots=True)

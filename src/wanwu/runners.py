@@ -29,6 +29,9 @@ class Runner(Protocol):
     @property
     def cache_hits(self) -> int: ...
 
+    @property
+    def unchanged(self) -> int: ...  # of the cache hits, inputs not read (the stat memo vouched for them)
+
     def recognize(self, inputs: Iterable[InputItem], record: RecordOptions | None = None) -> Iterator[Record]: ...
 
     def __enter__(self) -> Runner: ...

@@ -32,7 +32,7 @@ ItemKind = str
 """``file``, ``url``, ``bytes`` (content given), ``missing`` (an error record), ``object`` (``s3://``,
 :mod:`wanwu.objstore`), ``shard`` (a WebDataset ``.tar`` not yet read: :mod:`wanwu.shards` expands it), or a
 kind a plug-in adds with a reader of its own (:data:`wanwu.fetch.FETCHERS`)."""
-ROW_FIELDS = ("input", "kind", "locator", "error_type", "error", "meta")
+ROW_FIELDS = ("input", "kind", "locator", "error_type", "error", "meta", "stamp")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,16 +49,17 @@ class InputItem:
     error_type: ErrorType = "not_found"  # kind == "missing": why it gets an error record
     error: str = ""
     meta: dict[str, Any] | None = None  # rides along into the record (a shard sample's .json, a table's columns)
+    stamp: str | None = None  # kind == "object": size, ETag, version from the listing (wanwu.cache.memo)
 
     def with_meta(self, meta: dict[str, Any]) -> InputItem:
         return replace(self, meta=meta)
 
     def to_row(self) -> dict[str, str]:
-        """The wire form: ``input``, ``kind``, ``locator``, ``error_type``, ``error``, ``meta`` (all strings;
-        ``meta`` as JSON, empty when there is none)."""
+        """The wire form: ``input``, ``kind``, ``locator``, ``error_type``, ``error``, ``meta``, ``stamp`` (all
+        strings; ``meta`` as JSON; empty when there is none)."""
         return {"input": self.input, "kind": self.kind, "locator": self.locator,
                 "error_type": self.error_type if self.kind == "missing" else "", "error": self.error,
-                "meta": json.dumps(self.meta, ensure_ascii=False) if self.meta else ""}
+                "meta": json.dumps(self.meta, ensure_ascii=False) if self.meta else "", "stamp": self.stamp or ""}
 
     @classmethod
     def from_row(cls, row: dict[str, str], data: bytes | None = None) -> InputItem:
@@ -68,7 +69,8 @@ class InputItem:
             return cls.failed(row["input"], row.get("error", ""),
                               error_type if error_type in ERROR_TYPES else "internal")
         meta = row.get("meta")
-        return cls(row["input"], row["kind"], row.get("locator", ""), data, meta=json.loads(meta) if meta else None)
+        return cls(row["input"], row["kind"], row.get("locator", ""), data, meta=json.loads(meta) if meta else None,
+                   stamp=row.get("stamp") or None)
 
     @classmethod
     def from_bytes(cls, name: str, data: bytes) -> InputItem:

@@ -45,7 +45,8 @@ def decode_top(blob: bytes) -> TopScores:
         raise ValueError("truncated result")
     idx = np.frombuffer(blob, dtype="<u2" if width == 2 else "<i4", count=n, offset=start)
     values = np.frombuffer(blob, dtype="<f4", count=n, offset=start + n * width)
-    return TopScores(idx.astype(np.int32), values.astype(np.float32), lse)
+    # read-only views of the blob where the stored type is already the native one (no copy)
+    return TopScores(idx.astype(np.int32, copy=False), values.astype(np.float32, copy=False), lse)
 
 
 def key_blob(key: str) -> bytes:

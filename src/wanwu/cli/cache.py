@@ -6,11 +6,13 @@ import json
 import re
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any, TypeVar
 
 import click
 
 from wanwu.cache import open_cache
+from wanwu.cache.memo import MemoStats, machine_id
 from wanwu.cache.sqlite import CacheStats
 from wanwu.config import RecognizeOptions
 from wanwu.errors import UsageError
@@ -37,6 +39,14 @@ def _open(cache_path: str | None) -> Any:
     return open_cache(RecognizeOptions(cache_path=cache_path).cache_location())
 
 
+def _memo(cache_path: str | None) -> Any:
+    """The stat memo beside the cache (which inputs are unchanged since they were read), with its maintenance
+    calls (stats, prune); None for a cache that keeps none (a plug-in's)."""
+    from wanwu.unchanged import open_memo
+
+    return open_memo(RecognizeOptions(cache_path=cache_path))
+
+
 @click.group("cache")
 def command() -> None:
     """Inspect and trim the result cache (model outputs keyed by file content)."""
@@ -46,13 +56,21 @@ def command() -> None:
 @cache_path_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def stats(cache_path: str | None, as_json: bool) -> None:
-    """Entries, size on disk, age, per model/preprocessing namespace."""
+    """Entries, size on disk, age, per model/preprocessing namespace; the stat memo's size."""
     with _open(cache_path) as cache:
         result = cache.stats()
+    memo = _memo(cache_path)
+    memo_stats = None
+    if memo is not None:
+        with memo:
+            memo_stats = memo.stats()
     if as_json:
-        click.echo(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        memo_dict = asdict(memo_stats) if memo_stats is not None else None
+        click.echo(json.dumps({**result.to_dict(), "memo": memo_dict}, ensure_ascii=False, indent=2))
     else:
         click.echo(format_stats(result))
+        if memo_stats is not None:
+            click.echo(format_memo_stats(memo_stats))
 
 
 @command.command("clear")
@@ -73,11 +91,18 @@ def clear(cache_path: str | None, namespace: str | None) -> None:
 @click.option("--max-size", default=None, metavar="SIZE",
               help="Then drop the least recently used until the file is at most this big: 500MB, 2GiB.")
 def prune(cache_path: str | None, older_than: str | None, max_size: str | None) -> None:
-    """Drop old or least recently used results."""
-    if older_than is None and max_size is None:
-        raise UsageError("prune needs --older-than and/or --max-size")
+    """Drop the stat memo's entries of files that no longer exist; with --older-than / --max-size, also old or
+    least recently used results."""
     age = parse_duration(older_than) if older_than is not None else None
     size = parse_size(max_size) if max_size is not None else None
+    memo = _memo(cache_path)
+    if memo is not None:
+        with memo:
+            gone = memo.prune(machine_id())
+            click.echo(f"removed {gone:,} memo {'entry' if gone == 1 else 'entries'} of files that no longer "
+                       f"exist ({memo.stats().path})")
+    if age is None and size is None:
+        return
     with _open(cache_path) as cache:
         result = cache.prune(older_than=age, max_size=size)
         click.echo(
@@ -120,6 +145,13 @@ def format_stats(stats: CacheStats) -> str:
             f"last used {_when(ns.last_access)}"
         )
     return "\n".join(lines)
+
+
+def format_memo_stats(stats: MemoStats) -> str:
+    if not stats.exists:
+        return f"memo       {stats.path}: empty (not created yet)"
+    return (f"memo       {stats.entries:,} entries ({stats.files:,} files), {_bytes(stats.bytes_on_disk)} on disk "
+            f"({stats.path})")
 
 
 def _when(ts: int | None) -> str:

@@ -22,6 +22,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "summary": "{total} input(s): {ok} ok{failed} in {elapsed:.1f}s ({rate:.1f}/s){cached}{resumed}",
         "summary.failed": ", [red]{n} failed[/red]",
         "summary.cached": "; {n} from the cache",
+        "summary.unchanged": ", {n:,} unchanged (not read)",
         "summary.skipped": "; {n} already recorded, skipped",
         "summary.retried": " ({n} earlier error record(s) retried)",
         "summary.kept": " ([red]{n} earlier error record(s) kept[/red])",
@@ -61,6 +62,7 @@ MESSAGES: dict[str, dict[str, str]] = {
         "summary": "{total} 个输入：{ok} 个成功{failed}，用时 {elapsed:.1f} 秒（{rate:.1f} 张/秒）{cached}{resumed}",
         "summary.failed": "，[red]{n} 个失败[/red]",
         "summary.cached": "；{n} 个来自缓存",
+        "summary.unchanged": "，其中 {n:,} 个未变化（未读取）",
         "summary.skipped": "；{n} 个已有记录，跳过",
         "summary.retried": "（重做了 {n} 条先前的错误记录）",
         "summary.kept": "（[red]保留了 {n} 条先前的错误记录[/red]）",
@@ -120,6 +122,8 @@ HELP: dict[str, dict[str, str]] = {
         "batch_size": "Images per batch.",
         "workers": "Decode worker processes (-1 = one per core, 0 = decode in threads).",
         "no_cache": "Neither read nor write the result cache.",
+        "rehash": "Read every input again, even those the stat memo knows to be unchanged since they were last "
+        "read (same file, size and modification time; same ETag).",
         "cache": "Result cache: a file, or redis://HOST:PORT/DB to share one between machines (default "
                  "$WANWU_CACHE, else $WANWU_HOME/cache.sqlite3).",
         "max_pixels": "Refuse images above this many pixels (too_large).",
@@ -186,6 +190,8 @@ HELP: dict[str, dict[str, str]] = {
         "batch_size": "每批图片数。",
         "workers": "解码进程数（-1 = 每核一个，0 = 在线程中解码）。",
         "no_cache": "既不读也不写结果缓存。",
+        "rehash": "重新读取每个输入，即使状态备忘录知道它自上次读取以来没有变化"
+        "（同一文件、大小和修改时间；同一 ETag）。",
         "cache": "结果缓存：一个文件，或 redis://主机:端口/库号（多台机器共用一个）（默认 $WANWU_CACHE，"
                  "否则 $WANWU_HOME/cache.sqlite3）。",
         "max_pixels": "拒绝像素数超过此值的图片（too_large）。",

@@ -86,6 +86,7 @@ def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
         "decode_memory_mb": kw.get("decode_memory_mb"),
         "formats": tuple(name for part in kw["formats"] for name in part.split(",") if name.strip()),
         "cache_path": kw["cache_path"],
+        "rehash": kw.get("rehash", False),
         "backend": backend_options(kw),
     }
     if "batch_size" in kw:
@@ -102,6 +103,7 @@ io_options = _compose(
         help=h("workers"),
     ),
     click.option("--no-cache", is_flag=True, help=h("no_cache")),
+    click.option("--rehash", is_flag=True, help=h("rehash")),
     click.option(
         "--cache", "cache_path", metavar="PATH|URL", default=None, help=h("cache"),
     ),

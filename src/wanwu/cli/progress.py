@@ -6,12 +6,10 @@ same Console, so rows appear above the bar instead of on its line.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from wanwu.cli.messages import t
@@ -32,6 +30,7 @@ class WholeRecords:
         self._busy = False
         self._held = False
         self._previous: Any = None
+        self._writing = _Writing(self)
 
     def __enter__(self) -> WholeRecords:
         if threading.current_thread() is threading.main_thread():
@@ -49,15 +48,24 @@ class WholeRecords:
         else:
             raise KeyboardInterrupt
 
-    @contextlib.contextmanager
-    def writing(self) -> Iterator[None]:
-        self._busy = True
-        try:
-            yield
-        finally:
-            self._busy = False
-        if self._held:
-            self._held = False
+    def writing(self) -> _Writing:
+        """``with guard.writing():`` around writing and counting one record (a class, not a generator: it
+        runs once per record, tens of thousands of times a second on a rerun answered from the cache)."""
+        return self._writing
+
+
+class _Writing:
+    def __init__(self, guard: WholeRecords) -> None:
+        self.guard = guard
+
+    def __enter__(self) -> None:
+        self.guard._busy = True
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        guard = self.guard
+        guard._busy = False
+        if guard._held and exc_type is None:
+            guard._held = False
             raise KeyboardInterrupt
 
 

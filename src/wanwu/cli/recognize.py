@@ -6,9 +6,10 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import click
 
@@ -21,7 +22,7 @@ from wanwu.errors import UsageError
 from wanwu.models import resolve_model
 from wanwu.resume import ResumeState, prepare_resume, resumable_formats
 from wanwu.runners import RunnerConfig, create_runner
-from wanwu.sinks import SINKS, SinkOptions, create_sink, format_for_path
+from wanwu.sinks import SINKS, DeferredFlush, SinkOptions, create_sink, format_for_path
 from wanwu.sources import SourceOptions, count_items, expand
 
 log = logging.getLogger("wanwu")
@@ -89,7 +90,9 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
             english=bool(recognizer.spec.labels_en), console=console if shared else None,
             meta=with_meta or bool(keep),
         )
-        sink = create_sink(fmt, stream, sink_options)
+        # Records written in a burst are flushed once, when no further record is ready at once.
+        deferred = DeferredFlush(stream) if fmt in _DEFERRED_FLUSH and not shared else None
+        sink = create_sink(fmt, cast(TextIO, deferred) if deferred is not None else stream, sink_options)
         items = expand(inputs, options=sources)
         items = items if state is None else state.pending(items)
         progress = _progress(inputs, not quiet, state, console)
@@ -98,16 +101,22 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         start = time.perf_counter()
         interrupted = False
         guard = stack.enter_context(WholeRecords())
+        records = recognizer.recognize(items)
+        ready: Callable[[], bool] = getattr(records, "ready", lambda: False)
         try:
-            for record in recognizer.recognize(items):
+            for record in records:
                 with guard.writing():
                     sink.write(record)
                     counts[record.status] += 1
                     progress.advance(record.ok)
+                    if deferred is not None and not ready():
+                        deferred.flush_now()
         except KeyboardInterrupt:
             interrupted = True
         finally:
             sink.close()
+            if deferred is not None:
+                deferred.flush_now()
             progress.stop()
         if interrupted:
             earlier = _already_recorded(state)
@@ -116,7 +125,8 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
             click.echo(interrupted_message(earlier + progress.done, total, resumable), err=True)
             raise ReportedInterrupt
         if not quiet:
-            _summary(counts, time.perf_counter() - start, state, recognizer.cache_hits)
+            _summary(counts, time.perf_counter() - start, state, recognizer.cache_hits,
+                     recognizer.unchanged)
     return 3 if counts["error"] or (state is not None and state.errors_kept) else 0
 
 
@@ -144,6 +154,9 @@ def _warn_if_overwriting(output: Path) -> None:
         )
 
 
+_DEFERRED_FLUSH = ("jsonl", "json", "csv")
+
+
 def _default_format(output: Path | None) -> str:
     """By the output file's suffix (unknown: a usage error); else jsonl, or a table on a terminal."""
     if output is not None:
@@ -169,7 +182,8 @@ def _options(kw: dict[str, Any]) -> RecognizeOptions:
     return recognize_options(kw)
 
 
-def _summary(counts: dict[str, int], elapsed: float, state: ResumeState | None, cached: int) -> None:
+def _summary(counts: dict[str, int], elapsed: float, state: ResumeState | None, cached: int,
+             unchanged: int = 0) -> None:
     total = counts["ok"] + counts["error"]
     resumed = ""
     if state is not None:
@@ -181,7 +195,8 @@ def _summary(counts: dict[str, int], elapsed: float, state: ResumeState | None, 
     terminal_console().print("wanwu: " + t(
         "summary", total=total, ok=counts["ok"], elapsed=elapsed, rate=total / elapsed if elapsed > 0 else 0.0,
         failed=t("summary.failed", n=counts["error"]) if counts["error"] else "",
-        cached=t("summary.cached", n=cached) if cached else "", resumed=resumed,
+        cached=(t("summary.cached", n=cached) + (t("summary.unchanged", n=unchanged) if unchanged else ""))
+        if cached else "", resumed=resumed,
     ))
 
 

@@ -48,6 +48,7 @@ class RayRunner:
             model, Path(labels) if labels else None, label_column
         )
         self.cache_hits = 0  # records answered from the result cache, over every run of this runner
+        self.unchanged = 0  # not told apart on a cluster: what the stat memo answered is among cache_hits
         self._connected = False
         self._closed = False
         if self.ray.is_initialized():

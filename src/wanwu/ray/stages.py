@@ -51,6 +51,7 @@ from wanwu.rules import Context, Decode, Failure, fetch_item, inference_failure,
 from wanwu.sinks import dumps
 from wanwu.sources import ROW_FIELDS, InputItem, expand
 from wanwu.spec import ModelSpec
+from wanwu.unchanged import Look, Prober, open_memo, remember
 
 Batch = dict[str, npt.NDArray[Any]]
 _PER_PROCESS: dict[tuple[str, Any], Any] = {}  # one fetcher / cache per Ray worker process, reused by its tasks
@@ -66,10 +67,13 @@ def decode_batch(batch: Batch, *, context: Context, options: RecognizeOptions, d
 
     ``decode`` (a module-level function, so that it pickles) is what runs in the decode process."""
     fetcher = _fetcher(options)
+    cache = _cache(options)
     items = list(_items(batch))
-    fetched = [fetch_item(item, fetcher) for item in items]
-    shas = [f.sha256 for f in fetched if isinstance(f, Fetched)]
-    hits = look_up(_cache(options), context.namespace, shas)
+    unchanged = _Unchanged(items, options, context, cache)
+    fetched = [unchanged.fetched(i) or fetch_item(item, fetcher) for i, item in enumerate(items)]
+    unchanged.remember(fetched)
+    shas = [f.sha256 for i, f in enumerate(fetched) if isinstance(f, Fetched) and unchanged.answers[i] is None]
+    hits = {**look_up(cache, context.namespace, shas), **unchanged.hits}
     todo: dict[str, bytes] = {}  # each distinct content to decode, once
     for f in fetched:
         if isinstance(f, Fetched) and f.sha256 not in hits:
@@ -78,7 +82,8 @@ def decode_batch(batch: Batch, *, context: Context, options: RecognizeOptions, d
     if options.workers == 0:
         results = decode_each(decode, datas, context.preprocess, context.decode)
     else:
-        results = ProcessDecoder(decode, options.decode_timeout).many(datas, context.preprocess, context.decode)
+        decoder = ProcessDecoder(decode, options.decode_timeout, options.decode_address_space())
+        results = decoder.many(datas, context.preprocess, context.decode)
     decoded = dict(zip(todo, results, strict=True))
     return _rows(items, fetched, hits, decoded)
 
@@ -240,6 +245,54 @@ def _size_and_warnings(batch: Batch, i: int) -> tuple[int, int, tuple[str, ...]]
 
 def _str_or_none(value: Any) -> str | None:
     return str(value) if value else None
+
+
+class _Unchanged:
+    """The stat memo of this node for one batch: inputs it vouches for (local files, objects) are answered from
+    the cache unread; what the batch read is remembered. (URLs are not revalidated here: they are read.)"""
+
+    def __init__(self, items: list[InputItem], options: RecognizeOptions, context: Context,
+                 cache: ResultCache | None) -> None:
+        self.prober = _prober(options) if cache is not None else None
+        self.answers: list[tuple[str, CachedResult] | None] = [None] * len(items)
+        self.looks: list[Look | None] = [None] * len(items)
+        self.hits: dict[str, CachedResult] = {}
+        if self.prober is None:
+            return
+        # rows that came with their bytes (read_binary_files, shard samples) are not looked up: read already
+        probed = self.prober.probe(items, cache, context.namespace)
+        self.looks = [look if look is not None and look.stamp is not None else None for look in probed.looks]
+        for i in range(len(items)):
+            found = self.answers[i] = probed.answer(i)
+            if found is not None:
+                self.hits[found[0]] = found[1]
+
+    def fetched(self, i: int) -> Fetched | None:
+        """Item ``i`` as if read, when the memo vouches for it (no bytes: its result is among :attr:`hits`)."""
+        found = self.answers[i]
+        return None if found is None else Fetched(b"", found[0])
+
+    def remember(self, fetched: list[Fetched | Failure]) -> None:
+        if self.prober is None:
+            return
+        entries = []
+        for look, answer, outcome in zip(self.looks, self.answers, fetched, strict=True):
+            if look is None or answer is not None or not isinstance(outcome, Fetched):
+                continue
+            entry = remember(look, outcome)
+            if entry is not None:
+                entries.append(entry)
+        self.prober.memo.put_many(entries)
+
+
+def _prober(options: RecognizeOptions) -> Prober | None:
+    """The stat memo beside ``options``' cache on this node, opened once per process."""
+    key = ("memo", (options.cache_location(), options.rehash, options.max_bytes))
+    if key not in _PER_PROCESS:
+        memo = open_memo(options)
+        _PER_PROCESS[key] = None if memo is None else Prober(memo, rehash=options.rehash, max_bytes=options.max_bytes)
+    prober: Prober | None = _PER_PROCESS[key]
+    return prober
 
 
 def _fetcher(options: RecognizeOptions) -> Fetcher:

@@ -29,6 +29,7 @@ from wanwu.fetch import Fetched, Fetcher
 from wanwu.service.contract import ApiError
 
 if TYPE_CHECKING:
+    from wanwu.cache.memo import Remembered
     from wanwu.sources import InputItem
 
 MB = 1024 * 1024
@@ -177,9 +178,9 @@ class BudgetedFetcher(Fetcher):
         super().__init__(max_bytes, timeout, allow_private)
         self.downloads = downloads
 
-    def fetch(self, item: InputItem) -> Fetched:
+    def fetch(self, item: InputItem, known: Remembered | None = None) -> Fetched:
         with self.downloads.counting(item):
-            return super().fetch(item)
+            return super().fetch(item, known)
 
     def downloaded(self, n: int) -> None:
         self.downloads.take(n)
