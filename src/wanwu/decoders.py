@@ -89,6 +89,37 @@ class DecodePool:
         # deadline names its task exactly.
         self._quarantine = DecodeProcesses(1, name="wanwu-quarantine") if workers > 0 else None
 
+    @property
+    def started(self) -> bool:
+        """The workers were asked for (by :meth:`start` or a task): later runs use them, however short."""
+        return self._pool is not None
+
+    def start(self) -> None:
+        """Start every worker now, in the background (a server, or a run known to be long, while its model
+        loads); otherwise each starts with its first task."""
+        pool = self.get()
+        if isinstance(pool, DecodeProcesses):
+            with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing to start
+                for _ in range(self.workers):
+                    pool.submit(int)
+
+    def submit_here(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on a thread of this process, started for it: what a run of a few files does
+        instead of starting worker processes (which costs more than decoding them). The thread is a daemon:
+        it cannot be stopped, and it never keeps the process from exiting."""
+        future: Future[Any] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:
+                future.set_exception(e)
+
+        threading.Thread(target=run, name="wanwu-decode-here", daemon=True).start()
+        return future
+
     def get(self) -> Executor:
         with self._lock:
             if self._pool is None:

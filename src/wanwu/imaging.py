@@ -204,7 +204,7 @@ def _open(data: bytes, options: DecodeOptions) -> Image.Image:
         raise DecodeError("empty file")
     max_pixels = options.max_pixels
     formats = options.formats
-    if "HEIF" in formats and not _heif_ready():
+    if "HEIF" in formats and not (data[4:8] == b"ftyp" and _heif_ready()):  # pillow-heif: imported for HEIF
         formats = tuple(f for f in formats if f != "HEIF")
     try:
         with warnings.catch_warnings():

@@ -24,7 +24,6 @@ runs: its fetch threads, decode processes, quarantine and cache are shared and t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import queue
@@ -32,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,11 @@ from wanwu.spec import ModelSpec
 log = logging.getLogger("wanwu")
 InputLike = str | Path | InputItem
 FROM_OPTIONS: Any = object()  # the result cache that ``options`` names (none with ``options.cache`` off)
+# A run of at most this many inputs (all known before its first decode) decodes its JPEG and PNG files in
+# threads of this process when the decode processes are not running and -j was left to wanwu: starting them
+# costs more than such a run (a one-photo ``wanwu recognize`` would spend most of its time on it).
+SHORT_RUN = 4
+_DECODED_HERE = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: the formats a short run decodes here
 
 
 class Recognizer:
@@ -75,18 +79,20 @@ class Recognizer:
         cache: ResultCache | None = FROM_OPTIONS,
         inference: Inference | None = None,
         on_cache_hit: Callable[[], None] | None = None,
+        start_decoders: bool = False,
     ) -> None:
         """``engine``: an already loaded model (else ``model`` + ``labels`` are loaded). ``inference``: where
         prepared crops go (default: batches on the engine). ``on_cache_hit``: told of every result served
-        from the cache (metrics)."""
+        from the cache (metrics). ``start_decoders``: start the decode processes now, while the model loads
+        (a server, a queue worker, a run known to be long); otherwise the first run of more than
+        :data:`SHORT_RUN` inputs starts them, and shorter runs decode in this process."""
         self.options = options or RecognizeOptions()
         self._fetch_pool: ThreadPoolExecutor | None = None
         self._url_pool: ThreadPoolExecutor | None = None  # downloads apart: slow URLs never stall file reads
         self._lock = threading.Lock()
         self.decoders = DecodePool(self.options.decode_workers, max(1, min(4, self.options.fetch_threads)))
-        if engine is None and self.options.decode_workers > 0:
-            # Start the decode processes while the model loads: both take a few hundred milliseconds.
-            threading.Thread(target=self._warm_decoders, args=(self.decoders.get(),), daemon=True).start()
+        if start_decoders and self.options.decode_workers > 0:
+            self.decoders.start()  # while the model loads: both take a few hundred milliseconds
         label_path = Path(labels) if labels is not None else None
         try:
             self.engine = engine or Engine.load(
@@ -147,11 +153,6 @@ class Recognizer:
             if self._url_pool is None:
                 self._url_pool = ThreadPoolExecutor(self.options.fetch_threads, thread_name_prefix="wanwu-url")
             return self._url_pool
-
-    def _warm_decoders(self, pool: Executor) -> None:
-        with contextlib.suppress(RuntimeError):  # closed before the warm-up got going: nothing to warm
-            for _ in range(self.options.decode_workers):
-                pool.submit(int)
 
     def close(self) -> None:
         with self._lock:
@@ -237,6 +238,8 @@ class _Run:
         self.pending_infer = 0
         self.streams = self.inference.in_flight
         self.exhausted = False
+        self.seen = 0  # inputs taken from ``items`` so far
+        self.here: bool | None = None  # a short run, decoding in this process (decided at its first decode)
         self.workers = max(1, self.opts.decode_workers)
         # Several images per task amortize a process round trip; threads need none, and a task of one image
         # is what a deadline can give up on without taking its neighbours along (a thread cannot be stopped).
@@ -312,6 +315,7 @@ class _Run:
                 self.exhausted = True
                 break
             slot = _Slot(item)
+            self.seen += 1
             self.window.append(slot)
             if item.kind == "missing":
                 slot.record = Record.failure(item.input, item.error_type, item.error)
@@ -333,19 +337,33 @@ class _Run:
             )
             future.add_done_callback(self._notify("decode", [slot]))
         while self.to_decode and self.pending_decode < self.max_decode:
+            if self._short() and (self.to_decode[0].data or b"").startswith(_DECODED_HERE):
+                self._submit_decode([self.to_decode.popleft()], here=True)
+                continue
             # Several images per task when many wait: each round trip to a worker process costs CPU on both
             # sides (pickling, waking a thread and a process).
             size = max(1, min(self.chunk, len(self.to_decode) // self.workers))
             self._submit_decode([self.to_decode.popleft() for _ in range(size)])
 
-    def _submit_decode(self, slots: list[_Slot]) -> None:
+    def _short(self) -> bool:
+        """This run decodes its JPEG and PNG files in this process (see :data:`SHORT_RUN`)."""
+        if self.here is None:
+            self.here = (self.opts.workers == -1 and self.exhausted and self.seen <= SHORT_RUN
+                         and not self.rec.decoders.started)
+        return self.here
+
+    def _submit_decode(self, slots: list[_Slot], here: bool = False) -> None:
         self.pending_decode += len(slots)
         datas = [s.data or b"" for s in slots]
-        future = self.rec.decoders.submit(
-            self.decode, datas, self.preprocess, self.decode_options, timeout=self.timeout * len(slots)
-        )
-        if not self.rec.decoders.stoppable:  # a thread: give up on it at its deadline (it may wait behind one)
-            self.decoding[future] = (time.monotonic() + self.timeout * (len(slots) + self.chunk), slots)
+        if here:
+            future = self.rec.decoders.submit_here(self.decode, datas, self.preprocess, self.decode_options)
+        else:
+            future = self.rec.decoders.submit(
+                self.decode, datas, self.preprocess, self.decode_options, timeout=self.timeout * len(slots)
+            )
+        if here or not self.rec.decoders.stoppable:  # a thread: give up on it at its deadline
+            queued = 0 if here else self.chunk  # a pool's thread may first finish the task before it
+            self.decoding[future] = (time.monotonic() + self.timeout * (len(slots) + queued), slots)
         future.add_done_callback(lambda f: self.events.put(("decode", slots, f)))
 
     def _notify(self, kind: str, subject: _Slot | list[_Slot]) -> Callable[[Future[Any]], None]:

@@ -66,7 +66,7 @@ def command(queue_url: str | None, allow_roots: tuple[Path, ...], lease: float |
     _on_signals(stop)
     with closing(open_queue(queue_url)) as queue, \
             Recognizer(kw["model"], labels=kw["labels"], label_column=kw["label_column"],
-                       options=options) as recognizer:
+                       options=options, start_decoders=True) as recognizer:
         log.info("%s", t("worker.start", worker=worker_id, model=recognizer.spec.name, queue=queue.url))
         stats = run_worker(queue, recognizer, config, stop)
     log.info("%s", t("worker.stop", worker=worker_id, tasks=stats.tasks, records=stats.records))

@@ -70,7 +70,7 @@ class Runtime:
         )
         self.recognizer = Recognizer(
             options=config.options, engine=engine, cache=cache,
-            inference=BatcherInference(self.batcher, loop), on_cache_hit=on_cache_hit,
+            inference=BatcherInference(self.batcher, loop), on_cache_hit=on_cache_hit, start_decoders=True,
         )
         # One thread per request in progress: each runs the orchestrator's loop for its own inputs.
         self._requests = ThreadPoolExecutor(config.max_requests, thread_name_prefix="wanwu-request")
@@ -130,7 +130,7 @@ class Runtime:
             engine = Engine(spec, relabel(spec), self.config.max_batch_size)
             # Decoding stays crash-isolated (one worker process) unless the operator chose threads (-j 0).
             options = replace(self.config.options, workers=0 if self.config.options.workers == 0 else 1)
-            label_set = _LabelSet(Recognizer(options=options, engine=engine, cache=None), users=1)
+            label_set = _LabelSet(Recognizer(options=options, engine=engine, cache=None, start_decoders=True), users=1)
             self._label_sets[labels] = label_set
             if len(self._label_sets) > LABEL_SETS:
                 _, evicted = self._label_sets.popitem(last=False)
