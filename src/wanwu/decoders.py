@@ -215,6 +215,15 @@ class DecodeProcess:
             self._process.start()
             theirs.close()
             self._conn = ours
+            # A deadline counts from when the task starts, not from when the process does (on a loaded
+            # machine, starting one can take longer than a short --decode-timeout): wait until it is ready.
+            try:
+                ready = ours.poll(START_TIMEOUT_S) and ours.recv() == _READY
+            except (OSError, EOFError):
+                ready = False
+            if not ready:
+                self.close()
+                raise BrokenProcessPool("the decode process did not start")
         return self._conn
 
     def kill(self) -> None:
@@ -238,6 +247,7 @@ class DecodeProcess:
 def _serve(conn: Any, owner: int) -> None:
     """The loop of a :class:`DecodeProcess`: call, answer ``(True, result)`` or ``(False, "Type: message")``."""
     _worker_init(owner)
+    conn.send(_READY)
     while True:
         try:
             fn, args = conn.recv()
@@ -249,6 +259,9 @@ def _serve(conn: Any, owner: int) -> None:
             answer = (False, f"{type(e).__name__}: {e}")
         conn.send(answer)
 
+
+_READY = "ready"  # what a decode process says once it can take tasks
+START_TIMEOUT_S = 120.0  # a decode process not ready by then is taken for dead
 
 CRASHED = "the decoder process crashed on this file"  # the record's message, whichever runner decoded it
 

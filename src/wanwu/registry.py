@@ -161,8 +161,9 @@ def _installed_entry_points(path: tuple[str, ...]) -> dict[str, list[tuple[str, 
     CPU, as much as the rest of a one-photo run's own work), so the result is also kept in
     ``$WANWU_HOME/entry-points.json``, stamped with the modification time of every ``sys.path`` folder that
     holds installed distributions: installing, upgrading or removing a package changes its folder's time, and
-    the next run reads afresh. (Folders without any, such as a script's own, change too often to count.)"""
-    stamp = [[entry, _stamp(entry)] for entry in path]
+    the next run reads afresh. (Folders without any, such as a script's own or the current one, change too
+    often to count, and are left out.)"""
+    stamp = [[entry, time] for entry in path if (time := _stamp(entry)) != 0]
     memo = wanwu_home() / "entry-points.json"
     try:
         saved = json.loads(memo.read_text(encoding="utf-8"))
