@@ -117,6 +117,11 @@ class Recognizer:
             self.engine.close()
             raise
         self.fetcher = Fetcher(self.options.max_bytes, self.options.fetch_timeout, self.options.allow_private_urls)
+        # What every run decodes and caches by, worked out once rather than per run (a service request is a run)
+        self.preprocess = self.options.decode_spec(self.engine.spec.preprocess)
+        # results depend on how images were decoded (--full-decode): the cache key says so
+        self.namespace = self.options.cache_namespace(self.engine.spec)
+        self.decode_options = self.options.decode_options()
 
     @property
     def spec(self) -> ModelSpec:
@@ -185,6 +190,16 @@ def open_cache(options: RecognizeOptions) -> ResultCache:
     return SqliteCache(options.resolved_cache_path())
 
 
+def _completed(fn: Callable[[InputItem], Fetched], item: InputItem) -> Future[Fetched]:
+    """``fn(item)`` run here, as a finished future (what a fetch thread would have handed back)."""
+    future: Future[Fetched] = Future()
+    try:
+        future.set_result(fn(item))
+    except Exception as e:
+        future.set_exception(e)
+    return future
+
+
 def _items(inputs: Iterable[InputLike]) -> Iterator[InputItem]:
     for value in inputs:
         if isinstance(value, InputItem):
@@ -218,10 +233,7 @@ class _Run:
         self.inference = rec.inference
         self.opts = rec.options
         self.record_options = record
-        self.preprocess = self.opts.decode_spec(rec.engine.spec.preprocess)
-        # results depend on how images were decoded (--full-decode): the cache key says so
-        self.namespace = self.opts.cache_namespace(rec.engine.spec)
-        self.decode_options = self.opts.decode_options()
+        self.preprocess, self.namespace, self.decode_options = rec.preprocess, rec.namespace, rec.decode_options
         self.timeout = self.opts.decode_timeout
         self.decoding: dict[Future[Any], tuple[float, list[_Slot]]] = {}  # deadline, slots
         self.abandoned: set[Future[Any]] = set()
@@ -319,6 +331,9 @@ class _Run:
             self.window.append(slot)
             if item.kind == "missing":
                 slot.record = Record.failure(item.input, item.error_type, item.error)
+                continue
+            if item.kind == "bytes":  # in memory already (an upload): hashing it costs less than a thread hop
+                self._fetched(slot, _completed(self.rec.fetcher.fetch, item))
                 continue
             pool = self.rec.url_pool() if item.kind == "url" else (pool or self.rec.fetch_pool())
             self.pending_fetch += 1
