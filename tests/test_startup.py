@@ -197,3 +197,72 @@ def test_a_phone_photo_is_decoded_at_an_eighth(photos: Path) -> None:
     assert eighth.size == (504, 378)
     np.testing.assert_array_equal(got.pixels, _resize_crop(_to_rgb(eighth), spec))
     assert (got.width, got.height) == (4032, 3024)
+
+
+# --- the service's one-file upload ------------------------------------------------------------------------------
+
+
+def _parsed(body: bytes, content_type: str) -> tuple[list[tuple[str, bytes]], int | None, Any]:
+    """What /v1/recognize takes from a multipart body: (name, bytes) per input, top_k and labels."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from wanwu.service.config import ServeConfig
+    from wanwu.service.requests import _parse_multipart
+
+    async def parse() -> Any:
+        chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)] or [b""]
+
+        async def receive() -> dict[str, Any]:
+            chunk = chunks.pop(0) if chunks else b""
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+        scope = {"type": "http", "method": "POST", "headers": [(b"content-type", content_type.encode("latin-1"))]}
+        return await _parse_multipart(Request(scope, receive), ServeConfig())
+
+    parsed = asyncio.run(parse())
+    return [(i.input, i.data or b"") for i in parsed.items], parsed.top_k, parsed.labels
+
+
+def _general(body: bytes, content_type: str) -> tuple[list[tuple[str, bytes]], int | None, Any]:
+    """The same through the general multipart parser only (the one-file path turned off)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("wanwu.service.requests._one_file", lambda body, boundary: None)
+        return _parsed(body, content_type)
+
+
+@pytest.mark.parametrize("case", ["one", "named", "two", "top_k", "chinese name", "quote in name", "no type"])
+def test_a_one_file_upload_reads_as_the_multipart_parser_reads_it(case: str) -> None:
+    import httpx
+
+    photo, other = image_bytes(), image_bytes((10, 200, 40), fmt="PNG")
+    files: Any = {
+        "one": [("files", ("a.jpg", photo, "image/jpeg"))],
+        "named": [("files", ("my photo (1).jpg", photo, "image/jpeg"))],
+        "two": [("files", ("a.jpg", photo, "image/jpeg")), ("files", ("b.png", other, "image/png"))],
+        "top_k": [("files", ("a.jpg", photo, "image/jpeg"))],
+        "chinese name": [("files", ("照片.jpg", photo, "image/jpeg"))],
+        "quote in name": [("files", ('a"b.jpg', photo, "image/jpeg"))],
+        "no type": [("files", ("a.jpg", photo, None))],
+    }[case]
+    data = {"top_k": "3"} if case == "top_k" else None
+    request = httpx.Request("POST", "http://x/v1/recognize", files=files, data=data)
+    body, content_type = request.read(), request.headers["content-type"]
+    assert _parsed(body, content_type) == _general(body, content_type)
+    assert _parsed(body, content_type)[0][0][1] == photo
+    from wanwu.service.requests import _boundary, _one_file
+
+    boundary = _boundary(content_type)
+    taken = boundary is not None and _one_file(body, boundary) is not None
+    assert taken == (case not in ("two", "top_k", "chinese name"))  # the common upload takes the short way
+
+
+def test_a_file_holding_its_own_boundary_is_left_to_the_multipart_parser() -> None:
+    inner = b"\xff\xd8 data \r\n--XYZ\r\n more"
+    body = (b'--XYZ\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n' + inner
+            + b"\r\n--XYZ--\r\n")
+    from wanwu.service.requests import _one_file
+
+    assert _one_file(body, b"XYZ") is None
+    assert _one_file(body.replace(inner, b"\xff\xd8 plain"), b"XYZ") == ("a.jpg", b"\xff\xd8 plain")
