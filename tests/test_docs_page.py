@@ -49,6 +49,8 @@ def test_docs_lists_every_operation_offline(tiny_model: tuple[Path, Path], tmp_p
                         route.abort()  # type: ignore[attr-defined]
 
                 page.route("**/*", only_local)
+                refused: list[str] = []  # what the page's Content-Security-Policy blocked
+                page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
                 page.goto(f"{base}/docs")
                 page.wait_for_selector(".opblock", timeout=30_000)
                 listed = sorted(page.evaluate(_OPERATIONS_JS))
@@ -61,3 +63,4 @@ def test_docs_lists_every_operation_offline(tiny_model: tuple[Path, Path], tmp_p
     assert "valid version field" not in text and "Unable to render" not in text
     assert authorize == 1  # the API-key schemes are shown
     assert outside == []
+    assert refused == []

@@ -1,4 +1,6 @@
-"""Schemathesis (an external API fuzzer) against a live server: every operation, every phase, every check.
+"""Schemathesis (an external API fuzzer) against a live server: every operation, every phase (the stateful one
+included: chains of calls following the links it infers, e.g. submit a job then read, cancel, delete it), every
+check.
 
 The run is bounded for CI: ``--max-examples 10`` per operation and phase, one worker, a fixed seed
 (about 500 requests, ~20 s here). Zero failures means the OpenAPI document is complete and truthful (every
@@ -32,6 +34,7 @@ def test_schemathesis_finds_nothing(tiny_model: tuple[Path, Path], tmp_path: Pat
     with uvicorn_in_thread(create_app(config, cache=None)) as base:
         run = subprocess.run(
             [*command, "run", f"{base}/openapi.json", "--checks", "all", "-H", "X-API-Key: test-key",
+             "--phases", "examples,coverage,fuzzing,stateful",  # stateful: sequences over the jobs' links
              "--max-examples", "10", "--workers", "1", "--seed", "1", "--no-color",
              "--report-dir", str(tmp_path / "reports")],
             capture_output=True, text=True, timeout=240, cwd=tmp_path,
@@ -39,4 +42,5 @@ def test_schemathesis_finds_nothing(tiny_model: tuple[Path, Path], tmp_path: Pat
     summary = run.stdout[-6000:] + run.stderr[-2000:]
     assert run.returncode == 0, summary
     assert "Tested: 10" in run.stdout, summary  # every operation was exercised (jobs API included)
+    assert "✅ Stateful" in run.stdout and "API Links" in run.stdout, summary  # the stateful phase ran
     assert "No issues found" in run.stdout or "passed" in run.stdout, summary

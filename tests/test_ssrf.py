@@ -167,6 +167,33 @@ def test_dns_is_resolved_once_and_the_vetted_address_is_used(monkeypatch: pytest
     assert public_hits == ["/a.jpg"] and private_hits == []
 
 
+def test_an_unresolvable_host_answers_like_a_private_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller must not tell an internal DNS name (it resolves, to a private address) from a name that does
+    not exist: both answer the same words. With private URLs allowed (the operator's own network), the
+    message says what happened."""
+    real = socket.getaddrinfo
+
+    def internal_dns(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "intranet.corp.example":
+            return real("10.1.2.3", *args, **kwargs)
+        if host in ("nothing.corp.example", "empty.corp.example"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", internal_dns)
+    fetcher, opted_in = Fetcher(timeout=5), Fetcher(timeout=5, allow_private=True)
+    try:
+        internal = _fetch_error(fetcher, "http://intranet.corp.example/a.jpg")
+        missing = _fetch_error(fetcher, "http://nothing.corp.example/a.jpg")
+        told = _fetch_error(opted_in, "http://nothing.corp.example/a.jpg")
+    finally:
+        fetcher.close()
+        opted_in.close()
+    assert str(internal) == str(missing) == REFUSED_MESSAGE
+    assert internal.type == missing.type == "fetch_error"
+    assert "cannot resolve" in str(told)
+
+
 def test_the_fetch_deadline_is_total_not_per_read() -> None:
     """The server sends a byte every 0.2 s (200 bytes, 40 s): no single read waits 1 s, the whole does."""
     with site() as (base, hits):

@@ -115,12 +115,12 @@ _GLYPHS_JS = """
 
 
 def _wait_for_cards(page: Any, count: int) -> None:
-    """Until the page shows ``count`` result cards, none of them still pending."""
-    page.wait_for_function(
-        f"document.querySelectorAll('.card').length === {count} && "
-        "!document.querySelector('.card[data-status=pending]')",
-        timeout=60_000,
-    )
+    """Until the page shows ``count`` result cards, none of them still pending. (Locators, not a predicate
+    string: the page's Content-Security-Policy forbids evaluating strings as script, and rightly.)"""
+    from playwright.sync_api import expect
+
+    expect(page.locator(".card")).to_have_count(count, timeout=60_000)
+    expect(page.locator(".card[data-status=pending]")).to_have_count(0, timeout=60_000)
 
 
 def test_upload_two_photos_and_a_text_file(server: str, photos: Path, tmp_path: Path) -> None:
@@ -143,6 +143,8 @@ def test_upload_two_photos_and_a_text_file(server: str, photos: Path, tmp_path: 
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+            refused: list[str] = []  # what the page's Content-Security-Policy blocked: nothing may be
+            page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
             page.goto(server + "/")
             assert page.title() == "万物识别"
             assert "将图片拖放到这里" in page.inner_text("#drop-zone")
@@ -161,6 +163,7 @@ def test_upload_two_photos_and_a_text_file(server: str, photos: Path, tmp_path: 
             browser.close()
 
     assert not labels_box_shown
+    assert refused == []
     assert [s["name"] for s in shown] == [p.name for p in uploads]
     assert [s["status"] for s in shown] == ["ok", "ok", "error"]
     for card, record in zip(shown[:2], expected[:2], strict=True):

@@ -99,6 +99,7 @@ class Fetcher:
                 for chunk in response.iter_bytes():
                     size += len(chunk)
                     self._check_size(size)
+                    self.downloaded(len(chunk))
                     chunks.append(chunk)
                 return b"".join(chunks)
         except InputError:
@@ -107,6 +108,10 @@ class Fetcher:
             raise FetchError(f"timed out after {self.timeout:g}s fetching {url}") from None
         except httpx.HTTPError as e:
             raise FetchError(f"cannot fetch {url}: {type(e).__name__}: {e}") from None
+
+    def downloaded(self, n: int) -> None:
+        """Told of each chunk a download receives, as it arrives (a seam for byte budgets: the service counts
+        downloads against its in-flight bytes). Raising an InputError stops that download."""
 
     def _http(self) -> httpx.Client:
         from wanwu.netguard import guarded_client

@@ -29,7 +29,7 @@ from wanwu.errors import FetchError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 REFUSED_MESSAGE = (
-    "refused: the URL's host is not a public internet address (the server only fetches public URLs)"
+    "refused: the URL's host does not resolve to a public internet address (the server only fetches public URLs)"
 )
 
 
@@ -126,14 +126,20 @@ class GuardedBackend(httpcore.NetworkBackend):
         self._sync = httpcore.SyncBackend()
 
     def resolve(self, host: str, port: int) -> list[str]:
+        """The host's addresses, all vetted. Without ``allow_private``, a host that does not resolve gets the
+        same answer as one that resolves to a private address: callers cannot probe internal DNS names."""
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as e:
+            if not self.allow_private:
+                raise RefusedAddressError() from None
             raise httpcore.ConnectError(f"cannot resolve the host: {e}") from None
         addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         if not self.allow_private and not all(is_public(ipaddress.ip_address(a.split("%")[0])) for a in addresses):
             raise RefusedAddressError()  # one bad answer refuses the host: no racing good and bad records
         if not addresses:
+            if not self.allow_private:
+                raise RefusedAddressError()
             raise httpcore.ConnectError("the host has no address")
         return addresses
 

@@ -27,8 +27,12 @@ from wanwu.service.config import ServeConfig
 @click.option("--max-upload-mb", type=float, default=50.0, show_default=True,
               help="Largest request body, in MB (413 above it).")
 @click.option("--max-inflight-mb", type=float, default=0.0,
-              help="Request bytes held at once, all requests together (503 + Retry-After beyond; "
-              "default 4 × --max-upload-mb).")
+              help="Request body and URL download bytes held at once, all requests together (503 + "
+              "Retry-After, or an error record for a URL, beyond it; default 4 × --max-upload-mb).")
+@click.option("--body-timeout", type=float, default=20.0, show_default=True, metavar="S",
+              help="Seconds a request body may take, plus one per --min-upload-rate KB received (408 beyond).")
+@click.option("--min-upload-rate", type=float, default=64.0, show_default=True, metavar="KB",
+              help="Slowest upload kept, in KB per second on average once --body-timeout has passed.")
 @click.option("--max-files", type=int, default=64, show_default=True, help="Most images in one request.")
 @click.option("--api-key", "api_keys", multiple=True, envvar="WANWU_API_KEYS", metavar="KEY",
               help="Require this key (Authorization: Bearer KEY or X-API-Key); repeatable. "
@@ -123,6 +127,8 @@ def _config(host: str, port: int, kw: dict[str, Any]) -> ServeConfig:
         max_upload_mb=kw["max_upload_mb"],
         max_files=kw["max_files"],
         max_inflight_mb=kw["max_inflight_mb"],
+        body_timeout_s=kw["body_timeout"],
+        min_upload_kb_s=kw["min_upload_rate"],
         api_keys=tuple(kw["api_keys"]),
         queue=kw["queue"],
         allow_urls=not kw["no_urls"],

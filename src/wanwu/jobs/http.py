@@ -13,7 +13,6 @@ Paths are only ever read by workers, and only under their ``--allow-root`` folde
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations at runtime, and
 # they name classes imported inside router() (fastapi is an optional extra).
 import io
-import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -88,8 +87,8 @@ def router(queue: JobQueue | str | None = None, *, max_upload_bytes: int = DEFAU
         try:
             if request.headers.get("content-type", "").startswith("multipart/form-data"):
                 spec = await _multipart_spec(request, max_upload_bytes)
-            else:
-                spec = _json_spec(await _json_body(request))
+            else:  # a body of a million inputs takes seconds to check: off the event loop
+                spec = await run_in_threadpool(_json_spec, await _json_body(request))
             job_id = await run_in_threadpool(q.submit, spec)
             status = await run_in_threadpool(q.status, job_id)
         except (UsageError, QueueError) as e:
@@ -160,10 +159,9 @@ def _drain(buffer: io.StringIO) -> str:
 
 
 async def _json_body(request: Any) -> dict[str, Any]:
-    try:
-        body = json.loads(await request.body() or b"null")
-    except ValueError as e:
-        raise UsageError(f"request body is not JSON: {e}") from None
+    from wanwu.service.guard import read_json  # 400 for bad JSON, a NUL or lone surrogate, absurd nesting
+
+    body = await read_json(request)
     if not isinstance(body, dict):
         raise UsageError('send a JSON object like {"inputs": ["https://…/a.jpg"], "top_k": 5}, '
                          "or multipart form data with files")
@@ -210,7 +208,10 @@ def _json_spec(body: dict[str, Any]) -> JobSpec:
 
 
 async def _multipart_spec(request: Any, max_bytes: int) -> JobSpec:
+    from wanwu.service.guard import check_form
+
     async with request.form() as form:  # closes the spooled upload files
+        check_form(form)  # 400 for a NUL or lone surrogate in a field or a file name
         inputs: list[JobInput] = [JobInput.parse(str(i)) for i in form.getlist("inputs")]
         for upload in form.getlist("files"):
             if isinstance(upload, str):

@@ -7,7 +7,11 @@
   ``{"images": [base64, ...]}``; answers ``{"results": [record, ...]}`` in request order;
 * ``GET /v1/models``, ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus), ``/openapi.json``,
   ``/docs`` (Swagger UI served locally);
-* ``GET /`` — the 万物识别 web page (``wanwu/web``, no CDN).
+* ``GET /`` — the 万物识别 web page (``wanwu/web``, no CDN). No ``/redoc`` (it needs a CDN).
+
+Before any route: security headers (``headers.py``), NUL/surrogate checks of the URL (``guard.py``), and the
+body limits, minimum upload rate and in-flight byte budget (``bodies.py``); any unexpected exception still
+answers the JSON error body (500 ``internal``).
 """
 
 from __future__ import annotations
@@ -32,18 +36,20 @@ from wanwu.cache import ResultCache
 from wanwu.errors import UsageError
 from wanwu.pipeline import FROM_OPTIONS
 from wanwu.service.batcher import QueueFullError
+from wanwu.service.bodies import MB, BodyLimitMiddleware, ByteBudget
 from wanwu.service.config import ServeConfig
-from wanwu.service.contract import allowed_methods, errors, install_openapi, json_body_schema
-from wanwu.service.metrics import MetricsMiddleware, ServiceMetrics
-from wanwu.service.requests import (
+from wanwu.service.contract import (
     ApiError,
-    BodyLimitMiddleware,
-    RecognizeJson,
-    api_key_dependency,
+    allowed_methods,
     error_response,
-    json_error_body,
-    parse_recognize,
+    errors,
+    install_openapi,
+    json_body_schema,
 )
+from wanwu.service.guard import TextGuardMiddleware
+from wanwu.service.headers import PAGE_CSP, SecurityHeadersMiddleware, docs_csp
+from wanwu.service.metrics import MetricsMiddleware, ServiceMetrics
+from wanwu.service.requests import RecognizeJson, api_key_dependency, json_error_body, parse_recognize
 from wanwu.service.runtime import EngineFactory, Runtime, default_engine_factory
 
 log = logging.getLogger("wanwu")
@@ -76,6 +82,7 @@ def create_app(
     """``cache``: a ResultCache to use, ``None`` for none; by default the one ``config.options`` names."""
     metrics = ServiceMetrics()
     state = ServiceState(config, metrics)
+    budget = ByteBudget(int(config.inflight_mb * MB), observe=metrics.body_bytes.set)  # bodies and downloads
     factory = engine_factory or default_engine_factory(config)
 
     async def load() -> None:
@@ -83,7 +90,7 @@ def create_app(
         try:
             engine = await asyncio.to_thread(factory)
             runtime = await asyncio.to_thread(
-                Runtime, config, engine, cache, metrics, loop, metrics.cache_hits.inc
+                Runtime, config, engine, cache, metrics, loop, metrics.cache_hits.inc, budget
             )
         except Exception as e:
             state.load_error = f"{type(e).__name__}: {e}"
@@ -117,11 +124,15 @@ def create_app(
         "`wanwu recognize --format jsonl`.",
         lifespan=lifespan,
         docs_url=None,  # served below from local assets
+        redoc_url=None,  # ReDoc would load its script from a CDN: /docs is the one documentation page
     )
     app.state.wanwu = state
-    app.add_middleware(BodyLimitMiddleware, limit_mb=config.max_upload_mb, inflight_mb=config.inflight_mb,
-                       retry_after_s=config.retry_after_s, observe=metrics.body_bytes.set)
+    app.add_middleware(BodyLimitMiddleware, limit_mb=config.max_upload_mb, budget=budget,
+                       retry_after_s=config.retry_after_s, body_timeout_s=config.body_timeout_s,
+                       min_rate=config.min_upload_kb_s * 1024)
+    app.add_middleware(TextGuardMiddleware)  # 400 for a NUL in the path or query, before any route sees it
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(SecurityHeadersMiddleware)
     _add_error_handlers(app)
     guard = [Depends(api_key_dependency(config.api_keys))] if config.api_keys else []
     if config.queue:
@@ -144,12 +155,15 @@ def _add_docs(app: FastAPI) -> None:
     assets = resources.files("fastapi_offline").joinpath("static")
     app.mount("/docs-assets", StaticFiles(directory=str(assets)), name="docs-assets")
 
+    page = bytes(get_swagger_ui_html(
+        openapi_url=openapi_url, title=title, swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+        swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon.png",
+    ).body).decode()
+    headers = {"Content-Security-Policy": docs_csp(page)}
+
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url=openapi_url, title=title, swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-            swagger_css_url="/docs-assets/swagger-ui.css", swagger_favicon_url="/docs-assets/favicon.png",
-        )
+        return HTMLResponse(page, headers=headers)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -172,7 +186,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
         return error_response(422, "invalid_request", message or str(exc))
 
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        # Starlette logs the exception after this; the caller gets the API's JSON error, not a text/plain page.
+        return error_response(500, "internal", f"an internal error: {type(exc).__name__}")
+
     app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
 
@@ -289,4 +308,4 @@ def _add_routes(app: FastAPI, state: ServiceState, guard: list[Any]) -> None:
 
     @app.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP})

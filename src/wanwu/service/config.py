@@ -27,7 +27,9 @@ class ServeConfig:
     max_delay_ms: float = 10.0  # a batch waits at most this long after its first image arrived
     max_queue: int = 256  # images waiting for the batcher; beyond it requests get 503 + Retry-After
     max_upload_mb: float = 50.0  # whole request body
-    max_inflight_mb: float = 0.0  # request bodies held at once, all requests together (0: 4 × max_upload_mb)
+    max_inflight_mb: float = 0.0  # bodies and URL downloads held at once, all requests (0: 4 × max_upload_mb)
+    body_timeout_s: float = 20.0  # a request body may take this long, plus a second per min_upload_kb_s KB
+    min_upload_kb_s: float = 64.0  # slower uploads get 408 (the rule of Apache's mod_reqtimeout)
     max_files: int = 64  # inputs in one request
     max_requests: int = 64  # requests in progress at once (each runs on a thread of its own); more wait
     api_keys: tuple[str, ...] = ()
@@ -43,6 +45,7 @@ class ServeConfig:
             ("--max-queue", self.max_queue, 1, True), ("--max-upload-mb", self.max_upload_mb, 0, False),
             ("--max-inflight-mb", self.max_inflight_mb, 0, True), ("--max-requests", self.max_requests, 1, True),
             ("--max-files", self.max_files, 1, True), ("--port", self.port, 0, True),
+            ("--body-timeout", self.body_timeout_s, 0, False), ("--min-upload-rate", self.min_upload_kb_s, 0, False),
         ]
         for option, value, low, inclusive in bounds:
             if value < low or (value == low and not inclusive):

@@ -17,10 +17,13 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
 from starlette.routing import Match, Route
 
 DESCRIPTIONS = {
-    400: "Malformed body (not JSON, broken multipart)",
+    400: "Malformed body (not JSON, broken multipart), JSON nested too deep, or a NUL byte or lone surrogate in "
+         "the URL, a file name, a form field or a JSON string",
+    408: "The body arrived too slowly (--body-timeout, --min-upload-rate)",
     401: "Missing or wrong API key",
     404: "No such job",
     413: "Body above --max-upload-mb, or too many files",
@@ -28,6 +31,24 @@ DESCRIPTIONS = {
     422: "The body or a parameter does not validate",
     503: "Busy (queue full, too many bytes in flight) or the model is not loaded yet: see Retry-After",
 }
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.code, self.message, self.headers)
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 class ErrorDetail(BaseModel):
@@ -76,6 +97,7 @@ def install_openapi(
         schemas = document.setdefault("components", {}).setdefault("schemas", {})
         for name, schema in extra_components.items():
             schemas.setdefault(name, copy.deepcopy(schema))
+        _boundary_errors(document)
         loaded = zero_shot()
         if loaded is False:
             _drop_labels(document)
@@ -84,6 +106,32 @@ def install_openapi(
         return document
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _boundary_errors(document: dict[str, Any]) -> None:
+    """What the middleware answers before any route runs, on every operation it can happen to: 400 (a NUL in
+    the URL), and for those with a body 408 (too slow), 413 (too large) and 503 (too many bytes held)."""
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in json_body_schema(ErrorBody)[1].items():
+        schemas.setdefault(name, schema)
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            statuses = (400, 408, 413, 503) if "requestBody" in operation else (400,)
+            for status in statuses:
+                if str(status) not in operation["responses"]:
+                    operation["responses"][str(status)] = _error_response(status)
+
+
+def _error_response(status: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "description": DESCRIPTIONS[status],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+    if status == 503:
+        entry["headers"] = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}}
+    return entry
 
 
 def _drop_labels(document: dict[str, Any]) -> None:

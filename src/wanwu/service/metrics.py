@@ -53,7 +53,8 @@ class ServiceMetrics:
         self.cache_hits = Counter("wanwu_cache_hits", "Images answered from the result cache.", registry=r)
         self.ready = Gauge("wanwu_ready", "1 once the model is loaded.", registry=r)
         self.body_bytes = Gauge(
-            "wanwu_request_body_bytes_in_flight", "Request body bytes reserved by requests in progress.", registry=r
+            "wanwu_request_body_bytes_in_flight", "Request body and URL download bytes held by requests in progress.",
+            registry=r,
         )
 
     # BatchObserver

@@ -23,31 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wanwu.records import TOP_N_STORED
 from wanwu.service.config import ServeConfig
+from wanwu.service.contract import ApiError
+from wanwu.service.guard import check_form, parse_json
 from wanwu.sources import InputItem, is_url
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status, self.code, self.message, self.headers)
-
-
-def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
 
 # --- bodies ---------------------------------------------------------------------------------------------
 
@@ -137,6 +118,7 @@ async def _parse_multipart(request: Request, config: ServeConfig) -> Parsed:
             raise ApiError(413, "too_many_files", f"at most {config.max_files} files per request") from None
         raise ApiError(400, "malformed_multipart", str(e.detail)) from None
     try:
+        check_form(form)  # 400 for a NUL or lone surrogate in a field or a file name
         items = []
         for i, part in enumerate(form.getlist("files")):
             if not isinstance(part, UploadFile):
@@ -201,10 +183,7 @@ async def _parse_json(request: Request, allow_urls: bool = True) -> Parsed:
 
 
 def _parse_json_body(raw: bytes, allow_urls: bool = True) -> Parsed:
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
+    data = parse_json(raw)  # 400 for bad JSON, a NUL or lone surrogate in a string, absurd nesting
     try:
         body = RecognizeJson.model_validate(data)
     except ValidationError as e:
@@ -283,75 +262,6 @@ def api_key_dependency(keys: tuple[str, ...]) -> Callable[..., Awaitable[None]]:
 
 _BEARER = HTTPBearer(auto_error=False, scheme_name="bearerKey", description="Authorization: Bearer KEY")
 _KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey", description="X-API-Key: KEY")
-
-
-# --- upload size ----------------------------------------------------------------------------------------
-
-
-class BodyLimitMiddleware:
-    """Bounds request bodies: each at ``limit_mb`` (413), and all those held at once at ``inflight_mb``
-    (503 + Retry-After: the server holds too many bytes, retry shortly).
-
-    A body's declared Content-Length is reserved before anything is read (refused at once above either
-    bound); a body without one is counted as it arrives. The bytes stay reserved until the response is sent,
-    since the body (and its decoded images) are held that long.
-    """
-
-    def __init__(self, app: ASGIApp, limit_mb: float, inflight_mb: float | None = None,
-                 retry_after_s: int = 1, observe: Callable[[int], None] = lambda n: None) -> None:
-        self.app = app
-        self.limit_mb = limit_mb
-        self.limit = int(limit_mb * 1024 * 1024)
-        self.inflight_limit = int((inflight_mb if inflight_mb is not None else 4 * limit_mb) * 1024 * 1024)
-        self.retry_after_s = retry_after_s
-        self.inflight = 0  # touched only on the event loop
-        self.observe = observe
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        reserved = int(declared) if declared.isdigit() else 0
-        if reserved > self.limit:
-            await self._too_large().response()(scope, receive, send)
-            return
-        if reserved and self.inflight + reserved > self.inflight_limit:
-            await self._busy().response()(scope, receive, send)
-            return
-        self.inflight += reserved
-        self.observe(self.inflight)
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen, reserved
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise self._too_large()
-                if seen > reserved:  # no (or a wrong) Content-Length: count what arrives
-                    extra = seen - reserved
-                    if self.inflight + extra > self.inflight_limit:
-                        raise self._busy()
-                    self.inflight += extra
-                    self.observe(self.inflight)
-                    reserved = seen
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        finally:
-            self.inflight -= reserved
-            self.observe(self.inflight)
-
-    def _too_large(self) -> ApiError:
-        message = f"the request body is larger than the limit of {self.limit_mb:g} MB"
-        return ApiError(413, "payload_too_large", message)
-
-    def _busy(self) -> ApiError:
-        return ApiError(503, "busy", "the server holds too many request bytes at once; retry shortly",
-                        {"Retry-After": str(self.retry_after_s)})
 
 
 def json_error_body(status: int, detail: Any) -> tuple[str, str]:

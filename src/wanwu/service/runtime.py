@@ -27,6 +27,7 @@ from wanwu.errors import UsageError
 from wanwu.pipeline import Recognizer
 from wanwu.records import Record, RecordOptions
 from wanwu.service.batcher import Batcher, BatcherConfig, BatchObserver
+from wanwu.service.bodies import ByteBudget, DownloadBudget
 from wanwu.service.config import ServeConfig
 from wanwu.service.inference import BatcherInference
 from wanwu.sources import InputItem
@@ -60,7 +61,9 @@ class Runtime:
     def __init__(
         self, config: ServeConfig, engine: Engine, cache: ResultCache | None, observer: BatchObserver,
         loop: asyncio.AbstractEventLoop, on_cache_hit: Callable[[], None] = lambda: None,
+        budget: ByteBudget | None = None,
     ) -> None:
+        """``budget``: the in-flight bytes (--max-inflight-mb) that URL downloads count against."""
         self.config = config
         self.engine = engine
         self.batcher = Batcher(
@@ -72,6 +75,8 @@ class Runtime:
             options=config.options, engine=engine, cache=cache,
             inference=BatcherInference(self.batcher, loop), on_cache_hit=on_cache_hit, start_decoders=True,
         )
+        self.downloads = DownloadBudget(budget or ByteBudget(int(config.inflight_mb * 1024 * 1024)))
+        self.recognizer.fetcher = self.downloads.fetcher(self.recognizer.fetcher)
         # One thread per request in progress: each runs the orchestrator's loop for its own inputs.
         self._requests = ThreadPoolExecutor(config.max_requests, thread_name_prefix="wanwu-request")
         self._label_sets: OrderedDict[tuple[str, ...], _LabelSet] = OrderedDict()
@@ -98,13 +103,14 @@ class Runtime:
         return await loop.run_in_executor(self._requests, self._run, items, record, labels)
 
     def _run(self, items: list[InputItem], record: RecordOptions, labels: tuple[str, ...] | None) -> list[Record]:
-        if labels is None:
-            return list(self.recognizer.recognize(items, record))
-        label_set = self._for_labels(labels)
-        try:
-            return list(label_set.recognizer.recognize(items, record))
-        finally:
-            self._release(label_set)
+        with self.downloads.hold(items):  # what its URLs download counts against --max-inflight-mb till the end
+            if labels is None:
+                return list(self.recognizer.recognize(items, record))
+            label_set = self._for_labels(labels)
+            try:
+                return list(label_set.recognizer.recognize(items, record))
+            finally:
+                self._release(label_set)
 
     def _release(self, label_set: _LabelSet) -> None:
         with self._label_lock:
@@ -130,7 +136,9 @@ class Runtime:
             engine = Engine(spec, relabel(spec), self.config.max_batch_size)
             # Decoding stays crash-isolated (one worker process) unless the operator chose threads (-j 0).
             options = replace(self.config.options, workers=0 if self.config.options.workers == 0 else 1)
-            label_set = _LabelSet(Recognizer(options=options, engine=engine, cache=None, start_decoders=True), users=1)
+            recognizer = Recognizer(options=options, engine=engine, cache=None, start_decoders=True)
+            recognizer.fetcher = self.downloads.fetcher(recognizer.fetcher)  # counted like the main one's
+            label_set = _LabelSet(recognizer, users=1)
             self._label_sets[labels] = label_set
             if len(self._label_sets) > LABEL_SETS:
                 _, evicted = self._label_sets.popitem(last=False)

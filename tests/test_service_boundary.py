@@ -1,0 +1,163 @@
+"""The HTTP boundary: text no name may hold, absurd JSON, unexpected errors, security headers, the contract.
+
+Every answer here is the API's JSON error body with a 4xx (or 500 for a bug), never a text/plain page: a
+NUL byte or a lone surrogate in a URL, a file name, a form field, a JSON string or a job input is refused
+with 400 before a worker, a queue or a response encoder can trip over it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import image_bytes
+from tests.servers import uvicorn_in_thread
+from wanwu.config import RecognizeOptions
+from wanwu.service import ServeConfig, create_app
+
+pytest.importorskip("fastapi")
+Model = tuple[Path, Path]
+JSON = {"content-type": "application/json"}
+
+
+@contextmanager
+def serve(model: Model, tmp_path: Path, **config: Any) -> Iterator[httpx.Client]:
+    cfg = ServeConfig(model=str(model[0]), labels=model[1], options=RecognizeOptions(workers=0, cache=False),
+                      queue=f"sqlite:///{tmp_path / 'jobs.sqlite3'}", **config)
+    with uvicorn_in_thread(create_app(cfg, cache=None)) as base, httpx.Client(base_url=base, timeout=60) as client:
+        yield client
+
+
+def _multipart(*parts: tuple[str, str | None, bytes]) -> tuple[bytes, dict[str, str]]:
+    """A multipart body written by hand, so that names hold exactly the bytes given."""
+    body = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        body += b"--XX\r\nContent-Disposition: " + disposition.encode("utf-8", "surrogatepass") + b"\r\n\r\n"
+        body += data + b"\r\n"
+    return body + b"--XX--\r\n", {"content-type": "multipart/form-data; boundary=XX"}
+
+
+def _cases() -> list[tuple[str, str, str, bytes, dict[str, str]]]:
+    """(what, method, path, body, headers) of requests that carry a NUL or a lone surrogate."""
+    jpeg = image_bytes()
+    cases: list[tuple[str, str, str, bytes, dict[str, str]]] = []
+    for what, text in (("NUL", "\\u0000"), ("surrogate", "\\ud800"), ("low surrogate", "\\udc80")):
+        cases += [
+            (f"{what} in a URL to fetch", "POST", "/v1/recognize",
+             f'{{"urls": ["http://example.com/a{text}b.jpg"]}}'.encode(), JSON),
+            (f"{what} in an image name", "POST", "/v1/recognize",
+             f'{{"images": [{{"name": "a{text}.jpg", "data": "AAAA"}}]}}'.encode(), JSON),
+            (f"{what} in a job input", "POST", "/v1/jobs", f'{{"inputs": ["/allowed/a{text}b.jpg"]}}'.encode(), JSON),
+            (f"{what} in a job option", "POST", "/v1/jobs",
+             f'{{"inputs": ["https://example.com/a.jpg"], "score": "soft{text}max"}}'.encode(), JSON),
+        ]
+    for path in ("/v1/recognize", "/v1/jobs"):
+        cases.append((f"NUL in a file name ({path})", "POST", path, *_multipart(("files", "a\x00b.jpg", jpeg))))
+    cases.append(("NUL in a job input form field", "POST", "/v1/jobs",
+                  *_multipart(("inputs", None, b"/allowed/a\x00b.jpg"), ("files", "ok.jpg", jpeg))))
+    for path in ("/v1/jobs/%00", "/v1/jobs/a%00b/results", "/v1/jobs?limit=%00", "/healthz?x=%00"):
+        cases.append((f"NUL in the URL {path}", "GET", path, b"", {}))
+    return cases
+
+
+def test_nul_and_lone_surrogates_answer_400_json(tiny_model: Model, tmp_path: Path) -> None:
+    wrong: list[str] = []
+    with serve(tiny_model, tmp_path) as client:
+        for what, method, path, body, headers in _cases():
+            response = client.request(method, path, content=body, headers=headers)
+            code = response.json()["error"]["code"] if response.headers["content-type"] == "application/json" else ""
+            if response.status_code != 400 or code != "invalid_text":
+                wrong.append(f"{what}: {response.status_code} {response.headers['content-type']} {response.text[:120]}")
+        jobs = client.get("/v1/jobs").json()
+        alive = client.get("/healthz").status_code
+    assert wrong == []
+    assert jobs == []  # nothing poisoned reached the queue
+    assert alive == 200
+
+
+def test_a_valid_surrogate_pair_is_just_a_character(tiny_model: Model, tmp_path: Path) -> None:
+    """An emoji written as a JSON surrogate pair (\\ud83d\\udc31) is text like any other."""
+    import base64
+
+    data = base64.b64encode(image_bytes()).decode()
+    with serve(tiny_model, tmp_path) as client:
+        response = client.post("/v1/recognize", headers=JSON,
+                               content=f'{{"images": [{{"name": "\\ud83d\\udc31.jpg", "data": "{data}"}}]}}')
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["input"] == "\U0001f431.jpg"
+
+
+@pytest.mark.parametrize("depth", [40, 1000, 100_000])
+def test_json_nested_deep_answers_400_json(tiny_model: Model, tmp_path: Path, depth: int) -> None:
+    bodies = {
+        "/v1/recognize": '{"urls": ' + "[" * depth + "]" * depth + "}",
+        "/v1/jobs": '{"inputs": ["https://example.com/a.jpg"], "top_k": ' + "[" * depth + "]" * depth + "}",
+    }
+    with serve(tiny_model, tmp_path) as client:
+        answers = {path: client.post(path, content=body, headers=JSON) for path, body in bodies.items()}
+        bare = client.post("/v1/recognize", content="{" * depth, headers=JSON)  # not even closed
+    for path, response in answers.items():
+        assert response.status_code == 400, (path, response.status_code, response.text[:200])
+        assert response.json()["error"]["code"] == "too_deep", path
+    assert bare.status_code == 400 and bare.headers["content-type"] == "application/json", bare.text[:200]
+
+
+def test_an_unexpected_error_answers_500_json(tiny_model: Model, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug behind a route still answers the API's JSON error body (and is logged), not a text/plain page."""
+    from wanwu.service import app as app_module
+
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app_module, "parse_recognize", broken)
+    with serve(tiny_model, tmp_path) as client:
+        response = client.post("/v1/recognize", files=[("files", ("a.jpg", image_bytes(), "image/jpeg"))])
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["code"] == "internal"
+
+
+def test_security_headers_and_no_redoc(tiny_model: Model, tmp_path: Path) -> None:
+    with serve(tiny_model, tmp_path) as client:
+        page, docs, api, static = (client.get(p) for p in ("/", "/docs", "/v1/models", "/static/app.js"))
+        redoc = client.get("/redoc")
+    for response in (page, docs, api, static):
+        assert response.status_code == 200
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    page_csp = page.headers["content-security-policy"]
+    assert "default-src 'self'" in page_csp and "unsafe" not in page_csp and "http" not in page_csp
+    docs_csp = docs.headers["content-security-policy"]
+    assert "script-src 'self' 'sha256-" in docs_csp and "unsafe-eval" not in docs_csp and "http" not in docs_csp
+    assert api.headers["content-security-policy"].startswith("default-src 'none'")
+    assert redoc.status_code == 404  # it loaded its script from a CDN: gone
+
+
+def test_the_contract_documents_the_boundary_answers(tiny_model: Model, tmp_path: Path) -> None:
+    with serve(tiny_model, tmp_path) as client:
+        document = client.get("/openapi.json").json()
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            statuses = set(operation["responses"])
+            assert "400" in statuses, (method, path)
+            if "requestBody" in operation:
+                assert {"408", "413", "503"} <= statuses, (method, path)
+    error = document["paths"]["/v1/recognize"]["post"]["responses"]["408"]["content"]["application/json"]
+    assert json.dumps(error["schema"]).count("ErrorBody") == 1 and "ErrorBody" in document["components"]["schemas"]
+
+
+def test_the_upload_rate_settings_are_checked() -> None:
+    from wanwu.errors import UsageError
+
+    for field, option in (("body_timeout_s", "--body-timeout"), ("min_upload_kb_s", "--min-upload-rate")):
+        with pytest.raises(UsageError, match=option):
+            ServeConfig(**{field: 0})
