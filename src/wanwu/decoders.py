@@ -13,8 +13,6 @@ say), so an innocent file is never retried beside another run's culprit.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import multiprocessing
 import os
 import queue
 import signal
@@ -24,7 +22,6 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
@@ -45,6 +42,8 @@ def _die_with(owner: int) -> None:
     covers the owner's (the server itself exits once the owner and the workers are gone)."""
     if sys.platform.startswith("linux"):
         try:
+            import ctypes
+
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):
@@ -191,7 +190,7 @@ class DecodeProcess:
             ready = conn.poll(timeout)
         except (OSError, EOFError):
             self.close()
-            raise BrokenProcessPool("the decode process died") from None
+            raise _broken("the decode process died") from None
         if not ready:
             self.close()
             raise DecodeTimeoutError(f"decoding took longer than {timeout or 0:g} s")
@@ -199,7 +198,7 @@ class DecodeProcess:
             ok, value = conn.recv()
         except (OSError, EOFError):
             self.close()
-            raise BrokenProcessPool("the decode process died") from None
+            raise _broken("the decode process died") from None
         if not ok:
             raise RuntimeError(value)
         return value
@@ -207,6 +206,8 @@ class DecodeProcess:
     def _connection(self) -> Any:
         if self._process is None or self._process is self._killed or not self._process.is_alive():
             self.close()
+            import multiprocessing  # here: a run that decodes in its own process never needs it
+
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["wanwu._decode_server", "wanwu.imaging", "wanwu.decoders"])
             ours, theirs = ctx.Pipe()
@@ -223,7 +224,7 @@ class DecodeProcess:
                 ready = False
             if not ready:
                 self.close()
-                raise BrokenProcessPool("the decode process did not start")
+                raise _broken("the decode process did not start")
         return self._conn
 
     def kill(self) -> None:
@@ -258,6 +259,13 @@ def _serve(conn: Any, owner: int) -> None:
         except Exception as e:
             answer = (False, f"{type(e).__name__}: {e}")
         conn.send(answer)
+
+
+def _broken(message: str) -> Exception:
+    """concurrent.futures' BrokenProcessPool (its module, which imports multiprocessing, loaded only now)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    return BrokenProcessPool(message)
 
 
 _READY = "ready"  # what a decode process says once it can take tasks
@@ -313,7 +321,7 @@ class DecodeProcesses(Executor):
         process = self._idle.get()  # as many threads as processes: one is always free here
         try:
             if self._closed:
-                raise BrokenProcessPool("the decode workers were shut down")
+                raise _broken("the decode workers were shut down")
             return process.call(fn, *args, timeout=timeout)
         finally:
             if self._closed:

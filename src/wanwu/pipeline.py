@@ -31,8 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import BrokenExecutor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -449,7 +448,7 @@ class _Run:
         if isinstance(exc, DecodeTimeoutError) and len(slots) == 1:  # it ran alone: the culprit is known
             self._fail(slots[0], "decode_error", self._timed_out())
             return
-        if isinstance(exc, (BrokenProcessPool, DecodeTimeoutError)):
+        if isinstance(exc, (BrokenExecutor, DecodeTimeoutError)):  # a decode process died (BrokenProcessPool)
             for slot in slots:  # any of them may have crashed it or hung: each is retried alone
                 if slot.isolated:
                     self._fail(slot, "decode_error", CRASHED)
