@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,30 @@ def timed(cmd: list[str], stdin: str | None = None, env: dict[str, str] | None =
     if proc.returncode not in (0, 3):
         raise RuntimeError(f"{cmd[:4]}… failed ({proc.returncode}): {proc.stderr[-2000:]}")
     return elapsed
+
+
+def timed_cpu(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and the children it waited for) of one run of ``cmd``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = timed(cmd, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def alternate(cmds: dict[str, list[str]], repeats: int, env: dict[str, str] | None = None) -> dict[str, list[float]]:
+    """Run every command ``repeats`` times, interleaved (a, b, a, b, …; reversed every other round, so neither
+    always follows the other), after one untimed warm-up each. Returns name -> wall seconds, and
+    ``name + " cpu"`` -> CPU seconds."""
+    for cmd in cmds.values():
+        timed(cmd, env=env)  # warm: file cache, int8 rewrite, entry-point memo
+    out: dict[str, list[float]] = {}
+    names = list(cmds)
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
+            wall, cpu = timed_cpu(cmds[name], env)
+            out.setdefault(name, []).append(wall)
+            out.setdefault(f"{name} cpu", []).append(cpu)
+    return out
 
 
 def median(values: list[float]) -> float:

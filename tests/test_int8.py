@@ -124,3 +124,23 @@ def test_the_rewrite_is_kept_and_reused(tmp_path: Path, monkeypatch: pytest.Monk
     other_spec = ModelSpec("q2", "onnx", other, ("a",), weights_fingerprint=file_fingerprint(other))
     data, exact = _maybe_exact_int8(other_spec, "exact")
     assert exact and isinstance(data, bytes)
+
+
+def test_a_model_file_replaced_in_place_gets_a_rewrite_of_its_own(tmp_path: Path) -> None:
+    """The stored rewrite is keyed by the weights' fingerprint: new weights at the same path never load the old
+    rewrite, and the new one computes with the new weights."""
+    rng = np.random.default_rng(2)
+    path = tmp_path / "q.onnx"
+    stored: list[bytes] = []
+    x = rng.integers(0, 256, size=(1, 16, 4, 4), dtype=np.uint8)
+    for seed in (3, 4):
+        weights = np.random.default_rng(seed).integers(-127, 128, size=(8, 16, 1, 1)).astype(np.int8)
+        onnx.save(_qconv_model(weights, np.full(8, 8e-4, np.float32), np.zeros(8, np.int32)), path)
+        spec = ModelSpec("q", "onnx", path, ("a",), weights_fingerprint=file_fingerprint(path))
+        _maybe_exact_int8(spec, "exact")  # stores the rewrite
+        again, exact = _maybe_exact_int8(spec, "exact")  # what a later run loads
+        assert exact and isinstance(again, str)
+        got = _run(onnx.load(again), x)
+        np.testing.assert_array_equal(got, _exact(x, weights, np.full(8, 8e-4, np.float32), np.zeros(8, np.int32)))
+        stored.append(Path(again).read_bytes())
+    assert stored[0] != stored[1] and len(list((wanwu_home() / "int8").glob("*.onnx"))) == 2

@@ -16,8 +16,6 @@ decompression bomb fails its own allocation (a too_large record) instead of taki
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import multiprocessing
 import os
 import queue
 import signal
@@ -75,6 +73,8 @@ def _die_with(owner: int) -> None:
     covers the owner's (the server itself exits once the owner and the workers are gone)."""
     if sys.platform.startswith("linux"):
         try:
+            import ctypes
+
             libc = ctypes.CDLL(None, use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):
@@ -118,15 +118,18 @@ class DecodePool:
         self._pool: DecodeProcesses | ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._wanted = False  # warm() was called
         # One process, one task at a time: the next starts only when the last has finished, so a crash or a
         # deadline names its task exactly.
         self._quarantine = (DecodeProcesses(1, name="wanwu-quarantine", address_space=address_space)
                             if workers > 0 else None)
 
     def warm(self) -> None:
-        """Start the worker processes now (a thread of their own: the model loads meanwhile)."""
+        """Start the worker processes now (a thread of their own: the model loads meanwhile): a server, a queue
+        worker, a run known to be long. Otherwise they start with the first task of a run that needs them."""
         if self.workers == 0:
             return
+        self._wanted = True
 
         def start() -> None:
             with contextlib.suppress(RuntimeError, ClosedError):  # closed before the warm-up: nothing to warm
@@ -135,6 +138,30 @@ class DecodePool:
                     pool.submit(int)
 
         threading.Thread(target=start, name="wanwu-decode-warm", daemon=True).start()
+
+    @property
+    def started(self) -> bool:
+        """The workers were asked for (by :meth:`warm` or a task): later runs use them, however short."""
+        return self._wanted or self._pool is not None
+
+    def submit_here(self, fn: Callable[..., Any], *args: Any, meter: Callable[[float], None] | None = None
+                    ) -> Future[Any]:
+        """Run ``fn(*args)`` on a thread of this process, started for it: what a run of a few files does
+        instead of starting worker processes (which costs more than decoding them). The thread is a daemon:
+        it cannot be stopped, and it never keeps the process from exiting. ``meter`` is told the seconds it
+        took."""
+        future: Future[Any] = Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(_metered(meter, fn, *args))
+            except BaseException as e:
+                future.set_exception(e)
+
+        threading.Thread(target=run, name="wanwu-decode-here", daemon=True).start()
+        return future
 
     def get(self) -> Executor:
         """The workers, started on first use. Raises ClosedError once the pool is closed."""
@@ -303,6 +330,8 @@ class DecodeProcess:
     def _connection(self) -> Any:
         if self._process is None or self._process is self._killed or not self._process.is_alive():
             self.close()
+            import multiprocessing  # here: a run that decodes in its own process never needs it
+
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["wanwu._decode_server", "wanwu.imaging", "wanwu.decoders"])
             ours, theirs = ctx.Pipe()
@@ -313,6 +342,15 @@ class DecodeProcess:
             self._process.start()
             theirs.close()
             self._conn = ours
+            # A deadline counts from when the task starts, not from when the process does (on a loaded
+            # machine, starting one can take longer than a short --decode-timeout): wait until it is ready.
+            try:
+                ready = ours.poll(START_TIMEOUT_S) and ours.recv() == _READY
+            except (OSError, EOFError):
+                ready = False
+            if not ready:
+                self.close()
+                raise BrokenProcessPool("the decode process did not start")
         return self._conn
 
     def kill(self) -> None:
@@ -337,6 +375,7 @@ def _serve(conn: Any, owner: int, address_space: int | None = None, progress: An
     """The loop of a :class:`DecodeProcess`: call, answer ``(True, result)`` or ``(False, "Type: message")``.
     A call ``each`` item at a time notes in ``progress`` which item it is on, and since when."""
     _worker_init(owner, address_space)
+    conn.send(_READY)
     while True:
         try:
             fn, args, each = conn.recv()
@@ -357,6 +396,9 @@ def _serve(conn: Any, owner: int, address_space: int | None = None, progress: An
             answer = (False, f"{type(e).__name__}: {e}")
         conn.send(answer)
 
+
+_READY = "ready"  # what a decode process says once it can take tasks
+START_TIMEOUT_S = 120.0  # a decode process not ready by then is taken for dead
 
 CRASHED = "the decoder process crashed on this file"  # the record's message, whichever runner decoded it
 

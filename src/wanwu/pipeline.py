@@ -75,11 +75,14 @@ class Recognizer:
         inference: Inference | None = None,
         on_cache_hit: Callable[[], None] | None = None,
         memo: Memo | None = FROM_OPTIONS,
+        start_decoders: bool = False,
     ) -> None:
         """``engine``: an already loaded model (else ``model`` + ``labels`` are loaded). ``inference``: where
         prepared crops go (default: batches on the engine). ``on_cache_hit``: told of every result served
         from the cache (metrics). ``memo``: the stat memo (default: the one beside the options' cache, when
-        the result cache is the options' own)."""
+        the result cache is the options' own). ``start_decoders``: start the decode processes now, while the
+        model loads (a server, a queue worker, a run known to be long); otherwise the first run of more than
+        :data:`~wanwu.run.SHORT_RUN` inputs starts them, and shorter runs decode in this process."""
         self.options = options or RecognizeOptions()
         self._owner: Recognizer | None = None  # set on a view made by sharing(): the pools are the owner's
         self._closed = False
@@ -88,7 +91,7 @@ class Recognizer:
         self._lock = threading.Lock()
         self.decoders = DecodePool(self.options.decode_workers, max(1, min(4, self.options.fetch_threads)),
                                    self.options.decode_address_space())
-        if engine is None:
+        if start_decoders:
             self.decoders.warm()  # start the decode processes while the model loads: both take a while
         label_path = Path(labels) if labels is not None else None
         try:

@@ -19,13 +19,19 @@ Insertion order is kept; registries whose entries are tried in turn (sources, lo
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
+import json
+import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar, overload
 
 from wanwu.errors import MissingExtraError, UsageError, WanwuError
+from wanwu.paths import wanwu_home
 
 T = TypeVar("T")
 
@@ -83,15 +89,22 @@ class Registry(Generic[T]):
     # -- reading ----------------------------------------------------------------------------------------
 
     def get(self, name: str) -> T:
-        """The entry called ``name``; an unknown name is a :class:`UsageError` listing the known ones."""
-        self._load_plugins()
+        """The entry called ``name``; an unknown name is a :class:`UsageError` listing the known ones.
+
+        A name registered here is found without reading entry points (a plugin never replaces one)."""
         with self._lock:
             entry = self._entries.get(name)
+        if entry is None:
+            self._load_plugins()
+            with self._lock:
+                entry = self._entries.get(name)
         if entry is None:
             raise UsageError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
         return self._resolve(name, entry)
 
     def __contains__(self, name: object) -> bool:
+        if name in self._entries:
+            return True
         self._load_plugins()
         return name in self._entries
 
@@ -136,7 +149,50 @@ class Registry(Generic[T]):
                 return
             self._plugins_loaded = True
             assert self.group is not None
-            from importlib.metadata import entry_points  # ~0.1 s to import: only when a plug-in may be named
+            for name, value in _installed_entry_points(tuple(sys.path)).get(self.group, ()):
+                self._entries.setdefault(name, _Lazy(value, None, plugin=True))
 
-            for ep in entry_points(group=self.group):
-                self._entries.setdefault(ep.name, _Lazy(ep.value, None, plugin=True))
+
+@functools.lru_cache(maxsize=4)
+def _installed_entry_points(path: tuple[str, ...]) -> dict[str, list[tuple[str, str]]]:
+    """wanwu's entry points (group -> [(name, "module:attr")]), read once per process and ``sys.path``.
+
+    Reading them means importing importlib.metadata and opening every installed distribution (60-70 ms of
+    CPU, as much as the rest of a one-photo run's own work), so the result is also kept in
+    ``$WANWU_HOME/entry-points.json``, stamped with the modification time of every ``sys.path`` folder that
+    holds installed distributions: installing, upgrading or removing a package changes its folder's time, and
+    the next run reads afresh. (Folders without any, such as a script's own or the current one, change too
+    often to count, and are left out.)"""
+    stamp = [[entry, time] for entry in path if (time := _stamp(entry)) != 0]
+    memo = wanwu_home() / "entry-points.json"
+    try:
+        saved = json.loads(memo.read_text(encoding="utf-8"))
+        if saved["stamp"] == stamp:
+            return {group: [(name, value) for name, value in eps] for group, eps in saved["groups"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    from importlib.metadata import entry_points  # only now: importing it alone takes tens of milliseconds
+
+    found = entry_points()
+    groups = {group: [(ep.name, ep.value) for ep in found.select(group=group)]
+              for group in sorted(found.groups) if group.startswith("wanwu.")}
+    tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"stamp": stamp, "groups": groups}), encoding="utf-8")
+        os.replace(tmp, memo)
+    except OSError:  # a read-only home: read them again next time
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return groups
+
+
+def _stamp(entry: str) -> int | None:
+    """The modification time of a ``sys.path`` entry that holds distributions (0 for a folder without)."""
+    folder = entry or "."
+    try:
+        if os.path.isdir(folder) and not any(n.endswith((".dist-info", ".egg-info")) for n in os.listdir(folder)):
+            return 0
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None

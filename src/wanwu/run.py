@@ -33,6 +33,11 @@ if TYPE_CHECKING:
     from wanwu.pipeline import Recognizer
 
 log = logging.getLogger("wanwu")
+# A run of at most this many inputs (all known before its first decode) decodes its JPEG and PNG files in
+# threads of this process when the decode processes are not running and -j was left to wanwu: starting them
+# costs more than such a run (a one-photo ``wanwu recognize`` would spend most of its time on it).
+SHORT_RUN = 4
+_DECODED_HERE = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: the formats a short run decodes here
 
 
 # --- the run ---------------------------------------------------------------------------------------------
@@ -117,6 +122,8 @@ class _Run:
         self.pending_infer = 0
         self.streams = self.inference.in_flight
         self.exhausted = False
+        self.seen = 0  # inputs taken from ``items`` so far
+        self.here: bool | None = None  # a short run, decoding in this process (decided at its first decode)
         self.workers = max(1, self.opts.decode_workers)
         # Several images per task amortize a process round trip; threads need none, and a task of one image
         # is what a deadline can give up on without taking its neighbours along (a thread cannot be stopped).
@@ -203,6 +210,7 @@ class _Run:
                     self.exhausted = True
                     break
                 slot = _Slot(item)
+                self.seen += 1
                 self.window.append(slot)
                 if item.kind == "missing":
                     slot.record = Record.failure(item.input, item.error_type, item.error)
@@ -226,6 +234,9 @@ class _Run:
         while self.to_fetch and self.pending_fetch + len(self.to_decode) < self.max_fetch:
             slot = self.to_fetch.popleft()
             item = slot.item
+            if item.kind == "bytes":  # in memory already (an upload): hashing it costs less than a thread hop
+                self._fetched(slot, _completed(self.rec.fetcher.fetch, item))
+                continue
             pool = self.rec.url_pool() if FETCHERS.remote(item.kind) else (pool or self.rec.fetch_pool())
             self.pending_fetch += 1
             known = slot.look.known if slot.look is not None and slot.look.cached is not None else None
@@ -278,6 +289,9 @@ class _Run:
             )
             future.add_done_callback(self._notify("isolated", [slot]))
         while self.to_decode and self.pending_decode < self.max_decode and self.tasks < self.max_tasks:
+            if self._short() and (self.to_decode[0].data or b"").startswith(_DECODED_HERE):
+                self._submit_decode([self.to_decode.popleft()], here=True)
+                continue
             # Several images per task when many wait: each round trip to a worker process costs CPU on both
             # sides (pickling, waking a thread and a process).
             size = max(1, min(self.chunk, len(self.to_decode) // self.workers))
@@ -289,15 +303,28 @@ class _Run:
             return self.timeout
         return min(self.timeout, max(1.0, self.budget - self.meter.spent))
 
-    def _submit_decode(self, slots: list[_Slot]) -> None:
+    def _short(self) -> bool:
+        """This run decodes its JPEG and PNG files in this process (see :data:`SHORT_RUN`)."""
+        if self.here is None:
+            self.here = (self.opts.workers == -1 and self.exhausted and self.seen <= SHORT_RUN
+                         and not self.rec.decoders.started)
+        return self.here
+
+    def _submit_decode(self, slots: list[_Slot], here: bool = False) -> None:
         self.pending_decode += len(slots)
         self.tasks += 1
         datas = [s.data or b"" for s in slots]
-        future = self.rec.decoders.submit_each(
-            self.decode, datas, self.preprocess, self.decode_options, timeout=self._deadline(), meter=self.meter.add
-        )
-        if not self.rec.decoders.stoppable:  # a thread: give up on it at its deadline (it may wait behind one)
-            self.decoding[future] = (time.monotonic() + self.timeout * (len(slots) + self.chunk), slots)
+        if here:
+            future = self.rec.decoders.submit_here(self.decode, datas, self.preprocess, self.decode_options,
+                                                   meter=self.meter.add)
+        else:
+            future = self.rec.decoders.submit_each(
+                self.decode, datas, self.preprocess, self.decode_options, timeout=self._deadline(),
+                meter=self.meter.add,
+            )
+        if here or not self.rec.decoders.stoppable:  # a thread: give up on it at its deadline
+            queued = 0 if here else self.chunk  # a pool's thread may first finish the task before it
+            self.decoding[future] = (time.monotonic() + self.timeout * (len(slots) + queued), slots)
         future.add_done_callback(lambda f: self.events.put(("decode", slots, f)))
 
     def _notify(self, kind: str, subject: _Slot | list[_Slot]) -> Callable[[Future[Any]], None]:
@@ -464,3 +491,13 @@ class _Run:
         self.to_decode.clear()
         self.suspects.clear()
         self.leaders.clear()
+
+
+def _completed(fn: Callable[[InputItem], Fetched], item: InputItem) -> Future[Fetched]:
+    """``fn(item)`` run here, as a finished future (what a fetch thread would have handed back)."""
+    future: Future[Fetched] = Future()
+    try:
+        future.set_result(fn(item))
+    except Exception as e:
+        future.set_exception(e)
+    return future

@@ -49,6 +49,7 @@ class RunnerConfig:
     address: str | None = None  # a cluster to join (ray); None = start one of its own
     label_column: str | None = None
     actors: int = 1  # inference actors (ray)
+    long: bool = True  # the inputs may be many: start the decode processes while the model loads (local)
 
 
 RunnerFactory = Callable[[RunnerConfig], Runner]
@@ -66,7 +67,8 @@ def local_runner(config: RunnerConfig) -> Runner:
         raise UsageError("--ray-address and --ray-actors need --runner ray")
     from wanwu.pipeline import Recognizer
 
-    return Recognizer(config.model, labels=config.labels, label_column=config.label_column, options=config.options)
+    return Recognizer(config.model, labels=config.labels, label_column=config.label_column, options=config.options,
+                      start_decoders=config.long)
 
 
 def ray_runner(config: RunnerConfig) -> Runner:

@@ -43,16 +43,15 @@ class LocalizedContext(click.Context):
     formatter_class = LocalizedFormatter
 
 
-def localize(group: click.Group) -> None:
-    """Every command of ``group`` (and ``group``) formats its help in the CLI's language."""
+def localize(command: click.Command, deep: bool = True) -> None:
+    """``command`` (and, ``deep``, every command under it) formats its help in the CLI's language. The ``wanwu``
+    group itself is localized shallowly: its commands are localized as they are loaded."""
     if language() == "en":
         return
-    group.context_class = LocalizedContext
-    for command in group.commands.values():
-        if isinstance(command, click.Group):
-            localize(command)
-        else:
-            command.context_class = LocalizedContext
+    command.context_class = LocalizedContext
+    if deep and isinstance(command, click.Group):
+        for sub in command.commands.values():
+            localize(sub)
 
 
 def show_error(e: click.ClickException) -> None:

@@ -23,8 +23,78 @@ from wanwu.errors import UsageError, WanwuError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a command that wrote into a closed pipe
-# Each module defines ``command``; a module whose extra is missing still registers (it fails on use).
-COMMAND_MODULES = ("recognize", "cache", "convert", "serve", "jobs", "worker", "report")
+# Each module defines ``command`` and is imported only when its command runs (``wanwu --help`` and a one-photo
+# ``recognize`` import none of the others); beside it, the first sentence of its English help, which
+# ``wanwu --help`` lists without importing anything (tests/test_cli.py checks both stay the same).
+COMMANDS = {
+    "cache": "Inspect and trim the result cache (model outputs keyed by file content).",
+    "convert": "Convert a PyTorch model to ONNX, checking that both give the same logits.",
+    "jobs": "Asynchronous jobs for large catalogues: submit now, let workers run, collect later.",
+    "recognize": "Recognize INPUTS: files, folders (recursive), globs, http(s) URLs, or - for a list on stdin.",
+    "report": "Write one self-contained HTML report (no network needed) about RESULTS (jsonl or parquet files).",
+    "serve": "Serve recognition over HTTP, with a web page at / and the API under /v1.",
+    "worker": "Recognize queued tasks with one loaded model; run as many as you like, on any machine.",
+}
+
+
+class _OutputClosed(Exception):
+    """Stdout was closed by its reader (``wanwu recognize ... | head``): the run ends quietly."""
+
+
+class LazyGroup(click.Group):
+    """The ``wanwu`` group: a command's module is imported the first time that command is looked up. A closed
+    stdout leaves click's own handling (exit 1) for the broken-pipe status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as e:
+            raise _OutputClosed from e
+
+    @property  # type: ignore[override]
+    def commands(self) -> dict[str, click.Command]:
+        """Every command, loaded (what tests and tools that walk the tree see)."""
+        for name in COMMANDS:
+            self._load(name)
+        return self._loaded
+
+    @commands.setter
+    def commands(self, value: dict[str, click.Command]) -> None:
+        self._loaded = dict(value)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if ctx.meta.get(_LISTING) and cmd_name in COMMANDS and cmd_name not in self._loaded:
+            return click.Command(cmd_name, help=COMMANDS[cmd_name], short_help=short_help(cmd_name))
+        return self._load(cmd_name)
+
+    def _load(self, name: str) -> click.Command | None:
+        if name in self._loaded or name not in COMMANDS:
+            return self._loaded.get(name)
+        try:
+            command: click.Command = importlib.import_module(f"wanwu.cli.{name}").command
+        except ModuleNotFoundError as e:
+            if e.name != f"wanwu.cli.{name}":
+                raise
+            return None
+        _accept_verbose(command)
+        _localize_short_help(command, name)
+        localize(command)
+        self._loaded[name] = command
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """click's command list, from :data:`COMMANDS` (Chinese summaries by locale): nothing imported."""
+        ctx.meta[_LISTING] = True
+        try:
+            super().format_commands(ctx, formatter)
+        finally:
+            del ctx.meta[_LISTING]
+
+
+_LISTING = "wanwu.listing"  # set in ctx.meta while ``wanwu --help`` lists the commands
 
 
 VERBOSE_HELP = h("verbose")
@@ -38,22 +108,8 @@ def _verbosity(ctx: click.Context, param: click.Parameter, value: int) -> int:
     return int(value)
 
 
-class _OutputClosed(Exception):
-    """Stdout was closed by its reader (``wanwu recognize ... | head``): the run ends quietly."""
-
-
-class _Group(click.Group):
-    """The ``wanwu`` group: a closed stdout leaves click's own handling (exit 1) for the broken-pipe status."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except BrokenPipeError as e:
-            raise _OutputClosed from e
-
-
-@click.group(cls=_Group, help=h("wanwu"),
-             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True})
+@click.group(cls=LazyGroup, help=h("wanwu"), context_settings={
+    "help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True})
 @click.version_option(__version__, prog_name="wanwu")
 @click.option("-v", "--verbose", count=True, help=VERBOSE_HELP, show_default=False)
 def cli(verbose: int) -> None:
@@ -62,39 +118,27 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="wanwu: %(message)s", stream=sys.stderr, force=True)
 
 
-for _name in COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(f"wanwu.cli.{_name}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"wanwu.cli.{_name}":
-            raise
-        continue
-    cli.add_command(_module.command)
-
-
-def _localize_short_help(group: click.Group, prefix: str = "") -> None:
+def _localize_short_help(command: click.Command, path: str) -> None:
     """Under a Chinese locale, the command lists of ``wanwu --help`` and its groups in Chinese too."""
-    for name, command in group.commands.items():
-        text = short_help(prefix + name)
-        if text is not None:
-            command.short_help = text
-        if isinstance(command, click.Group):
-            _localize_short_help(command, f"{prefix}{name} ")
+    text = short_help(path)
+    if text is not None:
+        command.short_help = text
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            _localize_short_help(sub, f"{path} {name}")
 
 
-def _accept_verbose(group: click.Group) -> None:
+def _accept_verbose(command: click.Command) -> None:
     """Every subcommand also takes -v/--verbose (``wanwu recognize -v ...`` as well as ``wanwu -v recognize``)."""
-    for command in group.commands.values():
-        if isinstance(command, click.Group):
-            _accept_verbose(command)
-        elif not any("--verbose" in p.opts for p in command.params):
-            command.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False,
-                                               callback=_verbosity, help=VERBOSE_HELP, show_default=False))
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            _accept_verbose(sub)
+    elif not any("--verbose" in p.opts for p in command.params):
+        command.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False,
+                                           callback=_verbosity, help=VERBOSE_HELP, show_default=False))
 
 
-_accept_verbose(cli)
-_localize_short_help(cli)
-localize(cli)
+localize(cli, deep=False)  # each command as it is loaded (LazyGroup._load)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import click
 
@@ -20,10 +22,12 @@ from wanwu.cli.progress import ReportedInterrupt, RunProgress, WholeRecords, int
 from wanwu.config import RecognizeOptions
 from wanwu.errors import UsageError
 from wanwu.models import resolve_model
-from wanwu.resume import ResumeState, prepare_resume, resumable_formats
 from wanwu.runners import RunnerConfig, create_runner
 from wanwu.sinks import SINKS, DeferredFlush, SinkOptions, create_sink, format_for_path
 from wanwu.sources import SourceOptions, count_items, expand
+
+if TYPE_CHECKING:
+    from wanwu.resume import ResumeState  # imported where a run resumes: a plain run does without it
 
 log = logging.getLogger("wanwu")
 
@@ -68,7 +72,7 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         model = resolve_model(kw["model"], kw["labels"], kw["label_column"], kw["prompts"]) if kw["prompts"] \
             else kw["model"]
         runner_config = RunnerConfig(model, kw["labels"], options, kw["ray_address"], kw["label_column"],
-                                     kw["ray_actors"])
+                                     kw["ray_actors"], long=not _few_files(inputs))
         if kw["runner"] == "ray":
             _set_ray_logs_aside(stack)
         recognizer = stack.enter_context(create_runner(kw["runner"], runner_config))
@@ -84,10 +88,10 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         )
         # A table on the terminal and the progress bar share one console: rows print above the bar.
         shared = fmt == "table" and output is None and sys.stdout.isatty()
-        console = terminal_console(stdout=shared)
+        console = terminal_console(stdout=True) if shared else None  # else rich is imported only for a bar
         sink_options = SinkOptions(
             top_k=options.record.top_k, bom=bom, append=state is not None and state.exists,
-            english=bool(recognizer.spec.labels_en), console=console if shared else None,
+            english=bool(recognizer.spec.labels_en), console=console,
             meta=with_meta or bool(keep),
         )
         # Records written in a burst are flushed once, when no further record is ready at once.
@@ -121,6 +125,8 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         if interrupted:
             earlier = _already_recorded(state)
             total = None if progress.total is None else progress.total + earlier
+            from wanwu.resume import resumable_formats
+
             resumable = output is not None and fmt in resumable_formats()
             click.echo(interrupted_message(earlier + progress.done, total, resumable), err=True)
             raise ReportedInterrupt
@@ -140,6 +146,14 @@ def _set_ray_logs_aside(stack: ExitStack) -> None:
     if aside is not None:
         aside.claim_loggers("ray")
         log.info("Ray's own log lines: %s", aside.path)
+
+
+def _few_files(inputs: tuple[str, ...]) -> bool:
+    """At most :data:`~wanwu.run.SHORT_RUN` arguments, each a file (no folder, glob, URL or stdin list):
+    a run that decodes in this process, so no decode process is started for it."""
+    from wanwu.run import SHORT_RUN
+
+    return len(inputs) <= SHORT_RUN and all(os.path.isfile(i) and not glob.has_magic(i) for i in inputs)
 
 
 def _warn_if_overwriting(output: Path) -> None:
@@ -167,6 +181,8 @@ def _default_format(output: Path | None) -> str:
 def _resume_state(
     output: Path | None, fmt: str, top_k: int, retry_errors: bool, expect: int | None = None
 ) -> ResumeState:
+    from wanwu.resume import prepare_resume, resumable_formats
+
     if output is None:
         raise UsageError("--resume needs --output FILE (the file of the run to continue)")
     if fmt not in resumable_formats():

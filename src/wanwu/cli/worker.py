@@ -69,7 +69,7 @@ def command(queue_url: str | None, allow_roots: tuple[Path, ...], lease: float |
     # A queue that is down when the worker starts is waited for, as one that goes down later is.
     with closing(retrying(lambda: open_queue(queue_url), "opening the queue", stop=stop)) as queue, \
             Recognizer(kw["model"], labels=kw["labels"], label_column=kw["label_column"],
-                       options=options) as recognizer:
+                       options=options, start_decoders=True) as recognizer:
         log.info("%s", t("worker.start", worker=worker_id, model=recognizer.spec.name, queue=queue.url))
         try:
             for warning in queue.health():

@@ -12,6 +12,7 @@ import base64
 import binascii
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -105,6 +106,11 @@ async def parse_recognize(request: Request, config: ServeConfig) -> Parsed:
 
 
 async def _parse_multipart(request: Request, config: ServeConfig) -> Parsed:
+    boundary = _boundary(request.headers.get("content-type", ""))
+    if boundary is not None:
+        one = _one_file(await request.body(), boundary)  # (the form parser below reads the body kept here)
+        if one is not None:
+            return Parsed([InputItem.from_bytes(*one)])
     try:
         form = await request.form(max_files=config.max_files, max_fields=32)
     except HTTPException as e:  # python-multipart's complaints, already worded
@@ -125,6 +131,38 @@ async def _parse_multipart(request: Request, config: ServeConfig) -> Parsed:
     finally:
         await form.close()
     return Parsed(items, top_k, labels)
+
+
+# The common upload, one file part and nothing else, is taken from the body with a few byte searches: the general
+# multipart parser costs about 190 us of CPU for a 100 kB photo, a tenth of that here. Anything else (more parts,
+# other fields, unusual headers or file names) goes to the general parser, so both always agree.
+_SIMPLE_TOKEN = re.compile(rb"[A-Za-z0-9'()+_,./:=?-]{1,70}")
+_ONE_FILE_HEAD = re.compile(
+    rb'Content-Disposition: form-data; name="files"; filename="([\x20-\x21\x23-\x5b\x5d-\x7e]{1,255})"'
+    rb"(?:\r\nContent-Type: [\x21-\x7e]{1,100})?\r\n\r\n"
+)
+
+
+def _boundary(content_type: str) -> bytes | None:
+    """The multipart boundary when it is a plain token (``boundary=XYZ``, unquoted); else None."""
+    _, _, rest = content_type.partition(";")
+    name, _, value = rest.strip().partition("=")
+    token = value.encode("latin-1", "replace")
+    return token if name.strip().lower() == "boundary" and _SIMPLE_TOKEN.fullmatch(token) else None
+
+
+def _one_file(body: bytes, boundary: bytes) -> tuple[str, bytes] | None:
+    """(file name, bytes) of a body that is exactly one ``files`` part with an ASCII file name; else None."""
+    opening, closing = b"--" + boundary + b"\r\n", b"\r\n--" + boundary + b"--\r\n"
+    if not body.startswith(opening) or not body.endswith(closing):
+        return None
+    head = _ONE_FILE_HEAD.match(body, len(opening))
+    if head is None:
+        return None
+    end = len(body) - len(closing)
+    if body.find(b"\r\n--" + boundary, head.end()) != end:
+        return None  # another part, or a boundary inside what would be the file
+    return head.group(1).decode("ascii"), body[head.end():end]
 
 
 def _top_k(text: str | None) -> int | None:

@@ -80,7 +80,7 @@ class Runtime:
         self.batcher = self._batcher(engine)
         self.recognizer = Recognizer(
             options=config.options, engine=engine, cache=cache,
-            inference=BatcherInference(self.batcher, loop), on_cache_hit=on_cache_hit,
+            inference=BatcherInference(self.batcher, loop), on_cache_hit=on_cache_hit, start_decoders=True,
         )
         self.downloads = DownloadBudget(budget or ByteBudget(int(config.inflight_mb * 1024 * 1024)))
         self.recognizer.fetcher = self.downloads.fetcher(self.recognizer.fetcher)
