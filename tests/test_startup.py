@@ -21,7 +21,7 @@ from wanwu import RecognizeOptions, Recognizer
 from wanwu.cli.main import COMMANDS, main
 from wanwu.decoders import DecodeProcess
 from wanwu.imaging import _resize_crop, _to_rgb, draft_scale, prepare
-from wanwu.pipeline import SHORT_RUN
+from wanwu.run import SHORT_RUN
 from wanwu.registry import Registry, _installed_entry_points
 from wanwu.sources import InputItem
 from wanwu.spec import PreprocessSpec
@@ -122,7 +122,8 @@ def test_help_lists_every_command_as_loaded_without_importing_any(lang: str) -> 
     env.pop("WANWU_LANG", None)
     lazy = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
                           timeout=120).stdout.splitlines()
-    assert json.loads(lazy[-1]) == ["wanwu.cli.main", "wanwu.cli.messages", "wanwu.cli.progress"]
+    assert json.loads(lazy[-1]) == ["wanwu.cli.helpformat", "wanwu.cli.localized", "wanwu.cli.main",
+                                    "wanwu.cli.messages", "wanwu.cli.progress"]
     eager = f"from wanwu.cli.main import cli, main\nassert len(cli.commands) == {len(COMMANDS)}\nmain(['--help'])"
     loaded = subprocess.run([sys.executable, "-c", eager], capture_output=True, text=True, env=env, check=True,
                             timeout=120).stdout.splitlines()
