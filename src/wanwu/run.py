@@ -213,7 +213,7 @@ class _Run:
                 self.seen += 1
                 self.window.append(slot)
                 if item.kind == "missing":
-                    slot.record = Record.failure(item.input, item.error_type, item.error)
+                    slot.record = self._record(slot, (item.error_type, item.error))
                 else:
                     block.append(slot)
             if not block:

@@ -76,7 +76,8 @@ def dumps(record: Record) -> str:
     second, and the generic encoder would be a third of its time)."""
     predictions = record.predictions
     scores = [repr(p.score) for p in predictions]
-    if record.status != "ok" or "n" in "".join(scores):  # an error, or a score of nan/inf (JSON: NaN, Infinity)
+    if record.status != "ok" or record.meta is not None or "n" in "".join(scores):
+        # an error, what rode along with the input, or a score of nan/inf (JSON: NaN, Infinity)
         return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))
     text = _text
     body = ",".join([
