@@ -286,7 +286,7 @@ def test_the_stages_carry_decoder_warnings_like_the_local_runner(
     finally:
         stages.close_per_process()
     assert any("Corrupt EXIF" in w for w in json.loads(got[0]).get("warnings", [])), got[0]
-    assert got == _local(mobilenet, inputs)
+    assert got == _local(mobilenet, inputs)  # (a short run: decoded in this process, under pytest's filters)
     assert again == got  # the cached record keeps the decoder's warnings
 
 
@@ -307,7 +307,19 @@ def test_the_stages_score_a_clip_model_like_the_local_runner(photos: Path, tmp_p
         shape = RecordOptions(top_k=3, score=score)  # type: ignore[arg-type]
         with Recognizer(spec, options=options) as rec:
             local = [dumps(r) for r in rec.recognize(inputs, record=shape)]
-        assert _through_stages(spec, options, inputs, shape) == local
+        _same_up_to_float_noise(_through_stages(spec, options, inputs, shape), local)
+
+
+def _same_up_to_float_noise(got: list[str], want: list[str]) -> None:
+    """The same records, labels in the same order; scores equal but for the last bits a float32 matrix product
+    may change with the batch's size (the stages split a batch over the engine's streams, the local runner
+    batches as it goes): 1e-5 on a 6-decimal score."""
+    assert len(got) == len(want)
+    for a, b in zip(map(json.loads, got), map(json.loads, want), strict=True):
+        pa, pb = a.pop("predictions"), b.pop("predictions")
+        assert a == b
+        assert [(p["index"], p["label"]) for p in pa] == [(p["index"], p["label"]) for p in pb]
+        assert [p["score"] for p in pa] == pytest.approx([p["score"] for p in pb], abs=1e-5)
 
 
 def _cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

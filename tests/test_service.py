@@ -408,9 +408,14 @@ def test_the_configured_cache_is_opened_and_used_on_one_thread(
 def test_a_missing_cache_backend_says_use_no_cache(
     tiny_model: Model, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from wanwu.cache import CACHES
+
     monkeypatch.setitem(sys.modules, "wanwu.cache.sqlite", None)  # importing it raises ImportError
+    # as on a Python without sqlite3: the registry has not loaded its opener (an earlier test may have)
+    monkeypatch.setitem(CACHES._entries, "sqlite", CACHES._entries["sqlite"])  # restored after the test
+    CACHES.lazy("sqlite", "wanwu.cache.sqlite:open_location")
     with serve(tiny_model, cache=_UNSET, options=RecognizeOptions(workers=0), ready=False) as (base, _):
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120
         while (ready := httpx.get(f"{base}/readyz")).json()["status"] == "loading":
             assert time.monotonic() < deadline
             time.sleep(0.02)

@@ -179,15 +179,23 @@ class _Collector(threading.local):
 _collector = _Collector()
 
 
+_DECODER_WARNINGS = r"PIL(\.|$)"  # the modules whose warnings belong to the file being decoded
+
+
 class _Hook:
     """``warnings.showwarning`` is wanwu's only while some thread prepares an image (counted), and the one it
     found is put back once none does: importing wanwu changes nothing, and between runs the process is as the
-    application left it. (If the application replaces it meanwhile, its own stays.)"""
+    application left it. (If the application replaces it meanwhile, its own stays.)
+
+    Meanwhile Pillow's warnings are shown every time (a filter put first, and taken out after): in this process
+    (a short run, ``-j 0``) the application's filters would otherwise decide, showing a warning once per code
+    location, or raising it under ``-W error``, and a file's record would lose it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._users = 0
         self._previous: Any = None
+        self._filter: Any = None
 
     def enter(self) -> None:
         with self._lock:
@@ -195,6 +203,8 @@ class _Hook:
             if self._users == 1:
                 self._previous = warnings.showwarning
                 warnings.showwarning = self.show
+                warnings.filterwarnings("always", module=_DECODER_WARNINGS)
+                self._filter = warnings.filters[0]
 
     def leave(self) -> None:
         with self._lock:
@@ -203,6 +213,10 @@ class _Hook:
                 if warnings.showwarning == self.show:
                     warnings.showwarning = self._previous
                 self._previous = None
+                if self._filter in warnings.filters:
+                    warnings.filters.remove(self._filter)
+                    getattr(warnings, "_filters_mutated", lambda: None)()
+                self._filter = None
 
     def show(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
              file: Any = None, line: str | None = None) -> None:

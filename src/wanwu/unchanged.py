@@ -69,6 +69,9 @@ class Prober:
         self.max_bytes = max_bytes  # a larger file is read (and refused as too large), never answered
         self.machine = memos.machine_id()
 
+    def close(self) -> None:
+        self.memo.close()
+
     def probe(self, items: Sequence[InputItem], cache: ResultCache | None, namespace: str) -> Probed:
         looks = [self._look(item) for item in items]
         if self.rehash:

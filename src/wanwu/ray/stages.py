@@ -9,7 +9,7 @@ Rows in (any of these shapes, mixed blocks are fine):
 
 :func:`decode_batch` (a plain function: Ray runs it as CPU tasks) turns each row into pixels, a cache hit or an
 error. Every decision about a row is one of the orchestrator's own rules (:mod:`wanwu.rules`: fetch failures,
-cache lookup, NaN, out of memory; :func:`wanwu.decoders.decode_failure`: crashes and deadlines), so a row's
+cache lookup, NaN, out of memory; :func:`wanwu.decoders.decode_outcomes`: crashes and deadlines), so a row's
 record is the one ``wanwu recognize`` writes. As in the local runner, images are decoded in a process of their
 own (:class:`~wanwu.decoders.ProcessDecoder`: one per Ray worker thread, reused; a task's images in one round
 trip) under ``options.decode_timeout``: a decoder that crashes or hangs costs its own row a ``decode_error``
@@ -318,5 +318,6 @@ def close_per_process() -> None:
     """Close what this process's tasks kept open between calls (fetcher, cache, decode processes)."""
     while _PER_PROCESS:
         _, thing = _PER_PROCESS.popitem()
-        thing.close()
+        if thing is not None:  # no memo beside a plug-in's cache
+            thing.close()
     ProcessDecoder.close_all()
