@@ -412,7 +412,7 @@ def test_a_missing_cache_backend_says_use_no_cache(
 
     monkeypatch.setitem(sys.modules, "wanwu.cache.sqlite", None)  # importing it raises ImportError
     # as on a Python without sqlite3: the registry has not loaded its opener (an earlier test may have)
-    monkeypatch.setitem(CACHES._entries, "sqlite", CACHES._entries["sqlite"])  # restored after the test
+    monkeypatch.delitem(CACHES._entries, "sqlite")  # (put back after the test)
     CACHES.lazy("sqlite", "wanwu.cache.sqlite:open_location")
     with serve(tiny_model, cache=_UNSET, options=RecognizeOptions(workers=0), ready=False) as (base, _):
         deadline = time.monotonic() + 120

@@ -213,8 +213,9 @@ class _Hook:
                 if warnings.showwarning == self.show:
                     warnings.showwarning = self._previous
                 self._previous = None
-                if self._filter in warnings.filters:
-                    warnings.filters.remove(self._filter)
+                filters: list[Any] = warnings.filters  # type: ignore[assignment]  # a list, typed as a Sequence
+                if self._filter in filters:
+                    filters.remove(self._filter)
                     getattr(warnings, "_filters_mutated", lambda: None)()
                 self._filter = None
 
