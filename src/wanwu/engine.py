@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 
-from wanwu.backends import Backend, BackendOptions, create_backend
+from wanwu.backends import Backend, BackendOptions, EmbeddingBackend, create_backend
+from wanwu.embeddings import EmbeddingSource, normalise
 from wanwu.errors import OutOfMemoryError
 from wanwu.imaging import to_batch
 from wanwu.models import resolve_model
@@ -52,26 +55,41 @@ class Engine:
             size = min(self.max_batch, len(pixels) - start)
             chunk = pixels[start : start + size]
             try:
-                raw = self._run(chunk)
+                raw, embedded = self._run(chunk)
             except OutOfMemoryError as e:
                 if size == 1:
                     raise
                 self.max_batch = min(self.max_batch, max(1, size // 2))  # streams may race here
                 log.warning("out of memory at batch %d; retrying with batch %d (%s)", size, self.max_batch, e)
                 continue
-            out.extend(top_scores(raw))
+            tops = top_scores(raw)
+            if embedded is not None:
+                tops = [replace(t, embedding=row) for t, row in zip(tops, normalise(embedded), strict=True)]
+            out.extend(tops)
             start += size
         return out
 
-    def _run(self, chunk: list[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
+    @property
+    def embedding_source(self) -> EmbeddingSource | None:
+        """Where this engine's embeddings come from; None when it gives none."""
+        source: EmbeddingSource | None = getattr(self.backend, "embedding_source", None)
+        return source
+
+    def _run(
+        self, chunk: list[npt.NDArray[np.uint8]]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
         batch = to_batch(chunk, self.spec.preprocess)
+        embedded = None
         with self._slots:
-            raw = self.backend.infer(batch)
+            if self.embedding_source is not None:
+                raw, embedded = cast(EmbeddingBackend, self.backend).infer_embedded(batch)
+            else:
+                raw = self.backend.infer(batch)
         if raw.ndim != 2 or raw.shape[0] != len(chunk) or raw.shape[1] != self.spec.num_classes:
             raise RuntimeError(
                 f"backend returned shape {raw.shape} for {len(chunk)} images of {self.spec.num_classes} classes"
             )
-        return raw
+        return raw, embedded
 
     def close(self) -> None:
         self.backend.close()

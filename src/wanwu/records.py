@@ -83,6 +83,7 @@ class TopScores:
     indices: npt.NDArray[np.int32]
     values: npt.NDArray[np.float32]
     logsumexp: float
+    embedding: npt.NDArray[np.float32] | None = None  # the image's L2-normalised embedding, when asked for
 
     def predictions(
         self, labels: tuple[str, ...], top_k: int, score: ScoreKind, threshold: float | None = None,
@@ -127,6 +128,7 @@ class Record:
     height: int | None = None
     error: ErrorInfo | None = None
     warnings: tuple[str, ...] = ()  # what the decoder said about this file (a corrupt EXIF block, …)
+    embedding: npt.NDArray[np.float32] | None = None  # L2-normalised, when the run asked for embeddings
 
     @property
     def ok(self) -> bool:
@@ -144,6 +146,8 @@ class Record:
             }
             if self.warnings:
                 out_ok["warnings"] = list(self.warnings)
+            if self.embedding is not None:
+                out_ok["embedding"] = [round(float(v), 6) for v in self.embedding]
             return out_ok
         out: dict[str, Any] = {"input": self.input, "status": "error"}
         if self.sha256 is not None:
@@ -164,6 +168,7 @@ class Record:
         )
         record = cls(input, "ok", predictions, sha256, width, height)
         record.warnings = warnings
+        record.embedding = top.embedding
         return record
 
     @classmethod
@@ -182,6 +187,7 @@ class Record:
                 width=data.get("width"),
                 height=data.get("height"),
                 warnings=tuple(data.get("warnings") or ()),
+                embedding=np.asarray(data["embedding"], dtype=np.float32) if data.get("embedding") else None,
             )
         err = data.get("error") or {}
         return cls.failure(data["input"], err.get("type", "internal"), err.get("message", ""), data.get("sha256"))

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from wanwu.backends import Backend, BackendOptions
+from wanwu.embeddings import EmbeddingSource
 from wanwu.errors import MissingExtraError, ModelError, OutOfMemoryError, UsageError
 from wanwu.spec import ModelSpec
 
@@ -39,6 +40,11 @@ class TorchBackend:
             torch.set_num_threads(options.threads or default_threads())
         model = build_network(spec)
         self._model = model.to(self._device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self._weights = spec.weights
+        self.embedding_source: EmbeddingSource | None = None
+        if options.embeddings:
+            own = hasattr(model, "embed")
+            self.embedding_source = EmbeddingSource("image embedding" if own else "input of the last linear layer")
 
     @property
     def streams(self) -> int:
@@ -55,12 +61,30 @@ class TorchBackend:
         ]
 
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return self._forward(batch, embed=False)[0]
+
+    def infer_embedded(
+        self, batch: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Scores and embeddings: a CLIP head's projected image embedding, or else the input of the network's
+        last linear layer (a classifier's pooled features: 2048-d for the seed ResNeSt-101)."""
+        scores, embedded = self._forward(batch, embed=True)
+        assert embedded is not None
+        return scores, embedded
+
+    def _forward(
+        self, batch: npt.NDArray[np.float32], embed: bool
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32] | None]:
         torch = self._torch
         try:
             with torch.inference_mode(), self._autocast():
                 x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
                 x = x.to(self._device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                out = self._model(x).float().cpu().numpy()
+                if not embed:
+                    return np.asarray(self._model(x).float().cpu().numpy(), dtype=np.float32), None
+                scores, features = _embedded(self._model, x)
+                return (np.asarray(scores.float().cpu().numpy(), dtype=np.float32),
+                        np.asarray(features.float().cpu().numpy(), dtype=np.float32).reshape(len(batch), -1))
         except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             raise OutOfMemoryError(f"CUDA out of memory for a batch of {len(batch)}: {e}") from None
@@ -68,7 +92,14 @@ class TorchBackend:
             if "can't allocate memory" in str(e) or "not enough memory" in str(e):
                 raise OutOfMemoryError(f"out of memory for a batch of {len(batch)}: {e}") from None
             raise
-        return np.asarray(out, dtype=np.float32)
+
+    def embed_texts(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        """Normalised text embeddings (search queries) of a model with a text tower (Chinese-CLIP)."""
+        embed = getattr(self._model, "embed_texts", None)
+        if embed is None:
+            raise UsageError("this model has no text tower: search by --image, or use a Chinese-CLIP model")
+        with self._torch.inference_mode():
+            return np.asarray(embed(texts, self._weights), dtype=np.float32)
 
     def relabel(self, spec: ModelSpec) -> TorchBackend:
         """This backend over the same network, scoring ``spec``'s labels instead (zero-shot models only)."""
@@ -88,6 +119,25 @@ class TorchBackend:
         self._model = None
         if self._device.type == "cuda":
             self._torch.cuda.empty_cache()
+
+
+def _embedded(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    own = getattr(model, "embed", None)
+    if own is not None:
+        scores, features = own(x)
+        return scores, features
+    import torch
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ModelError("this network has no linear layer whose input could serve as an embedding")
+    seen: list[torch.Tensor] = []
+    handle = linears[-1].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        scores = model(x)
+    finally:
+        handle.remove()
+    return scores, seen[-1]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -18,8 +18,8 @@ from wanwu.cli.progress import ReportedInterrupt
 from wanwu.errors import UsageError, WanwuError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-# Each module defines ``command``; a module whose extra is missing still registers (it fails on use).
-COMMAND_MODULES = ("recognize", "cache", "convert", "serve", "jobs", "worker", "report")
+# Each module defines ``command`` (or ``commands``); a module whose extra is missing still registers.
+COMMAND_MODULES = ("recognize", "cache", "convert", "serve", "jobs", "worker", "report", "search")
 
 
 install_click_translations()
@@ -51,7 +51,8 @@ for _name in COMMAND_MODULES:
         if _e.name != f"wanwu.cli.{_name}":
             raise
         continue
-    cli.add_command(_module.command)
+    for _command in getattr(_module, "commands", None) or (_module.command,):
+        cli.add_command(_command)
 
 
 def _localize_short_help(group: click.Group, prefix: str = "") -> None:
