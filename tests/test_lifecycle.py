@@ -97,10 +97,10 @@ def test_runtime_close_waits_for_the_requests_in_hand(
     release, started = threading.Event(), threading.Event()
     real_infer = engine.infer
 
-    def held_infer(pixels: list[Any]) -> Any:
+    def held_infer(pixels: list[Any], keep_rows: bool = False) -> Any:
         started.set()
         assert release.wait(120), "the test never released the batch"
-        return real_infer(pixels)
+        return real_infer(pixels, keep_rows)
 
     engine.infer = held_infer  # type: ignore[method-assign]
     config = ServeConfig(model=str(tiny_model[0]), labels=tiny_model[1],

@@ -79,7 +79,10 @@ class RecognizeOptions:
     def cache_namespace(self, spec: ModelSpec, numerics: Mapping[str, str] | None = None) -> str:
         """The result cache's namespace for ``spec`` run with these options (a full decode is its own) on a
         backend whose :attr:`~wanwu.engine.Engine.numerics` are ``numerics`` (device class, precision)."""
-        return replace(spec, preprocess=self.decode_spec(spec.preprocess)).cache_namespace(numerics)
+        namespace = replace(spec, preprocess=self.decode_spec(spec.preprocess)).cache_namespace(numerics)
+        if self.backend.embeddings:  # results that carry embeddings are kept apart from those without
+            namespace += f"+emb:{self.backend.embedding_output or 'auto'}"
+        return namespace
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions.with_formats(self.max_pixels, self.formats)

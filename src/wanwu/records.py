@@ -85,10 +85,11 @@ class TopScores:
     values: npt.NDArray[np.float32]
     logsumexp: float
     row: npt.NDArray[np.float32] | None = None  # every class's raw score, where the inference keeps them
+    embedding: npt.NDArray[np.float32] | None = None  # the image's L2-normalised embedding, when asked for
 
     def without_row(self) -> TopScores:
-        """What the caches keep: the top-N and the logsumexp."""
-        return self if self.row is None else TopScores(self.indices, self.values, self.logsumexp)
+        """What the caches keep: the top-N, the logsumexp and the embedding (when there is one)."""
+        return self if self.row is None else TopScores(self.indices, self.values, self.logsumexp, None, self.embedding)
 
     def predictions(
         self, labels: tuple[str, ...], top_k: int, score: ScoreKind, threshold: float | None = None,
@@ -150,6 +151,7 @@ class Record:
     warnings: tuple[str, ...] = ()  # what the decoder said about this file (a corrupt EXIF block, …)
     scores: npt.NDArray[np.float32] | None = None  # every class's raw score, when RecordOptions.scores asked
     meta: dict[str, Any] | None = None  # what rode along with the input (a shard sample's .json, table columns)
+    embedding: npt.NDArray[np.float32] | None = None  # L2-normalised, when the run asked for embeddings
 
     @property
     def ok(self) -> bool:
@@ -169,6 +171,8 @@ class Record:
                 out_ok["warnings"] = list(self.warnings)
             if self.meta is not None:
                 out_ok["meta"] = self.meta
+            if self.embedding is not None:
+                out_ok["embedding"] = [round(float(v), 6) for v in self.embedding]
             return out_ok
         out: dict[str, Any] = {"input": self.input, "status": "error"}
         if self.sha256 is not None:
@@ -193,6 +197,7 @@ class Record:
         record.warnings = warnings
         if options.scores:
             record.scores = top.row
+        record.embedding = top.embedding
         return record
 
     @classmethod
@@ -212,6 +217,7 @@ class Record:
                 height=data.get("height"),
                 warnings=tuple(data.get("warnings") or ()),
                 meta=data.get("meta"),
+                embedding=np.asarray(data["embedding"], dtype=np.float32) if data.get("embedding") else None,
             )
         err = data.get("error") or {}
         failed = cls.failure(data["input"], err.get("type", "internal"), err.get("message", ""), data.get("sha256"))

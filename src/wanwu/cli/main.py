@@ -23,8 +23,8 @@ from wanwu.errors import UsageError, WanwuError
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a command that wrote into a closed pipe
-# Each module defines ``command``; a module whose extra is missing still registers (it fails on use).
-COMMAND_MODULES = ("recognize", "cache", "convert", "serve", "jobs", "worker", "report")
+# Each module defines ``command`` (or ``commands``); one whose extra is missing still registers (fails on use).
+COMMAND_MODULES = ("recognize", "cache", "convert", "serve", "jobs", "worker", "report", "search")
 
 
 VERBOSE_HELP = h("verbose")
@@ -69,7 +69,8 @@ for _name in COMMAND_MODULES:
         if _e.name != f"wanwu.cli.{_name}":
             raise
         continue
-    cli.add_command(_module.command)
+    for _command in getattr(_module, "commands", None) or (_module.command,):
+        cli.add_command(_command)
 
 
 def _localize_short_help(group: click.Group, prefix: str = "") -> None:
