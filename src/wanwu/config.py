@@ -84,6 +84,12 @@ class RecognizeOptions:
             namespace += f"+emb:{self.backend.embedding_output or 'auto'}"
         return namespace
 
+    def with_embeddings(self, output: str | None = None) -> RecognizeOptions:
+        """These options with embeddings on: the backend gives them (from ``output``, a tensor's name, when
+        given) and each record carries its image's (:attr:`RecordOptions.embeddings`)."""
+        backend = replace(self.backend, embeddings=True, embedding_output=output or self.backend.embedding_output)
+        return replace(self, backend=backend, record=replace(self.record, embeddings=True))
+
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions.with_formats(self.max_pixels, self.formats)
 

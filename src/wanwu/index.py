@@ -60,6 +60,7 @@ class ImageIndex:
         self.count: int = int(header["count"])
         self.rows: list[IndexRow] = _read_rows(folder / "rows.jsonl", self.count, int(header["rows_bytes"]))
         self._shas = {row.sha256 for row in self.rows}
+        self._by_sha: dict[str, IndexRow] | None = None
         self._vectors = self._map()
 
     # -- opening ------------------------------------------------------------------------------------------
@@ -111,6 +112,14 @@ class ImageIndex:
 
     def __contains__(self, sha256: object) -> bool:
         return sha256 in self._shas
+
+    def row_of(self, sha256: str) -> IndexRow | None:
+        """The first row whose content has this sha256, or None."""
+        if self._by_sha is None:
+            self._by_sha = {}
+            for row in self.rows:
+                self._by_sha.setdefault(row.sha256, row)
+        return self._by_sha.get(sha256)
 
     @property
     def vectors(self) -> npt.NDArray[np.float16]:

@@ -35,6 +35,7 @@ class RecordOptions:
     score: ScoreKind = "softmax"
     threshold: float | None = None
     scores: bool = False  # also the model's whole score row (Record.scores; never cached, never serialized)
+    embeddings: bool = False  # also the image's embedding (Record.embedding), from a recognizer that embeds
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= TOP_N_STORED:
@@ -48,11 +49,15 @@ class RecordOptions:
             raise UsageError(f"threshold must be a finite number, got {self.threshold!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"top_k": self.top_k, "score": self.score, "threshold": self.threshold}
+        out: dict[str, Any] = {"top_k": self.top_k, "score": self.score, "threshold": self.threshold}
+        if self.embeddings:
+            out["embeddings"] = True
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RecordOptions:
-        return cls(data.get("top_k", 5), data.get("score", "softmax"), data.get("threshold"))
+        return cls(data.get("top_k", 5), data.get("score", "softmax"), data.get("threshold"),
+                   embeddings=bool(data.get("embeddings", False)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +202,8 @@ class Record:
         record.warnings = warnings
         if options.scores:
             record.scores = top.row
-        record.embedding = top.embedding
+        if options.embeddings:
+            record.embedding = top.embedding
         return record
 
     @classmethod

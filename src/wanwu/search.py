@@ -8,7 +8,7 @@ kinds, the result cache, in-run dedupe), so a library indexed again costs only w
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from wanwu.config import RecognizeOptions
+from wanwu.engine import Engine
 from wanwu.errors import IndexFolderError, UsageError
 from wanwu.index import Hit, ImageIndex, IndexRow
 from wanwu.pipeline import InputLike, Recognizer
@@ -27,9 +28,7 @@ STORED_LABELS = 3
 
 def embedding_options(options: RecognizeOptions, embedding_output: str | None = None) -> RecognizeOptions:
     """``options`` with embeddings switched on (and their cache namespace)."""
-    backend = replace(options.backend, embeddings=True,
-                      embedding_output=embedding_output or options.backend.embedding_output)
-    return replace(options, backend=backend)
+    return options.with_embeddings(embedding_output)
 
 
 def index_key(recognizer: Recognizer) -> str:
@@ -55,7 +54,7 @@ def build_index(
         index = ImageIndex.open(folder, index_key(recognizer))
     rows: list[IndexRow] = []
     vectors: list[npt.NDArray[np.float32]] = []
-    shape = RecordOptions(top_k=min(STORED_LABELS, recognizer.spec.num_classes))
+    shape = RecordOptions(top_k=min(STORED_LABELS, recognizer.spec.num_classes), embeddings=True)
     for record in recognizer.recognize(inputs, shape):
         if not record.ok or record.embedding is None or record.sha256 is None:
             report.failed.append(record)
@@ -103,7 +102,7 @@ class SearchResult:
         results = []
         for hit in self.hits:
             row = index.rows[hit.row]
-            item: dict[str, Any] = {"input": row.input, "score": round(hit.score, 6)}
+            item: dict[str, Any] = {"input": row.input, "score": round(hit.score, 6), "sha256": row.sha256}
             if row.labels:
                 item["labels"] = list(row.labels)
             results.append(item)
@@ -116,13 +115,20 @@ def search_images(
 ) -> Iterator[SearchResult]:
     """Each query photo's ``k`` nearest rows; a photo that cannot be read gets an error result."""
     _check_model(recognizer, index)
-    for record in recognizer.recognize(inputs, RecordOptions(top_k=1)):
-        if not record.ok or record.embedding is None:
-            err = record.error
-            yield SearchResult(record.input, error=(err.type, err.message) if err else ("internal", "no embedding"))
-            continue
-        (hits,) = index.search(record.embedding[None, :], k, threshold)
-        yield SearchResult(record.input, tuple(hits))
+    for record in recognizer.recognize(inputs, QUERY_RECORD):
+        yield answer_record(index, record, k, threshold)
+
+
+QUERY_RECORD = RecordOptions(top_k=1, embeddings=True)  # what a query photo's record needs
+
+
+def answer_record(index: ImageIndex, record: Record, k: int = 10, threshold: float | None = None) -> SearchResult:
+    """The answer to one query photo's record (:data:`QUERY_RECORD`): its hits, or its error."""
+    if not record.ok or record.embedding is None:
+        err = record.error
+        return SearchResult(record.input, error=(err.type, err.message) if err else ("internal", "no embedding"))
+    (hits,) = index.search(record.embedding[None, :], k, threshold)
+    return SearchResult(record.input, tuple(hits))
 
 
 def search_texts(
@@ -130,7 +136,14 @@ def search_texts(
 ) -> list[SearchResult]:
     """Each text's ``k`` nearest rows, by the model's text tower (Chinese-CLIP)."""
     _check_model(recognizer, index)
-    embed = getattr(recognizer.engine.backend, "embed_texts", None)
+    return answer_texts(recognizer.engine, index, texts, k, threshold)
+
+
+def answer_texts(
+    engine: Engine, index: ImageIndex, texts: list[str], k: int = 10, threshold: float | None = None,
+) -> list[SearchResult]:
+    """Each text's hits by ``engine``'s text tower; :class:`UsageError` for a model without one."""
+    embed = getattr(engine.backend, "embed_texts", None)
     if embed is None:
         raise UsageError("this model has no text tower: search by --image, or index with a Chinese-CLIP model")
     queries = np.asarray(embed(texts), dtype=np.float32)
@@ -163,5 +176,5 @@ def open_recognizer(model: str | None, options: RecognizeOptions, embedding_outp
     return Recognizer(model, labels=labels, options=embedding_options(options, embedding_output))
 
 
-__all__ = ["IndexReport", "SearchResult", "build_index", "dedupe", "embedding_options",
-           "open_recognizer", "search_images", "search_texts"]
+__all__ = ["QUERY_RECORD", "IndexReport", "SearchResult", "answer_record", "answer_texts", "build_index", "dedupe",
+           "embedding_options", "index_key", "open_recognizer", "search_images", "search_texts"]

@@ -33,6 +33,7 @@ class SinkOptions:
     english: bool = False  # csv: label_en_i columns (the label file has English names)
     console: Any = None  # table: print through this rich Console (the one a live progress bar draws on)
     meta: bool = False  # csv, parquet: a ``meta`` column (JSON text) for what rode along with each input
+    embeddings: bool = False  # parquet: an ``embedding`` column (a fixed-size list of float32)
 
 
 class Sink(Protocol):

@@ -147,6 +147,11 @@ class TorchBackend:
 
         return self._guarded(len(batch), run)
 
+    @property
+    def text_tower(self) -> bool:
+        """Whether :meth:`embed_texts` works: the network has a text tower (Chinese-CLIP)."""
+        return callable(getattr(self._model, "embed_texts", None))
+
     def embed_texts(self, texts: list[str]) -> npt.NDArray[np.float32]:
         """Normalised text embeddings (search queries) of a model with a text tower (Chinese-CLIP)."""
         embed = getattr(self._model, "embed_texts", None)

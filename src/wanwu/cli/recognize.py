@@ -17,6 +17,7 @@ from wanwu.cli.messages import h, t
 from wanwu.cli.options import model_options, prompt_option, recognize_options, run_options, runner_options
 from wanwu.cli.progress import ReportedInterrupt, RunProgress, WholeRecords, interrupted_message, terminal_console
 from wanwu.config import RecognizeOptions
+from wanwu.embfolder import EmbeddingFolder
 from wanwu.errors import UsageError
 from wanwu.models import resolve_model
 from wanwu.resume import ResumeState, prepare_resume, resumable_formats
@@ -42,6 +43,10 @@ log = logging.getLogger("wanwu")
 @click.option("--url-column", default="url", show_default=True, help=h("url_column"))
 @click.option("--keep-columns", default="", help=h("keep_columns"))
 @click.option("--with-meta", is_flag=True, help=h("with_meta"))
+@click.option("--embeddings", is_flag=True, help=h("embeddings"))
+@click.option("--embeddings-dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help=h("embeddings_dir"))
+@click.option("--embedding-output", metavar="NAME", default=None, help=h("embedding_output"))
 @click.option(
     "--resume", is_flag=True,
     help=h("resume"),
@@ -87,9 +92,10 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         sink_options = SinkOptions(
             top_k=options.record.top_k, bom=bom, append=state is not None and state.exists,
             english=bool(recognizer.spec.labels_en), console=console if shared else None,
-            meta=with_meta or bool(keep),
+            meta=with_meta or bool(keep), embeddings=options.record.embeddings,
         )
         sink = create_sink(fmt, stream, sink_options)
+        folder = EmbeddingFolder(kw["embeddings_dir"]) if kw["embeddings_dir"] is not None else None
         items = expand(inputs, options=sources)
         items = items if state is None else state.pending(items)
         progress = _progress(inputs, not quiet, state, console)
@@ -102,12 +108,16 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
             for record in recognizer.recognize(items):
                 with guard.writing():
                     sink.write(record)
+                    if folder is not None:
+                        folder.write(record)
                     counts[record.status] += 1
                     progress.advance(record.ok)
         except KeyboardInterrupt:
             interrupted = True
         finally:
             sink.close()
+            if folder is not None:
+                folder.close()
             progress.stop()
         if interrupted:
             earlier = _already_recorded(state)
@@ -166,7 +176,10 @@ def _resume_state(
 
 
 def _options(kw: dict[str, Any]) -> RecognizeOptions:
-    return recognize_options(kw)
+    options = recognize_options(kw)
+    if kw["embeddings"] or kw["embeddings_dir"] is not None or kw["embedding_output"] is not None:
+        return options.with_embeddings(kw["embedding_output"])
+    return options
 
 
 def _summary(counts: dict[str, int], elapsed: float, state: ResumeState | None, cached: int) -> None:
