@@ -307,3 +307,58 @@ def test_find_similar_on_a_card_shows_the_index_hits_with_thumbnails(
     assert shown[0]["name"] == "n02123045_tabby.JPEG"
     assert [s["score"] for s in shown] == [f"相似度 {h['score']:.3f}" for h in expected]
     assert all(s["thumb_width"] > 0 for s in shown)
+
+
+@pytest.mark.extra("clip")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # transformers' lazy imports leave a file unclosed
+def test_the_search_box_finds_photos_by_chinese_text(photos: Path, tmp_path: Path) -> None:
+    """A Chinese-CLIP server with an index: the page's text box sends the words typed there to /v1/search and shows
+    the hits in the API's order and scores, each card also offering 找相似."""
+    _require_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.clip_helpers import CLIP_LABELS, make_clip_folder
+    from wanwu.config import RecognizeOptions
+    from wanwu.pipeline import Recognizer
+    from wanwu.search import build_index
+
+    words = "一条金鱼"
+    folder = make_clip_folder(tmp_path / "tiny-chinese-clip", extra_text=words)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(CLIP_LABELS) + "\n", encoding="utf-8")
+    library = [photos / n for n in ("n01443537_goldfish.JPEG", "n02085620_Chihuahua.JPEG",
+                                    "n04285008_sports_car.JPEG", "n07753592_banana.JPEG")]
+    options = RecognizeOptions(workers=0, cache=False).with_embeddings()
+    with Recognizer(str(folder), labels=labels, options=options) as rec:
+        build_index(rec, tmp_path / "index", [str(p) for p in library])
+    port = free_port()
+    cmd = [sys.executable, "-c", "from wanwu.cli.main import run; run()", "serve", "-m", str(folder),
+           "-l", str(labels), "--index", str(tmp_path / "index"), "--port", str(port), "--no-cache", "-j", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout=180, proc=proc)
+        expected = httpx.post(f"{base}/v1/search", json={"texts": [words], "k": 12},
+                              timeout=60).json()["queries"][0]["results"]
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+                page.goto(base + "/")
+                page.wait_for_selector("#search-text", state="visible", timeout=30_000)
+                page.fill("#search-text", words)
+                page.press("#search-text", "Enter")
+                expect(page.locator("#hits .hit .thumb img")).to_have_count(len(library), timeout=60_000)
+                shown: list[dict[str, Any]] = page.evaluate(_HITS_JS)
+                title = page.inner_text("#search-title")
+                page.set_input_files("#file-input", [str(library[2])])
+                _wait_for_cards(page, 1)
+                similar = page.locator(".card .similar").count()
+            finally:
+                browser.close()
+    finally:
+        stop(proc)
+    assert words in title
+    assert [s["name"] for s in shown] == [Path(h["input"]).name for h in expected]
+    assert [s["score"] for s in shown] == [f"相似度 {h['score']:.3f}" for h in expected]
+    assert similar == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from wanwu.errors import ClosedError, UsageError
+from wanwu.index import ImageIndex
 from wanwu.service.batcher import QueueFullError
 from wanwu.service.config import ServeConfig
 from wanwu.service.contract import ApiError, errors, json_body_schema
@@ -88,10 +90,16 @@ class SearchRequest:
     threshold: float | None = None
 
 
-def search_router(require: Any, config: ServeConfig, guard: list[Any]) -> APIRouter:
+def search_router(require: Callable[[], Runtime], config: ServeConfig, guard: list[Any]) -> APIRouter:
     """``require()``: the loaded :class:`Runtime`, or an :class:`ApiError` 503 while loading."""
     router = APIRouter()
     retry = {"Retry-After": str(config.retry_after_s)}
+
+    def with_index() -> tuple[Runtime, ImageIndex]:
+        runtime = require()
+        if runtime.index is None:
+            raise ApiError(404, "no_index", "this server has no index: start it with `wanwu serve --index DIR`")
+        return runtime, runtime.index
 
     @router.post(
         "/v1/search", summary="Search the server's image index by text or by photo", openapi_extra=_SEARCH_BODY,
@@ -101,9 +109,7 @@ def search_router(require: Any, config: ServeConfig, guard: list[Any]) -> APIRou
                    **errors(400, *([401] if guard else []), 404, 413, 415, 422, 503)},
     )
     async def search(request: Request) -> Response:
-        runtime: Runtime = require()
-        if runtime.index is None:
-            raise ApiError(404, "no_index", "this server has no index: start it with `wanwu serve --index DIR`")
+        runtime, index = with_index()
         parsed = await parse_search(request, config)
         try:
             if parsed.texts:
@@ -116,7 +122,7 @@ def search_router(require: Any, config: ServeConfig, guard: list[Any]) -> APIRou
             raise ApiError(503, "queue_full", "the server is busy; retry shortly", retry) from None
         except ClosedError:
             raise ApiError(503, "shutting_down", "the server is shutting down", retry) from None
-        return JSONResponse({"queries": [a.to_dict(runtime.index) for a in answers]})
+        return JSONResponse({"queries": [a.to_dict(index) for a in answers]})
 
     @router.get(
         "/v1/search/images/{sha256}", summary="An indexed photo, for a search result's thumbnail",
@@ -126,9 +132,7 @@ def search_router(require: Any, config: ServeConfig, guard: list[Any]) -> APIRou
                    **errors(*([401] if guard else []), 404, 503)},
     )
     async def image(sha256: str) -> Response:
-        runtime: Runtime = require()
-        if runtime.index is None:
-            raise ApiError(404, "no_index", "this server has no index: start it with `wanwu serve --index DIR`")
+        runtime, _ = with_index()
         data = await runtime.indexed_file(sha256) if SHA256.fullmatch(sha256) else None
         media = image_type(data) if data is not None else None
         if data is None or media is None:

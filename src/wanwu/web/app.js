@@ -37,13 +37,17 @@
 
   keyInput.value = localStorage.getItem("wanwu-api-key") || "";
   if (keyInput.value) keyBox.hidden = false;
-  // A zero-shot (CLIP) model takes the user's own label list: show the text box only for one.
-  fetch("/v1/models").then((r) => (r.ok ? r.json() : null)).then((body) => {
-    if (body && body.models && body.models.some((m) => m.zero_shot)) labelsBox.hidden = false;
-    const withIndex = body && body.models ? body.models.find((m) => m.index) : null;
-    if (withIndex) showSearch(withIndex.index);
-  }).catch(() => {});
-  keyInput.addEventListener("change", () => localStorage.setItem("wanwu-api-key", keyInput.value));
+  // A zero-shot (CLIP) model takes the user's own label list: show the text box only for one. A server with an
+  // image index gets the search box. Asked again once a key is typed (a server with keys answers 401 before).
+  function loadModels() {
+    fetch("/v1/models", { headers: authHeaders() }).then((r) => (r.ok ? r.json() : null)).then((body) => {
+      if (body && body.models && body.models.some((m) => m.zero_shot)) labelsBox.hidden = false;
+      const withIndex = body && body.models ? body.models.find((m) => m.index) : null;
+      if (withIndex) showSearch(withIndex.index);
+    }).catch(() => {});
+  }
+  loadModels();
+  keyInput.addEventListener("change", () => { localStorage.setItem("wanwu-api-key", keyInput.value); loadModels(); });
 
   function el(tag, cls, text) {
     const node = document.createElement(tag);
