@@ -188,3 +188,9 @@ def test_indexed_photos_are_served_only_while_their_file_holds_the_indexed_conte
         assert changed.status_code == 404 and changed.json()["error"]["code"] == "no_preview"
         for other in ("0" * 64, "../../etc/passwd", shas["blue.jpg"].upper()):
             assert httpx.get(f"{base}/v1/search/images/{other}", headers=AUTH, timeout=30).status_code == 404
+
+
+def test_serve_refuses_a_missing_index_before_it_listens(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--index", str(tmp_path / "nowhere"), "--port", "0"]) == 1
+    said = capsys.readouterr().err
+    assert "nowhere" in said and "Traceback" not in said

@@ -253,9 +253,9 @@ _HITS_JS = """
 def test_find_similar_on_a_card_shows_the_index_hits_with_thumbnails(
     mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
 ) -> None:
-    """`wanwu serve --index`: the page shows the search box (no text box: MobileNetV2 has no text tower), each
-    card gets 找相似, and a click shows the index's hits for that photo, with scores and thumbnails, as
-    /v1/search answers them."""
+    """`wanwu serve --index --api-key`: once the key is typed, the page shows the search box (no text box:
+    MobileNetV2 has no text tower), each card gets 找相似, and a click shows the index's hits for that photo, with
+    scores and thumbnails (fetched with the key), as /v1/search answers them."""
     _require_browser()
     from playwright.sync_api import expect, sync_playwright
 
@@ -273,13 +273,15 @@ def test_find_similar_on_a_card_shows_the_index_hits_with_thumbnails(
         im.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(query, quality=70)
     port = free_port()
     cmd = [sys.executable, "-c", "from wanwu.cli.main import run; run()", "serve", "-m", str(mobilenet[0]),
-           "-l", str(mobilenet[1]), "--index", str(tmp_path / "index"), "--port", str(port), "--no-cache", "-j", "0"]
+           "-l", str(mobilenet[1]), "--index", str(tmp_path / "index"), "--port", str(port), "--no-cache", "-j", "0",
+           "--api-key", "page-key"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, timeout=120, proc=proc)
         expected = httpx.post(f"{base}/v1/search", files=[("files", (query.name, query.read_bytes(), "image/jpeg"))],
-                              data={"k": "12"}, timeout=60).json()["queries"][0]["results"]
+                              data={"k": "12"}, headers={"X-API-Key": "page-key"},
+                              timeout=60).json()["queries"][0]["results"]
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:
@@ -287,6 +289,10 @@ def test_find_similar_on_a_card_shows_the_index_hits_with_thumbnails(
                 refused: list[str] = []
                 page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
                 page.goto(base + "/")
+                page.wait_for_selector("#key-box", state="visible", timeout=30_000)  # /v1/models said 401
+                search_before_key = page.is_visible("#search-box")
+                page.fill("#api-key", "page-key")
+                page.dispatch_event("#api-key", "change")
                 page.wait_for_selector("#search-box", state="visible", timeout=30_000)
                 text_box_shown = page.is_visible("#search-text")
                 page.set_input_files("#file-input", [str(query)])
@@ -300,7 +306,7 @@ def test_find_similar_on_a_card_shows_the_index_hits_with_thumbnails(
                 browser.close()
     finally:
         stop(proc)
-    assert not text_box_shown
+    assert not search_before_key and not text_box_shown
     assert refused == []
     assert "猫.jpg" in title
     assert [s["name"] for s in shown] == [Path(h["input"]).name for h in expected]

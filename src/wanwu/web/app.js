@@ -40,7 +40,10 @@
   // A zero-shot (CLIP) model takes the user's own label list: show the text box only for one. A server with an
   // image index gets the search box. Asked again once a key is typed (a server with keys answers 401 before).
   function loadModels() {
-    fetch("/v1/models", { headers: authHeaders() }).then((r) => (r.ok ? r.json() : null)).then((body) => {
+    fetch("/v1/models", { headers: authHeaders() }).then((r) => {
+      if (r.status === 401) keyBox.hidden = false;  // a server with keys: ask for one at once
+      return r.ok ? r.json() : null;
+    }).then((body) => {
       if (body && body.models && body.models.some((m) => m.zero_shot)) labelsBox.hidden = false;
       const withIndex = body && body.models ? body.models.find((m) => m.index) : null;
       if (withIndex) showSearch(withIndex.index);
