@@ -290,6 +290,29 @@ def test_the_stages_carry_decoder_warnings_like_the_local_runner(
     assert again == got  # the cached record keeps the decoder's warnings
 
 
+def test_the_stages_carry_embeddings_like_the_local_runner_cached_or_not(
+    mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
+) -> None:
+    """--runner ray --embeddings: the records the two stages make carry the same embeddings as the local
+    runner's, inferred and then from the cache (the decode stage's encoded hits)."""
+    from wanwu.models import resolve_model
+    from wanwu.ray import stages
+
+    inputs = [str(p) for p in sorted(photos.iterdir())[5::333][:3]]
+    spec = resolve_model(str(mobilenet[0]), mobilenet[1])
+    options = RecognizeOptions(cache_path=tmp_path / "cache.sqlite3", workers=0).with_embeddings()
+    with Recognizer(spec, options=RecognizeOptions(cache=False, workers=0).with_embeddings()) as rec:
+        local = [dumps(r) for r in rec.recognize(inputs)]
+    try:
+        fresh = _through_stages(spec, options, inputs, options.record)
+        cached = _through_stages(spec, options, inputs, options.record)
+    finally:
+        stages.close_per_process()
+    assert all(len(json.loads(line)["embedding"]) == 1280 for line in local)
+    assert fresh == local
+    assert cached == local
+
+
 @pytest.mark.extra("clip")
 @pytest.mark.filterwarnings("ignore::ResourceWarning")  # transformers' lazy imports leave a file unclosed
 def test_the_stages_score_a_clip_model_like_the_local_runner(photos: Path, tmp_path: Path) -> None:

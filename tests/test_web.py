@@ -235,3 +235,136 @@ def test_a_zero_shot_model_takes_the_label_list_typed_on_the_page(photos: Path, 
     for card, record in zip(shown, expected, strict=True):
         assert sorted(card["labels"]) == sorted(mine)  # the typed list, not the server's default labels
         assert card["labels"] == [p["label"] for p in record["predictions"]]
+
+
+# The search results on the page: each tile's name, score text and whether its thumbnail loaded.
+_HITS_JS = """
+() => Array.from(document.querySelectorAll('#hits .hit')).map((tile) => {
+  const img = tile.querySelector('.thumb img');
+  return {
+    name: tile.querySelector('.name').innerText,
+    score: tile.querySelector('.score').innerText,
+    thumb_width: img ? img.naturalWidth : 0,
+  };
+})
+"""
+
+
+def test_find_similar_on_a_card_shows_the_index_hits_with_thumbnails(
+    mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
+) -> None:
+    """`wanwu serve --index --api-key`: once the key is typed, the page shows the search box (no text box:
+    MobileNetV2 has no text tower), each card gets 找相似, and a click shows the index's hits for that photo, with
+    scores and thumbnails (fetched with the key), as /v1/search answers them."""
+    _require_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    from wanwu.config import RecognizeOptions
+    from wanwu.pipeline import Recognizer
+    from wanwu.search import build_index
+
+    library = [photos / n for n in ("n01443537_goldfish.JPEG", "n02123045_tabby.JPEG",
+                                    "n04285008_sports_car.JPEG", "n07753592_banana.JPEG")]
+    options = RecognizeOptions(workers=0, cache=False).with_embeddings()
+    with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=options) as rec:
+        build_index(rec, tmp_path / "index", [str(p) for p in library])
+    query = tmp_path / "猫.jpg"
+    with Image.open(library[1]) as im:
+        im.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(query, quality=70)
+    port = free_port()
+    cmd = [sys.executable, "-c", "from wanwu.cli.main import run; run()", "serve", "-m", str(mobilenet[0]),
+           "-l", str(mobilenet[1]), "--index", str(tmp_path / "index"), "--port", str(port), "--no-cache", "-j", "0",
+           "--api-key", "page-key"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout=120, proc=proc)
+        expected = httpx.post(f"{base}/v1/search", files=[("files", (query.name, query.read_bytes(), "image/jpeg"))],
+                              data={"k": "12"}, headers={"X-API-Key": "page-key"},
+                              timeout=60).json()["queries"][0]["results"]
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+                refused: list[str] = []
+                page.on("console", lambda m: refused.append(m.text) if "Content Security Policy" in m.text else None)
+                page.goto(base + "/")
+                page.wait_for_selector("#key-box", state="visible", timeout=30_000)  # /v1/models said 401
+                search_before_key = page.is_visible("#search-box")
+                page.fill("#api-key", "page-key")
+                page.dispatch_event("#api-key", "change")
+                page.wait_for_selector("#search-box", state="visible", timeout=30_000)
+                text_box_shown = page.is_visible("#search-text")
+                page.set_input_files("#file-input", [str(query)])
+                _wait_for_cards(page, 1)
+                page.click(".card .similar")
+                expect(page.locator("#hits .hit")).to_have_count(len(expected), timeout=60_000)
+                expect(page.locator("#hits .hit .thumb img")).to_have_count(len(expected), timeout=60_000)
+                shown: list[dict[str, Any]] = page.evaluate(_HITS_JS)
+                title = page.inner_text("#search-title")
+            finally:
+                browser.close()
+    finally:
+        stop(proc)
+    assert not search_before_key and not text_box_shown
+    assert refused == []
+    assert "猫.jpg" in title
+    assert [s["name"] for s in shown] == [Path(h["input"]).name for h in expected]
+    assert shown[0]["name"] == "n02123045_tabby.JPEG"
+    assert [s["score"] for s in shown] == [f"相似度 {h['score']:.3f}" for h in expected]
+    assert all(s["thumb_width"] > 0 for s in shown)
+
+
+@pytest.mark.extra("clip")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # transformers' lazy imports leave a file unclosed
+def test_the_search_box_finds_photos_by_chinese_text(photos: Path, tmp_path: Path) -> None:
+    """A Chinese-CLIP server with an index: the page's text box sends the words typed there to /v1/search and shows
+    the hits in the API's order and scores, each card also offering 找相似."""
+    _require_browser()
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.clip_helpers import CLIP_LABELS, make_clip_folder
+    from wanwu.config import RecognizeOptions
+    from wanwu.pipeline import Recognizer
+    from wanwu.search import build_index
+
+    words = "一条金鱼"
+    folder = make_clip_folder(tmp_path / "tiny-chinese-clip", extra_text=words)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(CLIP_LABELS) + "\n", encoding="utf-8")
+    library = [photos / n for n in ("n01443537_goldfish.JPEG", "n02085620_Chihuahua.JPEG",
+                                    "n04285008_sports_car.JPEG", "n07753592_banana.JPEG")]
+    options = RecognizeOptions(workers=0, cache=False).with_embeddings()
+    with Recognizer(str(folder), labels=labels, options=options) as rec:
+        build_index(rec, tmp_path / "index", [str(p) for p in library])
+    port = free_port()
+    cmd = [sys.executable, "-c", "from wanwu.cli.main import run; run()", "serve", "-m", str(folder),
+           "-l", str(labels), "--index", str(tmp_path / "index"), "--port", str(port), "--no-cache", "-j", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, timeout=180, proc=proc)
+        expected = httpx.post(f"{base}/v1/search", json={"texts": [words], "k": 12},
+                              timeout=60).json()["queries"][0]["results"]
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="zh-CN")
+                page.goto(base + "/")
+                page.wait_for_selector("#search-text", state="visible", timeout=30_000)
+                page.fill("#search-text", words)
+                page.press("#search-text", "Enter")
+                expect(page.locator("#hits .hit .thumb img")).to_have_count(len(library), timeout=60_000)
+                shown: list[dict[str, Any]] = page.evaluate(_HITS_JS)
+                title = page.inner_text("#search-title")
+                page.set_input_files("#file-input", [str(library[2])])
+                _wait_for_cards(page, 1)
+                similar = page.locator(".card .similar").count()
+            finally:
+                browser.close()
+    finally:
+        stop(proc)
+    assert words in title
+    assert [s["name"] for s in shown] == [Path(h["input"]).name for h in expected]
+    assert [s["score"] for s in shown] == [f"相似度 {h['score']:.3f}" for h in expected]
+    assert similar == 1

@@ -80,7 +80,16 @@ class RecognizeOptions:
     def cache_namespace(self, spec: ModelSpec, numerics: Mapping[str, str] | None = None) -> str:
         """The result cache's namespace for ``spec`` run with these options (a full decode is its own) on a
         backend whose :attr:`~wanwu.engine.Engine.numerics` are ``numerics`` (device class, precision)."""
-        return replace(spec, preprocess=self.decode_spec(spec.preprocess)).cache_namespace(numerics)
+        namespace = replace(spec, preprocess=self.decode_spec(spec.preprocess)).cache_namespace(numerics)
+        if self.backend.embeddings:  # results that carry embeddings are kept apart from those without
+            namespace += f"+emb:{self.backend.embedding_output or 'auto'}"
+        return namespace
+
+    def with_embeddings(self, output: str | None = None) -> RecognizeOptions:
+        """These options with embeddings on: the backend gives them (from ``output``, a tensor's name, when
+        given) and each record carries its image's (:attr:`RecordOptions.embeddings`)."""
+        backend = replace(self.backend, embeddings=True, embedding_output=output or self.backend.embedding_output)
+        return replace(self, backend=backend, record=replace(self.record, embeddings=True))
 
     def decode_options(self) -> DecodeOptions:
         return DecodeOptions.with_formats(self.max_pixels, self.formats)

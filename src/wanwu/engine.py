@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 
-from wanwu.backends import Backend, BackendOptions, NumericsBackend, PixelBackend, create_backend
+from wanwu.backends import Backend, BackendOptions, EmbeddingBackend, NumericsBackend, PixelBackend, create_backend
+from wanwu.embeddings import EmbeddingSource, normalise
 from wanwu.errors import DeviceOutOfMemoryError, OutOfMemoryError
 from wanwu.imaging import to_batch
 from wanwu.models import resolve_model
@@ -108,9 +111,16 @@ class Engine:
                 self._regrown = True
                 log.info("%d batches fitted; trying batch %d again", self._regrow_after, self.max_batch)
 
+    @property
+    def embedding_source(self) -> EmbeddingSource | None:
+        """Where this engine's embeddings come from; None when it gives none."""
+        source: EmbeddingSource | None = getattr(self.backend, "embedding_source", None)
+        return source
+
     def _run(self, chunk: list[npt.NDArray[np.uint8]], keep_rows: bool = False) -> list[TopScores]:
         backend = self.backend
-        if isinstance(backend, PixelBackend) and not keep_rows:  # normalises and ranks on its device
+        embeds = self.embedding_source is not None
+        if isinstance(backend, PixelBackend) and not (keep_rows or embeds):  # normalises and ranks on its device
             with self._slots:
                 indices, values, lse = backend.infer_top(chunk, TOP_N_STORED)
             if indices.shape[0] != len(chunk) or lse.shape != (len(chunk),):
@@ -118,12 +128,20 @@ class Engine:
             return from_top(indices, values, lse)
         batch = to_batch(chunk, self.spec.preprocess)
         with self._slots:
-            raw = backend.infer(batch)
+            if embeds:
+                raw, embedded = cast(EmbeddingBackend, backend).infer_embedded(batch)
+            else:
+                raw, embedded = backend.infer(batch), None
         if raw.ndim != 2 or raw.shape[0] != len(chunk) or raw.shape[1] != self.spec.num_classes:
             raise RuntimeError(
                 f"backend returned shape {raw.shape} for {len(chunk)} images of {self.spec.num_classes} classes"
             )
-        return top_scores(raw, keep_rows=keep_rows)
+        tops = top_scores(raw, keep_rows=keep_rows)
+        if embedded is None:
+            return tops
+        if len(embedded) != len(chunk):
+            raise RuntimeError(f"backend returned {len(embedded)} embeddings for {len(chunk)} images")
+        return [replace(t, embedding=row) for t, row in zip(tops, normalise(embedded), strict=True)]
 
     def close(self) -> None:
         self.backend.close()

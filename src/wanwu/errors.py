@@ -97,6 +97,10 @@ class CacheError(WanwuError):
     """The result cache could not be opened or used."""
 
 
+class IndexFolderError(WanwuError):
+    """An index folder that is missing, foreign, damaged, or made by another model."""
+
+
 class QueueError(WanwuError):
     """A job queue could not be reached or used."""
 

@@ -43,15 +43,20 @@ def require_pyarrow() -> Any:
     return pyarrow
 
 
-def schema(meta: bool = False) -> pa.Schema:
-    """The record columns; ``meta``: plus a ``meta`` column (JSON text) for what rode along with each input."""
+def schema(meta: bool = False, embedding_dim: int | None = None) -> pa.Schema:
+    """The record columns; ``meta``: plus a ``meta`` column (JSON text) for what rode along with each input;
+    ``embedding_dim``: plus an ``embedding`` column, a fixed-size list of float32 (0: a list of any size, what
+    the parts are written with until the size is known)."""
     pa = require_pyarrow()
+    embedding = [] if embedding_dim is None else [
+        ("embedding", pa.list_(pa.float32(), embedding_dim) if embedding_dim else pa.list_(pa.float32()))]
     prediction = pa.struct([("index", pa.int32()), ("label", pa.string()), ("score", pa.float64())])
     return pa.schema([
         ("input", pa.string()), ("status", pa.string()), ("predictions", pa.list_(prediction)),
         ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
         ("error_type", pa.string()), ("error_message", pa.string()),
         *([("meta", pa.string())] if meta else []),
+        *embedding,
     ])
 
 
@@ -67,6 +72,7 @@ def _row(record: Record) -> dict[str, Any]:
         "sha256": record.sha256, "width": record.width, "height": record.height,
         "error_type": err.type if err else None, "error_message": err.message if err else None,
         "meta": meta_text(record) if record.meta is not None else None,
+        "embedding": None if record.embedding is None else record.embedding.tolist(),
     }
 
 
@@ -92,7 +98,9 @@ class ParquetSink:
         self.path = Path(name)
         self.parts = parts_dir(self.path)
         self.row_group_size = row_group_size or ROW_GROUP_SIZE
-        self.schema = schema(getattr(options, "meta", False))
+        self._meta = bool(getattr(options, "meta", False))
+        self._embeddings = bool(getattr(options, "embeddings", False))
+        self.schema = schema(self._meta, 0 if self._embeddings else None)
         self._rows: list[dict[str, Any]] = []
         if not options.append:
             shutil.rmtree(self.parts, ignore_errors=True)
@@ -119,17 +127,29 @@ class ParquetSink:
         self._flush()
         pq = self._pa.parquet
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        parts = sorted(self.parts.glob("*.parquet"))
+        final = schema(self._meta, _embedding_size(parts)) if self._embeddings else self.schema
         try:
-            with pq.ParquetWriter(tmp, self.schema) as writer:
-                for part in sorted(self.parts.glob("*.parquet")):
+            with pq.ParquetWriter(tmp, final) as writer:
+                for part in parts:
                     pf = pq.ParquetFile(part)
                     for i in range(pf.num_row_groups):
-                        writer.write_table(pf.read_row_group(i).cast(self.schema))
+                        writer.write_table(pf.read_row_group(i).cast(final))
             os.replace(tmp, self.path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         shutil.rmtree(self.parts, ignore_errors=True)
+
+
+def _embedding_size(parts: list[Path]) -> int:
+    """The size of the embeddings in ``parts`` (the first one found; 0 when none has one)."""
+    pq = require_pyarrow().parquet
+    for part in parts:
+        column = pq.read_table(part, columns=["embedding"]).column("embedding").drop_null()
+        if len(column):
+            return len(column[0])
+    return 0
 
 
 def _files(path: Path) -> list[Path]:

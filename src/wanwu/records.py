@@ -36,6 +36,7 @@ class RecordOptions:
     score: ScoreKind = "softmax"
     threshold: float | None = None
     scores: bool = False  # also the model's whole score row (Record.scores; never cached, never serialized)
+    embeddings: bool = False  # also the image's embedding (Record.embedding), from a recognizer that embeds
 
     def __post_init__(self) -> None:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= TOP_N_STORED:
@@ -49,11 +50,15 @@ class RecordOptions:
             raise UsageError(f"threshold must be a finite number, got {self.threshold!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"top_k": self.top_k, "score": self.score, "threshold": self.threshold}
+        out: dict[str, Any] = {"top_k": self.top_k, "score": self.score, "threshold": self.threshold}
+        if self.embeddings:
+            out["embeddings"] = True
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RecordOptions:
-        return cls(data.get("top_k", 5), data.get("score", "softmax"), data.get("threshold"))
+        return cls(data.get("top_k", 5), data.get("score", "softmax"), data.get("threshold"),
+                   embeddings=bool(data.get("embeddings", False)))
 
 
 @dataclass(slots=True)
@@ -89,10 +94,11 @@ class TopScores:
     values: npt.NDArray[np.float32]
     logsumexp: float
     row: npt.NDArray[np.float32] | None = None  # every class's raw score, where the inference keeps them
+    embedding: npt.NDArray[np.float32] | None = None  # the image's L2-normalised embedding, when asked for
 
     def without_row(self) -> TopScores:
-        """What the caches keep: the top-N and the logsumexp."""
-        return self if self.row is None else TopScores(self.indices, self.values, self.logsumexp)
+        """What the caches keep: the top-N, the logsumexp and the embedding (when there is one)."""
+        return self if self.row is None else TopScores(self.indices, self.values, self.logsumexp, None, self.embedding)
 
     def predictions(
         self, labels: tuple[str, ...], top_k: int, score: ScoreKind, threshold: float | None = None,
@@ -175,6 +181,7 @@ class Record:
     warnings: tuple[str, ...] = ()  # what the decoder said about this file (a corrupt EXIF block, …)
     scores: npt.NDArray[np.float32] | None = None  # every class's raw score, when RecordOptions.scores asked
     meta: dict[str, Any] | None = None  # what rode along with the input (a shard sample's .json, table columns)
+    embedding: npt.NDArray[np.float32] | None = None  # L2-normalised, when the run asked for embeddings
 
     @property
     def ok(self) -> bool:
@@ -194,6 +201,8 @@ class Record:
                 out_ok["warnings"] = list(self.warnings)
             if self.meta is not None:
                 out_ok["meta"] = self.meta
+            if self.embedding is not None:
+                out_ok["embedding"] = [round(float(v), 6) for v in self.embedding]
             return out_ok
         out: dict[str, Any] = {"input": self.input, "status": "error"}
         if self.sha256 is not None:
@@ -218,6 +227,8 @@ class Record:
         record.warnings = warnings
         if options.scores:
             record.scores = top.row
+        if options.embeddings:
+            record.embedding = top.embedding
         return record
 
     @classmethod
@@ -237,6 +248,7 @@ class Record:
                 height=data.get("height"),
                 warnings=tuple(data.get("warnings") or ()),
                 meta=data.get("meta"),
+                embedding=np.asarray(data["embedding"], dtype=np.float32) if data.get("embedding") else None,
             )
         err = data.get("error") or {}
         failed = cls.failure(data["input"], err.get("type", "internal"), err.get("message", ""), data.get("sha256"))

@@ -33,6 +33,7 @@ class SinkOptions:
     english: bool = False  # csv: label_en_i columns (the label file has English names)
     console: Any = None  # table: print through this rich Console (the one a live progress bar draws on)
     meta: bool = False  # csv, parquet: a ``meta`` column (JSON text) for what rode along with each input
+    embeddings: bool = False  # parquet: an ``embedding`` column (a fixed-size list of float32)
 
 
 class Sink(Protocol):
@@ -76,8 +77,8 @@ def dumps(record: Record) -> str:
     second, and the generic encoder would be a third of its time)."""
     predictions = record.predictions
     scores = [repr(p.score) for p in predictions]
-    if record.status != "ok" or record.meta is not None or "n" in "".join(scores):
-        # an error, what rode along with the input, or a score of nan/inf (JSON: NaN, Infinity)
+    if record.status != "ok" or record.meta is not None or record.embedding is not None or "n" in "".join(scores):
+        # an error, what rode along with the input, an embedding, or a score of nan/inf (JSON: NaN, Infinity)
         return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))
     text = _text
     body = ",".join([

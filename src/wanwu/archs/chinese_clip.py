@@ -83,11 +83,19 @@ class ZeroShotHead(torch.nn.Module):
         return dtype
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.embed(pixel_values)[0]
+
+    def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and the image's projected, normalised embedding (``get_image_features``, normalised)."""
         pooled = self.vision_model(pixel_values=pixel_values).pooler_output
         image = self.visual_projection(pooled).float()
         image = image / image.norm(dim=-1, keepdim=True)
         scores: torch.Tensor = self.scale * (image @ self.text)
-        return scores
+        return scores, image
+
+    def embed_texts(self, texts: list[str], folder: Path) -> npt.NDArray[np.float32]:
+        """Normalised text embeddings of ``texts`` (search queries), as transformers' get_text_features."""
+        return text_features(folder, self.__dict__["clip"], texts)
 
 
 def logit_scale(model: Any) -> float:
@@ -130,16 +138,30 @@ def compute_text_embeddings(
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the tokenizer of {folder}: {e}") from None
     texts = [prompt.replace("{}", label) for label in labels for prompt in prompts]
-    limit = int(getattr(model.config.text_config, "max_position_embeddings", 512))
-    parts = []
     with torch.inference_mode():
-        for start in range(0, len(texts), TEXT_BATCH):
-            tokens = tokenizer(texts[start : start + TEXT_BATCH], padding=True, truncation=True,
-                               max_length=limit, return_tensors="pt")
-            hidden = model.text_model(**tokens).last_hidden_state[:, 0, :]
-            emb = model.text_projection(hidden)
-            parts.append(emb / emb.norm(dim=-1, keepdim=True))
-        per_prompt = torch.cat(parts).reshape(len(labels), len(prompts), -1)
+        per_prompt = torch.from_numpy(_text_rows(tokenizer, model, texts)).reshape(len(labels), len(prompts), -1)
         mean = per_prompt.mean(dim=1)
         mean = mean / mean.norm(dim=-1, keepdim=True)
     return np.ascontiguousarray(mean.numpy(), dtype=np.float32)
+
+
+def text_features(folder: Path, model: Any, texts: list[str]) -> npt.NDArray[np.float32]:
+    """[len(texts), D] normalised text embeddings (search queries)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the tokenizer of {folder}: {e}") from None
+    with torch.inference_mode():
+        return _text_rows(tokenizer, model, texts)
+
+
+def _text_rows(tokenizer: Any, model: Any, texts: list[str]) -> npt.NDArray[np.float32]:
+    limit = int(getattr(model.config.text_config, "max_position_embeddings", 512))
+    parts = []
+    for start in range(0, len(texts), TEXT_BATCH):
+        tokens = tokenizer(texts[start : start + TEXT_BATCH], padding=True, truncation=True,
+                           max_length=limit, return_tensors="pt")
+        hidden = model.text_model(**tokens).last_hidden_state[:, 0, :]
+        emb = model.text_projection(hidden)
+        parts.append(emb / emb.norm(dim=-1, keepdim=True))
+    return np.ascontiguousarray(torch.cat(parts).numpy(), dtype=np.float32)

@@ -32,6 +32,10 @@ class BackendOptions:
     # batches that may run at once, each on its own share of the threads; 0 = the backend decides
     # (onnxruntime on a CPU: 2, which keeps every core busy while decoders take turns on them)
     streams: int = 0
+    # also each image's embedding (Engine.infer puts it on TopScores.embedding): the pooled features the
+    # graph's structure points at, or ``embedding_output`` (a tensor's name) when given
+    embeddings: bool = False
+    embedding_output: str | None = None
 
     def __post_init__(self) -> None:
         if self.streams < 0 or self.threads < 0:
@@ -120,6 +124,16 @@ def is_out_of_memory(error: BaseException) -> bool:
     if type(error).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
         return True
     return any(m in text for m in OOM_MESSAGES)
+
+
+class EmbeddingBackend(Backend, Protocol):
+    """A backend that can also give each image's embedding (before normalisation)."""
+
+    def infer_embedded(
+        self, batch: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """[N, num_classes] scores and [N, D] embeddings of one batch."""
+        ...
 
 
 BackendFactory = Callable[[ModelSpec, BackendOptions], Backend]

@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from wanwu.backends import BackendOptions, is_out_of_memory, numerics_of, parse_cuda_index
+from wanwu.embeddings import EMBEDDING_OUTPUT, EmbeddingSource, expose_output
 from wanwu.errors import ModelError, OutOfMemoryError, UsageError
 from wanwu.spec import ModelSpec
 
@@ -38,7 +39,10 @@ class OnnxBackend:
         so.log_severity_level = 3
         model: str | bytes = str(spec.weights)
         self.int8_exact = False
-        if on_cpu and options.int8 != "native":
+        self.embedding_source: EmbeddingSource | None = None
+        if options.embeddings:
+            model, self.embedding_source, self.int8_exact = _with_embedding(spec, options, on_cpu)
+        elif on_cpu and options.int8 != "native":
             model, self.int8_exact = _maybe_exact_int8(spec, options.int8)
         try:
             self._session = ort.InferenceSession(model, so, providers=providers)
@@ -50,6 +54,9 @@ class OnnxBackend:
             raise ModelError(f"{spec.weights}: expected one image input, found {len(inputs)}")
         self._input = inputs[0].name
         self._output = outputs[0].name
+        self._outputs = [self._output]
+        if self.embedding_source is not None and not self.embedding_source.fallback:
+            self._outputs.append(EMBEDDING_OUTPUT)
         self._check_shapes(spec, inputs[0].shape, outputs[0].shape)
         self._device = self._actual_device(providers)
 
@@ -92,10 +99,21 @@ class OnnxBackend:
         return numerics_of("cpu" if self._device == "cpu" else "cuda", "fp32")
 
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return self._run(batch, [self._output])[0]
+
+    def infer_embedded(
+        self, batch: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Scores and embeddings (flattened, not normalised) in one run of the graph."""
+        outs = self._run(batch, self._outputs)
+        embedded = outs[-1].reshape(len(batch), -1)
+        return outs[0], embedded
+
+    def _run(self, batch: npt.NDArray[np.float32], names: list[str]) -> list[npt.NDArray[np.float32]]:
         message = None
         try:
-            (out,) = self._session.run([self._output], {self._input: batch})
-            return np.asarray(out, dtype=np.float32)
+            outs = self._session.run(names, {self._input: batch})
+            return [np.asarray(out, dtype=np.float32) for out in outs]
         except Exception as e:  # onnxruntime's errors are untyped: read the message
             if not is_out_of_memory(e):
                 raise  # "illegal memory access" and other faults are not retried
@@ -104,6 +122,28 @@ class OnnxBackend:
 
     def close(self) -> None:
         del self._session
+
+
+def _with_embedding(spec: ModelSpec, options: BackendOptions, on_cpu: bool) -> tuple[bytes, EmbeddingSource, bool]:
+    """The model with its embedding tensor as a second output (and, where needed, its exact int8 rewrite)."""
+    import onnx
+
+    from wanwu.backends.int8 import cpu_has_vnni, emulate_qoperator, is_qoperator
+
+    try:
+        proto = onnx.load(str(spec.weights))
+    except Exception as e:
+        raise ModelError(f"cannot read ONNX model {spec.weights}: {e}") from None
+    proto, source = expose_output(proto, options.embedding_output)
+    exact = (
+        on_cpu and is_qoperator(proto)
+        and (options.int8 == "exact" or (options.int8 == "auto" and not cpu_has_vnni()))
+    )
+    if exact:
+        proto = emulate_qoperator(proto)
+    log.info("embeddings: %s", source.describe())
+    data: bytes = proto.SerializeToString()
+    return data, source, exact
 
 
 def _maybe_exact_int8(spec: ModelSpec, mode: str) -> tuple[str | bytes, bool]:

@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from wanwu.backends import Backend, BackendOptions, TopBatch, is_out_of_memory, numerics_of, parse_cuda_index
+from wanwu.embeddings import EmbeddingSource
 from wanwu.errors import MissingExtraError, ModelError, OutOfMemoryError, UsageError
 from wanwu.spec import ModelSpec
 
@@ -94,6 +95,11 @@ class TorchBackend:
         self._lanes = self._new_lanes()
         if self._device.type == "cuda":  # the weights' copies (default stream) end before a lane's stream reads them
             torch.cuda.synchronize(self._device)
+        self._weights = spec.weights
+        self.embedding_source: EmbeddingSource | None = None
+        if options.embeddings:
+            own = hasattr(model, "embed")
+            self.embedding_source = EmbeddingSource("image embedding" if own else "input of the last linear layer")
 
     @property
     def streams(self) -> int:
@@ -122,6 +128,37 @@ class TorchBackend:
                 return np.asarray(self._model(x).float().cpu().numpy(), dtype=np.float32)
 
         return self._guarded(len(batch), run)
+
+    def infer_embedded(
+        self, batch: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Normalised float32 NCHW in; scores and embeddings out: a CLIP head's projected image embedding, or
+        else the input of the network's last linear layer (a classifier's pooled features: 2048-d for the seed
+        ResNeSt-101)."""
+        torch = self._torch
+
+        def run() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+            with torch.inference_mode(), self._autocast():
+                x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+                x = x.to(self._device).contiguous(memory_format=torch.channels_last).to(self._input_dtype)
+                scores, features = _embedded(self._model, x)
+                return (np.asarray(scores.float().cpu().numpy(), dtype=np.float32),
+                        np.asarray(features.float().cpu().numpy(), dtype=np.float32).reshape(len(batch), -1))
+
+        return self._guarded(len(batch), run)
+
+    @property
+    def text_tower(self) -> bool:
+        """Whether :meth:`embed_texts` works: the network has a text tower (Chinese-CLIP)."""
+        return callable(getattr(self._model, "embed_texts", None))
+
+    def embed_texts(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        """Normalised text embeddings (search queries) of a model with a text tower (Chinese-CLIP)."""
+        embed = getattr(self._model, "embed_texts", None)
+        if embed is None:
+            raise UsageError("this model has no text tower: search by --image, or use a Chinese-CLIP model")
+        with self._torch.inference_mode():
+            return np.asarray(embed(texts, self._weights), dtype=np.float32)
 
     def infer_top(self, crops: Sequence[npt.NDArray[np.uint8]], n: int) -> TopBatch:
         """uint8 HWC crops in; each image's top-``n`` scores (best first) and log-sum-exp out, made on the
@@ -231,6 +268,25 @@ def _normaliser(torch: Any, spec: ModelSpec, device: torch.device) -> Callable[[
         return out
 
     return normalise
+
+
+def _embedded(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    own = getattr(model, "embed", None)
+    if own is not None:
+        scores, features = own(x)
+        return scores, features
+    import torch
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ModelError("this network has no linear layer whose input could serve as an embedding")
+    seen: list[torch.Tensor] = []
+    handle = linears[-1].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        scores = model(x)
+    finally:
+        handle.remove()
+    return scores, seen[-1]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -2,7 +2,8 @@
 
 * the key: a hex sha256 becomes its 32 raw bytes (:func:`key_blob`);
 * the scores: :func:`encode_top`, a 12-byte header + indices (uint16 when they fit, else int32) + float32
-  values, about 310 bytes for the top 50, an exact round trip;
+  values, about 310 bytes for the top 50, an exact round trip; in the namespaces of runs that embed, the
+  image's float32 embedding follows (flag 2);
 * the decoder's warnings: a JSON list, or nothing when there are none (almost every file).
 """
 
@@ -18,6 +19,7 @@ from wanwu.records import TopScores
 _BLOB_VERSION = 1
 _HEADER = struct.Struct("<BBBxd")  # blob version, flags, n, pad, logsumexp
 _FLAG_U16 = 1  # indices stored as uint16 (every index < 65536), else int32
+_FLAG_EMBEDDING = 2  # a float32 embedding follows the values (namespaces of runs that embed)
 
 
 def encode_top(top: TopScores) -> bytes:
@@ -28,8 +30,10 @@ def encode_top(top: TopScores) -> bytes:
     small = n == 0 or (int(top.indices.max()) < 65536 and int(top.indices.min()) >= 0)
     indices = np.asarray(top.indices, dtype="<u2" if small else "<i4")
     values = np.asarray(top.values, dtype="<f4")
-    header = _HEADER.pack(_BLOB_VERSION, _FLAG_U16 if small else 0, n, float(top.logsumexp))
-    return header + indices.tobytes() + values.tobytes()
+    flags = (_FLAG_U16 if small else 0) | (_FLAG_EMBEDDING if top.embedding is not None else 0)
+    header = _HEADER.pack(_BLOB_VERSION, flags, n, float(top.logsumexp))
+    embedding = b"" if top.embedding is None else np.asarray(top.embedding, dtype="<f4").tobytes()
+    return header + indices.tobytes() + values.tobytes() + embedding
 
 
 def decode_top(blob: bytes) -> TopScores:
@@ -41,12 +45,15 @@ def decode_top(blob: bytes) -> TopScores:
         raise ValueError(f"unknown result encoding {version}")
     width = 2 if flags & _FLAG_U16 else 4
     start = _HEADER.size
-    if len(blob) != start + n * (width + 4):
+    end = start + n * (width + 4)
+    rest = len(blob) - end
+    if rest < 0 or rest % 4 or bool(rest) != bool(flags & _FLAG_EMBEDDING):
         raise ValueError("truncated result")
     idx = np.frombuffer(blob, dtype="<u2" if width == 2 else "<i4", count=n, offset=start)
     values = np.frombuffer(blob, dtype="<f4", count=n, offset=start + n * width)
+    embedding = np.frombuffer(blob, dtype="<f4", offset=end).astype(np.float32) if rest else None
     # read-only views of the blob where the stored type is already the native one (no copy)
-    return TopScores(idx.astype(np.int32, copy=False), values.astype(np.float32, copy=False), lse)
+    return TopScores(idx.astype(np.int32, copy=False), values.astype(np.float32, copy=False), lse, embedding=embedding)
 
 
 def key_blob(key: str) -> bytes:

@@ -34,7 +34,12 @@ COMMANDS = {
     "report": "Write one self-contained HTML report (no network needed) about RESULTS (jsonl or parquet files).",
     "serve": "Serve recognition over HTTP, with a web page at / and the API under /v1.",
     "worker": "Recognize queued tasks with one loaded model; run as many as you like, on any machine.",
+    "index": "Embed INPUTS (files, folders, globs, URLs, - for a list on stdin) and add what is new to INDEX_DIR.",
+    "search": "Search INDEX_DIR by TEXT (models with a text tower) or by --image photos: one line per query.",
+    "dedupe": "Groups of near-duplicates in INDEX_DIR, one JSON line per group.",
 }
+# Commands defined in a module of another name (the module's ``commands``); the others: ``wanwu.cli.NAME``.
+MODULES = {"index": "search", "search": "search", "dedupe": "search"}
 
 
 class _OutputClosed(Exception):
@@ -73,12 +78,15 @@ class LazyGroup(click.Group):
     def _load(self, name: str) -> click.Command | None:
         if name in self._loaded or name not in COMMANDS:
             return self._loaded.get(name)
+        module_name = f"wanwu.cli.{MODULES.get(name, name)}"
         try:
-            command: click.Command = importlib.import_module(f"wanwu.cli.{name}").command
+            module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name != f"wanwu.cli.{name}":
+            if e.name != module_name:
                 raise
             return None
+        command: click.Command = next(c for c in getattr(module, "commands", ()) if c.name == name) \
+            if name in MODULES else module.command
         _accept_verbose(command)
         _localize_short_help(command, name)
         localize(command)

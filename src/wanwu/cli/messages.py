@@ -148,6 +148,12 @@ HELP: dict[str, dict[str, str]] = {
         "url_column": "URL tables (.parquet/.csv/.tsv inputs): the column holding each row's URL or path.",
         "keep_columns": "URL tables: also carry these columns (comma-separated) into each record's meta.",
         "with_meta": "WebDataset shards (.tar inputs): carry each sample's .json fields into its record's meta.",
+        "embeddings": "Also each image's embedding (L2-normalised): an 'embedding' list in jsonl, a fixed-size list "
+        "column in parquet. Cached apart from plain results.",
+        "embeddings_dir": "Also write the embeddings in clip-retrieval's layout (img_emb/img_emb_N.npy float16 + "
+        "metadata/metadata_N.parquet, same row order); implies --embeddings.",
+        "embedding_output": "The model's tensor to take as the embedding (default: the global-pool output the "
+        "graph's structure shows; a CLIP model's image embedding); implies --embeddings.",
         "resume": "Continue into an existing --output (jsonl, csv or parquet): skip the inputs it already records and "
         "append the rest; a torn last line left by a killed run is repaired.",
         "retry_errors": "With --resume (implied): also redo the inputs recorded as errors, replacing their "
@@ -212,6 +218,12 @@ HELP: dict[str, dict[str, str]] = {
         "url_column": "网址表（.parquet/.csv/.tsv 输入）：存放每行网址或路径的列。",
         "keep_columns": "网址表：把这些列（逗号分隔）也带进每条记录的 meta。",
         "with_meta": "WebDataset 分片（.tar 输入）：把每个样本 .json 的字段带进其记录的 meta。",
+        "embeddings": "同时输出每张图的嵌入向量（L2 归一化）：jsonl 中为 embedding 列表，parquet 中为定长列表列。"
+        "与普通结果分开缓存。",
+        "embeddings_dir": "同时按 clip-retrieval 的目录布局写出嵌入（img_emb/img_emb_N.npy float16 + "
+        "metadata/metadata_N.parquet，行序一致）；隐含 --embeddings。",
+        "embedding_output": "作为嵌入的模型张量名（默认：由图结构找到的全局池化输出；CLIP 模型为其图像嵌入）；"
+        "隐含 --embeddings。",
         "resume": "接着写入已有的 --output（jsonl、csv 或 parquet）：跳过其中已有记录的输入，追加其余的；"
         "被杀死的运行留下的残缺末行会被修复。",
         "retry_errors": "配合 --resume（自动启用）：也重做记录为错误的输入，替换其记录。",

@@ -47,6 +47,10 @@ log = logging.getLogger("wanwu")
 @click.option("--url-column", default="url", show_default=True, help=h("url_column"))
 @click.option("--keep-columns", default="", help=h("keep_columns"))
 @click.option("--with-meta", is_flag=True, help=h("with_meta"))
+@click.option("--embeddings", is_flag=True, help=h("embeddings"))
+@click.option("--embeddings-dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help=h("embeddings_dir"))
+@click.option("--embedding-output", metavar="NAME", default=None, help=h("embedding_output"))
 @click.option(
     "--resume", is_flag=True,
     help=h("resume"),
@@ -92,11 +96,16 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         sink_options = SinkOptions(
             top_k=options.record.top_k, bom=bom, append=state is not None and state.exists,
             english=bool(recognizer.spec.labels_en), console=console,
-            meta=with_meta or bool(keep),
+            meta=with_meta or bool(keep), embeddings=options.record.embeddings,
         )
         # Records written in a burst are flushed once, when no further record is ready at once.
         deferred = DeferredFlush(stream) if fmt in _DEFERRED_FLUSH and not shared else None
         sink = create_sink(fmt, cast(TextIO, deferred) if deferred is not None else stream, sink_options)
+        folder = None
+        if kw["embeddings_dir"] is not None:
+            from wanwu.embfolder import EmbeddingFolder  # numpy and pyarrow: only for a run that writes one
+
+            folder = EmbeddingFolder(kw["embeddings_dir"])
         items = expand(inputs, options=sources)
         items = items if state is None else state.pending(items)
         progress = _progress(inputs, not quiet, state, console)
@@ -111,6 +120,8 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
             for record in records:
                 with guard.writing():
                     sink.write(record)
+                    if folder is not None:
+                        folder.write(record)
                     counts[record.status] += 1
                     progress.advance(record.ok)
                     if deferred is not None and not ready():
@@ -121,6 +132,8 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
             sink.close()
             if deferred is not None:
                 deferred.flush_now()
+            if folder is not None:
+                folder.close()
             progress.stop()
         if interrupted:
             earlier = _already_recorded(state)
@@ -195,7 +208,10 @@ def _resume_state(
 
 
 def _options(kw: dict[str, Any]) -> RecognizeOptions:
-    return recognize_options(kw)
+    options = recognize_options(kw)
+    if kw["embeddings"] or kw["embeddings_dir"] is not None or kw["embedding_output"] is not None:
+        return options.with_embeddings(kw["embedding_output"])
+    return options
 
 
 def _summary(counts: dict[str, int], elapsed: float, state: ResumeState | None, cached: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from pathlib import Path
 from typing import Any
 
 import click
@@ -45,6 +46,8 @@ from wanwu.service.config import ServeConfig
 @io_options
 @click.option("--queue", default=None, metavar="URL",
               help="Also serve /v1/jobs on this job queue (sqlite:///PATH or redis://HOST:PORT/DB).")
+@click.option("--index", "index", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help="Also serve POST /v1/search over this index folder (wanwu index); -m defaults to its model.")
 @click.option("--no-urls", is_flag=True, help="Do not fetch URL inputs (they become error records).")
 @click.option("--insecure", is_flag=True,
               help="Allow listening on a non-loopback address without --api-key (anyone who can reach it may use it).")
@@ -54,7 +57,8 @@ def command(host: str, port: int, access_log: bool, **kw: Any) -> int:
 
     POST /v1/recognize takes multipart 'files' (and 'top_k'), or JSON {"urls": [...]} or
     {"images": [base64, ...]}, and answers {"results": [record, ...]} with the same records as
-    `wanwu recognize`. Also: /v1/models, /healthz, /readyz, /metrics, /docs.
+    `wanwu recognize`. With --index DIR, POST /v1/search answers text or photo queries.
+    Also: /v1/models, /healthz, /readyz, /metrics, /docs.
     """
     config = _config(host, port, kw)
     check_exposure(config.host, config.api_keys, kw["insecure"])
@@ -121,8 +125,13 @@ def _config(host: str, port: int, kw: dict[str, Any]) -> ServeConfig:
     # cannot hold every decoder (wanwu.pipeline).
     budget = kw["decode_budget"] if kw["decode_budget"] is not None else SERVE_DECODE_BUDGET_S
     options = recognize_options(kw, batch_size=batch, decode_budget=budget, decode_share=0.5)
+    model = kw["model"]
+    if kw["index"] is not None and model is None:  # the model that made the index
+        from wanwu.index import ImageIndex
+
+        model = ImageIndex.open(kw["index"]).header.get("model_source")
     return ServeConfig(
-        model=kw["model"],
+        model=model,
         labels=kw["labels"],
         label_column=kw["label_column"],
         host=host,
@@ -137,6 +146,7 @@ def _config(host: str, port: int, kw: dict[str, Any]) -> ServeConfig:
         min_upload_kb_s=kw["min_upload_rate"],
         api_keys=tuple(kw["api_keys"]),
         queue=kw["queue"],
+        index=kw["index"],
         allow_urls=not kw["no_urls"],
         options=options,
     )

@@ -5,6 +5,7 @@
 
 * ``POST /v1/recognize`` — multipart ``files`` (+ ``top_k``, ``labels``), or JSON ``{"urls": [...]}`` /
   ``{"images": [base64, ...]}``; answers ``{"results": [record, ...]}`` in request order;
+* ``POST /v1/search`` — the index of ``--index DIR`` searched by text or photo (:mod:`~wanwu.service.search`);
 * ``GET /v1/models``, ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus), ``/openapi.json``,
   ``/docs`` (Swagger UI served locally);
 * ``GET /`` — the 万物识别 web page (``wanwu/web``, no CDN). No ``/redoc`` (it needs a CDN).
@@ -52,6 +53,7 @@ from wanwu.service.metrics import MetricsMiddleware, ServiceMetrics
 from wanwu.service.oip import PREFIX, OpenInferenceProtocol, oip_router, protocol_error
 from wanwu.service.requests import RecognizeJson, api_key_dependency, json_error_body, parse_recognize
 from wanwu.service.runtime import EngineFactory, Runtime, default_engine_factory
+from wanwu.service.search import SEARCH_JSON_COMPONENTS, search_router
 from wanwu.service.tensors import TensorError
 
 log = logging.getLogger("wanwu")
@@ -143,9 +145,11 @@ def create_app(
         app.include_router(jobs_router(config.queue, max_upload_bytes=config.max_upload_bytes), dependencies=guard,
                            responses=errors(401) if guard else None)
     _add_routes(app, state, guard)
+    app.include_router(search_router(state.require, config, guard))
     protocol = OpenInferenceProtocol(config, state.require, lambda: state.runtime is not None)
     app.include_router(oip_router(protocol, guard))
-    install_openapi(app, _JSON_COMPONENTS, lambda: None if state.runtime is None else state.runtime.zero_shot)
+    components = {**_JSON_COMPONENTS, **SEARCH_JSON_COMPONENTS}
+    install_openapi(app, components, lambda: None if state.runtime is None else state.runtime.zero_shot)
     app.mount("/static", StaticFiles(packages=[("wanwu", "web")]), name="static")
     _add_docs(app)
     return app
@@ -296,6 +300,7 @@ def _add_routes(app: FastAPI, state: ServiceState, guard: list[Any]) -> None:
                     "max_batch_size": config.max_batch_size,
                     "labels_sample": list(spec.labels[:5]),
                     "zero_shot": runtime.zero_shot,
+                    "index": runtime.index_info(),
                 }
             ]
         }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wanwu.config import RecognizeOptions
@@ -36,6 +36,7 @@ class ServeConfig:
     retry_after_s: int = 1
     allow_urls: bool = True  # False (--no-urls): URL inputs become error records, nothing is fetched
     queue: str | None = None  # a job-queue URL: mounts /v1/jobs (see wanwu.jobs)
+    index: Path | None = None  # an index folder (wanwu index) that /v1/search answers from
     options: RecognizeOptions = field(default_factory=RecognizeOptions)
 
     def __post_init__(self) -> None:
@@ -55,6 +56,9 @@ class ServeConfig:
             raise UsageError(f"--port must be between 0 and 65535, got {self.port}")
         if any(not key for key in self.api_keys):
             raise UsageError("--api-key must not be empty")
+        if self.index is not None and not self.options.backend.embeddings:  # search needs the query's embedding
+            backend = replace(self.options.backend, embeddings=True)
+            object.__setattr__(self, "options", replace(self.options, backend=backend))
 
     @property
     def inflight_mb(self) -> float:

@@ -25,7 +25,7 @@ DESCRIPTIONS = {
          "the URL, a file name, a form field or a JSON string",
     408: "The body arrived too slowly (--body-timeout, --min-upload-rate)",
     401: "Missing or wrong API key",
-    404: "No such job",
+    404: "No such job, or (/v1/search) no index on this server",
     413: "Body above --max-upload-mb, or too many files",
     415: "Neither multipart/form-data nor JSON",
     422: "The body or a parameter does not validate",

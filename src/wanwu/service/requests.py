@@ -187,18 +187,18 @@ def _parse_json_body(raw: bytes, allow_urls: bool = True) -> Parsed:
     try:
         body = RecognizeJson.model_validate(data)
     except ValidationError as e:
-        raise ApiError(422, "invalid_body", _describe(e)) from None
+        raise ApiError(422, "invalid_body", describe(e)) from None
     if body.urls and body.images:
         raise ApiError(422, "invalid_body", "give either 'urls' or 'images', not both")
-    items = [_url_item(url, allow_urls) for url in body.urls or []]
+    items = [url_item(url, allow_urls) for url in body.urls or []]
     for i, image in enumerate(body.images or []):
         name, text = (image.name or f"images[{i}]", image.data) if isinstance(image, ImageIn) else (
             f"images[{i}]", image)
-        items.append(_b64_item(name, text))
+        items.append(b64_item(name, text))
     return Parsed(items, body.top_k, _labels(body.labels))
 
 
-def _url_item(url: str, allow_urls: bool = True) -> InputItem:
+def url_item(url: str, allow_urls: bool = True) -> InputItem:
     if not allow_urls:
         return InputItem.failed(url, "this server does not fetch URLs (--no-urls)", "unsupported")
     if not is_url(url):
@@ -207,7 +207,7 @@ def _url_item(url: str, allow_urls: bool = True) -> InputItem:
     return InputItem(url, "url", url)
 
 
-def _b64_item(name: str, text: str) -> InputItem:
+def b64_item(name: str, text: str) -> InputItem:
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
     try:
@@ -217,7 +217,7 @@ def _b64_item(name: str, text: str) -> InputItem:
     return InputItem.from_bytes(name, data)
 
 
-def _describe(error: ValidationError) -> str:
+def describe(error: ValidationError) -> str:
     parts = []
     for issue in error.errors(include_url=False):
         where = ".".join(str(p) for p in issue["loc"]) or "body"

@@ -19,18 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
 
 from wanwu.cache import ResultCache
 from wanwu.engine import Engine
 from wanwu.errors import ClosedError, UsageError
+from wanwu.index import ImageIndex
 from wanwu.pipeline import Recognizer
 from wanwu.records import Record, RecordOptions
+from wanwu.search import QUERY_RECORD, SearchResult, answer_record, answer_texts, index_key
 from wanwu.service.batcher import Batcher, BatcherConfig, BatchObserver
 from wanwu.service.bodies import ByteBudget, DownloadBudget
 from wanwu.service.config import ServeConfig
@@ -38,6 +43,7 @@ from wanwu.service.inference import BatcherInference
 from wanwu.sources import InputItem
 
 log = logging.getLogger("wanwu")
+T = TypeVar("T")
 LABEL_SETS = 4  # per-request label lists kept ready (each: a [labels, 512] text matrix and a batcher)
 
 
@@ -88,8 +94,10 @@ class Runtime:
         self._requests = ThreadPoolExecutor(config.max_requests, thread_name_prefix="wanwu-request")
         self._label_sets: OrderedDict[tuple[str, ...], _LabelSet] = OrderedDict()
         self._label_lock = threading.Lock()
-        self._in_hand: set[Future[list[Record]]] = set()
+        self._in_hand: set[Future[Any]] = set()
         self._closed = False
+        # /v1/search's index, refused when another model or preprocessing made it
+        self.index = ImageIndex.open(config.index, index_key(self.recognizer)) if config.index else None
 
     def _batcher(self, engine: Engine) -> Batcher:
         config = self.config
@@ -116,9 +124,44 @@ class Runtime:
     ) -> list[Record]:
         """One record per item, in order. Raises QueueFullError (the whole request is refused), ClosedError
         once shutting down. ``labels``: the request's own label list (zero-shot models; UsageError otherwise)."""
+        return await self._in_thread(self._run, items, record, labels)
+
+    async def search_images(self, items: list[InputItem], k: int, threshold: float | None) -> list[SearchResult]:
+        """Each query photo's hits in :attr:`index` (or its error), in order; like :meth:`recognize` it raises
+        QueueFullError and ClosedError."""
+        index = self._index()
+        records = await self.recognize(items, QUERY_RECORD)
+        return await self._in_thread(lambda: [answer_record(index, r, k, threshold) for r in records])
+
+    async def search_texts(self, texts: list[str], k: int, threshold: float | None) -> list[SearchResult]:
+        """Each text's hits in :attr:`index` by the model's text tower (UsageError for a model without one)."""
+        return await self._in_thread(answer_texts, self.engine, self._index(), texts, k, threshold)
+
+    def index_info(self) -> dict[str, Any] | None:
+        """What /v1/models says of the index: its rows, their size, whether text queries work."""
+        if self.index is None:
+            return None
+        return {"rows": len(self.index), "dim": self.index.dim,
+                "text": bool(getattr(self.engine.backend, "text_tower", False))}
+
+    async def indexed_file(self, sha256: str) -> bytes | None:
+        """The bytes of the index's row with this content, read from its file, if that is a local file that
+        still holds that content (and not above ``--max-bytes``); else None. Never decoded here."""
+        row = self._index().row_of(sha256)
+        if row is None:
+            return None
+        return await self._in_thread(_read_unchanged, Path(row.input), sha256, self.config.options.max_bytes)
+
+    def _index(self) -> ImageIndex:
+        if self.index is None:
+            raise UsageError("this server has no index (wanwu serve --index DIR)")
+        return self.index
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a request thread, counted as a request in hand (close() waits for it)."""
         if self._closed:
             raise ClosedError("the service is shutting down")
-        future = self._requests.submit(self._run, items, record, labels)
+        future = self._requests.submit(fn, *args)
         self._in_hand.add(future)
         future.add_done_callback(self._in_hand.discard)
         return await asyncio.wrap_future(future)
@@ -192,3 +235,13 @@ class Runtime:
         for label_set in self._label_sets.values():
             label_set.recognizer.engine.close()
         self._label_sets.clear()
+
+
+def _read_unchanged(path: Path, sha256: str, max_bytes: int) -> bytes | None:
+    try:
+        if not path.is_file() or path.stat().st_size > max_bytes:
+            return None
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == sha256 else None

@@ -1,4 +1,5 @@
-// 万物识别 web page: pick or drop images, send them to /v1/recognize, show top-k labels per image.
+// 万物识别 web page: pick or drop images, send them to /v1/recognize, show top-k labels per image; with an
+// image index on the server (wanwu serve --index), search it by text and find photos similar to each card.
 (function () {
   "use strict";
 
@@ -18,6 +19,7 @@
     401: "需要有效的 API 密钥，请在上方填写后重试",
     413: "上传内容超过服务器的大小限制",
     415: "请求格式不受支持",
+    404: "服务器没有图库索引",
     422: "请求无效",
     503: "服务器繁忙或模型尚未就绪，请稍后重试",
   };
@@ -26,16 +28,29 @@
   const input = $("file-input"), zone = $("drop-zone"), results = $("results"), statusLine = $("status");
   const topK = $("top-k"), keyBox = $("key-box"), keyInput = $("api-key");
   const labelsBox = $("labels-box"), labelsInput = $("labels");
-  const urls = [];
+  const searchBox = $("search-box"), searchForm = $("search-form"), searchText = $("search-text");
+  const searchResults = $("search-results"), searchTitle = $("search-title"), hits = $("hits");
+  const urls = [], hitUrls = [];
+  const cardFiles = new WeakMap();  // card -> the File it shows ("find similar" sends it to /v1/search)
   let pending = 0, okCount = 0, errCount = 0;
+  let index = null;  // what /v1/models says of the server's image index: {rows, dim, text}, or null
 
   keyInput.value = localStorage.getItem("wanwu-api-key") || "";
   if (keyInput.value) keyBox.hidden = false;
-  // A zero-shot (CLIP) model takes the user's own label list: show the text box only for one.
-  fetch("/v1/models").then((r) => (r.ok ? r.json() : null)).then((body) => {
-    if (body && body.models && body.models.some((m) => m.zero_shot)) labelsBox.hidden = false;
-  }).catch(() => {});
-  keyInput.addEventListener("change", () => localStorage.setItem("wanwu-api-key", keyInput.value));
+  // A zero-shot (CLIP) model takes the user's own label list: show the text box only for one. A server with an
+  // image index gets the search box. Asked again once a key is typed (a server with keys answers 401 before).
+  function loadModels() {
+    fetch("/v1/models", { headers: authHeaders() }).then((r) => {
+      if (r.status === 401) keyBox.hidden = false;  // a server with keys: ask for one at once
+      return r.ok ? r.json() : null;
+    }).then((body) => {
+      if (body && body.models && body.models.some((m) => m.zero_shot)) labelsBox.hidden = false;
+      const withIndex = body && body.models ? body.models.find((m) => m.index) : null;
+      if (withIndex) showSearch(withIndex.index);
+    }).catch(() => {});
+  }
+  loadModels();
+  keyInput.addEventListener("change", () => { localStorage.setItem("wanwu-api-key", keyInput.value); loadModels(); });
 
   function el(tag, cls, text) {
     const node = document.createElement(tag);
@@ -67,6 +82,7 @@
     body.appendChild(content);
     card.append(thumb, body);
     results.appendChild(card);
+    cardFiles.set(card, file);
     return card;
   }
 
@@ -109,6 +125,95 @@
       list.appendChild(row);
     }
     content.appendChild(list);
+    if (index) addSimilarButton(card);
+  }
+
+  function authHeaders() {
+    return keyInput.value ? { Authorization: "Bearer " + keyInput.value } : {};
+  }
+
+  function showSearch(info) {
+    index = info;
+    searchBox.hidden = false;
+    searchForm.hidden = !info.text;  // only a model with a text tower (Chinese-CLIP) takes text queries
+    $("search-hint").textContent = (info.text ? "输入文字搜索图库，或" : "") +
+      "点击识别结果上的“找相似”，在图库（" + info.rows + " 张）中查找相似的图片。";
+    document.querySelectorAll(".card[data-status=ok]").forEach(addSimilarButton);
+  }
+
+  function addSimilarButton(card) {
+    if (card.querySelector(".similar") || !cardFiles.has(card)) return;
+    const button = el("button", "button secondary similar", "找相似");
+    button.type = "button";
+    button.addEventListener("click", () => {
+      const form = new FormData();
+      form.append("files", cardFiles.get(card), cardFiles.get(card).name);
+      search(form, "与“" + cardFiles.get(card).name + "”相似的图片");
+    });
+    card.querySelector(".card-body").appendChild(button);
+  }
+
+  async function search(form, title) {
+    form.append("k", "12");
+    setStatus("正在搜索…");
+    let response, body = null;
+    try {
+      response = await fetch("/v1/search", { method: "POST", body: form, headers: authHeaders() });
+      body = await response.json();
+    } catch (e) {
+      setStatus(response ? "搜索失败（HTTP " + response.status + "）" : "无法连接服务器", true);
+      return;
+    }
+    if (!response.ok) {
+      if (response.status === 401) keyBox.hidden = false;
+      const detail = body && body.error ? body.error.message : "HTTP " + response.status;
+      setStatus("搜索失败：" + (REQUEST_TEXT[response.status] || "请求失败") + "（" + detail + "）", true);
+      return;
+    }
+    const answer = body.queries[0];
+    if (answer.error) {
+      setStatus("搜索失败：" + (ERROR_TEXT[answer.error.type] || answer.error.type) + "（" + answer.error.message +
+        "）", true);
+      return;
+    }
+    showHits(title, answer.results);
+    setStatus("找到 " + answer.results.length + " 张图片。");
+  }
+
+  function showHits(title, found) {
+    hitUrls.splice(0).forEach((u) => URL.revokeObjectURL(u));
+    hits.replaceChildren();
+    searchTitle.textContent = title;
+    searchResults.hidden = false;
+    for (const hit of found) {
+      const tile = el("article", "hit");
+      const thumb = el("div", "thumb");
+      thumb.appendChild(el("span", "no-preview", "加载中…"));
+      const name = hit.input.split(/[\\/]/).pop();
+      const body = el("div", "hit-body");
+      body.append(el("span", "score", "相似度 " + hit.score.toFixed(3)), el("p", "name", name));
+      if (hit.labels && hit.labels.length) body.appendChild(el("span", "hit-labels", hit.labels.join("、")));
+      tile.append(thumb, body);
+      tile.title = hit.input;
+      hits.appendChild(tile);
+      loadThumb(thumb, hit, name);
+    }
+  }
+
+  async function loadThumb(thumb, hit, name) {
+    // fetch (not <img src>): the API key travels in a header; the page shows the bytes as a blob.
+    try {
+      const response = await fetch("/v1/search/images/" + hit.sha256, { headers: authHeaders() });
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      const url = URL.createObjectURL(await response.blob());
+      hitUrls.push(url);
+      const img = el("img");
+      img.alt = name;
+      img.src = url;
+      thumb.replaceChildren(img);
+    } catch (e) {
+      thumb.replaceChildren(el("span", "no-preview", "无预览"));
+    }
   }
 
   function failCard(card, text) {
@@ -182,8 +287,19 @@
     zone.classList.remove("dragging");
   }));
   zone.addEventListener("drop", (e) => recognize(e.dataTransfer.files));
+  searchForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const text = searchText.value.trim();
+    if (!text) return;
+    const form = new FormData();
+    form.append("text", text);
+    search(form, "“" + text + "”的搜索结果");
+  });
   $("clear").addEventListener("click", () => {
     results.replaceChildren();
+    hits.replaceChildren();
+    searchResults.hidden = true;
+    hitUrls.splice(0).forEach((u) => URL.revokeObjectURL(u));
     urls.splice(0).forEach((u) => URL.revokeObjectURL(u));
     okCount = errCount = 0;
     setStatus("");
