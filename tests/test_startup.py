@@ -21,8 +21,8 @@ from wanwu import RecognizeOptions, Recognizer
 from wanwu.cli.main import COMMANDS, main
 from wanwu.decoders import DecodeProcess
 from wanwu.imaging import _resize_crop, _to_rgb, draft_scale, prepare
-from wanwu.run import SHORT_RUN
 from wanwu.registry import Registry, _installed_entry_points
+from wanwu.run import SHORT_RUN
 from wanwu.sources import InputItem
 from wanwu.spec import PreprocessSpec
 

@@ -43,6 +43,7 @@ from wanwu.decoders import DecodePool
 from wanwu.engine import Engine
 from wanwu.errors import ClosedError
 from wanwu.fetch import Fetcher
+from wanwu.gpudecode import GpuDecoding, open_gpu_decoding
 from wanwu.inference import Inference, LocalInference
 from wanwu.records import Record, RecordOptions, RecordStream
 from wanwu.run import _Run
@@ -107,7 +108,10 @@ class Recognizer:
         self.unchanged = 0  # of those, inputs the stat memo vouched for: never read
         self.cache: ResultCache | None = None
         self.prober: Prober | None = None
+        self.gpu_decoding: GpuDecoding | None = None  # baseline JPEGs decoded on the GPU (--jpeg-decoder)
         try:
+            self.gpu_decoding = open_gpu_decoding(self.options.jpeg_decoder, self.options.backend.device,
+                                                  self.options.max_pixels, self.options.batch_size)
             if cache is FROM_OPTIONS:
                 if self.options.cache:
                     self.cache = OneThreadCache(lambda: open_cache(self.options))
@@ -127,6 +131,12 @@ class Recognizer:
     @property
     def spec(self) -> ModelSpec:
         return self.engine.spec
+
+    @property
+    def numerics(self) -> dict[str, str]:
+        """How this recognizer's numbers are made, for the cache namespace: the engine's (device class,
+        precision) and a GPU JPEG decoder's name (its pixels are not Pillow's)."""
+        return {**self.engine.numerics, **(self.gpu_decoding.numerics if self.gpu_decoding is not None else {})}
 
     def recognize(self, inputs: Iterable[InputLike], record: RecordOptions | None = None) -> Iterator[Record]:
         """Records in input order. Strings are expanded like CLI arguments (folders, globs, URLs).
@@ -206,6 +216,8 @@ class Recognizer:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         self.inference.close()
+        if self.gpu_decoding is not None:
+            self.gpu_decoding.close()
         self.decoders.close()
         self.fetcher.close()
         if self.prober is not None:
