@@ -145,6 +145,36 @@ def test_qualifying_jpegs_go_to_the_gpu_decoder_and_its_crops_make_their_records
         assert got == want, path.name
 
 
+def test_files_gather_into_batches_while_the_gpu_decoder_is_busy(
+    tiny_model: Model, mixed: list[Path], stand_in: dict[str, _StandIn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photos = mixed[:10]
+    routed = threading.Event()
+    taken: list[bytes] = []
+    takes = gpudecode.GpuDecoding.takes
+
+    def counting(self: gpudecode.GpuDecoding, data: bytes, spec: PreprocessSpec) -> bool:
+        taken.append(data)
+        if len(taken) == len(photos):
+            routed.set()
+        return takes(self, data, spec)
+
+    class Busy(_StandIn):
+        def decode(self, datas: Sequence[bytes], spec: PreprocessSpec) -> list[Prepared | None]:
+            assert routed.wait(60), "the photos were never all routed to the GPU decoder"
+            return super().decode(datas, spec)
+
+    monkeypatch.setattr(gpudecode.GpuDecoding, "takes", counting)
+    stand_in["next"] = Busy()
+    records, _ = _run(tiny_model, photos, jpeg_decoder="stand-in")
+    # two batches went at once (one decoding, one waiting, each of what had arrived: usually one file); the rest
+    # gathered meanwhile, into batches of --batch-size
+    batches = stand_in["made"].batches
+    left = len(photos) - batches[0] - batches[1]
+    assert sum(batches) == len(photos) and max(batches) <= 4 and batches[2] == min(4, left)
+    assert all(r.status == "ok" for r in records)
+
+
 def test_what_the_gpu_decoder_refuses_or_fails_on_is_decoded_on_the_cpu(
     tiny_model: Model, mixed: list[Path], stand_in: dict[str, _StandIn], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -157,7 +187,8 @@ def test_what_the_gpu_decoder_refuses_or_fails_on_is_decoded_on_the_cpu(
     assert _sha(truncated) in stand_in["made"].seen and _sha(data[3]) in stand_in["made"].seen
     assert "failed on a batch" in caplog.text and "RuntimeError" in caplog.text
     assert _rows(gpu) == _rows(cpu)  # every file its record, the same as the CPU path gives
-    assert [r.status for r in gpu].count("ok") == len(mixed) - 1 and gpu[-1].to_dict()["error"]["type"] == "decode_error"
+    assert [r.status for r in gpu].count("ok") == len(mixed) - 1
+    assert gpu[-1].to_dict()["error"]["type"] == "decode_error"  # the truncated file: the CPU path's verdict
 
 
 def test_a_run_with_a_gpu_decoder_has_a_cache_namespace_of_its_own(

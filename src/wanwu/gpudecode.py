@@ -102,6 +102,7 @@ class GpuDecoding:
         self.max_pixels = max_pixels
         self.batch_size = max(1, batch_size)
         self.numerics = decoder_numerics(decoder)
+        self._failures = 0  # batches the decoder raised on (only the first is a warning)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -122,8 +123,9 @@ class GpuDecoding:
         try:
             results = self.decoder.decode(datas, spec)
         except Exception as e:  # the files did nothing wrong that the CPU path would not report itself
-            log.warning("JPEG decoder %s failed on a batch of %d (%s: %s); decoding it on the CPU", name,
-                        len(datas), type(e).__name__, e)
+            level, self._failures = (logging.WARNING if self._failures == 0 else logging.DEBUG), self._failures + 1
+            log.log(level, "JPEG decoder %s failed on a batch of %d (%s: %s); decoding it on the CPU (said once; "
+                    "the next at debug level)", name, len(datas), type(e).__name__, e)
             return [None] * len(datas)
         if len(results) != len(datas):
             log.warning("JPEG decoder %s answered %d of %d images; decoding them on the CPU", name, len(results),

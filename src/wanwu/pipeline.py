@@ -12,7 +12,9 @@ with the number of inputs:
   crashed on is retried alone in a quarantine process (:mod:`wanwu.decoders`), so a crash costs exactly its
   file; a file past its deadline is stopped and never retried. A run may hold a share of the decode processes
   at once and spend a budget of decode seconds (``decode_share``, ``decode_budget``: the service gives each
-  request half of them and 60 s), so one caller's slow files cannot hold every decoder;
+  request half of them and 60 s), so one caller's slow files cannot hold every decoder. With a GPU JPEG decoder
+  (``jpeg_decoder``, :mod:`wanwu.gpudecode`), the baseline JPEGs it takes go to it in batches instead, and what it
+  refuses or fails on to the processes;
 * infer: prepared crops go to an :class:`~wanwu.inference.Inference`. Locally, full batches (or a partial one
   when nothing more can arrive soon) run on the engine on up to ``engine.streams`` threads at once, which
   backs off on out-of-memory; in the service, every crop joins the dynamic batcher shared by all requests.

@@ -132,7 +132,8 @@ class _Run:
         # Several images per task amortize a process round trip; threads need none, and a task of one image
         # is what a deadline can give up on without taking its neighbours along (a thread cannot be stopped).
         self.chunk = self.DECODE_CHUNK if self.opts.decode_workers > 0 else 1
-        self.max_fetch = max(4, self.opts.fetch_threads * 2)
+        # fetched files waiting for a decoder: enough to fill a GPU decoder's batch while it decodes the last
+        self.max_fetch = max(4, self.opts.fetch_threads * 2, 2 * self.gpu.batch_size if self.gpu else 0)
         self.max_decode = self.workers * 2 * self.chunk  # a task queued behind each running one
         share = self.opts.decode_share
         self.max_tasks = self.workers * 2 if share >= 1 else max(1, math.ceil(self.workers * share))
