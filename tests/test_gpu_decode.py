@@ -182,10 +182,12 @@ def test_what_the_gpu_decoder_refuses_or_fails_on_is_decoded_on_the_cpu(
     truncated = data[-1]
     stand_in["next"] = _StandIn(refuse=[data[0], data[5]], fail=[truncated], misshape=[data[3]])
     cpu, _ = _run(tiny_model, mixed)
-    with caplog.at_level("WARNING", logger="wanwu"):
+    with caplog.at_level("DEBUG", logger="wanwu"):
         gpu, _ = _run(tiny_model, mixed, jpeg_decoder="stand-in")
     assert _sha(truncated) in stand_in["made"].seen and _sha(data[3]) in stand_in["made"].seen
-    assert "failed on a batch" in caplog.text and "RuntimeError" in caplog.text
+    said = [r for r in caplog.records if "decoding the batch on the CPU" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING", "DEBUG"]  # the first said aloud, the next at debug level
+    assert "failed on a batch" in caplog.text and "RuntimeError" in caplog.text and "shape (7, 7, 3)" in caplog.text
     assert _rows(gpu) == _rows(cpu)  # every file its record, the same as the CPU path gives
     assert [r.status for r in gpu].count("ok") == len(mixed) - 1
     assert gpu[-1].to_dict()["error"]["type"] == "decode_error"  # the truncated file: the CPU path's verdict

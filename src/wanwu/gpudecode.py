@@ -102,7 +102,7 @@ class GpuDecoding:
         self.max_pixels = max_pixels
         self.batch_size = max(1, batch_size)
         self.numerics = decoder_numerics(decoder)
-        self._failures = 0  # batches the decoder raised on (only the first is a warning)
+        self._failures = 0  # batches sent back to the CPU whole (only the first is a warning)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -119,21 +119,25 @@ class GpuDecoding:
             return self._pool.submit(self._decode, datas, spec)
 
     def _decode(self, datas: list[bytes], spec: PreprocessSpec) -> list[Prepared | None]:
-        name = self.decoder.name
         try:
             results = self.decoder.decode(datas, spec)
         except Exception as e:  # the files did nothing wrong that the CPU path would not report itself
-            level, self._failures = (logging.WARNING if self._failures == 0 else logging.DEBUG), self._failures + 1
-            log.log(level, "JPEG decoder %s failed on a batch of %d (%s: %s); decoding it on the CPU (said once; "
-                    "the next at debug level)", name, len(datas), type(e).__name__, e)
-            return [None] * len(datas)
+            return self._to_cpu(datas, f"failed on a batch of {len(datas)} ({type(e).__name__}: {e})")
         if len(results) != len(datas):
-            log.warning("JPEG decoder %s answered %d of %d images; decoding them on the CPU", name, len(results),
-                        len(datas))
-            return [None] * len(datas)
+            return self._to_cpu(datas, f"answered {len(results)} of {len(datas)} images")
         shape = (spec.crop_size, spec.crop_size, 3)
-        return [r if r is None or (r.pixels.shape == shape and r.pixels.dtype.name == "uint8") else None
-                for r in results]
+        wrong = [r for r in results if r is not None and (r.pixels.shape != shape or r.pixels.dtype.name != "uint8")]
+        if wrong:
+            return self._to_cpu(datas, f"returned crops of shape {wrong[0].pixels.shape} {wrong[0].pixels.dtype}, "
+                                       f"not {shape} uint8")
+        return results
+
+    def _to_cpu(self, datas: list[bytes], why: str) -> list[Prepared | None]:
+        """The whole batch to the CPU path: a warning the first time, then at debug level."""
+        level = logging.WARNING if self._failures == 0 else logging.DEBUG
+        self._failures += 1
+        log.log(level, "JPEG decoder %s %s; decoding the batch on the CPU", self.decoder.name, why)
+        return [None] * len(datas)
 
     def close(self) -> None:
         with self._lock:
