@@ -13,7 +13,8 @@ a section that fails records its error and the next one runs):
   CPU: what wanwu did before) against the device path (:meth:`TorchBackend.infer_top`), and how far their top
   scores differ;
 * ``end_to_end``: ``wanwu recognize --device cuda`` on generated JPEGs (web-size and 12 MP) in a subprocess,
-  sampling GPU utilisation and memory (pynvml, else nvidia-smi) every 0.2 s;
+  sampling GPU utilisation and memory (pynvml, else nvidia-smi) every 0.2 s; the web-size set again with
+  ``--jpeg-decoder auto`` (nvJPEG), whether it fell back to the CPU, and its top-1 agreement with the CPU decode;
 * ``oom``: in a subprocess whose memory is capped (``set_per_process_memory_fraction``) to 1.5x what batch 32
   needs, a batch of 256: the halving sequence, and whether the results equal a batch-32 run;
 * ``onnxruntime``: the ResNeSt body exported to ONNX, the providers a session really got, and the stall of the
@@ -66,6 +67,7 @@ class Plan:
     warmups: int = 2
     min_rounds: int = 3
     e2e: tuple[tuple[str, int, int, int], ...] = (("web", 800, 600, 512), ("12mp", 4000, 3000, 96))
+    e2e_gpu_decode: tuple[str, ...] = ("web",)  # the sets run again with --jpeg-decoder auto
     oom_batch: int = 256
     oom_reference: int = 32
     onnx_classes: int = 1000
@@ -309,27 +311,55 @@ def _jpegs(folder: Path, width: int, height: int, count: int) -> None:
 
 
 def end_to_end(plan: Plan, folder: Path, root: Path) -> dict[str, Any]:
+    """Each image set with the CPU decode processes, and the sets a GPU JPEG decoder takes (web size: large
+    photos stay on the CPU's reduced-size decode) again with ``--jpeg-decoder auto``."""
+    from wanwu.gpudecode import FALLS_BACK
+
     runs = []
     index = int(plan.device.partition(":")[2] or 0)
     for name, width, height, count in plan.e2e:
-        if plan.left() < 60:
-            runs.append({"images": name, "skipped": "time budget"})
-            continue
         images = root / f"jpegs-{name}"
-        _jpegs(images, width, height, count)
-        cmd = [sys.executable, "-m", "wanwu", "recognize", str(images), "--model", str(folder), "--device",
-               plan.device, "--no-cache", "-q", "-f", "jsonl", "-o", str(root / f"{name}.jsonl"), "-b", "64"]
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANWU_OFFLINE": "1"}
-        with GpuSampler(index) as sampler:
-            start = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(30, plan.left()))
-            elapsed = time.perf_counter() - start
-        lines = (root / f"{name}.jsonl").read_text(encoding="utf-8").splitlines() if proc.returncode == 0 else []
-        runs.append({"images": name, "size": f"{width}x{height}", "count": count, "rc": proc.returncode,
-                     "seconds": round(elapsed, 2), "img_s": round(len(lines) / elapsed, 1),
-                     "ok": sum('"status": "ok"' in ln or '"status":"ok"' in ln for ln in lines),
-                     "stderr_tail": proc.stderr[-800:], **sampler.summary()})
-    return {"command": "wanwu recognize DIR --model FOLDER --device DEVICE --no-cache -b 64", "runs": runs}
+        for decoder in ("cpu", "auto") if name in plan.e2e_gpu_decode else ("cpu",):
+            if plan.left() < 60:
+                runs.append({"images": name, "jpeg_decoder": decoder, "skipped": "time budget"})
+                continue
+            if not images.exists():
+                _jpegs(images, width, height, count)
+            out = root / f"{name}-{decoder}.jsonl"
+            cmd = [sys.executable, "-m", "wanwu", "recognize", str(images), "--model", str(folder), "--device",
+                   plan.device, "--no-cache", "-q", "-f", "jsonl", "-o", str(out), "-b", "64",
+                   "--jpeg-decoder", decoder]
+            env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANWU_OFFLINE": "1"}
+            with GpuSampler(index) as sampler:
+                start = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(30, plan.left()))
+                elapsed = time.perf_counter() - start
+            lines = out.read_text(encoding="utf-8").splitlines() if proc.returncode == 0 else []
+            run: dict[str, Any] = {
+                "images": name, "size": f"{width}x{height}", "count": count, "jpeg_decoder": decoder,
+                "rc": proc.returncode, "seconds": round(elapsed, 2), "img_s": round(len(lines) / elapsed, 1),
+                "ok": sum('"status": "ok"' in ln or '"status":"ok"' in ln for ln in lines),
+                "stderr_tail": proc.stderr[-800:], **sampler.summary()}
+            if decoder != "cpu":
+                run["fell_back_to_cpu"] = FALLS_BACK in proc.stderr
+                run["top1_agree_with_cpu_decode"] = _top1_agreement(root / f"{name}-cpu.jsonl", out)
+            runs.append(run)
+    return {"command": "wanwu recognize DIR --model FOLDER --device DEVICE --no-cache -b 64 --jpeg-decoder "
+                       "cpu|auto", "runs": runs}
+
+
+def _top1_agreement(a: Path, b: Path) -> float | None:
+    """The share of inputs whose top label is the same in two records files (None when either is missing)."""
+    if not a.exists() or not b.exists():
+        return None
+
+    def top1(path: Path) -> dict[str, str]:
+        rows = (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines())
+        return {r["input"]: r["predictions"][0]["label"] for r in rows if r.get("status") == "ok"}
+
+    first, second = top1(a), top1(b)
+    shared = first.keys() & second.keys()
+    return round(sum(first[k] == second[k] for k in shared) / len(shared), 4) if shared else None
 
 
 # --- out of memory under a cap --------------------------------------------------------------------------------

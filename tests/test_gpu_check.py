@@ -28,6 +28,8 @@ def test_gpu_check_dry_runs_every_section(tmp_path: Path) -> None:
     cells = report["model_only"]["cells"]
     assert {c["precision"] for c in cells if "device_img_s" in c} == {"fp32", "bf16"}
     assert all(c["top1_agree"] == 1.0 for c in cells if c.get("precision") == "fp32" and "top1_agree" in c)
-    assert [r["ok"] for r in report["end_to_end"]["runs"]] == [2]  # wanwu recognize answered every image
+    runs = report["end_to_end"]["runs"]
+    assert [(r["jpeg_decoder"], r["ok"]) for r in runs] == [("cpu", 2), ("auto", 2)]  # every image answered
+    assert runs[1]["fell_back_to_cpu"] is True and runs[1]["top1_agree_with_cpu_decode"] == 1.0  # no GPU here
     assert report["oom"]["halving"] == [4, 2, 1] and report["oom"]["equal_to_reference_run"] is True
     assert report["onnxruntime"]["wanwu_reported_device"] == "cpu"

@@ -43,6 +43,9 @@ class RecognizeOptions:
     # a path (SQLite) or redis://HOST:PORT/DB; None = $WANWU_CACHE, else $WANWU_HOME/cache.sqlite3
     cache_path: Path | str | None = None
     rehash: bool = False  # read every input again, even those the stat memo knows unchanged (wanwu.unchanged)
+    # Baseline JPEGs decoded on the GPU (wanwu.gpudecode): "cpu" = never (the decode processes), "auto" = the
+    # first JPEG decoder that can start here (else the CPU, said once), or a decoder's name (nvjpeg).
+    jpeg_decoder: str = "cpu"
     backend: BackendOptions = field(default_factory=BackendOptions)
 
     def __post_init__(self) -> None:
@@ -66,6 +69,10 @@ class RecognizeOptions:
         if not self.decode_timeout > 0:
             raise UsageError(f"--decode-timeout must be positive, got {self.decode_timeout}")
         self.decode_options()  # unknown --formats names fail here, before any work
+        if self.jpeg_decoder != "cpu":
+            from wanwu.gpudecode import check_jpeg_decoder
+
+            check_jpeg_decoder(self.jpeg_decoder)
         if self.cache:
             cache_scheme(self.cache_location())  # so do unknown cache schemes
 

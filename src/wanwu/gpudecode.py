@@ -3,30 +3,38 @@
 A web-size photo costs about 4-5 ms of CPU to decode and preprocess, so 2,000-5,000 images/s would need 9-25
 cores (42-105 for 12 MP photos). A :class:`JpegDecoder` decodes baseline JPEGs on the device instead
 (``nvjpeg``: nvJPEG through ``torchvision.io.decode_jpeg(device="cuda")``), resizes and crops them there, and
-hands back uint8 HWC crops as the CPU path does. Decoders register by name in :data:`JPEG_DECODERS` (entry-point
-group ``wanwu.jpeg_decoders``, so a DALI decoder can be a plugin).
+hands back what the CPU path hands back (:class:`~wanwu.imaging.Prepared`: the uint8 HWC crop in host memory,
+the upright source size), or None for a file it refuses or fails on, which the CPU path then decodes. Decoders
+register by name in :data:`JPEG_DECODERS` (entry-point group ``wanwu.jpeg_decoders``, so a DALI decoder can be
+a plugin).
 
 Which images go where (:func:`gpu_decodable`): baseline (sequential Huffman) 3-component JPEGs whose reduced-size
 CPU decode would not apply; everything else (PNG, progressive or CMYK JPEGs, large photos, which libjpeg decodes
-at 1/2-1/8 scale more cheaply than a full GPU decode) stays on the CPU path. The GPU's IDCT and resampling are
-not Pillow's, so its results live in a cache namespace of their own (:func:`decoder_numerics`).
+at 1/2-1/8 scale more cheaply than a full GPU decode, images over the pixel limit or so elongated that the CPU
+resamples only the crop's window) stays on the CPU path. The GPU's IDCT and resampling are not Pillow's, so a
+run with a GPU decoder has a cache namespace of its own (:func:`decoder_numerics`).
 
-:func:`select_jpeg_decoder` decides: ``cpu`` = none; ``auto`` = the first registered decoder that can start
-(its package and a CUDA device present), else the CPU path, with a log line that says why; a decoder named
-explicitly that cannot start is an error naming what is missing, never a silent fallback.
+:func:`select_jpeg_decoder` decides (``--jpeg-decoder``): ``cpu`` = none (the default); ``auto`` = the first
+registered decoder that can start (its package and a CUDA device present), else the CPU path, with one warning
+that says why; a decoder named explicitly that cannot start is an error naming what is missing, never a silent
+fallback. :class:`GpuDecoding` is how a run (:mod:`wanwu.run`) sees the chosen decoder: which files it takes,
+and batches of them decoded on a thread of its own.
 
-Status: the registry, the selection and fallback rules, the namespace and the on-device resize/crop are tested
-on a CPU; the pipeline does not route images through a GPU decoder yet, and nvJPEG itself is untested (neither
-torchvision nor a GPU is available where this was written). ``benchmarks/gpu_check.py`` is where to measure it.
+Status: the routing, the fallbacks and the namespace are tested on a CPU with a stand-in decoder; nvJPEG itself
+is untested (neither torchvision nor a GPU is available where this was written). ``benchmarks/gpu_check.py``
+measures it end to end.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
-from wanwu.errors import MissingExtraError, UsageError
+from wanwu.errors import ClosedError, MissingExtraError, UsageError
+from wanwu.imaging import RESIZE_AREA_LIMIT, Prepared, crop_geometry
 from wanwu.registry import Registry
 from wanwu.spec import PreprocessSpec
 
@@ -34,20 +42,29 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("wanwu")
+FALLS_BACK = "JPEGs are decoded on the CPU"  # what the warning of an ``auto`` that found no decoder ends with
 
 
 class JpegDecoder(Protocol):
     @property
     def name(self) -> str: ...
 
-    def decode(self, datas: Sequence[bytes], spec: PreprocessSpec) -> list[torch.Tensor]:
-        """Each JPEG as its uint8 HWC center crop, on the device (only images :func:`gpu_decodable` accepts)."""
+    def decode(self, datas: Sequence[bytes], spec: PreprocessSpec) -> list[Prepared | None]:
+        """Each JPEG (only images :func:`gpu_decodable` accepts) prepared as :func:`wanwu.imaging.prepare`
+        prepares it, or None for one this decoder refuses or failed on: the CPU path decodes that one. Raising
+        sends the whole batch to the CPU path."""
         ...
 
 
 JpegDecoderFactory = Callable[[str], JpegDecoder]
 JPEG_DECODERS: Registry[JpegDecoderFactory] = Registry("JPEG decoder", group="wanwu.jpeg_decoders")
 JPEG_DECODERS.lazy("nvjpeg", "wanwu.gpudecode:NvJpegDecoder", extra="gpu-decode")
+
+
+def check_jpeg_decoder(name: str) -> None:
+    """``--jpeg-decoder``: cpu, auto or a registered decoder's name; anything else is a UsageError."""
+    if name not in ("cpu", "auto") and name not in JPEG_DECODERS:
+        raise UsageError(f"--jpeg-decoder: unknown {name!r}; choose cpu, auto or {', '.join(JPEG_DECODERS.names())}")
 
 
 def select_jpeg_decoder(name: str, device: str) -> JpegDecoder | None:
@@ -57,17 +74,86 @@ def select_jpeg_decoder(name: str, device: str) -> JpegDecoder | None:
         return None
     if name != "auto":
         return JPEG_DECODERS.get(name)(device)  # what is missing raises, naming it
+    reasons = []
     for candidate in JPEG_DECODERS.names():
         try:
             return JPEG_DECODERS.get(candidate)(device)
         except (MissingExtraError, UsageError) as e:
-            log.info("JPEG decoder %s not used (%s): decoding on the CPU", candidate, e)
+            reasons.append(f"{candidate} not used: {e}")
+    log.warning("--jpeg-decoder auto: no GPU JPEG decoder can start here (%s); %s", "; ".join(reasons), FALLS_BACK)
     return None
 
 
 def decoder_numerics(decoder: JpegDecoder | None) -> dict[str, str]:
     """What a GPU decoder adds to the cache namespace (its pixels are not Pillow's); nothing for the CPU path."""
     return {} if decoder is None else {"decoder": decoder.name}
+
+
+class GpuDecoding:
+    """A run's view of a :class:`JpegDecoder`: which files it takes (:meth:`takes`), and batches of them decoded
+    on one thread of its own (:meth:`submit`), answered with prepared pixels or None (decode it on the CPU) per
+    file. A decoder that raises, answers with the wrong number of results or hands back pixels of the wrong
+    shape costs its files only the GPU: they go to the CPU path. Closed means closed (:class:`ClosedError`)."""
+
+    IN_FLIGHT = 2  # batches submitted at once: one decoding, one gathering behind it
+
+    def __init__(self, decoder: JpegDecoder, max_pixels: int, batch_size: int) -> None:
+        self.decoder = decoder
+        self.max_pixels = max_pixels
+        self.batch_size = max(1, batch_size)
+        self.numerics = decoder_numerics(decoder)
+        self._failures = 0  # batches sent back to the CPU whole (only the first is a warning)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def takes(self, data: bytes, spec: PreprocessSpec) -> bool:
+        return gpu_decodable(data, spec, self.max_pixels)
+
+    def submit(self, datas: list[bytes], spec: PreprocessSpec) -> Future[list[Prepared | None]]:
+        with self._lock:
+            if self._closed:
+                raise ClosedError("this GPU decoder is closed")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="wanwu-gpudecode")
+            return self._pool.submit(self._decode, datas, spec)
+
+    def _decode(self, datas: list[bytes], spec: PreprocessSpec) -> list[Prepared | None]:
+        try:
+            results = self.decoder.decode(datas, spec)
+        except Exception as e:  # the files did nothing wrong that the CPU path would not report itself
+            return self._to_cpu(datas, f"failed on a batch of {len(datas)} ({type(e).__name__}: {e})")
+        if len(results) != len(datas):
+            return self._to_cpu(datas, f"answered {len(results)} of {len(datas)} images")
+        shape = (spec.crop_size, spec.crop_size, 3)
+        wrong = [r for r in results if r is not None and (r.pixels.shape != shape or r.pixels.dtype.name != "uint8")]
+        if wrong:
+            return self._to_cpu(datas, f"returned crops of shape {wrong[0].pixels.shape} {wrong[0].pixels.dtype}, "
+                                       f"not {shape} uint8")
+        return results
+
+    def _to_cpu(self, datas: list[bytes], why: str) -> list[Prepared | None]:
+        """The whole batch to the CPU path: a warning the first time, then at debug level."""
+        level = logging.WARNING if self._failures == 0 else logging.DEBUG
+        self._failures += 1
+        log.log(level, "JPEG decoder %s %s; decoding the batch on the CPU", self.decoder.name, why)
+        return [None] * len(datas)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool, self._closed = self._pool, None, True
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def open_gpu_decoding(name: str, device: str, max_pixels: int, batch_size: int) -> GpuDecoding | None:
+    """What ``--jpeg-decoder NAME`` gives a recognizer: None for the CPU path (``cpu``, or ``auto`` where no
+    decoder can start, said once in a warning)."""
+    decoder = select_jpeg_decoder(name, device)
+    if decoder is None:
+        return None
+    log.info("decoding baseline JPEGs with %s on %s", decoder.name, device)
+    return GpuDecoding(decoder, max_pixels, batch_size)
 
 
 # --- which JPEGs a GPU decodes --------------------------------------------------------------------------------
@@ -104,13 +190,19 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int, int] | None:
     return None
 
 
-def gpu_decodable(data: bytes, spec: PreprocessSpec) -> bool:
-    """A baseline 3-component JPEG that the CPU would decode at full size (no reduced DCT scale applies)."""
+def gpu_decodable(data: bytes, spec: PreprocessSpec, max_pixels: int | None = None) -> bool:
+    """A baseline 3-component JPEG that the CPU would decode at full size (no reduced DCT scale applies), of at
+    most ``max_pixels``, whose resized image the CPU path resizes whole (not only the crop's window)."""
     frame = jpeg_frame(data)
     if frame is None:
         return False
     marker, width, height, components = frame
     if marker not in _BASELINE or components != 3 or width <= 0 or height <= 0:
+        return False
+    if max_pixels is not None and width * height > max_pixels:  # the CPU path says too_large
+        return False
+    new_w, new_h, _, _ = crop_geometry(width, height, spec)
+    if new_w * new_h > RESIZE_AREA_LIMIT:  # a strip: the CPU resamples only the crop's window
         return False
     factor = spec.jpeg_draft_factor
     return factor <= 0 or min(width, height) < 2 * factor * spec.resize_short  # 1/2 scale would not apply
@@ -124,8 +216,6 @@ def resize_crop(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     ``resize_short``, long side truncated, the crop offset rule) and antialiased bilinear resampling."""
     import torch.nn.functional as F
 
-    from wanwu.imaging import crop_geometry
-
     _, height, width = image.shape
     new_w, new_h, left, top = crop_geometry(width, height, spec)
     crop = spec.crop_size
@@ -133,6 +223,17 @@ def resize_crop(image: torch.Tensor, spec: PreprocessSpec) -> torch.Tensor:
     resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
     out: torch.Tensor = resized[0, :, top : top + crop, left : left + crop].round().clamp(0, 255).to(image.dtype)
     return out.permute(1, 2, 0).contiguous()
+
+
+def prepared_batch(frames: Sequence[torch.Tensor], spec: PreprocessSpec) -> list[Prepared]:
+    """Decoded uint8 CHW frames (upright, on any device) -> what the CPU path hands the inference: the crops
+    copied to host memory at once (one synchronisation per batch), with each frame's size."""
+    import torch
+
+    if not frames:
+        return []
+    crops = torch.stack([resize_crop(frame, spec) for frame in frames]).cpu().numpy()
+    return [Prepared(crops[i], int(frame.shape[2]), int(frame.shape[1])) for i, frame in enumerate(frames)]
 
 
 class NvJpegDecoder:
@@ -155,8 +256,14 @@ class NvJpegDecoder:
         self._decode_jpeg: Any = decode_jpeg
         self._mode = ImageReadMode.RGB
 
-    def decode(self, datas: Sequence[bytes], spec: PreprocessSpec) -> list[torch.Tensor]:
+    def decode(self, datas: Sequence[bytes], spec: PreprocessSpec) -> list[Prepared | None]:
         torch = self._torch
         encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-        frames = self._decode_jpeg(encoded, mode=self._mode, device=self._device, apply_exif_orientation=True)
-        return [resize_crop(frame, spec) for frame in frames]
+        try:
+            frames = self._decode_jpeg(encoded, mode=self._mode, device=self._device, apply_exif_orientation=True)
+        except RuntimeError as e:  # one bad file fails the whole batch (no partial results): each alone
+            if len(datas) == 1:
+                log.debug("nvjpeg could not decode an image (%s); decoding it on the CPU", e)
+                return [None]
+            return [result for data in datas for result in self.decode([data], spec)]
+        return list(prepared_batch(frames, spec))

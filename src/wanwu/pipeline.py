@@ -12,7 +12,9 @@ with the number of inputs:
   crashed on is retried alone in a quarantine process (:mod:`wanwu.decoders`), so a crash costs exactly its
   file; a file past its deadline is stopped and never retried. A run may hold a share of the decode processes
   at once and spend a budget of decode seconds (``decode_share``, ``decode_budget``: the service gives each
-  request half of them and 60 s), so one caller's slow files cannot hold every decoder;
+  request half of them and 60 s), so one caller's slow files cannot hold every decoder. With a GPU JPEG decoder
+  (``jpeg_decoder``, :mod:`wanwu.gpudecode`), the baseline JPEGs it takes go to it in batches instead, and what it
+  refuses or fails on to the processes;
 * infer: prepared crops go to an :class:`~wanwu.inference.Inference`. Locally, full batches (or a partial one
   when nothing more can arrive soon) run on the engine on up to ``engine.streams`` threads at once, which
   backs off on out-of-memory; in the service, every crop joins the dynamic batcher shared by all requests.
@@ -43,6 +45,7 @@ from wanwu.decoders import DecodePool
 from wanwu.engine import Engine
 from wanwu.errors import ClosedError
 from wanwu.fetch import Fetcher
+from wanwu.gpudecode import GpuDecoding, open_gpu_decoding
 from wanwu.inference import Inference, LocalInference
 from wanwu.records import Record, RecordOptions, RecordStream
 from wanwu.run import _Run
@@ -107,7 +110,10 @@ class Recognizer:
         self.unchanged = 0  # of those, inputs the stat memo vouched for: never read
         self.cache: ResultCache | None = None
         self.prober: Prober | None = None
+        self.gpu_decoding: GpuDecoding | None = None  # baseline JPEGs decoded on the GPU (--jpeg-decoder)
         try:
+            self.gpu_decoding = open_gpu_decoding(self.options.jpeg_decoder, self.options.backend.device,
+                                                  self.options.max_pixels, self.options.batch_size)
             if cache is FROM_OPTIONS:
                 if self.options.cache:
                     self.cache = OneThreadCache(lambda: open_cache(self.options))
@@ -127,6 +133,12 @@ class Recognizer:
     @property
     def spec(self) -> ModelSpec:
         return self.engine.spec
+
+    @property
+    def numerics(self) -> dict[str, str]:
+        """How this recognizer's numbers are made, for the cache namespace: the engine's (device class,
+        precision) and a GPU JPEG decoder's name (its pixels are not Pillow's)."""
+        return {**self.engine.numerics, **(self.gpu_decoding.numerics if self.gpu_decoding is not None else {})}
 
     def recognize(self, inputs: Iterable[InputLike], record: RecordOptions | None = None) -> Iterator[Record]:
         """Records in input order. Strings are expanded like CLI arguments (folders, globs, URLs).
@@ -206,6 +218,8 @@ class Recognizer:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         self.inference.close()
+        if self.gpu_decoding is not None:
+            self.gpu_decoding.close()
         self.decoders.close()
         self.fetcher.close()
         if self.prober is not None:

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -94,8 +94,12 @@ class _Run:
         self.opts = rec.options
         self.record_options = record
         self.preprocess = self.opts.decode_spec(rec.engine.spec.preprocess)
-        # results depend on how images were decoded (--full-decode): the cache key says so
-        self.namespace = self.opts.cache_namespace(rec.engine.spec, rec.engine.numerics)
+        # results depend on how images were decoded (--full-decode, a GPU JPEG decoder): the cache key says so
+        self.namespace = self.opts.cache_namespace(rec.engine.spec, rec.numerics)
+        self.gpu = rec.gpu_decoding  # the JPEG decoder on the GPU, or None: everything to the decode processes
+        self.to_gpu: deque[_Slot] = deque()  # fetched files it takes, gathering into its next batch
+        self.gpu_batches = 0  # batches of them being decoded
+        self.gpu_images = 0  # the images in those batches
         self.decode_options = self.opts.decode_options()
         self.timeout = self.opts.decode_timeout
         # What one run may take of the decoders shared with other runs (service requests): seconds in all, and
@@ -128,7 +132,8 @@ class _Run:
         # Several images per task amortize a process round trip; threads need none, and a task of one image
         # is what a deadline can give up on without taking its neighbours along (a thread cannot be stopped).
         self.chunk = self.DECODE_CHUNK if self.opts.decode_workers > 0 else 1
-        self.max_fetch = max(4, self.opts.fetch_threads * 2)
+        # fetched files waiting for a decoder: enough to fill a GPU decoder's batch while it decodes the last
+        self.max_fetch = max(4, self.opts.fetch_threads * 2, 2 * self.gpu.batch_size if self.gpu else 0)
         self.max_decode = self.workers * 2 * self.chunk  # a task queued behind each running one
         share = self.opts.decode_share
         self.max_tasks = self.workers * 2 if share >= 1 else max(1, math.ceil(self.workers * share))
@@ -186,10 +191,14 @@ class _Run:
 
     def _starved(self) -> bool:
         """Nothing can join the current partial batch without waiting on a fetch."""
-        if self.pending_decode or self.to_decode or self.suspects:
+        if self._decoding() or self.suspects:
             return False
         return (self.pending_fetch == 0 and self.probing == 0) or len(self.window) >= self.max_window or (
-            len(self.ready) + self.pending_decode + len(self.to_decode) >= self.max_busy)
+            len(self.ready) + self._decoding() >= self.max_busy)
+
+    def _decoding(self) -> int:
+        """Images fetched and not decoded yet: waiting for a decoder, or being decoded (CPU or GPU)."""
+        return self.pending_decode + len(self.to_decode) + self.gpu_images + len(self.to_gpu)
 
     # -- stages -----------------------------------------------------------------------------------------
 
@@ -198,9 +207,9 @@ class _Run:
         while (
             not self.exhausted
             and len(self.window) < self.max_window
-            and len(self.ready) + self.pending_decode + len(self.to_decode) < self.max_busy
+            and len(self.ready) + self._decoding() < self.max_busy
             and self.probing < 2
-            and self.pending_fetch + len(self.to_fetch) + len(self.to_decode) < self.max_fetch
+            and self.pending_fetch + len(self.to_fetch) + len(self.to_decode) + len(self.to_gpu) < self.max_fetch
         ):
             block: list[_Slot] = []
             limit = min(self.block, self.max_window - len(self.window))
@@ -231,7 +240,7 @@ class _Run:
 
     def _submit_fetches(self) -> None:
         pool = None
-        while self.to_fetch and self.pending_fetch + len(self.to_decode) < self.max_fetch:
+        while self.to_fetch and self.pending_fetch + len(self.to_decode) + len(self.to_gpu) < self.max_fetch:
             slot = self.to_fetch.popleft()
             item = slot.item
             if item.kind == "bytes":  # in memory already (an upload): hashing it costs less than a thread hop
@@ -271,6 +280,7 @@ class _Run:
             self.rec.prober.memo.put_many(entries)
 
     def _submit_decodes(self) -> None:
+        self._submit_gpu()
         if self.budget is not None and self.meter.spent >= self.budget:
             while self.to_decode or self.suspects:
                 slot = (self.to_decode or self.suspects).popleft()
@@ -296,6 +306,24 @@ class _Run:
             # sides (pickling, waking a thread and a process).
             size = max(1, min(self.chunk, len(self.to_decode) // self.workers))
             self._submit_decode([self.to_decode.popleft() for _ in range(size)])
+
+    def _submit_gpu(self) -> None:
+        """The files the GPU decoder takes, in batches: one decoding, the next gathering what arrives meanwhile."""
+        while self.gpu is not None and self.to_gpu and self.gpu_batches < self.gpu.IN_FLIGHT:
+            slots = [self.to_gpu.popleft() for _ in range(min(self.gpu.batch_size, len(self.to_gpu)))]
+            self.gpu_batches += 1
+            self.gpu_images += len(slots)
+            future = self.gpu.submit([s.data or b"" for s in slots], self.preprocess)
+            future.add_done_callback(self._notify("gpu", slots))
+
+    def _gpu_decoded(self, slots: list[_Slot], future: Future[list[Prepared | None]]) -> None:
+        """The GPU decoder's crops join the ready ones; what it refused or failed on goes to the decode processes."""
+        self.gpu_batches -= 1
+        self.gpu_images -= len(slots)
+        results = future.result()  # never raises: a failing decoder answers None for each file
+        done = [(slot, result) for slot, result in zip(slots, results, strict=True) if result is not None]
+        self.to_decode.extend(slot for slot, result in zip(slots, results, strict=True) if result is None)
+        self._prepared([slot for slot, _ in done], [result for _, result in done])
 
     def _deadline(self) -> float:
         """Seconds one image may take now: --decode-timeout, or what is left of the run's budget (>= 1 s)."""
@@ -342,6 +370,8 @@ class _Run:
         elif kind == "fetch":
             self.pending_fetch -= 1
             self._fetched(subject, future)
+        elif kind == "gpu":
+            self._gpu_decoded(subject, future)
         elif kind in ("decode", "isolated"):
             self.decoding.pop(future, None)
             if future in self.abandoned:  # given up on at its deadline (a thread that finally returned)
@@ -386,7 +416,8 @@ class _Run:
             return
         self.leaders[sha] = slot
         slot.data = fetched.data
-        self.to_decode.append(slot)
+        gpu = self.gpu is not None and self.gpu.takes(fetched.data, self.preprocess)
+        (self.to_gpu if gpu else self.to_decode).append(slot)
 
     def _enforce_deadlines(self) -> None:
         """A decode thread past its deadline cannot be stopped: give up on its files. (A decode process past
@@ -421,7 +452,7 @@ class _Run:
             return
         self._prepared(slots, future.result())
 
-    def _prepared(self, slots: list[_Slot], results: list[DecodeResult]) -> None:
+    def _prepared(self, slots: list[_Slot], results: Sequence[DecodeResult]) -> None:
         for slot, result in zip(slots, results, strict=True):
             slot.data = None
             if slot.record is not None:
@@ -489,6 +520,7 @@ class _Run:
         self.window.clear()
         self.ready.clear()
         self.to_decode.clear()
+        self.to_gpu.clear()
         self.suspects.clear()
         self.leaders.clear()
 

@@ -72,6 +72,8 @@ def local_runner(config: RunnerConfig) -> Runner:
 
 
 def ray_runner(config: RunnerConfig) -> Runner:
+    if config.options.jpeg_decoder != "cpu":
+        raise UsageError("--jpeg-decoder needs --runner local: Ray's decode tasks decode on CPUs")
     from wanwu.ray.dataset import RayOptions
     from wanwu.ray.runner import RayRunner
 

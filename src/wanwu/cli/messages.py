@@ -129,6 +129,9 @@ HELP: dict[str, dict[str, str]] = {
         "max_pixels": "Refuse images above this many pixels (too_large).",
         "full_decode": "Decode large JPEGs at full size (slower; by default libjpeg scales them down while "
         "decoding as far as the model's resize allows).",
+        "jpeg_decoder": "Decode baseline web-size JPEGs on the GPU: auto = nvJPEG where it can start (the "
+        "gpu-decode extra and a CUDA device; else the CPU, said once), or a decoder's name. Other files, and "
+        "large photos (cheaper at reduced size on the CPU), stay on the CPU.",
         "max_bytes": "Refuse files/downloads above this many bytes.",
         "decode_timeout": "Seconds one image may take to decode; past it the decoder is stopped and the record "
         "says decode_error (timed out).",
@@ -202,6 +205,9 @@ HELP: dict[str, dict[str, str]] = {
                  "否则 $WANWU_HOME/cache.sqlite3）。",
         "max_pixels": "拒绝像素数超过此值的图片（too_large）。",
         "full_decode": "以原尺寸解码大 JPEG（较慢；默认 libjpeg 在模型缩放允许的范围内边解码边缩小）。",
+        "jpeg_decoder": "在 GPU 上解码普通（baseline）网页尺寸 JPEG：auto = 能启动时用 nvJPEG（需 gpu-decode "
+        "扩展和 CUDA 设备；否则用 CPU，并提示一次），或指定解码器名称。其他文件以及大照片（在 CPU 上缩小解码更省）"
+        "仍在 CPU 上解码。",
         "max_bytes": "拒绝超过此字节数的文件或下载。",
         "decode_timeout": "单张图片解码的时限（秒）；超时则停止解码器，记录为 decode_error（超时）。",
         "decode_budget": "一次运行（serve：一个请求）总共可用的解码秒数；超出后其余待解码的输入记为 too_large。"
