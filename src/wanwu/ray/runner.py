@@ -33,7 +33,7 @@ from wanwu.spec import ModelSpec
 log = logging.getLogger("wanwu")
 # Ray ends a worker idle for 1 s once more workers exist than CPUs (the actor and the decode tasks' workers
 # always do): decode workers waiting for the actor to catch up were ended and started again (Python, the stage's
-# imports, a decode process), 60 worker processes for 1,000 photos in one run on a busy 2-core machine (5.5
+# imports, a decode process), 22 worker processes for 1,000 photos in one run on a busy 2-core machine (5.5
 # img/s). A private Ray keeps idle workers a minute; a cluster keeps what ``ray start`` set
 # (``RAY_idle_worker_killing_time_threshold_ms``).
 PRIVATE_RAY_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
