@@ -2,12 +2,15 @@
 
     python benchmarks/bench_ray.py            # 1,000 photos of ../shared/data
     python benchmarks/bench_ray.py --quick    # 100 photos: a smoke run
+    python benchmarks/bench_ray.py --private  # the local runner and a private Ray only (no clusters)
 
 Each runner runs in a fresh process on the same photos with the result cache off, and reports:
 
 * ``start-up``   — creating the runner (model load; for Ray also starting or joining Ray);
 * ``first s``    — from the runner's creation to its first record (for Ray: the actor starting and loading
   the model, the first decode tasks);
+* ``to 1st s``   — from the driver process's start (interpreter, imports, start-up) to its first record: what
+  ``wanwu recognize`` takes to write one;
 * ``img/s``      — photos / (time from the first record to the last), the steady throughput;
 * ``wall``       — the whole run, start-up included;
 * ``peak RSS``   — the largest sum of resident memory over every process of the run (the driver, its
@@ -50,12 +53,13 @@ options = RecognizeOptions(cache=False) if workers == "default" else RecognizeOp
 config = RunnerConfig(model, Path(labels), options, address or None, actors=int(actors))
 with create_runner(runner, config) as run:
     t1 = time.perf_counter()
-    n, first = 0, None
+    n, first, first_wall = 0, None, None
     for record in run.recognize(expand([folder])):
-        first = first or time.perf_counter()
+        if first is None:
+            first, first_wall = time.perf_counter(), time.time()
         n += record.ok
     t2 = time.perf_counter()
-print(json.dumps({"startup": t1 - t0, "first": first - t1, "run": t2 - t1, "ok": n}))
+print(json.dumps({"startup": t1 - t0, "first": first - t1, "run": t2 - t1, "ok": n, "first_wall": first_wall}))
 """
 
 
@@ -63,6 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="100 photos only")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    ap.add_argument("--private", action="store_true", help="the local runner and a private Ray only")
     args = ap.parse_args()
     require_shared()
     photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))[: 100 if args.quick else None]
@@ -78,8 +83,9 @@ def main() -> None:
         rows = {"local (wanwu recognize)": _drive("local", "", folder, env, [])}
         rows["ray local"] = _drive("ray", "", folder, env, [])
         rows["ray local, -j 0"] = _drive("ray", "", folder, env, [], workers="0")
-        layouts = (("ray 1 node", [cores], 1), ("ray 2 nodes", [max(1, cores // 2)] * 2, 1),
-                   ("ray 2 nodes, 2 actors", [max(1, cores // 2)] * 2, 2))
+        layouts = () if args.private else (
+            ("ray 1 node", [cores], 1), ("ray 2 nodes", [max(1, cores // 2)] * 2, 1),
+            ("ray 2 nodes, 2 actors", [max(1, cores // 2)] * 2, 2))
         for label, split, actors in layouts:
             cluster = Cluster(env)
             try:
@@ -93,16 +99,19 @@ def main() -> None:
                 cluster.stop()
     base = rows["local (wanwu recognize)"]
     print(f"{n} photos, {cores} cores, result cache off")
-    print("img/s: steady throughput, from the first record to the last; first s: runner created -> first record")
-    print(f"{'runner':<26}{'start-up s':>11}{'first s':>9}{'img/s':>9}{'vs local':>10}{'wall s':>9}"
+    print("img/s: steady throughput, from the first record to the last; first s: runner created -> first record;"
+          " to 1st s: process start -> first record")
+    print(f"{'runner':<26}{'start-up s':>11}{'first s':>9}{'to 1st s':>10}{'img/s':>9}{'vs local':>10}{'wall s':>9}"
           f"{'peak RSS MiB':>14}")
     base_rate = n / (base["run"] - base["first"])
     for label, r in rows.items():
         rate = n / (r["run"] - r["first"])
-        print(f"{label:<26}{r['startup']:>11.2f}{r['first']:>9.2f}{rate:>9.1f}{rate / base_rate:>9.2f}x"
+        print(f"{label:<26}{r['startup']:>11.2f}{r['first']:>9.2f}{r['to_first']:>10.2f}{rate:>9.1f}"
+              f"{rate / base_rate:>9.2f}x"
               f"{r['startup'] + r['run']:>9.2f}{r['peak_rss'] / 2**20:>14.0f}")
         if r["ok"] != n:
             sys.exit(f"{label}: {r['ok']} ok records of {n}")
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"images": n, "cores": cores, "runs": rows}, indent=2))
 
@@ -111,6 +120,7 @@ def _drive(
     runner: str, address: str, folder: Path, env: dict[str, str], sessions: list[int], actors: int = 1,
     workers: str = "default",
 ) -> dict[str, float]:
+    started = time.time()
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, runner, address, str(folder), str(MODEL), str(LABELS),
                              str(actors), workers],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -130,7 +140,8 @@ def _drive(
     sampler.join()
     if proc.returncode != 0:
         sys.exit(f"{runner} run failed with exit code {proc.returncode}")
-    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss": peak[0]}
+    figures = json.loads(out.strip().splitlines()[-1])
+    return {**figures, "to_first": figures.pop("first_wall") - started, "peak_rss": peak[0]}
 
 
 def _descendants(root: int) -> list[int]:

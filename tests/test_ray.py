@@ -73,6 +73,29 @@ def test_ray_records_equal_the_local_runners(
     assert kinds == {"ok": 20, "decode_error": 1, "unsupported": 1, "not_found": 1}
 
 
+def test_the_runner_keeps_order_across_shards_and_close_ends_an_unfinished_run(
+    local_ray: Any, mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
+) -> None:
+    from wanwu.ray import RayOptions, RayRunner
+
+    folder = _photo_folder(photos, tmp_path, step=53, count=13)
+    expected = _local(mobilenet, [str(folder)])
+    options = RecognizeOptions(cache=False, batch_size=4)
+    with RayRunner(str(mobilenet[0]), labels=mobilenet[1], options=options, shard_size=5,
+                   ray_options=RayOptions(decode_batch=2)) as runner:  # three shards, one pool of actors
+        assert [dumps(r) for r in runner.recognize(expand([str(folder)]))] == expected
+        run = runner.recognize(expand([str(folder)]))
+        assert dumps(next(run)) == expected[0]
+        assert runner._stages is not None
+        actors = list(runner._stages.actors)
+    with pytest.raises(StopIteration):  # closed with the runner, not left to run on a Ray shut down
+        next(run)
+    assert ray.is_initialized()  # the caller's Ray: left open
+    for actor in actors:  # the runner's actors: gone
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.ready.remote(), timeout=60)
+
+
 def test_recognize_dataset_on_read_binary_files_rows_uses_the_cache(
     local_ray: Any, mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
 ) -> None:
@@ -469,7 +492,7 @@ def test_two_nodes_share_one_redis_cache_and_a_second_run_is_all_hits(
 
 def _working(sid: int) -> bool:
     titles = [_title(pid) for pid in session_pids(sid)]
-    return any("MapBatches" in t or "MapWorker" in t for t in titles)
+    return any(name in t for t in titles for name in ("decode_rows", "InferActor"))
 
 
 def _title(pid: int) -> str:

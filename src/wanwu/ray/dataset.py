@@ -19,10 +19,14 @@ log = logging.getLogger("wanwu")
 GPU_CALLS_PER_ACTOR = 2  # batches in flight in a GPU actor: one copies and ranks while the other computes
 
 
-def import_ray() -> Any:
+def import_ray(data: bool = True) -> Any:
+    """``ray``, with ``ray.data`` imported too unless ``data`` is False (it costs pandas and pyarrow: a second
+    or two of CPU, which the runner spends only when it reads WebDataset shards on the cluster)."""
     try:
         import ray
-        import ray.data
+
+        if data:
+            import ray.data
     except ImportError:
         raise MissingExtraError("ray[data]", "cluster", "the Ray runner") from None
     return ray
@@ -114,6 +118,18 @@ def _numerics(spec: ModelSpec, options: RecognizeOptions) -> dict[str, str]:
         engine.close()
 
 
+def prepare(
+    ray: Any, spec: ModelSpec, options: RecognizeOptions, layout: RayOptions
+) -> tuple[RecognizeOptions, InferencePlan, Context]:
+    """A run's decode options (the cache location made absolute: one cache for every node, the driver's;
+    ``redis://…`` reaches them all), its inference plan, and the context the decode tasks look up and decode
+    with."""
+    if options.cache:
+        options = replace(options, cache_path=options.cache_location())
+    plan = plan_inference(options, layout, cluster_gpus(ray))
+    return options, plan, Context.of(spec, options, planned_numerics(ray, spec, plan, layout))
+
+
 def _actor_pool(ray: Any, actors: int, calls: int) -> Any:
     if calls == 1:
         return ray.data.ActorPoolStrategy(size=actors)
@@ -135,17 +151,13 @@ def recognize_dataset(
     >>> recognize_dataset(ds, "model.onnx", labels="labels.txt").write_json("s3://bucket/records/")
     """
     ray = import_ray()
-    options = options or RecognizeOptions()
     layout = ray_options or RayOptions()
     spec = model if isinstance(model, ModelSpec) else resolve_model(model, Path(labels) if labels else None)
-    if options.cache:  # one cache for every node: the driver's (redis://… reaches them all)
-        options = replace(options, cache_path=options.cache_location())
+    options, plan, context = prepare(ray, spec, options or RecognizeOptions(), layout)
     # Decode tasks are spread over the nodes (Ray Data's default) and retried when a node dies under them (Ray's
     # default of 3 retries; a bad file is a record, never a failed task). Their memory reservation, which the
     # actors do not share, also keeps Ray from fusing decoding into the inference actors: decoding batch N+1
     # overlaps inferring batch N, on other cores.
-    plan = plan_inference(options, layout, cluster_gpus(ray))
-    context = Context.of(spec, options, planned_numerics(ray, spec, plan, layout))
     decoded = ds.map_batches(
         decode_batch, batch_size=layout.decode_batch, batch_format="numpy", num_cpus=layout.decode_cpus,
         memory=layout.decode_memory, fn_kwargs={"context": context, "options": options},
