@@ -486,3 +486,29 @@ def test_a_queue_worker_answers_unchanged_paths_from_the_memo(
         assert results[0] == results[1] and all(r["status"] == "ok" for r in results[0])
     finally:
         queue.close()
+
+
+@pytest.mark.extra("queue")
+def test_a_redis_cache_keeps_the_memo_beside_it_so_a_rerun_reads_nothing(
+    model: Callable[..., Recognizer], photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--cache redis://…``: the memo is in the same database (any node of a cluster finds it), not a file."""
+    from tests.servers import redis_server
+    from wanwu.cache.memo_redis import RedisMemo
+
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for src in sorted(photos.glob("*.JPEG"))[3:6]:
+        _aged(folder / src.name, src.read_bytes())
+    reads = _Reads(monkeypatch)
+    (tmp_path / "redis").mkdir()
+    with redis_server(tmp_path / "redis") as url:
+        with model(cache_path=url) as rec:
+            assert rec.prober is not None and isinstance(rec.prober.memo, RedisMemo)
+            first, unchanged = _run(rec, folder)
+        assert unchanged == 0 and sum(reads.take().values()) == 3
+        with model(cache_path=url) as rec:
+            again, unchanged = _run(rec, folder)
+    assert unchanged == 3 and not reads.take()  # answered from the memo and the cache: no file opened
+    assert again == first
+    assert not list(tmp_path.glob("**/*.sqlite3"))  # no memo file beside a Redis cache
