@@ -215,8 +215,10 @@ def test_the_ray_runner_reads_each_shard_in_a_task_with_the_local_records(
     photo = str(sorted(served.iterdir())[0])
     inputs = [str(shards / "00001.tar"), photo, str(shards / "{00000..00002}.tar")]
     options = RecognizeOptions(cache=False, workers=0)
+    with_meta = SourceOptions(with_meta=True)  # each sample's .json rides along into its record, on Ray too
     with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=options) as rec:
-        expected = [dumps(r) for r in rec.recognize(expand(inputs))]
+        expected = [dumps(r) for r in rec.recognize(expand(inputs, options=with_meta))]
+    assert sum('"meta":' in line for line in expected) == len(expected) - 1  # all but the plain photo
 
     def not_on_the_driver(*args: object, **kwargs: object) -> None:
         raise AssertionError("a shard was read on the driver")
@@ -225,8 +227,9 @@ def test_the_ray_runner_reads_each_shard_in_a_task_with_the_local_records(
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with RayRunner(str(mobilenet[0]), labels=mobilenet[1], options=options,
-                       ray_options=RayOptions(decode_batch=4)) as runner:
-            got = [dumps(r) for r in runner.recognize(expand(inputs, options=SourceOptions(defer_shards=True)))]
+                       ray_options=RayOptions(decode_batch=4), sources=with_meta) as runner:
+            deferred = SourceOptions(with_meta=True, defer_shards=True)
+            got = [dumps(r) for r in runner.recognize(expand(inputs, options=deferred))]
     finally:
         ray.shutdown()
     assert got == expected and len(got) > N_PHOTOS + 1  # shard 1 twice, the photo, every sample

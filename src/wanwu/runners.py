@@ -18,7 +18,7 @@ from wanwu.config import RecognizeOptions
 from wanwu.errors import UsageError
 from wanwu.records import Record, RecordOptions
 from wanwu.registry import Registry
-from wanwu.sources import InputItem
+from wanwu.sources import InputItem, SourceOptions
 from wanwu.spec import ModelSpec
 
 
@@ -50,6 +50,7 @@ class RunnerConfig:
     label_column: str | None = None
     actors: int = 1  # inference actors (ray)
     long: bool = True  # the inputs may be many: start the decode processes while the model loads (local)
+    sources: SourceOptions | None = None  # how shards read on the cluster are read (ray: --with-meta)
 
 
 RunnerFactory = Callable[[RunnerConfig], Runner]
@@ -79,5 +80,5 @@ def ray_runner(config: RunnerConfig) -> Runner:
 
     return RayRunner(
         config.model, labels=config.labels, label_column=config.label_column, options=config.options,
-        address=config.address, ray_options=RayOptions(actors=config.actors),
+        address=config.address, ray_options=RayOptions(actors=config.actors), sources=config.sources,
     )

@@ -76,7 +76,7 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         model = resolve_model(kw["model"], kw["labels"], kw["label_column"], kw["prompts"]) if kw["prompts"] \
             else kw["model"]
         runner_config = RunnerConfig(model, kw["labels"], options, kw["ray_address"], kw["label_column"],
-                                     kw["ray_actors"], long=not _few_files(inputs))
+                                     kw["ray_actors"], long=not _few_files(inputs), sources=sources)
         if kw["runner"] == "ray":
             _set_ray_logs_aside(stack)
         recognizer = stack.enter_context(create_runner(kw["runner"], runner_config))

@@ -16,6 +16,7 @@ import logging
 import os
 import weakref
 from collections.abc import Generator, Iterable, Iterator
+from dataclasses import replace
 from itertools import groupby, islice
 from pathlib import Path
 from types import TracebackType
@@ -47,8 +48,11 @@ class RayRunner:
         self, model: str | ModelSpec | None = None, *, labels: Path | str | None = None,
         options: RecognizeOptions | None = None, address: str | None = None,
         ray_options: RayOptions | None = None, shard_size: int = 100_000, label_column: str | None = None,
+        sources: SourceOptions | None = None,
     ) -> None:
+        """``sources``: how the WebDataset shards read on the cluster are read (``with_meta``)."""
         self.options = options or RecognizeOptions()
+        self.sources = replace(sources or SourceOptions(), max_bytes=self.options.max_bytes, defer_shards=False)
         self.ray_options = ray_options or RayOptions()
         self.shard_size = shard_size
         self.ray = import_ray(data=False)
@@ -110,7 +114,7 @@ class RayRunner:
         import_ray()  # ray.data
         shards = [{"shard": item.locator} for item in part]
         ds = self.ray.data.from_items(shards, override_num_blocks=len(shards)).flat_map(
-            shard_rows, fn_kwargs={"options": SourceOptions(max_bytes=self.options.max_bytes)})
+            shard_rows, fn_kwargs={"options": self.sources})
         out = recognize_dataset(ds, self.spec, options=self.options, ray_options=self.ray_options, record=record)
         # This run's own settings (each Dataset carries a copy of the context): the caller's are left alone.
         out.context.execution_options.preserve_order = True
