@@ -109,7 +109,6 @@ class _Run:
         self.tasks = 0  # decode tasks of this run in the workers (the quarantine's apart)
         self.decoding: dict[Future[Any], tuple[float, list[_Slot]]] = {}  # deadline, slots
         self.abandoned: set[Future[Any]] = set()
-        self.items = items
         self.events: queue.SimpleQueue[tuple[str, Any, Future[Any]]] = queue.SimpleQueue()
         self.window: deque[_Slot] = deque()
         self.to_decode: deque[_Slot] = deque()
@@ -141,6 +140,8 @@ class _Run:
         self.max_busy = max(256, self.opts.batch_size * 4)  # of them, holding bytes or pixels: memory
         # crops handed over at once: a batch locally; everything ready when the inference gathers by itself
         self.handoff = self.inference.gather if self.inference.gather > 1 else self.max_busy
+        # last: its thread wakes the run through self.events
+        self.inputs = _Inputs(items, lambda: self.events.put(("input", None, _ARRIVED)))
 
     def records(self) -> Generator[Record, None, None]:
         try:
@@ -213,10 +214,11 @@ class _Run:
         ):
             block: list[_Slot] = []
             limit = min(self.block, self.max_window - len(self.window))
+            arrived = True
             while len(block) < limit:
-                item = next(self.items, None)
-                if item is None:
-                    self.exhausted = True
+                item = self.inputs.take()
+                if item is None:  # none has arrived yet (a slow source: a pipe, a listing), or the last has
+                    self.exhausted, arrived = self.inputs.exhausted, False
                     break
                 slot = _Slot(item)
                 self.seen += 1
@@ -226,7 +228,9 @@ class _Run:
                 else:
                     block.append(slot)
             if not block:
-                continue
+                if arrived:
+                    continue
+                break
             if self.rec.prober is None or self.record_options.scores:  # full score rows are never cached
                 self.to_fetch.extend(block)
                 continue
@@ -363,6 +367,8 @@ class _Run:
 
     def _handle(self, event: tuple[str, Any, Future[Any]]) -> None:
         kind, subject, future = event
+        if kind == "input":  # inputs arrived: the loop takes them when it next fills
+            return
         if future.cancelled():  # only close() cancels work: the run cannot go on
             raise ClosedError("the recognizer was closed during this run")
         if kind == "probe":
@@ -517,6 +523,7 @@ class _Run:
             del self.leaders[slot.sha256]
 
     def _abandon(self) -> None:
+        self.inputs.close()
         self.window.clear()
         self.ready.clear()
         self.to_decode.clear()
@@ -533,3 +540,60 @@ def _completed(fn: Callable[[InputItem], Fetched], item: InputItem) -> Future[Fe
     except Exception as e:
         future.set_exception(e)
     return future
+
+
+_ARRIVED: Future[Any] = Future()
+_ARRIVED.set_result(None)
+
+
+class _Inputs:
+    """A run's inputs, taken from their iterator on a thread of their own, so that a slow source (a list piped
+    on stdin and left open, a slow listing) never holds the run: what has arrived is taken at once, and the run
+    is woken (``wake``) when more arrives. At most ``capacity`` wait; an error of the source is raised by
+    :meth:`take`, in the run's own thread."""
+
+    def __init__(self, items: Iterator[InputItem], wake: Callable[[], None], capacity: int = 1024) -> None:
+        self._queue: queue.Queue[tuple[InputItem | None, BaseException | None]] = queue.Queue(capacity)
+        self._wake = wake
+        self._stop = threading.Event()
+        self.exhausted = False
+        threading.Thread(target=self._read, args=(items,), name="wanwu-inputs", daemon=True).start()
+
+    def _read(self, items: Iterator[InputItem]) -> None:
+        try:
+            for item in items:
+                if not self._put((item, None)):
+                    return
+        except BaseException as e:  # the run raises it (a source's usage error, say)
+            self._put((None, e))
+            return
+        self._put((None, None))
+
+    def _put(self, entry: tuple[InputItem | None, BaseException | None]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.5)
+            except queue.Full:
+                continue
+            if self._queue.qsize() == 1:  # it was empty: the run may be waiting for it
+                self._wake()
+            return True
+        return False
+
+    def take(self) -> InputItem | None:
+        """The next input if it has arrived; None if none has yet, or after the last (:attr:`exhausted`)."""
+        if self.exhausted:
+            return None
+        try:
+            item, error = self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        if error is not None:
+            raise error
+        if item is None:
+            self.exhausted = True
+        return item
+
+    def close(self) -> None:
+        """The run is over: the reading thread stops at its next input (one blocked on a pipe stays blocked)."""
+        self._stop.set()
