@@ -101,6 +101,32 @@ def test_records_are_streamed(tiny_model: tuple[Path, Path], tmp_path: Path) -> 
     assert all(r.ok for r in first)
 
 
+def test_what_has_arrived_is_recognized_while_the_source_waits(
+    tiny_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A source that gives 40 inputs and then waits (a list piped on stdin, still open): their records come
+    out while it waits, with the stat memo's block reads on (a cache), before any further input exists."""
+    paths = []
+    for i, color in enumerate(COLORS * 7):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(image_bytes(color, fmt="PNG", size=(40 + i, 40)))
+    release = threading.Event()
+
+    def slow() -> Iterator[str]:
+        yield from map(str, paths[:40])
+        assert release.wait(300), "the test never released the source"
+        yield str(paths[40])
+
+    opts = RecognizeOptions(cache_path=tmp_path / "c.sqlite3", workers=0, batch_size=8)
+    with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=opts) as rec:
+        stream = rec.recognize(slow())
+        first = [next(stream) for _ in range(40)]  # would wait for ever if the run waited for the source
+        release.set()
+        rest = list(stream)
+    assert [r.input for r in first + rest] == list(map(str, paths[:41]))
+    assert all(r.ok for r in first + rest)
+
+
 def test_duplicate_content_is_inferred_once(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
     data = image_bytes((20, 20, 230))
     paths = []
