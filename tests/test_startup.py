@@ -233,6 +233,7 @@ def _general(body: bytes, content_type: str) -> tuple[list[tuple[str, bytes]], i
         return _parsed(body, content_type)
 
 
+@pytest.mark.extra("server")
 @pytest.mark.parametrize("case", ["one", "named", "two", "top_k", "chinese name", "quote in name", "no type"])
 def test_a_one_file_upload_reads_as_the_multipart_parser_reads_it(case: str) -> None:
     import httpx
@@ -259,6 +260,7 @@ def test_a_one_file_upload_reads_as_the_multipart_parser_reads_it(case: str) -> 
     assert taken == (case not in ("two", "top_k", "chinese name"))  # the common upload takes the short way
 
 
+@pytest.mark.extra("server")
 def test_a_file_holding_its_own_boundary_is_left_to_the_multipart_parser() -> None:
     inner = b"\xff\xd8 data \r\n--XYZ\r\n more"
     body = (b'--XYZ\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"\r\n\r\n' + inner
