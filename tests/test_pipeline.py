@@ -402,10 +402,8 @@ def test_real_photos_accuracy_and_reference_agreement(mobilenet: tuple[Path, Pat
 
 def test_a_decode_process_answers_after_a_crash_a_hang_and_an_exception() -> None:
     """DecodeProcess (the Ray stage's decoder): each failure costs only its own call."""
-    from concurrent.futures.process import BrokenProcessPool
-
     from tests.ray_support import hostile_decode
-    from wanwu.decoders import DecodeProcess, DecodeTimeoutError
+    from wanwu.decoders import DecodeProcess, DecoderDiedError, DecodeTimeoutError
     from wanwu.imaging import DecodeOptions, Prepared
     from wanwu.spec import PreprocessSpec
 
@@ -415,7 +413,7 @@ def test_a_decode_process_answers_after_a_crash_a_hang_and_an_exception() -> Non
     try:
         first = process.call(hostile_decode, photo, *args, timeout=30)
         assert isinstance(first, Prepared) and first.pixels.shape == (224, 224, 3)
-        with pytest.raises(BrokenProcessPool):
+        with pytest.raises(DecoderDiedError):
             process.call(hostile_decode, b"CRASH" + photo, *args, timeout=30)
         start = time.monotonic()
         with pytest.raises(DecodeTimeoutError):
@@ -435,10 +433,9 @@ def test_decode_workers_fail_only_the_task_that_crashed_and_stop_a_hung_one() ->
     """DecodeProcesses: a crash costs its own task, not the ones running beside it; kill() stops a hung task
     and the workers carry on; shutting down never waits for a hung decoder and leaves no process behind."""
     from concurrent.futures import wait
-    from concurrent.futures.process import BrokenProcessPool
 
     from tests.ray_support import hostile_decode
-    from wanwu.decoders import DecodeProcesses
+    from wanwu.decoders import DecodeProcesses, DecoderDiedError
     from wanwu.imaging import DecodeOptions
     from wanwu.spec import PreprocessSpec
 
@@ -453,7 +450,7 @@ def test_decode_workers_fail_only_the_task_that_crashed_and_stop_a_hung_one() ->
         crash = pool.submit(hostile_decode, b"CRASH" + photos[0], *args)
         futures += [pool.submit(hostile_decode, p, *args) for p in photos[3:]]
         wait([*futures, crash], timeout=60)
-        assert isinstance(crash.exception(), BrokenProcessPool)
+        assert isinstance(crash.exception(), DecoderDiedError)
         for future, pixels in zip(futures, alone, strict=True):  # every neighbour got its own pixels
             assert np.array_equal(future.result().pixels, pixels)
 
@@ -461,7 +458,7 @@ def test_decode_workers_fail_only_the_task_that_crashed_and_stop_a_hung_one() ->
         time.sleep(1.0)  # let it start
         start = time.monotonic()
         pool.kill()
-        assert isinstance(hang.exception(timeout=20), BrokenProcessPool)
+        assert isinstance(hang.exception(timeout=20), DecoderDiedError)
         assert time.monotonic() - start < 20  # killed, not waited for (it hangs for good)
         after = [pool.submit(hostile_decode, p, *args) for p in photos[:2]]  # fresh processes take over
         assert all(np.array_equal(f.result(timeout=60).pixels, px) for f, px in zip(after, alone, strict=False))
@@ -473,7 +470,7 @@ def test_decode_workers_fail_only_the_task_that_crashed_and_stop_a_hung_one() ->
         start = time.monotonic()
         pool.shutdown(wait=True, cancel_futures=True)
         assert time.monotonic() - start < 20  # the hung decoder was killed, not waited for
-    assert isinstance(stuck.exception(timeout=20), BrokenProcessPool)
+    assert isinstance(stuck.exception(timeout=20), DecoderDiedError)
     assert children and not any(child.is_alive() for child in children)
 
 

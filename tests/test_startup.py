@@ -111,6 +111,66 @@ def test_the_cli_starts_decode_processes_only_for_more_than_a_few_files(
     assert started and len(capsys.readouterr().out.splitlines()) == 2
 
 
+@pytest.mark.shared
+def test_a_one_photo_run_imports_nothing_only_longer_or_other_runs_need(mobilenet: Model, photos: Path) -> None:
+    """Decode processes (multiprocessing), shards, tables, object storage and the GPU decoder are imported by
+    the runs that use them: a one-photo run pays for none of them."""
+    photo = str(sorted(photos.iterdir())[3])
+    code = ("import json, sys\nfrom wanwu.cli.main import main\n"
+            f"rc = main(['recognize', {photo!r}, '--model', {str(mobilenet[0])!r}, '--labels', "
+            f"{str(mobilenet[1])!r}, '--no-cache', '-q', '-f', 'jsonl', '-o', '/dev/null'])\n"
+            "print(json.dumps([rc, sorted(sys.modules)]))")
+    for _ in range(2):  # the first run keeps the exact-int8 rewrite of the model (with onnx); the second loads it
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), check=True,
+                             timeout=300).stdout.splitlines()
+    rc, modules = json.loads(out[-1])
+    assert rc == 0
+    unneeded = {"multiprocessing", "concurrent.futures.process", "tarfile", "wanwu.shards", "wanwu.tables",
+                "wanwu.objstore", "wanwu.gpudecode", "sqlite3", "onnx"}
+    assert unneeded.isdisjoint(modules), unneeded & set(modules)
+
+
+@pytest.mark.shared
+def test_the_command_ends_without_teardown_yet_keeps_every_record_and_its_status(
+    mobilenet: Model, photos: Path, tmp_path: Path
+) -> None:
+    """``wanwu`` skips the interpreter's teardown after its exit handlers: records on a pipe and in a file are
+    whole, the exit status is the run's, and the decode processes of a longer run are gone."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in sorted(photos.iterdir())[:SHORT_RUN + 2]:  # long enough to start decode processes
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg at all")
+    model = ["--model", str(mobilenet[0]), "--labels", str(mobilenet[1]), "--no-cache", "-f", "jsonl"]
+    token = f"wanwu-exit-test-{os.getpid()}-{tmp_path.name}"  # every process the run starts inherits it
+    env = {**_env(), "WANWU_TEST_TOKEN": token}
+    command = ["recognize", str(folder), *model, "-o", str(tmp_path / "out.jsonl")]
+    to_file = subprocess.run([sys.executable, "-m", "wanwu", *command], capture_output=True, text=True, env=env,
+                             timeout=300)
+    assert to_file.returncode == 3, to_file.stderr  # one input failed
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(records) == SHORT_RUN + 3 and sum(r["status"] == "ok" for r in records) == SHORT_RUN + 2
+    assert "1 failed" in to_file.stderr
+    assert _processes_holding(token) == []  # the decode processes (and their forkserver) ended with the run
+    to_pipe = subprocess.run([sys.executable, "-m", "wanwu", "recognize", str(folder), *model, "-q"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert to_pipe.returncode == 3
+    assert [json.loads(line) for line in to_pipe.stdout.splitlines()] == records
+
+
+def _processes_holding(token: str) -> list[str]:
+    """The processes alive with ``WANWU_TEST_TOKEN=token`` in their environment."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"WANWU_TEST_TOKEN={token}".encode() in f.read().split(b"\0"):
+                    found.append(pid)
+        except OSError:  # gone, or not ours to read
+            pass
+    return found
+
+
 # --- wanwu --help imports no command ---------------------------------------------------------------------------
 
 

@@ -24,8 +24,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import BrokenExecutor, Executor, Future, ThreadPoolExecutor
 from typing import Any, ClassVar, Final, Literal
 
 from wanwu.errors import ClosedError, ErrorType
@@ -178,7 +177,7 @@ class DecodePool:
     def submit(self, fn: Callable[..., Any], *args: Any, timeout: float) -> Future[Any]:
         """Run ``fn(*args)`` on a worker. In a process, a task still running ``timeout`` seconds after it
         started is stopped (its process killed) and raises DecodeTimeoutError; a task that crashes its process
-        raises BrokenProcessPool. A thread cannot be stopped: the caller gives up on it instead."""
+        raises DecoderDiedError. A thread cannot be stopped: the caller gives up on it instead."""
         pool = self.get()
         if isinstance(pool, DecodeProcesses):
             return pool.submit_within(timeout, fn, *args)
@@ -202,7 +201,7 @@ class DecodePool:
 
     def isolate(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None,
                 meter: Callable[[float], None] | None = None) -> Future[Any]:
-        """Run ``fn(*args)`` alone in the quarantine process. The future raises BrokenProcessPool only when
+        """Run ``fn(*args)`` alone in the quarantine process. The future raises DecoderDiedError only when
         this very call crashed its process, and DecodeTimeoutError when it ran past ``timeout`` seconds (its
         process is then killed)."""
         if self._closed:
@@ -232,7 +231,13 @@ class DecodeTimeoutError(Exception):
         self.index = index
 
 
-class DecodeCrashError(BrokenProcessPool):
+class DecoderDiedError(BrokenExecutor):
+    """A decode process died or was killed (a crash, a deadline, a shut-down pool): its tasks fail with this.
+    (The standard library's ``BrokenProcessPool`` would cost a run of a few files the import of
+    ``multiprocessing``, which only a long run needs.)"""
+
+
+class DecodeCrashError(DecoderDiedError):
     """The decode process died during item ``index`` of :meth:`DecodeProcess.call_each`."""
 
     def __init__(self, message: str, index: int = 0) -> None:
@@ -253,7 +258,7 @@ class DecodeProcess:
     """One decode process driven synchronously over a pipe, for a caller that waits for each call (a worker
     thread of :class:`DecodeProcesses`, the quarantine's thread, a Ray decode task): no executor threads between
     the two, so a call costs little more than the decode itself. A call that kills the process raises
-    BrokenProcessPool; one still running at ``timeout`` seconds has its process killed and raises
+    DecoderDiedError; one still running at ``timeout`` seconds has its process killed and raises
     DecodeTimeoutError. Either way the next call starts a fresh process. One thread makes the calls; any
     thread may :meth:`kill`.
 
@@ -314,7 +319,7 @@ class DecodeProcess:
             ready = conn.poll(timeout)
         except (OSError, EOFError):
             self.close()
-            raise BrokenProcessPool("the decode process died") from None
+            raise DecoderDiedError("the decode process died") from None
         if not ready:
             self.close()
             raise DecodeTimeoutError(f"decoding took longer than {timeout or 0:g} s")
@@ -322,7 +327,7 @@ class DecodeProcess:
             ok, value = conn.recv()
         except (OSError, EOFError):
             self.close()
-            raise BrokenProcessPool("the decode process died") from None
+            raise DecoderDiedError("the decode process died") from None
         if not ok:
             raise RuntimeError(value)
         return value
@@ -350,11 +355,11 @@ class DecodeProcess:
                 ready = False
             if not ready:
                 self.close()
-                raise BrokenProcessPool("the decode process did not start")
+                raise DecoderDiedError("the decode process did not start")
         return self._conn
 
     def kill(self) -> None:
-        """Kill the process from any thread: a call in progress fails with BrokenProcessPool (its own thread
+        """Kill the process from any thread: a call in progress fails with DecoderDiedError (its own thread
         then closes the pipe: closing it here could hand its descriptor to a new file mid-call)."""
         process = self._process
         if process is not None:
@@ -432,7 +437,7 @@ def decode_outcomes(exc: BaseException, isolated: Sequence[bool], timeout_messag
         else:
             outcomes[index] = ("decode_error", CRASHED) if isolated[index] else ALONE
         return outcomes
-    if isinstance(exc, BrokenProcessPool):
+    if isinstance(exc, DecoderDiedError):
         return [("decode_error", CRASHED) if alone else ALONE for alone in isolated]
     return [("internal", f"{type(exc).__name__}: {exc}")] * n
 
@@ -519,7 +524,7 @@ class DecodeProcesses(Executor):
     the caller and the process, which matters when tasks are small (the service decodes one upload per task).
     A crash fails only the task that caused it, and a task past its deadline (:meth:`submit_within`) only
     itself; either way that process alone starts afresh for the next task, so the pool never breaks as a whole.
-    :meth:`kill` stops every process, failing the tasks in flight with BrokenProcessPool."""
+    :meth:`kill` stops every process, failing the tasks in flight with DecoderDiedError."""
 
     def __init__(self, workers: int, name: str = "wanwu-decode", address_space: int | None = None) -> None:
         self._processes = [DecodeProcess(address_space) for _ in range(workers)]
@@ -552,7 +557,7 @@ class DecodeProcesses(Executor):
         start = time.monotonic()
         try:
             if self._closed:
-                raise BrokenProcessPool("the decode workers were shut down")
+                raise DecoderDiedError("the decode workers were shut down")
             if each:
                 return process.call_each(fn, *args, timeout=timeout)
             return process.call(fn, *args, timeout=timeout)

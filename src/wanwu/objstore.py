@@ -17,9 +17,9 @@ from typing import Any
 
 from wanwu.errors import FetchError, MissingExtraError, NotFoundError, TooLargeError
 from wanwu.fetch import Fetcher, FetchKind
-from wanwu.sources import IMAGE_EXTENSIONS, InputItem, SourceOptions
+from wanwu.sources import IMAGE_EXTENSIONS, OBJECT_SCHEMES, InputItem, SourceOptions
 
-SCHEMES = ("s3://",)
+SCHEMES = OBJECT_SCHEMES
 
 _lock = threading.Lock()
 _cache: dict[tuple[str | None, ...], Any] = {}

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wanwu.cache import OneThreadCache, ResultCache
 from wanwu.cache import open_cache as open_cache_at
@@ -45,13 +45,15 @@ from wanwu.decoders import DecodePool
 from wanwu.engine import Engine
 from wanwu.errors import ClosedError
 from wanwu.fetch import Fetcher
-from wanwu.gpudecode import GpuDecoding, open_gpu_decoding
 from wanwu.inference import Inference, LocalInference
 from wanwu.records import Record, RecordOptions, RecordStream
 from wanwu.run import _Run
 from wanwu.sources import InputItem, SourceOptions, expand
 from wanwu.spec import ModelSpec
 from wanwu.unchanged import Prober, open_memo
+
+if TYPE_CHECKING:
+    from wanwu.gpudecode import GpuDecoding
 
 log = logging.getLogger("wanwu")
 InputLike = str | Path | InputItem
@@ -112,8 +114,11 @@ class Recognizer:
         self.prober: Prober | None = None
         self.gpu_decoding: GpuDecoding | None = None  # baseline JPEGs decoded on the GPU (--jpeg-decoder)
         try:
-            self.gpu_decoding = open_gpu_decoding(self.options.jpeg_decoder, self.options.backend.device,
-                                                  self.options.max_pixels, self.options.batch_size)
+            if self.options.jpeg_decoder.strip().lower() != "cpu":  # else the module is never imported
+                from wanwu.gpudecode import open_gpu_decoding
+
+                self.gpu_decoding = open_gpu_decoding(self.options.jpeg_decoder, self.options.backend.device,
+                                                      self.options.max_pixels, self.options.batch_size)
             if cache is FROM_OPTIONS:
                 if self.options.cache:
                     self.cache = OneThreadCache(lambda: open_cache(self.options))

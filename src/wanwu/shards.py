@@ -23,9 +23,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from wanwu.sources import IMAGE_EXTENSIONS, InputItem, SourceOptions
+from wanwu.sources import IMAGE_EXTENSIONS, SHARD_SUFFIXES, InputItem, SourceOptions
 
-SUFFIXES = (".tar",)
+SUFFIXES = SHARD_SUFFIXES
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 

@@ -221,11 +221,37 @@ def _expand_other_scheme(arg: str) -> Iterator[InputItem]:
 
 
 
+SHARD_SUFFIXES = (".tar",)
+TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv")
+OBJECT_SCHEMES = ("s3://",)
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """A built-in source whose module is imported only to expand an argument it claims: the claim is a
+    suffix or a scheme, so a run of plain files never imports tarfile, csv or the object store client."""
+
+    name: str
+    claims_fn: Callable[[str], bool]
+    target: str  # "module:attr"
+
+    def claims(self, arg: str) -> bool:
+        return self.claims_fn(arg)
+
+    def expand(self, arg: str, options: SourceOptions | None = None) -> Iterator[InputItem]:
+        import importlib
+
+        module, _, attr = self.target.partition(":")
+        source: Source = getattr(importlib.import_module(module), attr)
+        return source.expand(arg, options)
+
+
 SOURCES: Registry[Source] = Registry("input source", group="wanwu.sources")
-SOURCES.lazy("shards", "wanwu.shards:SOURCE")  # *.tar (local, s3://, globs, brace ranges): before the others
-SOURCES.lazy("table", "wanwu.tables:SOURCE")  # *.parquet / *.csv / *.tsv of URLs or paths
-SOURCES.lazy("object", "wanwu.objstore:SOURCE", extra="s3")
 for _source in (
+    # *.tar (local, s3://, globs, brace ranges): before the others
+    _Deferred("shards", lambda arg: arg.lower().endswith(SHARD_SUFFIXES), "wanwu.shards:SOURCE"),
+    _Deferred("table", lambda arg: arg.lower().endswith(TABLE_SUFFIXES), "wanwu.tables:SOURCE"),  # of URLs/paths
+    _Deferred("object", lambda arg: arg.lower().startswith(OBJECT_SCHEMES), "wanwu.objstore:SOURCE"),
     _Source("url", is_url, _expand_url),
     _Source("other-scheme", _is_other_scheme, _expand_other_scheme),
     _Source("folder", os.path.isdir, _expand_dir),

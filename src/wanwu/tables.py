@@ -17,9 +17,9 @@ from contextlib import ExitStack
 from typing import IO, Any
 
 from wanwu.errors import MissingExtraError
-from wanwu.sources import InputItem, SourceOptions, is_url
+from wanwu.sources import TABLE_SUFFIXES, InputItem, SourceOptions, is_url
 
-SUFFIXES = (".parquet", ".pq", ".csv", ".tsv")
+SUFFIXES = TABLE_SUFFIXES
 BATCH_ROWS = 4096
 
 

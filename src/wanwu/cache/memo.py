@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -65,7 +64,7 @@ def machine_id() -> str:
             continue
         if ident:
             break
-    return hashlib.sha256(f"{ident}\0{socket.gethostname()}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{ident}\0{os.uname().nodename}".encode()).hexdigest()[:16]
 
 
 def file_key(path: str, machine: str) -> str:

@@ -6,11 +6,13 @@ Exit codes: 0 all inputs ok · 3 finished, some inputs failed · 2 usage error �
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 import click
@@ -187,4 +189,20 @@ def _silence_stdout() -> None:
 
 
 def run() -> None:
-    sys.exit(main())
+    """The ``wanwu`` command (and ``python -m wanwu``): :func:`main`, then a quick exit.
+
+    When the command is done and only the main thread is left, the exit handlers run (child processes are
+    joined, log handlers flushed), stdout and stderr are flushed, and the process ends without the
+    interpreter's teardown of every module, which costs 0.05-0.15 s after numpy and onnxruntime: a fifth of a
+    one-photo run. A still-running thread gets the usual exit, which waits for it.
+    """
+    code = main()
+    if any(not thread.daemon for thread in threading.enumerate() if thread is not threading.main_thread()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away: the run's status already says so
+            pass
+    os._exit(code)
