@@ -24,6 +24,7 @@ from wanwu.decoders import AGAIN, ALONE, decode_outcomes, timed_out
 from wanwu.errors import ClosedError, ErrorType
 from wanwu.fetch import FETCHERS, Fetched
 from wanwu.imaging import DecodeResult, Prepared, decode_jobs
+from wanwu.intake import Intake
 from wanwu.records import Record, RecordOptions, TopScores
 from wanwu.rules import Failure, fetch_failure, inference_failure, look_up, record_of, scored
 from wanwu.sources import InputItem
@@ -141,7 +142,7 @@ class _Run:
         # crops handed over at once: a batch locally; everything ready when the inference gathers by itself
         self.handoff = self.inference.gather if self.inference.gather > 1 else self.max_busy
         # last: its thread wakes the run through self.events
-        self.inputs = _Inputs(items, lambda: self.events.put(("input", None, _ARRIVED)))
+        self.inputs = Intake(items, lambda: self.events.put(("input", None, _ARRIVED)))
 
     def records(self) -> Generator[Record, None, None]:
         try:
@@ -544,56 +545,3 @@ def _completed(fn: Callable[[InputItem], Fetched], item: InputItem) -> Future[Fe
 
 _ARRIVED: Future[Any] = Future()
 _ARRIVED.set_result(None)
-
-
-class _Inputs:
-    """A run's inputs, taken from their iterator on a thread of their own, so that a slow source (a list piped
-    on stdin and left open, a slow listing) never holds the run: what has arrived is taken at once, and the run
-    is woken (``wake``) when more arrives. At most ``capacity`` wait; an error of the source is raised by
-    :meth:`take`, in the run's own thread."""
-
-    def __init__(self, items: Iterator[InputItem], wake: Callable[[], None], capacity: int = 1024) -> None:
-        self._queue: queue.Queue[tuple[InputItem | None, BaseException | None]] = queue.Queue(capacity)
-        self._wake = wake
-        self._stop = threading.Event()
-        self.exhausted = False
-        threading.Thread(target=self._read, args=(items,), name="wanwu-inputs", daemon=True).start()
-
-    def _read(self, items: Iterator[InputItem]) -> None:
-        try:
-            for item in items:
-                if not self._put((item, None)):
-                    return
-        except BaseException as e:  # the run raises it (a source's usage error, say)
-            self._put((None, e))
-            return
-        self._put((None, None))
-
-    def _put(self, entry: tuple[InputItem | None, BaseException | None]) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.5)
-            except queue.Full:
-                continue
-            if self._queue.qsize() == 1:  # it was empty: the run may be waiting for it
-                self._wake()
-            return True
-        return False
-
-    def take(self) -> InputItem | None:
-        """The next input if it has arrived; None if none has yet, or after the last (:attr:`exhausted`)."""
-        if self.exhausted:
-            return None
-        try:
-            item, error = self._queue.get_nowait()
-        except queue.Empty:
-            return None
-        if error is not None:
-            raise error
-        if item is None:
-            self.exhausted = True
-        return item
-
-    def close(self) -> None:
-        """The run is over: the reading thread stops at its next input (one blocked on a pipe stays blocked)."""
-        self._stop.set()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from wanwu.errors import UsageError
-from wanwu.records import Record
+from wanwu.records import Prediction, Record
 from wanwu.registry import Registry
 
 
@@ -80,10 +80,9 @@ def dumps(record: Record) -> str:
     if record.status != "ok" or record.meta is not None or record.embedding is not None or "n" in "".join(scores):
         # an error, what rode along with the input, an embedding, or a score of nan/inf (JSON: NaN, Infinity)
         return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"))
-    text = _text
+    heads, text = _HEADS, _text
     body = ",".join([
-        f'{{"index":{int(p.index)!r},"label":{text(p.label)},"score":{score}}}' if p.label_en is None else
-        f'{{"index":{int(p.index)!r},"label":{text(p.label)},"label_en":{text(p.label_en)},"score":{score}}}'
+        (heads.get((p.index, p.label, p.label_en)) or _head(p)) + score + "}"
         for p, score in zip(predictions, scores, strict=True)
     ])
     sha, width, height = record.sha256, record.width, record.height
@@ -98,6 +97,20 @@ def dumps(record: Record) -> str:
 
 
 _text = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) writes a str as
+# A prediction's JSON up to its score, by (index, label, English label): a model has a few thousand labels, and
+# a run writes each of them many times. Bounded, for a process that runs many models in turn.
+_HEADS: dict[tuple[int, str, str | None], str] = {}
+_MAX_HEADS = 1 << 17
+
+
+def _head(p: Prediction) -> str:
+    text = _text
+    head = (f'{{"index":{int(p.index)!r},"label":{text(p.label)},"score":' if p.label_en is None else
+            f'{{"index":{int(p.index)!r},"label":{text(p.label)},"label_en":{text(p.label_en)},"score":')
+    if len(_HEADS) >= _MAX_HEADS:
+        _HEADS.clear()
+    _HEADS[(p.index, p.label, p.label_en)] = head
+    return head
 
 
 @register_sink("jsonl")

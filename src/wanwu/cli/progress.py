@@ -85,6 +85,7 @@ class RunProgress:
         self.total: int | None = None
         self._bar: Any = None
         self._start = time.perf_counter()
+        self.enabled = enabled
         if not enabled:
             return
         from rich.progress import (
