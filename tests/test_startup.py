@@ -329,3 +329,28 @@ def test_a_file_holding_its_own_boundary_is_left_to_the_multipart_parser() -> No
 
     assert _one_file(body, b"XYZ") is None
     assert _one_file(body.replace(inner, b"\xff\xd8 plain"), b"XYZ") == ("a.jpg", b"\xff\xd8 plain")
+
+
+@pytest.mark.extra("server")
+@pytest.mark.parametrize("head", [
+    b"Content-Type: image/jpeg\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"",  # aiohttp
+    b"Content-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\nContent-Type: image/jpeg",
+    b"Content-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"",
+])
+def test_either_order_of_the_parts_headers_takes_the_short_way_and_reads_the_same(head: bytes) -> None:
+    photo = image_bytes()
+    body = b"--eaa1d821cc60\r\n" + head + b"\r\n\r\n" + photo + b"\r\n--eaa1d821cc60--\r\n"
+    content_type = "multipart/form-data; boundary=eaa1d821cc60"
+    from wanwu.service.requests import _one_file
+
+    assert _one_file(body, b"eaa1d821cc60") == ("a.jpg", photo)
+    assert _parsed(body, content_type) == _general(body, content_type) == ([("a.jpg", photo)], None, None)
+
+
+@pytest.mark.extra("server")
+def test_a_part_with_two_types_is_left_to_the_multipart_parser() -> None:
+    body = (b'--XYZ\r\nContent-Type: image/jpeg\r\nContent-Disposition: form-data; name="files"; filename="a.jpg"'
+            b"\r\nContent-Type: image/png\r\n\r\n\xff\xd8 data\r\n--XYZ--\r\n")
+    from wanwu.service.requests import _one_file
+
+    assert _one_file(body, b"XYZ") is None

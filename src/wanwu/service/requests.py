@@ -137,10 +137,11 @@ async def _parse_multipart(request: Request, config: ServeConfig) -> Parsed:
 # multipart parser costs about 190 us of CPU for a 100 kB photo, a tenth of that here. Anything else (more parts,
 # other fields, unusual headers or file names) goes to the general parser, so both always agree.
 _SIMPLE_TOKEN = re.compile(rb"[A-Za-z0-9'()+_,./:=?-]{1,70}")
-_ONE_FILE_HEAD = re.compile(
-    rb'Content-Disposition: form-data; name="files"; filename="([\x20-\x21\x23-\x5b\x5d-\x7e]{1,255})"'
-    rb"(?:\r\nContent-Type: [\x21-\x7e]{1,100})?\r\n\r\n"
-)
+_DISPOSITION = rb'Content-Disposition: form-data; name="files"; filename="([\x20-\x21\x23-\x5b\x5d-\x7e]{1,255})"'
+_TYPE = rb"Content-Type: [\x21-\x7e]{1,100}"
+# the file's type after its disposition (browsers, httpx, requests) or before it (aiohttp); never two types
+_ONE_FILE_HEAD = re.compile(rb"(?:" + _DISPOSITION + rb"(?:\r\n" + _TYPE + rb")?|" + _TYPE + rb"\r\n" + _DISPOSITION
+                            + rb")\r\n\r\n")
 
 
 def _boundary(content_type: str) -> bytes | None:
@@ -162,7 +163,7 @@ def _one_file(body: bytes, boundary: bytes) -> tuple[str, bytes] | None:
     end = len(body) - len(closing)
     if body.find(b"\r\n--" + boundary, head.end()) != end:
         return None  # another part, or a boundary inside what would be the file
-    return head.group(1).decode("ascii"), body[head.end():end]
+    return (head.group(1) or head.group(2)).decode("ascii"), body[head.end():end]
 
 
 def _top_k(text: str | None) -> int | None:
