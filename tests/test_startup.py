@@ -354,3 +354,47 @@ def test_a_part_with_two_types_is_left_to_the_multipart_parser() -> None:
     from wanwu.service.requests import _one_file
 
     assert _one_file(body, b"XYZ") is None
+
+
+# --- the forkserver starts before the command's imports when decode processes will be needed --------------------
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["FOLDER"], True), (["-"], True), (["photos/*.jpg"], True), (["FOLDER", "-o", "out.jsonl"], True),
+    (["a.jpg"], False), (["a.jpg", "b.jpg", "-o", "out.jsonl"], False),
+    (["FOLDER", "-j", "0"], False), (["FOLDER", "--decoders=0"], False), (["FOLDER", "--runner", "ray"], False),
+])
+def test_the_forkserver_starts_early_only_for_runs_that_will_start_decoders(
+    args: list[str], expected: bool, tmp_path: Path
+) -> None:
+    from wanwu.forkserver import _will_start_decoders
+
+    args = [str(tmp_path) if a == "FOLDER" else a for a in args]
+    assert _will_start_decoders(args) is expected
+
+
+@pytest.mark.shared
+def test_recognize_over_a_folder_starts_the_forkserver_before_loading_its_command(
+    mobilenet: Model, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wanwu.forkserver
+
+    started: list[bool] = []
+    real = wanwu.forkserver.start
+
+    def spy() -> None:
+        started.append(True)
+        real()
+
+    monkeypatch.setattr(wanwu.forkserver, "start", spy)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in sorted(photos.iterdir())[:SHORT_RUN + 1]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    model = ["--model", str(mobilenet[0]), "--labels", str(mobilenet[1]), "--no-cache", "-q", "-f", "jsonl",
+             "-o", str(tmp_path / "out.jsonl")]
+    assert main(["recognize", str(sorted(folder.iterdir())[0]), *model]) == 0
+    assert started == []  # one file: decoded in this process, no forkserver
+    assert main(["recognize", str(folder), *model]) == 0
+    assert started == [True]
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == SHORT_RUN + 1

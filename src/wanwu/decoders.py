@@ -335,10 +335,9 @@ class DecodeProcess:
     def _connection(self) -> Any:
         if self._process is None or self._process is self._killed or not self._process.is_alive():
             self.close()
-            import multiprocessing  # here: a run that decodes in its own process never needs it
+            from wanwu.forkserver import context
 
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["wanwu._decode_server", "wanwu.imaging", "wanwu.decoders"])
+            ctx = context()
             ours, theirs = ctx.Pipe()
             self._progress = ctx.RawArray("d", 2)  # CLOCK_MONOTONIC is one clock for every process (Linux)
             self._process = ctx.Process(target=_serve,

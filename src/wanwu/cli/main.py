@@ -72,6 +72,14 @@ class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)
 
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
+                                                                             list[str]]:
+        if args and args[0] == "recognize" and "--help" not in args:
+            from wanwu.forkserver import start_early
+
+            start_early(args[1:])  # before the command's modules are imported: see wanwu.forkserver
+        return super().resolve_command(ctx, args)
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if ctx.meta.get(_LISTING) and cmd_name in COMMANDS and cmd_name not in self._loaded:
             return click.Command(cmd_name, help=COMMANDS[cmd_name], short_help=short_help(cmd_name))
