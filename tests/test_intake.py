@@ -86,3 +86,11 @@ def test_closing_stops_a_reader_that_waits_for_room() -> None:
     intake.close()
     reader.join(WAIT_S)
     assert not reader.is_alive()
+
+
+def test_a_list_is_taken_as_it_is_without_a_reading_thread() -> None:
+    before = set(threading.enumerate())
+    woken = threading.Event()
+    intake = Intake(list(_items(3)), woken.set, capacity=2)  # a service request's uploads, held already
+    assert set(threading.enumerate()) - before == set()
+    assert _drain(intake, woken) == ["in-0", "in-1", "in-2"]

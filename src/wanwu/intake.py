@@ -27,7 +27,9 @@ class Intake:
     memo takes tens of thousands of inputs a second, and a lock and a condition per input cost a fifth of it.
     ``_asleep`` says the run found nothing and may be waiting: the reader wakes it on its next input."""
 
-    def __init__(self, items: Iterator[InputItem], wake: Callable[[], None], capacity: int = 1024) -> None:
+    def __init__(self, items: Iterator[InputItem] | list[InputItem], wake: Callable[[], None],
+                 capacity: int = 1024) -> None:
+        """``items`` as a list (a service request's uploads) is taken as it is: no thread is started for it."""
         self._items: deque[InputItem | _End] = deque()
         self._capacity = capacity
         self._wake = wake
@@ -36,6 +38,11 @@ class Intake:
         self._full = False
         self._stop = threading.Event()
         self.exhausted = False
+        if isinstance(items, list):
+            self._items.extend(items)
+            self._items.append(_End(None))
+            self._asleep = False
+            return
         threading.Thread(target=self._read, args=(items,), name="wanwu-inputs", daemon=True).start()
 
     def _read(self, items: Iterator[InputItem]) -> None:

@@ -151,7 +151,11 @@ class Recognizer:
         ``record`` shapes the records (top-k, score, threshold); default: ``options.record``. Raises
         :class:`~wanwu.errors.ClosedError` once closed."""
         self._check_open()
-        run = _Run(self, _items(inputs, self.options.max_bytes), record or self.options.record)
+        items: list[InputItem] | Iterator[InputItem] = (
+            inputs if isinstance(inputs, list) and all(_ready(v) for v in inputs)  # a service request's uploads
+            else _items(inputs, self.options.max_bytes)
+        )
+        run = _Run(self, items, record or self.options.record)
         return RecordStream(run.records(), run.head_ready)
 
     def recognize_one(self, input: InputLike, record: RecordOptions | None = None) -> Record:
@@ -245,6 +249,11 @@ class Recognizer:
 def open_cache(options: RecognizeOptions) -> ResultCache:
     """The persistent result cache the options name (``--cache``, ``$WANWU_CACHE``, the default file)."""
     return open_cache_at(options.cache_location())
+
+
+def _ready(value: InputLike) -> bool:
+    """An input that needs no expanding (not a path or a shard to read)."""
+    return isinstance(value, InputItem) and value.kind != "shard"
 
 
 def _items(inputs: Iterable[InputLike], max_bytes: int) -> Iterator[InputItem]:

@@ -88,7 +88,7 @@ class _Run:
     REMEMBER_BATCH = 512  # memo entries written at once
     decode = staticmethod(decode_jobs)  # what a decode worker runs (a seam for the crash tests)
 
-    def __init__(self, rec: Recognizer, items: Iterator[InputItem], record: RecordOptions) -> None:
+    def __init__(self, rec: Recognizer, items: Iterator[InputItem] | list[InputItem], record: RecordOptions) -> None:
         self.rec = rec
         self.engine = rec.engine
         self.inference = rec.inference
