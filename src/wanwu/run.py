@@ -137,7 +137,8 @@ class _Run:
         self.max_decode = self.workers * 2 * self.chunk  # a task queued behind each running one
         share = self.opts.decode_share
         self.max_tasks = self.workers * 2 if share >= 1 else max(1, math.ceil(self.workers * share))
-        self.max_window = max(2 * self.PROBE_BLOCK, self.opts.batch_size * 4)  # records waiting to leave in order
+        # records waiting to leave in order: room for two blocks in the memo lookup while a third is written
+        self.max_window = max(4 * self.PROBE_BLOCK, self.opts.batch_size * 4)
         self.max_busy = max(256, self.opts.batch_size * 4)  # of them, holding bytes or pixels: memory
         # crops handed over at once: a batch locally; everything ready when the inference gathers by itself
         self.handoff = self.inference.gather if self.inference.gather > 1 else self.max_busy
