@@ -46,6 +46,7 @@ from wanwu.service.contract import (
     errors,
     install_openapi,
     json_body_schema,
+    request_body,
 )
 from wanwu.service.guard import TextGuardMiddleware
 from wanwu.service.headers import PAGE_CSP, SecurityHeadersMiddleware, docs_csp
@@ -217,26 +218,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 _JSON_REF, _JSON_COMPONENTS = json_body_schema(RecognizeJson)
-_RECOGNIZE_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {
-                        "files": {"type": "array", "minItems": 1,
-                                  "items": {"type": "string", "format": "binary"}},
-                        "top_k": {"type": "integer", "minimum": 1, "maximum": 50},
-                        "labels": {"type": "string", "description": "zero-shot models: own labels, one per line"},
-                    },
-                }
-            },
-            "application/json": {"schema": _JSON_REF},
-        },
-    }
-}
+_RECOGNIZE_BODY = request_body({
+    "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
+    "top_k": {"type": "integer", "minimum": 1, "maximum": 50},
+    "labels": {"type": "string", "description": "zero-shot models: own labels, one per line"},
+}, _JSON_REF, required=("files",))
 
 _RECORD_EXAMPLE = {
     "results": [

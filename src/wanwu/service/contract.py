@@ -79,6 +79,16 @@ def json_body_schema(model: type[BaseModel]) -> tuple[dict[str, Any], dict[str, 
     return {"$ref": f"#/components/schemas/{model.__name__}"}, components
 
 
+def request_body(form: dict[str, Any], json_ref: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An endpoint's ``openapi_extra``: a required body, either a multipart form with the fields ``form``
+    (``required`` among them) or JSON as ``json_ref`` says."""
+    schema: dict[str, Any] = {"type": "object", "properties": form}
+    if required:
+        schema["required"] = list(required)
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": schema}, "application/json": {"schema": json_ref}}}}
+
+
 def install_openapi(
     app: FastAPI, extra_components: dict[str, Any], zero_shot: Callable[[], bool | None] = lambda: True
 ) -> None:

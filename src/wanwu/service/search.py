@@ -27,7 +27,7 @@ from wanwu.errors import ClosedError, UsageError
 from wanwu.index import ImageIndex
 from wanwu.service.batcher import QueueFullError
 from wanwu.service.config import ServeConfig
-from wanwu.service.contract import ApiError, errors, json_body_schema
+from wanwu.service.contract import ApiError, errors, json_body_schema, request_body
 from wanwu.service.guard import check_form, parse_json
 from wanwu.service.requests import ImageIn, b64_item, describe, url_item
 from wanwu.service.runtime import Runtime
@@ -57,27 +57,14 @@ class SearchJson(BaseModel):
 
 
 SEARCH_JSON_REF, SEARCH_JSON_COMPONENTS = json_body_schema(SearchJson)
-_SEARCH_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
-                                  "description": "Query photos"},
-                        "text": {"type": "array", "minItems": 1, "items": {"type": "string", "maxLength": 200},
-                                 "description": "Text queries (a model with a text tower)"},
-                        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
-                        "threshold": {"type": "number", "minimum": -1, "maximum": 1},
-                    },
-                }
-            },
-            "application/json": {"schema": SEARCH_JSON_REF},
-        },
-    }
-}
+_SEARCH_BODY = request_body({
+    "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
+              "description": "Query photos"},
+    "text": {"type": "array", "minItems": 1, "items": {"type": "string", "maxLength": 200},
+             "description": "Text queries (a model with a text tower)"},
+    "k": {"type": "integer", "minimum": 1, "maximum": MAX_K},
+    "threshold": {"type": "number", "minimum": -1, "maximum": 1},
+}, SEARCH_JSON_REF)
 _EXAMPLE = {"queries": [{"query": "红色连衣裙", "results": [
     {"input": "photos/dress-001.jpg", "score": 0.31245, "labels": ["连衣裙", "裙子", "红色"]}]}]}
 
