@@ -246,6 +246,23 @@ def test_out_of_memory_halves_the_batch(tiny_model: tuple[Path, Path], tmp_path:
     assert sum(s for s in fake.sizes if s <= 5) == 40
 
 
+def test_the_last_crops_of_a_run_are_shared_among_the_free_streams(tiny_model: tuple[Path, Path],
+                                                                    tmp_path: Path) -> None:
+    """Fewer crops than a batch, two streams: they are inferred as two halves at once, not one batch on one
+    core while the other waits. (Crops that leave early, on a loaded machine, make the batches smaller still.)"""
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Path(paths[-1]).write_bytes(image_bytes(COLORS[i % 6], size=(220 + i, 230), fmt="PNG"))
+    loaded = Engine.load(str(tiny_model[0]), tiny_model[1])
+    sizes = _OomBackend(loaded.backend, limit=32)  # streams: 2; records each batch's size, refuses none
+    engine = Engine(loaded.spec, sizes, max_batch=32)
+    with Recognizer(engine=engine, options=RecognizeOptions(cache=False, workers=0, batch_size=32)) as rec:
+        records = list(rec.recognize(paths))
+    assert [r.input for r in records] == paths and all(r.ok for r in records)
+    assert sum(sizes.sizes) == 6 and max(sizes.sizes) <= 3, sizes.sizes
+
+
 class _ConcurrencyProbe:
     """Wraps a real backend; slow, and records how many batches it ran at once."""
 

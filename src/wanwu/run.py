@@ -171,8 +171,11 @@ class _Run:
                 return
             self._submit_decodes()
             can_infer = bool(self.ready) and self.pending_infer < self.streams
-            if can_infer and (len(self.ready) >= batch_size or self._starved()):
+            if can_infer and len(self.ready) >= batch_size:
                 self._infer(min(self.handoff, len(self.ready)))
+                continue
+            if can_infer and self._starved():
+                self._infer(self._share())
                 continue
             wait = self.FLUSH_AFTER_S if can_infer else 1.0
             if self.decoding:
@@ -183,7 +186,7 @@ class _Run:
             except queue.Empty:
                 self._enforce_deadlines()
                 if can_infer:
-                    self._infer(len(self.ready))
+                    self._infer(self._share())
                 continue
             self._handle(event)
             while True:  # drain what else has arrived before deciding what to do next
@@ -191,6 +194,14 @@ class _Run:
                     self._handle(self.events.get_nowait())
                 except queue.Empty:
                     break
+
+    def _share(self) -> int:
+        """How many of the ready crops a partial batch takes: the last crops of a run (or a lull) are shared
+        among the streams that are free, so that each core infers a part instead of one inferring them all."""
+        n = min(self.handoff, len(self.ready))
+        if self.inference.gather > 1:  # local batches (a service's batcher gathers across requests itself)
+            n = min(n, -(-len(self.ready) // (self.streams - self.pending_infer)))
+        return n
 
     def _starved(self) -> bool:
         """Nothing can join the current partial batch without waiting on a fetch."""
