@@ -74,7 +74,7 @@ class LazyGroup(click.Group):
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
                                                                              list[str]]:
-        if args and args[0] == "recognize" and "--help" not in args:
+        if args and args[0] == "recognize" and "--help" not in args and "-h" not in args:
             from wanwu.forkserver import start_early
 
             start_early(args[1:])  # before the command's modules are imported: see wanwu.forkserver
