@@ -68,8 +68,12 @@ def _recall(found: list[list[int]], truth: list[list[int]]) -> float:
 
 @pytest.mark.extra("search")
 @pytest.mark.usefixtures("ann_from_1000")
-def test_the_ann_finds_the_exact_answers_top_hits(tmp_path: Path, ann_calls: list[int]) -> None:
+def test_the_ann_finds_the_exact_answers_top_hits(tmp_path: Path, ann_calls: list[int],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ann_files, "SCAN_ROWS", 300)  # probe 32 of the 76 lists: approximate, not exhaustive
     index = _make(tmp_path / "index")
+    ann = index.ann()
+    assert ann is not None and ann.index.nprobe == 32 and ann.index.nlist == 76
     queries = _clustered(100, seed=1)
     approximate, exact = _top(index, queries, exact=False), _top(index, queries, exact=True)
     assert sum(ann_calls) == 100  # the ANN answered, the exact search did not
@@ -212,3 +216,27 @@ def test_without_faiss_search_is_exact_and_says_so_once(tmp_path: Path, monkeypa
     assert found == again == _top(index, queries, exact=True)
     assert caplog.text.count("search is exact") == 1
     assert not list(folder.glob("ann*"))
+
+
+@pytest.mark.shared
+@pytest.mark.extra("search")
+def test_cli_index_builds_the_ann_and_search_exact_skips_it(
+    mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    ann_calls: list[int], capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(ann_files, "ANN_FROM_ROWS", 40)
+    library = sorted(photos.glob("*.JPEG"))[:80]
+    model, labels = mobilenet
+    flags = ["-m", str(model), "-l", str(labels), "-j", "0"]
+    folder = tmp_path / "idx"
+    assert main(["index", str(folder), *map(str, library), *flags]) == 0
+    assert json.loads((folder / "ann.json").read_text())["rows"] == 80  # built by `wanwu index` at its end
+    capsys.readouterr()
+    query = ["--image", str(library[7]), "-k", "3", *flags]
+    assert main(["search", str(folder), *query, "--exact"]) == 0
+    exact = json.loads(capsys.readouterr().out)
+    assert not ann_calls
+    assert main(["search", str(folder), *query]) == 0
+    approximate = json.loads(capsys.readouterr().out)
+    assert ann_calls == [1]
+    assert exact["results"][0]["input"] == approximate["results"][0]["input"] == str(library[7])

@@ -34,8 +34,8 @@ import numpy.typing as npt
 
 log = logging.getLogger("wanwu")
 
-ANN_FROM_ROWS = 20_000  # from this many rows on, search goes through the ANN (exact p99 passes ~50 ms below)
-NPROBE_SHARE = 0.02  # inverted lists probed per query, as a share of all lists (at least MIN_NPROBE)
+ANN_FROM_ROWS = 10_000  # from this many rows on, search goes through the ANN (exact p99 reaches ~50 ms here)
+SCAN_ROWS = 16_384  # rows a query scores: lists probed = SCAN_ROWS / the rows of a list (recall@10 >= 0.95)
 MIN_NPROBE = 32
 REBUILD_GROWTH = 4  # retrain the lists once the index holds this many times the rows they were trained on
 ADD_CHUNK = 65_536  # rows converted to float32 and added at once: memory stays bounded
@@ -47,8 +47,10 @@ def faiss_lists(rows: int) -> int:
     return max(1, min(int(4 * math.sqrt(rows)), rows // 39))
 
 
-def nprobe_for(lists: int) -> int:
-    return min(lists, max(MIN_NPROBE, int(lists * NPROBE_SHARE)))
+def nprobe_for(lists: int, rows: int) -> int:
+    """Lists probed per query: enough for about :data:`SCAN_ROWS` rows (measured: recall@10 0.95 to 0.97 for
+    queries far from every row, 1.0 for photo-like ones, at 200,000 and 1,000,000 rows)."""
+    return min(lists, max(MIN_NPROBE, math.ceil(lists * SCAN_ROWS / max(rows, 1))))
 
 
 def load_faiss() -> ModuleType | None:
@@ -119,7 +121,7 @@ def open_ann(folder: Path, vectors: npt.NDArray[np.float16], count: int) -> Ann 
         log.warning("%s: the ANN index is unusable (%s): it will be rebuilt", folder, e)
         return None
     ivf = faiss.extract_index_ivf(index)
-    ivf.nprobe = nprobe_for(ivf.nlist)
+    ivf.nprobe = nprobe_for(ivf.nlist, rows)
     return Ann(index, rows, int(meta.get("trained", rows)))
 
 
@@ -135,6 +137,8 @@ def build_ann(folder: Path, vectors: npt.NDArray[np.float16], count: int, previo
             if not locked:
                 return None
             index, start, trained = _extendable(faiss, folder, previous, count)
+            log.info("%s: %s the ANN index to %d rows", folder, "extending" if index is not None else "building",
+                     count)
             if index is None:
                 index, start, trained = _trained(faiss, vectors, count), 0, count
             for s in range(start, count, ADD_CHUNK):
@@ -205,4 +209,4 @@ def _ann_lock(folder: Path) -> Iterator[bool]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-__all__ = ["ANN_FROM_ROWS", "Ann", "build_ann", "faiss_lists", "load_faiss", "open_ann"]
+__all__ = ["ANN_FROM_ROWS", "Ann", "build_ann", "faiss_lists", "load_faiss", "nprobe_for", "open_ann"]
