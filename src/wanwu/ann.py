@@ -1,7 +1,8 @@
 """An approximate nearest-neighbour (ANN) structure beside an image index: faiss IVF with float16 storage.
 
-Chosen over usearch HNSW by ``benchmarks/bench_search.py scale`` (docs/search.md): it builds several times
-faster on 2 cores, reaches the recall goal at a few milliseconds, and its file is memory-mapped for search.
+Chosen over usearch HNSW by ``benchmarks/bench_search.py scale`` (docs/search.md): on 200,000 rows and 2 cores
+it built in 55 s against 632 s, and for queries far from every row it reached recall@10 0.95 where usearch
+stayed at 0.83 for the same latency; its file is memory-mapped for search.
 
 Files in the index folder (derived data, never trusted over the index's committed count):
 
