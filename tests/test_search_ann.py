@@ -100,9 +100,11 @@ def test_rows_added_after_the_ann_are_found_then_taken_into_it(tmp_path: Path, a
         assert hits[0].row == 3000 + i
     assert json.loads((folder / "ann.json").read_text())["rows"] == 3000
     assert ann_calls
+    (folder / "ann-9999.faiss.1.tmp").write_bytes(b"a killed writer's leftovers")
+    (folder / "ann.json.1.tmp").write_text("{")
     reopened.ann(tail=0)  # what `wanwu index` does at its end
     assert json.loads((folder / "ann.json").read_text())["rows"] == 3050
-    assert [f.name for f in folder.glob("ann-*")] == ["ann-3050.faiss"]
+    assert sorted(f.name for f in folder.glob("ann*")) == ["ann-3050.faiss", "ann.json"]
     for i, hits in enumerate(ImageIndex.open(folder).search(new, 1)):
         assert hits[0].row == 3000 + i
 
