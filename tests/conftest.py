@@ -18,7 +18,7 @@ os.environ["WANWU_LANG"] = "en"
 # are skipped with the extra they need, not failed; in CI (.ci/run installs .[all,dev]) a missing extra fails them.
 EXTRA_PROBES = {
     "torch": "torch", "clip": "transformers", "server": "fastapi", "queue": "redis", "dev": "playwright",
-    "parquet": "pyarrow", "s3": "s3fs", "heif": "pillow_heif", "cluster": "ray",
+    "parquet": "pyarrow", "s3": "s3fs", "heif": "pillow_heif", "cluster": "ray", "search": "faiss",
 }
 # The top-level packages each extra brings (what a test module may import at the top), for the skip's reason.
 EXTRA_PACKAGES = {
@@ -26,7 +26,8 @@ EXTRA_PACKAGES = {
     "server": ("fastapi", "starlette", "uvicorn", "multipart", "python_multipart", "prometheus_client",
                "fastapi_offline"),
     "queue": ("redis",), "parquet": ("pyarrow",), "s3": ("s3fs", "fsspec", "botocore", "aiobotocore"),
-    "heif": ("pillow_heif",), "cluster": ("ray",), "dev": ("playwright", "moto", "schemathesis", "aiohttp"),
+    "heif": ("pillow_heif",), "cluster": ("ray",), "search": ("faiss", "usearch"),
+    "dev": ("playwright", "moto", "schemathesis", "aiohttp"),
 }
 _EXTRA_OF_PACKAGE = {package: extra for extra, packages in EXTRA_PACKAGES.items() for package in packages}
 MODULE_EXTRAS = {  # modules whose every test needs these extras (modules that import one at the top are found)

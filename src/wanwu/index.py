@@ -9,6 +9,10 @@ replaced atomically with the new counts. A run killed midway leaves bytes past t
 every reader ignores and the next writer cuts off: the index is always the last committed one. A folder
 without ``index.json``, with one of another kind, or with data files shorter than it says is refused with
 :class:`~wanwu.errors.IndexFolderError`, never rebuilt. One writer at a time (an exclusive lock on the folder).
+
+From :data:`~wanwu.ann.ANN_FROM_ROWS` rows on, search goes through an ANN structure kept beside the rows
+(:mod:`wanwu.ann`: derived data, rebuilt when missing or unusable); rows committed after it was built are
+searched exactly and merged. ``exact=True`` (``--exact``), or no faiss installed, keeps every search exact.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import contextlib
 import fcntl
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +30,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from wanwu import ann as ann_files
+from wanwu.ann import Ann
 from wanwu.errors import IndexFolderError
 
 FORMAT = "wanwu-index"
 VERSION = 1
 SEARCH_CHUNK = 65536  # rows scored at once: memory stays bounded whatever the index's size
+ANN_TAIL_ROWS = 2_500  # rows past the ANN's that search scores exactly before it extends the ANN
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +60,9 @@ class Hit:
 class ImageIndex:
     """One index folder, opened for reading (and, through :meth:`add`, appending)."""
 
-    def __init__(self, folder: Path, header: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, header: dict[str, Any], exact: bool = False) -> None:
         self.folder = folder
+        self.exact = exact  # every search exact, whatever the size (``--exact``)
         self.header = header
         self.model: str = header["model"]
         self.dim: int = int(header["dim"])
@@ -62,20 +71,23 @@ class ImageIndex:
         self._shas = {row.sha256 for row in self.rows}
         self._by_sha: dict[str, IndexRow] | None = None
         self._vectors = self._map()
+        self._ann: Ann | None = None
+        self._ann_state = "unopened"  # "unopened", "opened", "unavailable" (no faiss)
+        self._ann_guard = threading.Lock()
 
     # -- opening ------------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, folder: Path | str, model: str | None = None) -> ImageIndex:
+    def open(cls, folder: Path | str, model: str | None = None, *, exact: bool = False) -> ImageIndex:
         """The committed index in ``folder``; ``model``: refuse an index another model (or preprocessing)
-        made."""
+        made; ``exact``: never search through the ANN."""
         folder = Path(folder)
         header = _read_header(folder)
         if model is not None and header["model"] != model:
             raise IndexFolderError(
                 f"{folder} was made by another model or preprocessing ({header['model']}), not {model}"
             )
-        return cls(folder, header)
+        return cls(folder, header, exact)
 
     @classmethod
     def open_or_create(cls, folder: Path | str, model: str, dim: int, info: dict[str, Any]) -> ImageIndex:
@@ -127,15 +139,35 @@ class ImageIndex:
         return self._vectors
 
     def search(
-        self, queries: npt.NDArray[np.float32], k: int = 10, threshold: float | None = None
+        self, queries: npt.NDArray[np.float32], k: int = 10, threshold: float | None = None,
+        exact: bool | None = None,
     ) -> list[list[Hit]]:
-        """Exact cosine search: the ``k`` best rows for each normalised query, best first (ties by row)."""
+        """Cosine search: the ``k`` best rows for each normalised query, best first (ties by row). Exact below
+        :data:`~wanwu.ann.ANN_FROM_ROWS` rows or with ``exact`` (default: the index's ``exact``), else the ANN
+        over the rows it holds merged with the exact scores of the rows past them."""
         q = np.asarray(queries, dtype=np.float32).reshape(len(queries), -1)
         if q.shape[1] != self.dim:
             raise IndexFolderError(f"queries are {q.shape[1]}-d, the index holds {self.dim}-d rows")
+        ann = None if (self.exact if exact is None else exact) else self.ann()
+        best_scores, best_rows = self._exact_top(q, k, ann.rows if ann else 0)
+        if ann is not None:
+            scores, rows = ann.search(q, k)
+            best_scores = np.concatenate([np.where(rows >= 0, scores, -np.inf), best_scores], axis=1)
+            best_rows = np.concatenate([rows, best_rows], axis=1)
+        out = []
+        for scores, rows in zip(best_scores, best_rows, strict=True):
+            order = np.lexsort((rows, -scores))[:k]
+            hits = [Hit(int(rows[i]), float(scores[i])) for i in order if rows[i] >= 0]
+            out.append([h for h in hits if threshold is None or h.score >= threshold])
+        return out
+
+    def _exact_top(
+        self, q: npt.NDArray[np.float32], k: int, first: int
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """The ``k`` best of rows ``first …`` for each query (unordered)."""
         best_scores = np.full((len(q), 0), -np.inf, dtype=np.float32)
         best_rows = np.zeros((len(q), 0), dtype=np.int64)
-        for start, scores in self._scored(q):
+        for start, scores in self._scored(q, first):
             rows = np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)
             best_scores = np.concatenate([best_scores, scores], axis=1)
             best_rows = np.concatenate([best_rows, rows], axis=1)
@@ -143,20 +175,32 @@ class ImageIndex:
                 keep = np.argpartition(-best_scores, k - 1, axis=1)[:, :k]
                 best_scores = np.take_along_axis(best_scores, keep, axis=1)
                 best_rows = np.take_along_axis(best_rows, keep, axis=1)
-        out = []
-        for scores, rows in zip(best_scores, best_rows, strict=True):
-            order = np.lexsort((rows, -scores))
-            hits = [Hit(int(rows[i]), float(scores[i])) for i in order]
-            out.append([h for h in hits if threshold is None or h.score >= threshold])
-        return out
+        return best_scores, best_rows
 
-    def _scored(self, q: npt.NDArray[np.float32]) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
-        for start in range(0, self.count, SEARCH_CHUNK):
+    def _scored(self, q: npt.NDArray[np.float32], first: int = 0) -> Iterator[tuple[int, npt.NDArray[np.float32]]]:
+        for start in range(first, self.count, SEARCH_CHUNK):
             block = np.asarray(self._vectors[start : start + SEARCH_CHUNK], dtype=np.float32)
             yield start, q @ block.T
 
-    def duplicates(self, threshold: float) -> list[list[int]]:
-        """Groups of rows (two or more) linked by cosine >= ``threshold``, each in row order."""
+    def ann(self, tail: int = ANN_TAIL_ROWS) -> Ann | None:
+        """The ANN to search with (None below :data:`~wanwu.ann.ANN_FROM_ROWS` rows or without faiss): the
+        one in the folder, built when missing or unusable, extended when more than ``tail`` rows lack from it."""
+        if self.count < ann_files.ANN_FROM_ROWS or self._ann_state == "unavailable":
+            return None
+        with self._ann_guard:
+            if self._ann_state == "unopened":
+                if ann_files.load_faiss() is None:
+                    self._ann_state = "unavailable"
+                    return None
+                self._ann = ann_files.open_ann(self.folder, self._vectors, self.count)
+                self._ann_state = "opened"
+            if self._ann is None or self.count - self._ann.rows > tail:
+                self._ann = ann_files.build_ann(self.folder, self._vectors, self.count, self._ann) or self._ann
+            return self._ann
+
+    def duplicates(self, threshold: float, exact: bool | None = None) -> list[list[int]]:
+        """Groups of rows (two or more) linked by cosine >= ``threshold``, each in row order (pairs found
+        through the ANN, as :meth:`search` does, unless ``exact``)."""
         parent = list(range(self.count))
 
         def find(i: int) -> int:
@@ -165,19 +209,29 @@ class ImageIndex:
                 i = parent[i]
             return i
 
-        step = 4096
-        for start in range(0, self.count, step):
-            q = np.asarray(self._vectors[start : start + step], dtype=np.float32)
-            for offset, scores in self._scored(q):
-                pairs = np.argwhere(scores >= threshold)
-                for a, b in pairs:
-                    i, j = start + int(a), offset + int(b)
-                    if i < j:
-                        parent[find(j)] = find(i)
+        for i, j in self._linked(threshold, exact):
+            if i != j:
+                a, b = find(i), find(j)
+                parent[max(a, b)] = min(a, b)
         groups: dict[int, list[int]] = {}
         for i in range(self.count):
             groups.setdefault(find(i), []).append(i)
         return [g for g in groups.values() if len(g) > 1]
+
+    def _linked(self, threshold: float, exact: bool | None) -> Iterator[tuple[int, int]]:
+        """Pairs of rows with cosine >= ``threshold``: the ANN's rows by its range search, the rest exactly."""
+        ann = None if (self.exact if exact is None else exact) else self.ann()
+        covered, step = (ann.rows if ann else 0), 4096
+        if ann is not None:
+            for start in range(0, covered, step):
+                q = np.asarray(self._vectors[start : min(start + step, covered)], dtype=np.float32)
+                for a, j, _ in ann.pairs(q, threshold):
+                    yield start + a, j
+        for start in range(covered, self.count, step):
+            q = np.asarray(self._vectors[start : start + step], dtype=np.float32)
+            for offset, scores in self._scored(q):
+                for a, b in np.argwhere(scores >= threshold):
+                    yield start + int(a), offset + int(b)
 
     # -- writing ------------------------------------------------------------------------------------------
 

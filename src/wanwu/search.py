@@ -73,6 +73,8 @@ def build_index(
         added = index.add(rows, np.stack(vectors))
         report.present += len(rows) - added
         report.added += added
+    if index is not None:
+        index.ann(tail=0)  # from ANN_FROM_ROWS rows on: the ANN built, or extended to the new rows
     return report
 
 

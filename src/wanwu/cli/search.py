@@ -15,6 +15,10 @@ from wanwu.index import ImageIndex
 from wanwu.search import SearchResult, build_index, dedupe, open_recognizer, search_images, search_texts
 from wanwu.sources import expand
 
+exact_option = click.option(
+    "--exact", is_flag=True, default=False,
+    help="Score every row (no ANN index, whatever the index's size): slower on a large index, never misses.",
+)
 embedding_output_option = click.option(
     "--embedding-output", metavar="NAME", default=None,
     help="The model's tensor to take as the embedding (default: the global-pool output the graph's structure "
@@ -49,15 +53,16 @@ def index_command(index_dir: Path, inputs: tuple[str, ...], **kw: Any) -> int:
 @click.option("--threshold", type=float, default=None, help="Only hits with at least this cosine.")
 @click.option("-f", "--format", "fmt", type=click.Choice(["jsonl", "csv", "table"]), default="jsonl",
               show_default=True)
+@exact_option
 @model_options
 @embedding_output_option
 @io_options
 def search_command(index_dir: Path, texts: tuple[str, ...], images: tuple[str, ...], k: int,
-                   threshold: float | None, fmt: str, **kw: Any) -> int:
+                   threshold: float | None, fmt: str, exact: bool, **kw: Any) -> int:
     """Search INDEX_DIR by TEXT (models with a text tower) or by --image photos: one line per query."""
     if bool(texts) == bool(images):
         raise click.UsageError("give TEXT queries or --image PATH, one of the two")
-    index = ImageIndex.open(index_dir)
+    index = ImageIndex.open(index_dir, exact=exact)
     model = kw["model"] or index.header.get("model_source")
     with open_recognizer(model, recognize_options(kw), kw["embedding_output"], kw["labels"]) as rec:
         results = (search_texts(rec, index, list(texts), k, threshold) if texts
@@ -104,9 +109,10 @@ def _table_rows(out: TextIO, data: dict[str, Any]) -> None:
 @click.argument("index_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--threshold", type=float, default=0.95, show_default=True,
               help="Rows whose cosine reaches this are near-duplicates.")
-def dedupe_command(index_dir: Path, threshold: float) -> int:
+@exact_option
+def dedupe_command(index_dir: Path, threshold: float, exact: bool) -> int:
     """Groups of near-duplicates in INDEX_DIR, one JSON line per group."""
-    for group in dedupe(ImageIndex.open(index_dir), threshold):
+    for group in dedupe(ImageIndex.open(index_dir, exact=exact), threshold):
         click.echo(json.dumps(group, ensure_ascii=False))
     return 0
 

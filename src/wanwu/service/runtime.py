@@ -98,6 +98,8 @@ class Runtime:
         self._closed = False
         # /v1/search's index, refused when another model or preprocessing made it
         self.index = ImageIndex.open(config.index, index_key(self.recognizer)) if config.index else None
+        if self.index is not None:
+            self.index.ann()  # a large index's ANN opened (or built, if missing) before the first query
 
     def _batcher(self, engine: Engine) -> Batcher:
         config = self.config
