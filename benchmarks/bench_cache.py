@@ -101,7 +101,7 @@ def rerun(opts: argparse.Namespace, files: list[Path]) -> dict[str, Any]:
             os.utime(link, (old, old))
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANWU_HOME": str(work / "home")}
         common = ["recognize", "-m", str(opts.model), "-l", str(opts.labels), "-b", str(opts.batch_size),
-                  "-j", str(opts.workers), "--cache", str(work / "cache.sqlite3")]
+                  "-j", str(opts.decoders), "--cache", str(work / "cache.sqlite3")]
         first_s, first_rss, _ = run_measured([*common, str(work / "links"), "-o", str(work / "first.jsonl")], env)
         tenth = [str(p) for p in sorted((work / "links").iterdir())[: max(1, opts.rerun // 10000)]]
         _, tenth_rss, _ = run_measured([*common, *tenth, "-o", str(work / "tenth.jsonl")], env)
@@ -151,7 +151,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=SHARED / "models" / "mobilenetv2-12-int8.onnx")
     parser.add_argument("--labels", type=Path, default=SHARED / "labels" / "imagenet_zh.txt")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=-1, help="decode processes (-1 = one per core)")
+    parser.add_argument("-j", "--decoders", type=int, default=-1, help="decode processes (-1 = one per core)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON only")
     parser.add_argument("--rerun", type=int, default=0, metavar="N",
                         help="measure the unchanged rerun of N files (hard links to the photos) instead")
@@ -171,7 +171,7 @@ def main() -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANWU_HOME": str(work / "home")}
         common = [
             "recognize", str(opts.photos), "-m", str(opts.model), "-l", str(opts.labels), "-q",
-            "-b", str(opts.batch_size), "-j", str(opts.workers), "--cache", str(cache),
+            "-b", str(opts.batch_size), "-j", str(opts.decoders), "--cache", str(cache),
         ]
         cold = run_cli([*common, "-o", str(work / "cold.jsonl")], env)
         warm = run_cli([*common, "-o", str(work / "warm.jsonl")], env)

@@ -49,7 +49,8 @@ from wanwu.runners import RunnerConfig, create_runner
 from wanwu.sources import expand
 runner, address, folder, model, labels, actors, workers = sys.argv[1:8]
 t0 = time.perf_counter()
-options = RecognizeOptions(cache=False) if workers == "default" else RecognizeOptions(cache=False, workers=int(workers))
+options = RecognizeOptions(cache=False) if workers == "default" else RecognizeOptions(cache=False,
+                                                                                    decoders=int(workers))
 config = RunnerConfig(model, Path(labels), options, address or None, actors=int(actors))
 with create_runner(runner, config) as run:
     t1 = time.perf_counter()

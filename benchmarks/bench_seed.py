@@ -115,7 +115,7 @@ def _end_to_end(spec: object, args: argparse.Namespace) -> None:
         start = time.perf_counter()
         n = sum(1 for _ in rec.recognize(blobs))
         elapsed = time.perf_counter() - start
-    print(f"\nCUDA end to end (decode 640x480 JPEGs with {options.decode_workers} workers, bf16, batch 64): "
+    print(f"\nCUDA end to end (decode 640x480 JPEGs with {options.decode_processes} workers, bf16, batch 64): "
           f"{n / elapsed:.1f} img/s; GPU busy {busy / elapsed:.0%} of the time, "
           f"waiting {1 - busy / elapsed:.0%}")
 

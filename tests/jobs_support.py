@@ -119,7 +119,7 @@ def free_port() -> int:
 
 def recognizer(tiny_model: tuple[Path, Path]) -> Recognizer:
     model, labels = tiny_model
-    options = RecognizeOptions(workers=0, cache=False, batch_size=8, allow_private_urls=True)  # the local server
+    options = RecognizeOptions(decoders=0, cache=False, batch_size=8, allow_private_urls=True)  # the local server
     return Recognizer(str(model), labels=labels, options=options)
 
 

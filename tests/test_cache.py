@@ -119,7 +119,7 @@ def _damage(location: str, namespace: str, key: str) -> None:
 
 def _run(model: tuple[Path, Path], inputs: list[Path], **options: Any) -> list[dict[str, Any]]:
     shape = {key: options.pop(key) for key in ("top_k", "score", "threshold") if key in options}
-    opts = RecognizeOptions(**{"workers": 0, "batch_size": 4, **options})
+    opts = RecognizeOptions(**{"decoders": 0, "batch_size": 4, **options})
     with Recognizer(str(model[0]), labels=model[1], options=opts) as rec:
         return [r.to_dict() for r in rec.recognize([str(p) for p in inputs], RecordOptions(**shape))]
 
@@ -452,10 +452,10 @@ def test_a_cached_record_keeps_the_decoders_warnings(
     inputs = [plain[0], odd, plain[1]]
     cache = store
     # decode workers (-j 1): threads would see Python's once-per-location warning filter
-    first = _run(tiny_model, inputs, workers=1, cache_path=cache)
+    first = _run(tiny_model, inputs, decoders=1, cache_path=cache)
     assert any("Corrupt EXIF" in w for w in first[1].get("warnings", [])), first[1]
     spy = _InferSpy(monkeypatch)
-    again = _run(tiny_model, inputs, workers=1, cache_path=cache)
+    again = _run(tiny_model, inputs, decoders=1, cache_path=cache)
     assert spy.images == 0  # every record came from the cache
     assert again == first
 

@@ -53,7 +53,7 @@ def images(photos: Path) -> list[Path]:
 
 
 def _scores(spec: ModelSpec, images: list[Path], score: str) -> np.ndarray:
-    options = RecognizeOptions(cache=False, workers=0, batch_size=3)  # several batches
+    options = RecognizeOptions(cache=False, decoders=0, batch_size=3)  # several batches
     with Recognizer(spec, options=options) as rec:
         records = list(rec.recognize([str(p) for p in images],
                                      record=RecordOptions(top_k=len(spec.labels), score=score)))  # type: ignore[arg-type]
@@ -253,7 +253,7 @@ def test_service_scores_a_label_list_per_request(clip_folder: Path, label_file: 
     from tests.servers import uvicorn_in_thread
     from wanwu.service import ServeConfig, create_app
 
-    config = ServeConfig(model=str(clip_folder), labels=label_file, options=RecognizeOptions(workers=0, cache=False))
+    config = ServeConfig(model=str(clip_folder), labels=label_file, options=RecognizeOptions(decoders=0, cache=False))
     mine = ("手机", "金鱼", "汽车")
     want_own = transformers_logits(clip_folder, images[:2], mine, DEFAULT_PROMPTS) / 30.0
     want_default = transformers_logits(clip_folder, images[:2], CLIP_LABELS, DEFAULT_PROMPTS) / 30.0
@@ -293,7 +293,7 @@ def test_service_label_lists_are_evicted_only_when_idle(clip_folder: Path, label
     from wanwu.service.runtime import LABEL_SETS, Runtime
 
     engine = Engine.load(resolve_model(str(clip_folder), label_file), max_batch=4)
-    config = ServeConfig(model=str(clip_folder), labels=label_file, options=RecognizeOptions(workers=0, cache=False))
+    config = ServeConfig(model=str(clip_folder), labels=label_file, options=RecognizeOptions(decoders=0, cache=False))
     loop = asyncio.new_event_loop()
     runtime = Runtime(config, engine, None, _NoObserver(), loop)
     try:
@@ -351,7 +351,7 @@ def test_service_label_lists_go_through_a_batcher_and_the_shared_decoders(
 
     engine = Engine.load(resolve_model(str(clip_folder), label_file), max_batch=8)
     config = ServeConfig(model=str(clip_folder), labels=label_file, max_delay_ms=200,
-                         options=RecognizeOptions(workers=1, cache=False))
+                         options=RecognizeOptions(decoders=1, cache=False))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()

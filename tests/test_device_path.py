@@ -280,7 +280,7 @@ def test_cache_namespace_changes_with_precision(folder: Path, tmp_path: Path, cr
     from PIL import Image
 
     Image.fromarray(crops[0]).save(image)
-    run = RecognizeOptions(cache_path=tmp_path / "cache.sqlite3", workers=0)
+    run = RecognizeOptions(cache_path=tmp_path / "cache.sqlite3", decoders=0)
     reached: list[int] = []
     for precision in ("fp32", "bf16", "bf16"):
         engine = Engine.load(str(folder), backend_options=BackendOptions(device="cpu", precision=precision))

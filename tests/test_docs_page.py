@@ -28,7 +28,7 @@ def test_docs_lists_every_operation_offline(tiny_model: tuple[Path, Path], tmp_p
     from playwright.sync_api import sync_playwright
 
     config = ServeConfig(
-        model=str(tiny_model[0]), labels=tiny_model[1], options=RecognizeOptions(workers=0, cache=False),
+        model=str(tiny_model[0]), labels=tiny_model[1], options=RecognizeOptions(decoders=0, cache=False),
         queue=f"sqlite:///{tmp_path / 'jobs.sqlite3'}", api_keys=("k",),
     )
     with uvicorn_in_thread(create_app(config, cache=None)) as base:

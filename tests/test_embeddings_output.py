@@ -27,7 +27,7 @@ def inputs(photos: Path, tmp_path: Path) -> list[str]:
 
 
 def _library_embeddings(mobilenet: tuple[Path, Path], inputs: list[str]) -> dict[str, np.ndarray]:
-    options = RecognizeOptions(workers=0, cache=False).with_embeddings()
+    options = RecognizeOptions(decoders=0, cache=False).with_embeddings()
     with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=options) as rec:
         return {r.input: r.embedding for r in rec.recognize(inputs) if r.embedding is not None}
 

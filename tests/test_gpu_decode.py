@@ -117,7 +117,7 @@ def mixed(photos: Path, tmp_path: Path) -> list[Path]:
 
 
 def _run(model: Model, paths: list[Path], **options: Any) -> tuple[list[Record], Recognizer]:
-    opts = RecognizeOptions(**{"cache": False, "workers": 0, "batch_size": 4, **options})
+    opts = RecognizeOptions(**{"cache": False, "decoders": 0, "batch_size": 4, **options})
     with Recognizer(str(model[0]), labels=model[1], options=opts) as rec:
         return list(rec.recognize(paths)), rec
 
@@ -231,7 +231,7 @@ def test_auto_without_a_gpu_says_once_that_it_decodes_on_the_cpu(
 
     monkeypatch.setitem(sys.modules, "torchvision", None)  # no gpu-decode extra (as here): nvJPEG cannot start
     monkeypatch.setitem(sys.modules, "torchvision.io", None)
-    opts = RecognizeOptions(cache=False, workers=0, jpeg_decoder="auto")
+    opts = RecognizeOptions(cache=False, decoders=0, jpeg_decoder="auto")
     with caplog.at_level("WARNING", logger="wanwu"), Recognizer(str(tiny_model[0]), labels=tiny_model[1],
                                                                options=opts) as rec:
         first = list(rec.recognize(mixed))

@@ -192,7 +192,7 @@ def test_out_of_memory_at_batch_one_is_the_devices_error_not_the_images(
         path.write_bytes(image_bytes((40 * i, 80, 120), fmt="PNG"))
     with pytest.raises(DeviceOutOfMemoryError, match="even for a batch of one image"):
         engine.infer(_crops(2))
-    with Recognizer(engine=engine, options=RecognizeOptions(cache=False, workers=0, batch_size=4)) as rec:
+    with Recognizer(engine=engine, options=RecognizeOptions(cache=False, decoders=0, batch_size=4)) as rec:
         records = list(rec.recognize([str(p) for p in paths]))
     assert [r.error.type if r.error else None for r in records] == ["model_error"] * 3
     assert all(r.error and "out of memory" in r.error.message for r in records)

@@ -119,7 +119,7 @@ def test_a_hung_decoder_times_out_and_costs_only_its_file(
 
     inputs.insert(5, InputItem.from_bytes("hang.jpg", b"SLEEP" + chosen[0].read_bytes()))
     # A deadline far above a photo's decoding (tens of ms), so that a loaded machine never trips it by accident.
-    options = RecognizeOptions(cache=False, workers=workers, decode_timeout=5.0, batch_size=4)
+    options = RecognizeOptions(cache=False, decoders=workers, decode_timeout=5.0, batch_size=4)
     _RELEASE_HUNG_THREADS.clear()
     start = time.monotonic()
     try:
@@ -201,7 +201,7 @@ def test_a_model_that_fails_to_load_leaves_the_output_and_no_process(
 
 SCRIPT = """
 from wanwu import Recognizer, RecognizeOptions
-with Recognizer({model!r}, labels={labels!r}, options=RecognizeOptions(workers=2, cache=False)) as rec:
+with Recognizer({model!r}, labels={labels!r}, options=RecognizeOptions(decoders=2, cache=False)) as rec:
     for record in rec.recognize({inputs!r}):
         print(record.input, record.status, record.error.type if record.error else "")
 """
@@ -268,7 +268,7 @@ def test_formats_users_upload_are_recognized(mobilenet: Model, photos: Path, tmp
         target = tmp_path / f"{path.stem}.img"  # named nothing in particular: read by content
         Image.open(path).convert("RGB").save(target, fmt, quality=90)
         converted.append(target)
-    with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=RecognizeOptions(cache=False, workers=0)) as rec:
+    with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=RecognizeOptions(cache=False, decoders=0)) as rec:
         plain = list(rec.recognize([str(p) for p in originals]))
         other = list(rec.recognize([str(p) for p in converted]))
     for a, b in zip(plain, other, strict=True):
@@ -283,7 +283,7 @@ def test_exotic_formats_are_off_unless_asked_for(tiny_model: Model, tmp_path: Pa
         RecognizeOptions(formats=("nosuchformat",))
     results = {}
     for formats in [(), ("dds",)]:
-        options = RecognizeOptions(cache=False, workers=0, formats=formats)
+        options = RecognizeOptions(cache=False, decoders=0, formats=formats)
         with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=options) as rec:
             results[formats] = rec.recognize_one(str(dds))
     refused = results[()]
@@ -303,7 +303,7 @@ def test_full_decode_is_not_answered_from_a_reduced_decode(tiny_model: Model, ph
     cache = tmp_path / "cache.sqlite3"
     hits = []
     for full in (False, True, True):
-        options = RecognizeOptions(workers=0, cache_path=cache, full_decode=full)
+        options = RecognizeOptions(decoders=0, cache_path=cache, full_decode=full)
         with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=options) as rec:
             assert rec.recognize_one(str(big)).ok
             hits.append(rec.cache_hits)
@@ -340,7 +340,7 @@ def test_a_nan_score_is_an_error_record_and_never_cached(tiny_model: Model, tmp_
     good.write_bytes(image_bytes(fmt="PNG"))
     bad = tmp_path / "bad.png"
     bad.write_bytes(image_bytes((10, 240, 10), size=(320, 241), fmt="PNG"))
-    options = RecognizeOptions(workers=0, cache_path=tmp_path / "c.sqlite3", batch_size=2)
+    options = RecognizeOptions(decoders=0, cache_path=tmp_path / "c.sqlite3", batch_size=2)
     with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=options) as rec:
         backend = rec.engine.backend
         real = backend.infer

@@ -202,7 +202,7 @@ def test_an_address_space_limit_makes_a_bomb_cost_its_record(tiny_model: Model) 
     and the next file is decoded as usual."""
     bomb = png(9000, 9000, 2, 8, b"\x10\x80\xf0")  # 324 MB decoded (RGB is 4 bytes per pixel in Pillow)
     good = image_bytes(size=(320, 240))
-    options = RecognizeOptions(cache=False, workers=1, decode_memory_mb=200)
+    options = RecognizeOptions(cache=False, decoders=1, decode_memory_mb=200)
     with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=options) as rec:
         records = list(rec.recognize([InputItem.from_bytes("bomb.png", bomb), InputItem.from_bytes("ok.jpg", good)]))
     bombed, ok = records
@@ -238,7 +238,7 @@ def test_a_decode_deadline_is_never_retried_in_the_quarantine(
     marks = tmp_path / "marks.txt"
     items = _colours(16)
     items.insert(6, InputItem.from_bytes("hang.png", b"HANG:" + str(marks).encode() + b"|"))
-    options = RecognizeOptions(cache=False, workers=2, batch_size=4, decode_timeout=5.0)
+    options = RecognizeOptions(cache=False, decoders=2, batch_size=4, decode_timeout=5.0)
     with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=options) as rec:
         records = list(rec.recognize(items))
     hung = records[6]
@@ -257,7 +257,7 @@ def test_a_run_has_a_decode_budget_and_a_share_of_the_decoders(
     marks = tmp_path / "marks.txt"
     hangs = [InputItem.from_bytes(f"hang{i}.png", b"HANG:" + str(marks).encode() + b"|" + bytes([i]))
              for i in range(4)]
-    options = RecognizeOptions(cache=False, workers=2, decode_timeout=10.0, decode_budget=12.0, decode_share=0.5)
+    options = RecognizeOptions(cache=False, decoders=2, decode_timeout=10.0, decode_budget=12.0, decode_share=0.5)
     attack: list[Any] = []
     with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=options) as rec:
         attacker = threading.Thread(target=lambda: attack.extend(rec.recognize(hangs)))

@@ -30,7 +30,7 @@ def _threads(prefix: str) -> list[threading.Thread]:
 def test_a_closed_recognizer_raises_and_starts_nothing_again(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
     photo = tmp_path / "a.png"
     photo.write_bytes(image_bytes(fmt="PNG"))
-    rec = Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=RecognizeOptions(cache=False, workers=1))
+    rec = Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=RecognizeOptions(cache=False, decoders=1))
     run = rec.recognize([str(photo), str(photo)])
     assert next(run).ok  # a run in flight
     rec.close()
@@ -49,7 +49,7 @@ def test_a_run_in_flight_fails_rather_than_restart_pools_after_close(
     for i in range(300):  # more than one window: the run must fetch again after close
         photos.append(tmp_path / f"{i:03d}.png")
         photos[-1].write_bytes(image_bytes((i % 250, 40, 90), size=(40 + i % 7, 30), fmt="PNG"))
-    rec = Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=RecognizeOptions(cache=False, workers=0))
+    rec = Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=RecognizeOptions(cache=False, decoders=0))
     run = rec.recognize(map(str, photos))
     assert next(run).ok
     rec.close()
@@ -104,7 +104,7 @@ def test_runtime_close_waits_for_the_requests_in_hand(
 
     engine.infer = held_infer  # type: ignore[method-assign]
     config = ServeConfig(model=str(tiny_model[0]), labels=tiny_model[1],
-                         options=RecognizeOptions(cache=False, workers=0))
+                         options=RecognizeOptions(cache=False, decoders=0))
     runtime = Runtime(config, engine, None, _NoObserver(), loop, drain_s=120)
     loop.call_soon_threadsafe(runtime.start)
     item = InputItem.from_bytes("a.png", image_bytes(fmt="PNG"))

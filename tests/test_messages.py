@@ -158,7 +158,7 @@ def test_the_page_and_its_icon_are_served(tiny_model: tuple[Path, Path], tmp_pat
     from wanwu.service import ServeConfig, create_app
 
     config = ServeConfig(model=str(tiny_model[0]), labels=tiny_model[1],
-                         options=RecognizeOptions(workers=0, cache=False))
+                         options=RecognizeOptions(decoders=0, cache=False))
     with uvicorn_in_thread(create_app(config, cache=None)) as base:
         page = httpx.get(f"{base}/").text
         (icon,) = re.findall(r'<link rel="icon"[^>]*href="([^"]+)"', page)

@@ -37,7 +37,7 @@ def _photos(photos: Path, n: int) -> list[bytes]:
 @pytest.fixture(scope="module")
 def server(mobilenet: tuple[Path, Path]) -> Iterator[str]:
     config = ServeConfig(model=str(mobilenet[0]), labels=mobilenet[1], max_files=8, api_keys=(KEY,),
-                         options=RecognizeOptions(workers=0, cache=False))
+                         options=RecognizeOptions(decoders=0, cache=False))
     with uvicorn_in_thread(create_app(config, cache=None)) as base:
         yield base
 

@@ -68,7 +68,7 @@ def test_each_input_gets_its_own_record(
     mobilenet: tuple[Path, Path], mixed: tuple[list[str], dict[str, str]], workers: int
 ) -> None:
     order, expected = mixed
-    with _recognizer(mobilenet, workers=workers, batch_size=4) as rec:
+    with _recognizer(mobilenet, decoders=workers, batch_size=4) as rec:
         records = list(rec.recognize(order))
         singles = {p: rec.recognize_one(p) for p in order if expected[p] == "ok"}
     assert [r.input for r in records] == order  # input order, exactly once each
@@ -94,7 +94,7 @@ def test_records_are_streamed(tiny_model: tuple[Path, Path], tmp_path: Path) -> 
         while True:
             yield str(p)
 
-    with _recognizer(tiny_model, workers=0, batch_size=8) as rec:
+    with _recognizer(tiny_model, decoders=0, batch_size=8) as rec:
         stream = rec.recognize(endless())
         first = [next(stream) for _ in range(20)]  # an endless input still yields records
         stream.close()
@@ -117,7 +117,7 @@ def test_what_has_arrived_is_recognized_while_the_source_waits(
         assert release.wait(300), "the test never released the source"
         yield str(paths[40])
 
-    opts = RecognizeOptions(cache_path=tmp_path / "c.sqlite3", workers=0, batch_size=8)
+    opts = RecognizeOptions(cache_path=tmp_path / "c.sqlite3", decoders=0, batch_size=8)
     with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=opts) as rec:
         stream = rec.recognize(slow())
         first = [next(stream) for _ in range(40)]  # would wait for ever if the run waited for the source
@@ -133,7 +133,7 @@ def test_duplicate_content_is_inferred_once(tiny_model: tuple[Path, Path], tmp_p
     for i in range(12):
         paths.append(tmp_path / f"copy{i}.jpg")
         paths[-1].write_bytes(data)
-    with _recognizer(tiny_model, workers=0, batch_size=4) as rec:
+    with _recognizer(tiny_model, decoders=0, batch_size=4) as rec:
         seen: list[int] = []
         infer = rec.engine.infer
 
@@ -155,7 +155,7 @@ def test_large_jpegs_decode_reduced_unless_full_decode(
     noise = np.random.default_rng(0).integers(0, 256, size=(1536, 2048, 3), dtype=np.uint8)
     path = tmp_path / "big.jpg"
     Image.fromarray(noise).save(path, "JPEG", quality=90)
-    with _recognizer(tiny_model, workers=0, full_decode=full_decode) as rec:
+    with _recognizer(tiny_model, decoders=0, full_decode=full_decode) as rec:
         spec = rec.spec.preprocess
         seen: list[npt.NDArray[np.uint8]] = []
         infer = rec.engine.infer
@@ -189,10 +189,10 @@ def test_a_decoder_crash_costs_only_its_own_file(
         Path(paths[-1]).write_bytes(image_bytes(COLORS[i % 6], size=(220 + i, 200), fmt="PNG"))
     for i in (3, 11):
         Path(paths[i]).write_bytes(b"CRASH" + image_bytes())
-    with _recognizer(tiny_model, workers=0) as rec:
+    with _recognizer(tiny_model, decoders=0) as rec:
         singles = {p: rec.recognize_one(p) for p in paths if not Path(p).read_bytes().startswith(b"CRASH")}
     monkeypatch.setattr("wanwu.pipeline._Run.decode", staticmethod(crashing_decode))
-    with _recognizer(tiny_model, workers=2, batch_size=4) as rec:
+    with _recognizer(tiny_model, decoders=2, batch_size=4) as rec:
         records = list(rec.recognize(paths))
     assert [r.input for r in records] == paths
     for i, r in enumerate(records):
@@ -234,7 +234,7 @@ def test_out_of_memory_halves_the_batch(tiny_model: tuple[Path, Path], tmp_path:
     engine = Engine.load(str(tiny_model[0]), tiny_model[1], BackendOptions(), max_batch=16)
     fake = _OomBackend(engine.backend, limit=5)
     engine.backend = fake
-    rec = Recognizer(engine=engine, options=RecognizeOptions(cache=False, workers=0, batch_size=16))
+    rec = Recognizer(engine=engine, options=RecognizeOptions(cache=False, decoders=0, batch_size=16))
     records = list(rec.recognize(paths))
     assert [r.input for r in records] == paths and all(r.ok for r in records)
     # On a loaded machine the first batch may leave before all 16 are decoded: whatever its size, a batch above
@@ -257,7 +257,7 @@ def test_the_last_crops_of_a_run_are_shared_among_the_free_streams(tiny_model: t
     loaded = Engine.load(str(tiny_model[0]), tiny_model[1])
     sizes = _OomBackend(loaded.backend, limit=32)  # streams: 2; records each batch's size, refuses none
     engine = Engine(loaded.spec, sizes, max_batch=32)
-    with Recognizer(engine=engine, options=RecognizeOptions(cache=False, workers=0, batch_size=32)) as rec:
+    with Recognizer(engine=engine, options=RecognizeOptions(cache=False, decoders=0, batch_size=32)) as rec:
         records = list(rec.recognize(paths))
     assert [r.input for r in records] == paths and all(r.ok for r in records)
     assert sum(sizes.sizes) == 6 and max(sizes.sizes) <= 3, sizes.sizes
@@ -304,7 +304,7 @@ def test_streams_run_batches_at_once(tiny_model: tuple[Path, Path], tmp_path: Pa
         Path(paths[-1]).write_bytes(image_bytes(COLORS[i % 6], size=(200 + i, 210), fmt="PNG"))
     probe = _ConcurrencyProbe(Engine.load(str(tiny_model[0]), tiny_model[1]).backend, streams)
     engine = Engine(Engine.load(str(tiny_model[0]), tiny_model[1]).spec, probe, max_batch=4)
-    with Recognizer(engine=engine, options=RecognizeOptions(cache=False, workers=0, batch_size=4)) as rec:
+    with Recognizer(engine=engine, options=RecognizeOptions(cache=False, decoders=0, batch_size=4)) as rec:
         records = list(rec.recognize(paths))
         singles = [rec.recognize_one(p) for p in paths]
     assert probe.most == streams
@@ -376,7 +376,7 @@ def http_images() -> Iterator[str]:
 
 
 def test_urls(tiny_model: tuple[Path, Path], http_images: str) -> None:
-    opts = RecognizeOptions(cache=False, workers=0, max_bytes=200_000, fetch_timeout=5.0, allow_private_urls=True)
+    opts = RecognizeOptions(cache=False, decoders=0, max_bytes=200_000, fetch_timeout=5.0, allow_private_urls=True)
     urls = [f"{http_images}/red.jpg", f"{http_images}/missing.jpg", f"{http_images}/big.png",
             f"{http_images}/slow.jpg", "http://127.0.0.1:9/refused.jpg"]
     with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=opts) as rec:
@@ -388,7 +388,7 @@ def test_urls(tiny_model: tuple[Path, Path], http_images: str) -> None:
 
 
 def test_bytes_items(tiny_model: tuple[Path, Path]) -> None:
-    with _recognizer(tiny_model, workers=0) as rec:
+    with _recognizer(tiny_model, decoders=0) as rec:
         a, b = rec.recognize([InputItem.from_bytes("up1", image_bytes()), InputItem.from_bytes("up2", b"x")])
     assert a.ok and a.input == "up1"
     assert b.error is not None and b.error.type == "unsupported"
@@ -446,7 +446,7 @@ def test_a_decode_process_answers_after_a_crash_a_hang_and_an_exception() -> Non
     assert child is not None and not child.is_alive()
 
 
-def test_decode_workers_fail_only_the_task_that_crashed_and_stop_a_hung_one() -> None:
+def test_decode_processes_fail_only_the_task_that_crashed_and_stop_a_hung_one() -> None:
     """DecodeProcesses: a crash costs its own task, not the ones running beside it; kill() stops a hung task
     and the workers carry on; shutting down never waits for a hung decoder and leaves no process behind."""
     from concurrent.futures import wait

@@ -246,7 +246,7 @@ def test_the_decode_stage_decodes_repeated_content_once_per_block(
     copy.write_bytes(chosen[0].read_bytes())
     inputs = [str(chosen[0]), str(chosen[1]), str(copy), str(chosen[2]), str(copy)]
     spec = resolve_model(str(mobilenet[0]), mobilenet[1])
-    options = RecognizeOptions(cache=False, workers=0)
+    options = RecognizeOptions(cache=False, decoders=0)
     decoded_sizes: list[int] = []
     inferred: list[int] = []
     real_infer = engine_module.Engine.infer
@@ -323,8 +323,8 @@ def test_the_stages_carry_embeddings_like_the_local_runner_cached_or_not(
 
     inputs = [str(p) for p in sorted(photos.iterdir())[5::333][:3]]
     spec = resolve_model(str(mobilenet[0]), mobilenet[1])
-    options = RecognizeOptions(cache_path=tmp_path / "cache.sqlite3", workers=0).with_embeddings()
-    with Recognizer(spec, options=RecognizeOptions(cache=False, workers=0).with_embeddings()) as rec:
+    options = RecognizeOptions(cache_path=tmp_path / "cache.sqlite3", decoders=0).with_embeddings()
+    with Recognizer(spec, options=RecognizeOptions(cache=False, decoders=0).with_embeddings()) as rec:
         local = [dumps(r) for r in rec.recognize(inputs)]
     try:
         fresh = _through_stages(spec, options, inputs, options.record)
@@ -348,7 +348,7 @@ def test_the_stages_score_a_clip_model_like_the_local_runner(photos: Path, tmp_p
     labels.write_text("\n".join(CLIP_LABELS) + "\n", encoding="utf-8")
     spec = resolve_model(str(folder), labels)
     inputs = [str(p) for p in sorted(photos.iterdir())[11::250][:4]]
-    options = RecognizeOptions(cache=False, workers=0)
+    options = RecognizeOptions(cache=False, decoders=0)
     for score in ("softmax", "logit"):  # logit: the cosine, the logit scale divided out
         shape = RecordOptions(top_k=3, score=score)  # type: ignore[arg-type]
         with Recognizer(spec, options=options) as rec:

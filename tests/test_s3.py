@@ -140,7 +140,7 @@ def test_unchanged_objects_are_not_downloaded_and_an_overwritten_one_is(
         return original(fetcher, item, known)  # type: ignore[arg-type]
 
     monkeypatch.setattr(wanwu.fetch.Fetcher, "fetch", fetch)
-    opts = RecognizeOptions(workers=0, cache_path=tmp_path / "c.sqlite3")
+    opts = RecognizeOptions(decoders=0, cache_path=tmp_path / "c.sqlite3")
     with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=opts) as rec:
         first = [r.to_dict() for r in rec.recognize(["s3://nightly/set/", f"s3://nightly/set/{local[0].name}"])]
         assert len(downloads) == 3 and rec.unchanged == 0

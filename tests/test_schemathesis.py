@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow]
 
 def test_schemathesis_finds_nothing(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
     config = ServeConfig(
-        model=str(tiny_model[0]), labels=tiny_model[1], options=RecognizeOptions(workers=0, cache=False),
+        model=str(tiny_model[0]), labels=tiny_model[1], options=RecognizeOptions(decoders=0, cache=False),
         queue=f"sqlite:///{tmp_path / 'jobs.sqlite3'}", api_keys=("test-key",),
     )
     cli = shutil.which("schemathesis") or shutil.which("st")

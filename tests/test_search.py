@@ -24,7 +24,7 @@ NAMES = (
     "n02504458_African_elephant.JPEG", "n03417042_garbage_truck.JPEG", "n04285008_sports_car.JPEG",
     "n07753592_banana.JPEG", "n01530575_brambling.JPEG", "n02110958_pug.JPEG",
 )
-OPTIONS = RecognizeOptions(workers=0, batch_size=4)
+OPTIONS = RecognizeOptions(decoders=0, batch_size=4)
 
 
 @pytest.fixture()
@@ -38,7 +38,7 @@ def library(photos: Path, tmp_path: Path) -> Path:
 
 def _recognizer(mobilenet: tuple[Path, Path], **backend: object) -> Recognizer:
     model, labels = mobilenet
-    options = embedding_options(RecognizeOptions(workers=0, batch_size=4, backend=BackendOptions(**backend)))  # type: ignore[arg-type]
+    options = embedding_options(RecognizeOptions(decoders=0, batch_size=4, backend=BackendOptions(**backend)))  # type: ignore[arg-type]
     return Recognizer(str(model), labels=labels, options=options)
 
 

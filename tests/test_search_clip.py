@@ -53,7 +53,7 @@ def test_text_search_ranks_photos_as_transformers_does(photos: Path, tmp_path: P
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(CLIP_LABELS) + "\n", encoding="utf-8")
     images = [photos / name for name in PHOTOS]
-    options = embedding_options(RecognizeOptions(workers=0, batch_size=3))
+    options = embedding_options(RecognizeOptions(decoders=0, batch_size=3))
     with Recognizer(str(folder), labels=labels, options=options) as rec:
         build_index(rec, tmp_path / "index", [str(p) for p in images])
         index = ImageIndex.open(tmp_path / "index")

@@ -44,7 +44,7 @@ def serve(
     ready: bool = True, options: RecognizeOptions | None = None, **config: Any,
 ) -> Iterator[tuple[str, Any]]:
     cfg = ServeConfig(
-        model=str(model[0]), labels=model[1], options=options or RecognizeOptions(workers=0, cache=False),
+        model=str(model[0]), labels=model[1], options=options or RecognizeOptions(decoders=0, cache=False),
         **config,
     )
     extra = {} if cache is _UNSET else {"cache": cache}  # _UNSET: the cache the options name
@@ -55,7 +55,7 @@ def serve(
 
 def cli_records(model: Model, named: list[tuple[str, bytes]], **shape: Any) -> list[dict[str, Any]]:
     """What the library (and so the CLI) says for the same bytes."""
-    opts = RecognizeOptions(workers=0, cache=False)
+    opts = RecognizeOptions(decoders=0, cache=False)
     with Recognizer(str(model[0]), labels=model[1], options=opts, cache=None) as rec:
         items = [InputItem.from_bytes(n, d) for n, d in named]
         return [r.to_dict() for r in rec.recognize(items, RecordOptions(**shape))]
@@ -155,7 +155,7 @@ def test_urls_are_downloaded_by_the_server(tiny_model: Model, tmp_path: Path) ->
     site.mkdir()
     green = image_bytes(GREEN)
     (site / "green.jpg").write_bytes(green)
-    opts = RecognizeOptions(workers=0, cache=False, allow_private_urls=True)
+    opts = RecognizeOptions(decoders=0, cache=False, allow_private_urls=True)
     with static_server(site) as web, serve(tiny_model, options=opts) as (base, _):
         urls = [f"{web}/green.jpg", f"{web}/missing.jpg", "file:///etc/passwd", f"{web}/green.jpg"]
         response = httpx.post(f"{base}/v1/recognize", json={"urls": urls}, timeout=30)
@@ -185,7 +185,7 @@ def test_a_hanging_url_does_not_stall_uploads(tiny_model: Model) -> None:
     upload in another request is still read, hashed and answered."""
     from tests.jobs_support import image_server
 
-    opts = RecognizeOptions(workers=0, cache=False, fetch_threads=1, allow_private_urls=True)
+    opts = RecognizeOptions(decoders=0, cache=False, fetch_threads=1, allow_private_urls=True)
     with image_server() as slow, serve(tiny_model, options=opts) as (base, _), ThreadPoolExecutor(1) as pool:
         hanging = pool.submit(httpx.post, f"{base}/v1/recognize", json={"urls": [f"{slow.url}/slow.jpg"]},
                               timeout=90)
@@ -394,7 +394,7 @@ def test_the_configured_cache_is_opened_and_used_on_one_thread(
 ) -> None:
     monkeypatch.setattr("wanwu.pipeline.open_cache", lambda options: ThreadBoundCache())
     ThreadBoundCache.opened.clear()
-    options = RecognizeOptions(workers=0, cache=True)
+    options = RecognizeOptions(decoders=0, cache=True)
     with serve(tiny_model, cache=_UNSET, options=options) as (base, _):
         body = files(("a.jpg", image_bytes(GREEN)))
         responses = [httpx.post(f"{base}/v1/recognize", files=body) for _ in range(3)]
@@ -414,7 +414,7 @@ def test_a_missing_cache_backend_says_use_no_cache(
     # as on a Python without sqlite3: the registry has not loaded its opener (an earlier test may have)
     monkeypatch.delitem(CACHES._entries, "sqlite")  # (put back after the test)
     CACHES.lazy("sqlite", "wanwu.cache.sqlite:open_location")
-    with serve(tiny_model, cache=_UNSET, options=RecognizeOptions(workers=0), ready=False) as (base, _):
+    with serve(tiny_model, cache=_UNSET, options=RecognizeOptions(decoders=0), ready=False) as (base, _):
         deadline = time.monotonic() + 120
         while (ready := httpx.get(f"{base}/readyz")).json()["status"] == "loading":
             assert time.monotonic() < deadline
@@ -493,7 +493,7 @@ def test_metrics_openapi_docs_and_page(tiny_model: Model) -> None:
 
 def test_decoding_in_worker_processes(tiny_model: Model) -> None:
     named = [("a.jpg", image_bytes(RED)), ("b.bin", b"\x00" * 100), ("c.png", image_bytes(BLUE, fmt="PNG"))]
-    with serve(tiny_model, options=RecognizeOptions(workers=1, cache=False)) as (base, _):
+    with serve(tiny_model, options=RecognizeOptions(decoders=1, cache=False)) as (base, _):
         response = httpx.post(f"{base}/v1/recognize", files=files(*named), timeout=60)
     assert response.json()["results"] == cli_records(tiny_model, named)
 
@@ -510,7 +510,7 @@ def test_a_decoder_crash_costs_only_its_own_file(tiny_model: Model, monkeypatch:
     good = [(f"{i}.png", image_bytes((RED, GREEN, BLUE)[i % 3], size=(60 + i, 50), fmt="PNG")) for i in range(10)]
     named = [*good[:3], ("bad1.jpg", b"CRASH" + image_bytes()), *good[3:8], ("bad2.jpg", b"CRASH"), *good[8:]]
     monkeypatch.setattr("wanwu.pipeline._Run.decode", staticmethod(crashing_decode))
-    with serve(tiny_model, options=RecognizeOptions(workers=2, cache=False)) as (base, _):
+    with serve(tiny_model, options=RecognizeOptions(decoders=2, cache=False)) as (base, _):
         response = httpx.post(f"{base}/v1/recognize", files=files(*named), timeout=60)
         again = httpx.post(f"{base}/v1/recognize", files=files(*good[:2]), timeout=60)  # the service lives on
     results = response.json()["results"]

@@ -28,7 +28,7 @@ JSON = {"content-type": "application/json"}
 
 @contextmanager
 def serve(model: Model, tmp_path: Path, **config: Any) -> Iterator[httpx.Client]:
-    cfg = ServeConfig(model=str(model[0]), labels=model[1], options=RecognizeOptions(workers=0, cache=False),
+    cfg = ServeConfig(model=str(model[0]), labels=model[1], options=RecognizeOptions(decoders=0, cache=False),
                       queue=f"sqlite:///{tmp_path / 'jobs.sqlite3'}", **config)
     with uvicorn_in_thread(create_app(cfg, cache=None)) as base, httpx.Client(base_url=base, timeout=60) as client:
         yield client

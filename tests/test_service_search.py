@@ -37,14 +37,14 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 def serve(model: str, labels: Path | None, **config: Any) -> Iterator[str]:
     from wanwu.service import ServeConfig, create_app
 
-    cfg = ServeConfig(model=model, labels=labels, options=RecognizeOptions(workers=0, cache=False), **config)
+    cfg = ServeConfig(model=model, labels=labels, options=RecognizeOptions(decoders=0, cache=False), **config)
     with uvicorn_in_thread(create_app(cfg)) as base:
         yield base
 
 
 @pytest.fixture()
 def mobilenet_index(mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path) -> Path:
-    options = embedding_options(RecognizeOptions(workers=0, batch_size=4, cache=False))
+    options = embedding_options(RecognizeOptions(decoders=0, batch_size=4, cache=False))
     with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=options) as rec:
         build_index(rec, tmp_path / "index", [str(photos / n) for n in NAMES])
     return tmp_path / "index"
@@ -122,7 +122,7 @@ def test_an_index_of_another_model_fails_the_load(tiny_model: tuple[Path, Path],
     from wanwu.service import ServeConfig, create_app
 
     cfg = ServeConfig(model=str(tiny_model[0]), labels=tiny_model[1], index=mobilenet_index,
-                      options=RecognizeOptions(workers=0, cache=False))
+                      options=RecognizeOptions(decoders=0, cache=False))
     failed: list[BaseException] = []
     done = threading.Event()
     app = create_app(cfg, on_load_failed=lambda e: (failed.append(e), done.set()))
@@ -146,7 +146,7 @@ def test_text_search_over_http_ranks_as_the_library(photos: Path, tmp_path: Path
     folder = make_clip_folder(tmp_path / "clip", extra_text="".join(queries))
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(CLIP_LABELS) + "\n", encoding="utf-8")
-    options = embedding_options(RecognizeOptions(workers=0, batch_size=3, cache=False))
+    options = embedding_options(RecognizeOptions(decoders=0, batch_size=3, cache=False))
     with Recognizer(str(folder), labels=labels, options=options) as rec:
         build_index(rec, tmp_path / "index", [str(photos / n) for n in NAMES])
         index = ImageIndex.open(tmp_path / "index")
@@ -166,7 +166,7 @@ def test_indexed_photos_are_served_only_while_their_file_holds_the_indexed_conte
     red, blue = tmp_path / "red.png", tmp_path / "blue.jpg"
     red.write_bytes(image_bytes((220, 20, 20), fmt="PNG"))
     blue.write_bytes(image_bytes((20, 30, 220)))
-    options = RecognizeOptions(workers=0, cache=False).with_embeddings()
+    options = RecognizeOptions(decoders=0, cache=False).with_embeddings()
     with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=options) as rec:
         build_index(rec, tmp_path / "index", [str(red), str(blue)])
     shas = {Path(r.input).name: r.sha256 for r in ImageIndex.open(tmp_path / "index").rows}

@@ -37,7 +37,7 @@ IN_FLIGHT = "wanwu_request_body_bytes_in_flight"
 @contextmanager
 def serve(model: Model, options: RecognizeOptions | None = None, **config: Any) -> Iterator[str]:
     cfg = ServeConfig(model=str(model[0]), labels=model[1],
-                      options=options or RecognizeOptions(workers=0, cache=False), **config)
+                      options=options or RecognizeOptions(decoders=0, cache=False), **config)
     with uvicorn_in_thread(create_app(cfg, cache=None)) as base:
         yield base
 
@@ -165,7 +165,7 @@ def test_url_downloads_count_against_the_inflight_budget(tiny_model: Model, tmp_
     big = image_bytes() + b"\0" * 600_000  # a JPEG with trailing bytes: still decodes
     for name in ("a.jpg", "b.jpg"):
         (tmp_path / name).write_bytes(big)
-    options = RecognizeOptions(workers=0, cache=False, allow_private_urls=True)
+    options = RecognizeOptions(decoders=0, cache=False, allow_private_urls=True)
     with static_server(tmp_path) as site, serve(tiny_model, options, max_upload_mb=1.0, max_inflight_mb=1.0) as base:
         both = httpx.post(f"{base}/v1/recognize", json={"urls": [f"{site}/a.jpg", f"{site}/b.jpg"]}, timeout=60)
         held = _held(base)

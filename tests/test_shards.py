@@ -214,7 +214,7 @@ def test_the_ray_runner_reads_each_shard_in_a_task_with_the_local_records(
 
     photo = str(sorted(served.iterdir())[0])
     inputs = [str(shards / "00001.tar"), photo, str(shards / "{00000..00002}.tar")]
-    options = RecognizeOptions(cache=False, workers=0)
+    options = RecognizeOptions(cache=False, decoders=0)
     with_meta = SourceOptions(with_meta=True)  # each sample's .json rides along into its record, on Ray too
     with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=options) as rec:
         expected = [dumps(r) for r in rec.recognize(expand(inputs, options=with_meta))]

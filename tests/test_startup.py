@@ -61,7 +61,7 @@ def test_a_one_photo_run_starts_no_decode_process_and_answers_as_one_would(
         here = rec.recognize_one(photo)
         assert not rec.decoders.started
     assert started == []
-    with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=RecognizeOptions(cache=False, workers=1)) as rec:
+    with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=RecognizeOptions(cache=False, decoders=1)) as rec:
         there = rec.recognize_one(photo)  # -j 1 asks for a decode process: it gets one
     assert started == [1]
     assert here.ok and here.predictions == there.predictions

@@ -69,7 +69,7 @@ def model(mobilenet: tuple[Path, Path], tmp_path: Path) -> Iterator[Callable[...
     """Opens a recognizer on the real MobileNet, with a cache (and memo) of this test's own."""
 
     def open_recognizer(**options: Any) -> Recognizer:
-        opts = RecognizeOptions(**{"workers": 0, "batch_size": 4, "cache_path": tmp_path / "c.sqlite3", **options})
+        opts = RecognizeOptions(**{"decoders": 0, "batch_size": 4, "cache_path": tmp_path / "c.sqlite3", **options})
         return Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=opts)
 
     yield open_recognizer

@@ -265,7 +265,7 @@ def test_find_similar_on_a_card_shows_the_index_hits_with_thumbnails(
 
     library = [photos / n for n in ("n01443537_goldfish.JPEG", "n02123045_tabby.JPEG",
                                     "n04285008_sports_car.JPEG", "n07753592_banana.JPEG")]
-    options = RecognizeOptions(workers=0, cache=False).with_embeddings()
+    options = RecognizeOptions(decoders=0, cache=False).with_embeddings()
     with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=options) as rec:
         build_index(rec, tmp_path / "index", [str(p) for p in library])
     query = tmp_path / "猫.jpg"
@@ -334,7 +334,7 @@ def test_the_search_box_finds_photos_by_chinese_text(photos: Path, tmp_path: Pat
     labels.write_text("\n".join(CLIP_LABELS) + "\n", encoding="utf-8")
     library = [photos / n for n in ("n01443537_goldfish.JPEG", "n02085620_Chihuahua.JPEG",
                                     "n04285008_sports_car.JPEG", "n07753592_banana.JPEG")]
-    options = RecognizeOptions(workers=0, cache=False).with_embeddings()
+    options = RecognizeOptions(decoders=0, cache=False).with_embeddings()
     with Recognizer(str(folder), labels=labels, options=options) as rec:
         build_index(rec, tmp_path / "index", [str(p) for p in library])
     port = free_port()

@@ -23,7 +23,7 @@ MAX_BATCH_SIZE = 512
 class RecognizeOptions:
     record: RecordOptions = field(default_factory=RecordOptions)  # the default for calls that pass none
     batch_size: int = 32
-    workers: int = -1  # decode processes: -1 = one per core, 0 = decode in threads of this process
+    decoders: int = -1  # decode processes: -1 = one per core, 0 = decode in threads of this process
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
     fetch_timeout: float = 30.0  # a whole URL download
@@ -62,8 +62,8 @@ class RecognizeOptions:
             raise UsageError(f"the decode share must be in (0, 1], got {self.decode_share}")
         if self.decode_memory_mb is not None and self.decode_memory_mb < 0:
             raise UsageError(f"--decode-memory-mb must be 0 (no limit) or positive, got {self.decode_memory_mb}")
-        if self.workers < -1:
-            raise UsageError(f"-j/--decoders must be >= 0 (or -1 for one per core), got {self.workers}")
+        if self.decoders < -1:
+            raise UsageError(f"-j/--decoders must be >= 0 (or -1 for one per core), got {self.decoders}")
         if self.max_pixels < 1 or self.max_bytes < 1:
             raise UsageError("--max-pixels and --max-bytes must be positive")
         if not self.decode_timeout > 0:
@@ -77,8 +77,8 @@ class RecognizeOptions:
             cache_scheme(self.cache_location())  # so do unknown cache schemes
 
     @property
-    def decode_workers(self) -> int:
-        return (os.cpu_count() or 1) if self.workers == -1 else self.workers
+    def decode_processes(self) -> int:
+        return (os.cpu_count() or 1) if self.decoders == -1 else self.decoders
 
     def decode_spec(self, spec: PreprocessSpec) -> PreprocessSpec:
         """The model's preprocessing as decoding should apply it for this run."""

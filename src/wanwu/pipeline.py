@@ -94,7 +94,7 @@ class Recognizer:
         self._fetch_pool: ThreadPoolExecutor | None = None
         self._url_pool: ThreadPoolExecutor | None = None  # downloads apart: slow URLs never stall file reads
         self._lock = threading.Lock()
-        self.decoders = DecodePool(self.options.decode_workers, max(1, min(4, self.options.fetch_threads)),
+        self.decoders = DecodePool(self.options.decode_processes, max(1, min(4, self.options.fetch_threads)),
                                    self.options.decode_address_space())
         if start_decoders:
             self.decoders.warm()  # start the decode processes while the model loads: both take a while

@@ -128,15 +128,15 @@ class _Run:
         self.exhausted = False
         self.seen = 0  # inputs taken from ``items`` so far
         self.here: bool | None = None  # a short run, decoding in this process (decided at its first decode)
-        self.workers = max(1, self.opts.decode_workers)
+        self.processes = max(1, self.opts.decode_processes)
         # Several images per task amortize a process round trip; threads need none, and a task of one image
         # is what a deadline can give up on without taking its neighbours along (a thread cannot be stopped).
-        self.chunk = self.DECODE_CHUNK if self.opts.decode_workers > 0 else 1
+        self.chunk = self.DECODE_CHUNK if self.opts.decode_processes > 0 else 1
         # fetched files waiting for a decoder: enough to fill a GPU decoder's batch while it decodes the last
         self.max_fetch = max(4, self.opts.fetch_threads * 2, 2 * self.gpu.batch_size if self.gpu else 0)
-        self.max_decode = self.workers * 2 * self.chunk  # a task queued behind each running one
+        self.max_decode = self.processes * 2 * self.chunk  # a task queued behind each running one
         share = self.opts.decode_share
-        self.max_tasks = self.workers * 2 if share >= 1 else max(1, math.ceil(self.workers * share))
+        self.max_tasks = self.processes * 2 if share >= 1 else max(1, math.ceil(self.processes * share))
         # records waiting to leave in order: room for two blocks in the memo lookup while a third is written
         self.max_window = max(4 * self.PROBE_BLOCK, self.opts.batch_size * 4)
         self.max_busy = max(256, self.opts.batch_size * 4)  # of them, holding bytes or pixels: memory
@@ -321,7 +321,7 @@ class _Run:
                 continue
             # Several images per task when many wait: each round trip to a worker process costs CPU on both
             # sides (pickling, waking a thread and a process).
-            size = max(1, min(self.chunk, len(self.to_decode) // self.workers))
+            size = max(1, min(self.chunk, len(self.to_decode) // self.processes))
             self._submit_decode([self.to_decode.popleft() for _ in range(size)])
 
     def _submit_gpu(self) -> None:
@@ -351,7 +351,7 @@ class _Run:
     def _short(self) -> bool:
         """This run decodes its JPEG and PNG files in this process (see :data:`SHORT_RUN`)."""
         if self.here is None:
-            self.here = (self.opts.workers == -1 and self.exhausted and self.seen <= SHORT_RUN
+            self.here = (self.opts.decoders == -1 and self.exhausted and self.seen <= SHORT_RUN
                          and not self.rec.decoders.started)
         return self.here
 

@@ -74,7 +74,7 @@ def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
     """RecognizeOptions from the shared model/run flags; ``overrides`` for what a command sets itself."""
     base = RecognizeOptions()
     values: dict[str, Any] = {
-        "workers": kw["workers"],
+        "decoders": kw["decoders"],
         "max_pixels": kw["max_pixels"] if kw["max_pixels"] is not None else base.max_pixels,
         "max_bytes": kw["max_bytes"] if kw["max_bytes"] is not None else base.max_bytes,
         "fetch_timeout": kw["timeout"],
@@ -100,7 +100,7 @@ def recognize_options(kw: dict[str, Any], **overrides: Any) -> RecognizeOptions:
 io_options = _compose(
     click.option(
         # --decoders: `wanwu worker` is a queue worker, so this option no longer says "workers" (kept as an alias)
-        "-j", "--decoders", "--workers", "workers", type=int, default=-1, show_default=True,
+        "-j", "--decoders", "--workers", "decoders", type=int, default=-1, show_default=True,
         help=h("workers"),
     ),
     click.option("--no-cache", is_flag=True, help=h("no_cache")),

@@ -13,7 +13,7 @@ cache lookup, NaN, out of memory; :func:`wanwu.decoders.decode_outcomes`: crashe
 record is the one ``wanwu recognize`` writes. As in the local runner, images are decoded in a process of their
 own (:class:`~wanwu.decoders.ProcessDecoder`: one per Ray worker thread, reused; a task's images in one round
 trip) under ``options.decode_timeout``: a decoder that crashes or hangs costs its own row a ``decode_error``
-record, never the task, its neighbours or the Ray worker (``options.workers == 0`` decodes in the task's own
+record, never the task, its neighbours or the Ray worker (``options.decoders == 0`` decodes in the task's own
 process, without either guard).
 
 Repeated content: within one decode task, a file whose bytes repeat another's is looked up and decoded once;
@@ -79,7 +79,7 @@ def decode_batch(batch: Batch, *, context: Context, options: RecognizeOptions, d
         if isinstance(f, Fetched) and f.sha256 not in hits:
             todo.setdefault(f.sha256, f.data)
     datas = list(todo.values())
-    if options.workers == 0:
+    if options.decoders == 0:
         results = decode_each(decode, datas, context.preprocess, context.decode)
     else:
         decoder = ProcessDecoder(decode, options.decode_timeout, options.decode_address_space())
