@@ -58,23 +58,27 @@ def test_the_first_block_is_recognized_here_and_the_rest_on_ray_in_order(
 def test_ray_takes_the_rest_as_soon_as_it_has_started(
     tiny_model: tuple[Path, Path], inputs: list[InputItem]
 ) -> None:
-    started = threading.Event()
+    up, seen_up = threading.Event(), threading.Event()
 
-    def source() -> Iterator[InputItem]:  # the fourth input arrives once Ray is up
+    def started() -> bool:
+        if up.is_set():
+            seen_up.set()
+        return up.is_set()
+
+    def source() -> Iterator[InputItem]:  # Ray is up once the fourth input is taken; the fifth waits for that
         for i, item in enumerate(inputs):
             if i == 3:
-                started.wait()
+                up.set()
+            if i == 4:
+                assert seen_up.wait(timeout=60), "the hand-off never looked at Ray's start"
             yield item
 
     with _recognizer(tiny_model) as rec, _recognizer(tiny_model) as other:
         expected = [dumps(r) for r in rec.recognize(inputs)]
         ray = _Ray(other)
-        out = warm_records(rec, source(), RecordOptions(), started.is_set, ray, len(inputs))
-        got = [dumps(next(out))]
-        started.set()  # Ray is up: the local run keeps what it took, Ray takes the rest
-        got += [dumps(r) for r in out]
+        got = [dumps(r) for r in warm_records(rec, source(), RecordOptions(), started, ray, len(inputs))]
     assert got == expected
-    assert ray.given == inputs[4:]  # no input taken by both, none skipped
+    assert ray.given == inputs[5:]  # the local run kept what it took; Ray all the rest: none twice, none skipped
 
 
 def test_a_run_done_here_never_waits_for_ray(tiny_model: tuple[Path, Path], inputs: list[InputItem]) -> None:

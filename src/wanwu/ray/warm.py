@@ -87,12 +87,13 @@ class _Gate:
         self._items = items
         self._left = limit
         self._lock = threading.Lock()
+        self._closing = threading.Event()
         self.exhausted = False
 
     def __iter__(self) -> Iterator[InputItem]:
         while True:
             with self._lock:  # close() never races a take
-                if self._left <= 0:
+                if self._left <= 0 or self._closing.is_set():
                     return
                 item = next(self._items, _END)
                 if item is _END:
@@ -103,7 +104,8 @@ class _Gate:
 
     def close(self) -> Iterator[InputItem]:
         """No more items for the local run; the ones it has not taken."""
-        with self._lock:
+        self._closing.set()  # first: a lock is not fair, the taking thread could take it again and again
+        with self._lock:  # a take in progress ends
             self._left = 0
         return self._items
 
