@@ -11,6 +11,7 @@ import pytest
 
 from tests.helpers import image_bytes
 from wanwu.config import RecognizeOptions
+from wanwu.errors import ClosedError
 from wanwu.pipeline import Recognizer
 from wanwu.ray.warm import RayStart, warm_records
 from wanwu.records import Record, RecordOptions
@@ -108,3 +109,18 @@ def test_ray_starts_thread_lives_until_released() -> None:
     assert any(t.name == "wanwu-ray-start" for t in threading.enumerate())  # what it started lives with it
     start.release()
     assert not any(t.name == "wanwu-ray-start" for t in threading.enumerate())
+
+
+def test_a_start_told_to_wait_begins_on_go_and_never_once_cancelled() -> None:
+    calls: list[int] = []
+    waiting = RayStart(lambda: calls.append(1) or 1, wait=True)
+    assert not waiting.ready() and calls == []
+    waiting.go()
+    assert waiting.result() == 1 and calls == [1]
+    waiting.release()
+
+    never = RayStart(lambda: calls.append(2) or 2, wait=True)
+    never.cancel()
+    assert isinstance(never.wait(), ClosedError)
+    never.release()
+    assert calls == [1]  # the cancelled start never ran

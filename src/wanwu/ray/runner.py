@@ -83,7 +83,7 @@ class RayRunner:
             if self.ray_options.local_start <= 0:
                 self._init_private()
                 return
-            self._start = RayStart(self._start_private)
+            self._start = RayStart(self._start_private, wait=True)  # go: at the first record
             try:
                 self._local = Recognizer(self.spec, options=self.options, start_decoders=True)
             except BaseException:
@@ -133,9 +133,11 @@ class RayRunner:
                 if deferred:
                     yield from self._shard_records(part, record)
                 elif self._local is not None and self._start is not None and not self._start.ready():
-                    yield from warm_records(self._local, iter(part), record, self._start.ready,
+                    for out in warm_records(self._local, iter(part), record, self._start.ready,
                                             lambda rest: self._task_records(rest, record),
-                                            self.ray_options.local_start)
+                                            self.ray_options.local_start):
+                        self._start.go()  # Ray starts once the first record is out
+                        yield out
                     if self._start.ready():
                         self._close_local()
                 else:
@@ -197,7 +199,8 @@ class RayRunner:
         self._close_local()
         start, self._start = self._start, None
         if start is not None:
-            error = start.wait()  # Ray is shut down once started, never while it starts
+            start.cancel()  # a Ray not begun is never started
+            error = start.wait()  # one begun is shut down once started, never while it starts
             if error is None and self._stages is None:
                 self._stages = start.result()
             elif error is not None:

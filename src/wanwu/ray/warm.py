@@ -10,6 +10,9 @@ inputs (a block: ``RayOptions.local_start`` at most) with the local orchestrator
 has started (its first calls submitted at once, while the local run finishes the inputs it took), and the
 records stay in input order.
 
+Ray starts once the block's first record is out (or when a run needs Ray first): started at once, Ray's own
+processes (six Pythons importing Ray) took the CPU that first record needed.
+
 Only a block: on a machine of few cores, a local run that went on while Ray starts takes the CPU that Ray's
 processes start with (in one run on 2 busy cores, ``ray.init`` took 38 s instead of 10 and the local run
 recognized 700 photos meanwhile, at a third of its own rate).
@@ -23,6 +26,7 @@ from collections.abc import Callable, Iterator
 from itertools import chain
 from typing import Generic, TypeVar
 
+from wanwu.errors import ClosedError
 from wanwu.pipeline import Recognizer
 from wanwu.records import Record, RecordOptions
 from wanwu.sources import InputItem
@@ -33,23 +37,31 @@ _END = object()
 
 
 class RayStart(Generic[T]):
-    """``start()`` (``ray.init`` and the run's actors) on the thread ``wanwu-ray-start``, begun at once.
+    """``start()`` (``ray.init`` and the run's actors) on the thread ``wanwu-ray-start``: at once, or with
+    ``wait=True`` once :meth:`go` is called (never if :meth:`cancel` comes first).
 
     The thread lives on until :meth:`release`, to be called once Ray is shut down: the processes ``ray.init``
     starts are bound to the thread that started them (they are sent SIGKILL when it ends: Linux's
     parent-death signal follows the parent thread, not the process)."""
 
-    def __init__(self, start: Callable[[], T]) -> None:
+    def __init__(self, start: Callable[[], T], wait: bool = False) -> None:
         self._start = start
+        self._go = threading.Event()
+        self._cancelled = False
         self._done = threading.Event()
         self._released = threading.Event()
         self._value: T | None = None
         self._error: BaseException | None = None
+        if not wait:
+            self._go.set()
         self._thread = threading.Thread(target=self._run, name="wanwu-ray-start", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        self._go.wait()
         try:
+            if self._cancelled:
+                raise ClosedError("Ray was not started: closed first")
             self._value = self._start()
         except BaseException as e:  # raised by result(), in the thread that needs Ray
             self._error = e
@@ -57,19 +69,31 @@ class RayStart(Generic[T]):
             self._done.set()
         self._released.wait()
 
+    def go(self) -> None:
+        """Start now (if not yet)."""
+        self._go.set()
+
+    def cancel(self) -> None:
+        """Never start, if not begun yet (:meth:`result` raises ClosedError then)."""
+        if not self._go.is_set():
+            self._cancelled = True
+            self._go.set()
+
     def ready(self) -> bool:
         """Started (or failed to): :meth:`result` returns at once."""
         return self._done.is_set()
 
     def result(self) -> T:
-        """What ``start()`` returned, once it has; what it raised is raised here."""
+        """What ``start()`` returned, once it has (started now if it was waiting); what it raised is raised
+        here."""
+        self.go()
         self._done.wait()
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]  # set whenever no error was
 
     def wait(self) -> BaseException | None:
-        """Waits for the start to end; what it raised, if anything (not raised here)."""
+        """Waits for a start begun to end; what it raised, if anything (not raised here)."""
         self._done.wait()
         return self._error
 
