@@ -389,6 +389,29 @@ def _one_record_each(out: Path, expected: list[str]) -> None:
 
 
 @pytest.mark.slow
+def test_a_private_ray_run_starts_here_hands_the_rest_to_ray_and_leaves_no_process(
+    mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
+) -> None:
+    # More photos than the block the driver recognizes while Ray starts (RayOptions.local_start): the rest come
+    # from Ray's tasks and actor, which the processes ray.init started on its thread of its own must outlive.
+    folder = _photo_folder(photos, tmp_path, step=9, count=100)
+    out = tmp_path / "out.jsonl"
+    env = _env(tmp_path)
+    proc = _cli([str(folder), "--runner", "ray", "-m", str(mobilenet[0]), "-l", str(mobilenet[1]), "--no-cache",
+                 "-q", "-o", str(out)], env, tmp_path / "driver.log")
+    try:
+        assert proc.wait(timeout=300) == 3, (tmp_path / "driver.log").read_text(errors="replace")[-3000:]
+        deadline = time.monotonic() + 30  # the decode processes' forkserver ends when it sees the driver gone
+        while session_pids(proc.pid):
+            assert time.monotonic() < deadline, "a process outlived the run"
+            time.sleep(0.1)
+    finally:
+        kill_session(proc.pid)
+    assert out.read_text(encoding="utf-8").splitlines() == _local(mobilenet, [str(folder)])  # in input order
+    assert (tmp_path / "driver.log").read_text(errors="replace") == ""  # Ray's lines went aside
+
+
+@pytest.mark.slow
 def test_killed_driver_resumes_and_redoes_only_what_is_not_recorded(
     mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
 ) -> None:

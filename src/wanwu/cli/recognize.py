@@ -157,7 +157,9 @@ def _set_ray_logs_aside(stack: ExitStack) -> None:
     rest of the run; wanwu's messages keep stderr."""
     from wanwu.ray.dataset import import_ray
 
-    import_ray()  # its loggers exist from here on, printing to the stderr of the moment
+    # Its loggers exist from here on, printing to the stderr of the moment. Not ray.data (pandas, pyarrow: a
+    # second or two of CPU before Ray starts): the runner imports it when a run reads shards on the cluster.
+    import_ray(data=False)
     aside = stack.enter_context(stderr_aside(ray_log_path()))
     if aside is not None:
         aside.claim_loggers("ray")

@@ -46,6 +46,10 @@ class RayOptions:
     CPUs a 2-CPU node runs the actor and a single decode task, one core half idle (0.62× the local runner's
     throughput on 2 cores); with halves it runs the actor and three decode tasks (0.87×). A quarter
     oversubscribes (0.49×). ``benchmarks/bench_ray.py`` measures it.
+
+    ``local_start``: while a private Ray starts (:class:`~wanwu.ray.RayRunner` without an address), at most
+    this many of the first inputs are recognized on this machine by the local orchestrator
+    (:mod:`wanwu.ray.warm`), so the first records do not wait for Ray's start; 0 waits for Ray instead.
     """
 
     actors: int = 1
@@ -54,10 +58,12 @@ class RayOptions:
     decode_batch: int = 16
     decode_cpus: float = 0.5
     decode_memory: int = 256 * 1024 * 1024
+    local_start: int = 64
 
     def __post_init__(self) -> None:
-        if self.actors < 1 or self.decode_batch < 1:
-            raise UsageError("the Ray runner needs at least one actor and a decode batch of at least one")
+        if self.actors < 1 or self.decode_batch < 1 or self.local_start < 0:
+            raise UsageError("the Ray runner needs at least one actor, a decode batch of at least one and a "
+                             "local start of 0 or more")
 
 
 

@@ -97,27 +97,38 @@ class TaskStages:
         self._next_actor = 0
 
     def run(self, rows: Iterable[dict[str, str]], record: RecordOptions) -> Iterator[tuple[list[str], int]]:
-        """Per inference call, in input order: its records (JSON lines) and its cache hits."""
+        """Per inference call, in input order: its records (JSON lines) and its cache hits. The first calls are
+        submitted here, before the first result is asked for."""
         rows = iter(rows)
         blocks_per_call = max(1, -(-self.layout.options.batch_size // self.layout.decode_rows))
         window = max(2 * len(self.actors) * self.layout.calls_per_actor, self._decode_slots() // blocks_per_call + 2)
         pending: deque[Any] = deque()
-        first = True
+        first = self._submit(rows, 1, record)  # the first call takes a single block: the first record comes soon
+        if first is not None:
+            pending.append(first)
+            self._fill(pending, window, rows, blocks_per_call, record)
+        return self._results(pending, window, rows, blocks_per_call, record)
+
+    def _results(
+        self, pending: deque[Any], window: int, rows: Iterator[dict[str, str]], blocks: int, record: RecordOptions,
+    ) -> Iterator[tuple[list[str], int]]:
         try:
-            while True:
-                while len(pending) < window:
-                    call = self._submit(rows, 1 if first else blocks_per_call, record)
-                    if call is None:
-                        break
-                    pending.append(call)
-                    first = False
-                if not pending:
-                    return
+            while pending:
                 yield self.ray.get(pending.popleft())
+                self._fill(pending, window, rows, blocks, record)
         finally:
             if pending and self.ray.is_initialized():
                 for ref in pending:
                     self.ray.cancel(ref)
+
+    def _fill(
+        self, pending: deque[Any], window: int, rows: Iterator[dict[str, str]], blocks: int, record: RecordOptions,
+    ) -> None:
+        while len(pending) < window:
+            call = self._submit(rows, blocks, record)
+            if call is None:
+                return
+            pending.append(call)
 
     def _submit(self, rows: Iterator[dict[str, str]], blocks: int, record: RecordOptions) -> Any:
         decoded = []
