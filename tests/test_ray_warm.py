@@ -30,7 +30,7 @@ def inputs(tmp_path: Path) -> list[InputItem]:
 
 
 def _recognizer(tiny_model: tuple[Path, Path]) -> Recognizer:
-    return Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=RecognizeOptions(cache=False, workers=0))
+    return Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=RecognizeOptions(cache=False, decoders=0))
 
 
 class _Ray:
