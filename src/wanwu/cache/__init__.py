@@ -23,8 +23,10 @@ from wanwu.records import TopScores
 from wanwu.registry import Registry
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CachedResult:
+    """A result as the caches keep it. Treated as immutable (runs share it), not frozen: see TopScores."""
+
     top: TopScores
     width: int
     height: int
