@@ -98,7 +98,8 @@ def rerun(opts: argparse.Namespace, files: list[Path]) -> dict[str, Any]:
         links = make_links(files, work / "links", opts.rerun)
         old = time.time() - 3600  # a collection's files were written a while ago (not within the racy window)
         for link in links[: len(files)]:
-            os.utime(link, (old, old))
+            if link.stat().st_mtime > old:  # hard links share the photos' inodes: leave an old mtime alone
+                os.utime(link, (old, old))
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANWU_HOME": str(work / "home")}
         common = ["recognize", "-m", str(opts.model), "-l", str(opts.labels), "-b", str(opts.batch_size),
                   "-j", str(opts.decoders), "--cache", str(work / "cache.sqlite3")]
