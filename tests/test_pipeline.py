@@ -246,10 +246,14 @@ def test_out_of_memory_halves_the_batch(tiny_model: tuple[Path, Path], tmp_path:
     assert sum(s for s in fake.sizes if s <= 5) == 40
 
 
-def test_the_last_crops_of_a_run_are_shared_among_the_free_streams(tiny_model: tuple[Path, Path],
-                                                                    tmp_path: Path) -> None:
+def test_the_last_crops_of_a_run_are_shared_among_the_free_streams(
+    tiny_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Fewer crops than a batch, two streams: they are inferred as two halves at once, not one batch on one
-    core while the other waits. (Crops that leave early, on a loaded machine, make the batches smaller still.)"""
+    core while the other waits."""
+    from wanwu.run import _Run
+
+    monkeypatch.setattr(_Run, "FLUSH_AFTER_S", 60.0)  # no partial batch leaves early, however slow the decodes
     paths = []
     for i in range(6):
         paths.append(str(tmp_path / f"{i}.png"))
@@ -260,7 +264,22 @@ def test_the_last_crops_of_a_run_are_shared_among_the_free_streams(tiny_model: t
     with Recognizer(engine=engine, options=RecognizeOptions(cache=False, decoders=0, batch_size=32)) as rec:
         records = list(rec.recognize(paths))
     assert [r.input for r in records] == paths and all(r.ok for r in records)
-    assert sum(sizes.sizes) == 6 and max(sizes.sizes) <= 3, sizes.sizes
+    assert sorted(sizes.sizes) == [3, 3], sizes.sizes
+
+
+@pytest.mark.parametrize(("ready", "busy", "gather", "share"), [
+    (6, 0, 32, 3), (7, 0, 32, 4), (1, 0, 32, 1), (6, 1, 32, 6),  # one stream busy: the free one takes them all
+    (6, 0, 1, 6),  # a service's batcher gathers across requests itself: everything at once
+    (300, 0, 32, 150),
+])
+def test_a_partial_batch_takes_its_share_of_the_ready_crops(ready: int, busy: int, gather: int, share: int) -> None:
+    from types import SimpleNamespace
+
+    from wanwu.run import _Run
+
+    run = SimpleNamespace(handoff=256 if gather == 1 else gather, ready=[None] * ready, streams=2,
+                          pending_infer=busy, inference=SimpleNamespace(gather=gather))
+    assert _Run._share(run) == min(share, run.handoff)  # type: ignore[arg-type]
 
 
 class _ConcurrencyProbe:
