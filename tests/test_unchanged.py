@@ -4,6 +4,7 @@ changes; objects overwritten in S3 are in test_s3.py)."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import http.server
 import json
@@ -512,3 +513,39 @@ def test_a_redis_cache_keeps_the_memo_beside_it_so_a_rerun_reads_nothing(
     assert unchanged == 3 and not reads.take()  # answered from the memo and the cache: no file opened
     assert again == first
     assert not list(tmp_path.glob("**/*.sqlite3"))  # no memo file beside a Redis cache
+
+
+def test_a_long_rerun_is_not_slowed_by_the_garbage_collector(
+    mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path
+) -> None:
+    """A rerun answered from the cache allocates a few dozen short-lived objects per record: with Python's
+    defaults the collector would run every 700 allocations (and scan the whole process now and then). The
+    command collects rarely while it runs, and puts the collector back as it was afterwards."""
+    sources = [_aged(tmp_path / src.name, src.read_bytes()) for src in sorted(photos.glob("*.JPEG"))[:4]]
+    folders = {"few": 3, "many": 3000}
+    for name, n in folders.items():
+        (tmp_path / name).mkdir()
+        for i in range(n):  # hard links: distinct paths (distinct records), already known by their inode
+            os.link(sources[i % len(sources)], tmp_path / name / f"{i:04d}.jpg")
+    args = ["-m", str(mobilenet[0]), "-l", str(mobilenet[1]), "-j", "0", "--cache", str(tmp_path / "c.sqlite3"),
+            "-q", "-o", str(tmp_path / "out.jsonl")]
+    for name in folders:
+        assert main(["recognize", str(tmp_path / name), *args]) == 0  # every file read once, remembered
+    young: Counter[str] = Counter()
+    oldest: Counter[str] = Counter()
+    before = gc.get_threshold(), gc.get_freeze_count()
+    for name in folders:
+        def count(phase: str, info: dict[str, int], name: str = name) -> None:
+            if phase == "start":
+                young[name] += info["generation"] == 0
+                oldest[name] += info["generation"] == 2
+
+        gc.callbacks.append(count)
+        try:
+            assert main(["recognize", str(tmp_path / name), *args]) == 0
+        finally:
+            gc.callbacks.remove(count)
+        assert (tmp_path / "out.jsonl").read_text(encoding="utf-8").count("\n") == folders[name]
+    # 3,000 more records: with Python's defaults, over a hundred more collections of the young objects
+    assert young["many"] - young["few"] <= 10 and oldest["many"] <= oldest["few"]
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
