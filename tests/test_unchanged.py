@@ -122,6 +122,32 @@ def test_unchanged_files_are_not_read_and_get_the_same_records(
     assert unchanged == 6 and not reads.take() and again == first
 
 
+def test_a_rerun_looks_its_inputs_up_in_its_own_thread_and_a_busy_run_on_the_fetch_threads(
+    rec: Recognizer, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handing each block of a rerun to a fetch thread and back passed the interpreter lock between the two at
+    every ``stat`` (a fifth of a rerun answered from the memo). A run with nothing else in flight looks a block
+    up in its own thread; a run with fetches in flight still hands its blocks to the fetch threads."""
+    sources = [_aged(tmp_path / src.name, src.read_bytes()) for src in sorted(photos.glob("*.JPEG"))[:4]]
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for i in range(300):  # distinct paths: several blocks (16, 32, 64, …)
+        os.link(sources[i % len(sources)], folder / f"{i:03d}.jpg")
+    here: list[bool] = []
+    original = Prober.probe
+
+    def probe(prober: Prober, *args: Any) -> Any:
+        here.append(threading.current_thread() is threading.main_thread())
+        return original(prober, *args)
+
+    monkeypatch.setattr(Prober, "probe", probe)
+    first, unchanged = _run(rec, folder)
+    assert unchanged == 0 and here[0] and not all(here)  # the first block here; later ones beside the reads
+    here.clear()
+    again, unchanged = _run(rec, folder)
+    assert unchanged == 300 and again == first and len(here) > 3 and all(here)
+
+
 def test_same_size_and_mtime_but_a_new_inode_is_read_again(
     rec: Recognizer, two_photos: tuple[bytes, bytes], tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from wanwu.cache import CachedResult, MemoryCache
 from wanwu.cache.memo import Remembered
@@ -42,6 +42,8 @@ _DECODED_HERE = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: the format
 
 
 # --- the run ---------------------------------------------------------------------------------------------
+
+_T = TypeVar("_T")
 
 
 class _Meter:
@@ -120,6 +122,7 @@ class _Run:
         self.pending_fetch = 0
         self.to_fetch: deque[_Slot] = deque()
         self.probing = 0  # blocks of inputs being looked up in the stat memo
+        self.progressed = False  # the last _fill answered a block in this thread
         self.block = 16  # the next block's size: small first (the first records come soon), then larger
         self.remembered: list[tuple[str, Remembered]] = []  # memo entries not written yet
         self.pending_decode = 0
@@ -177,6 +180,8 @@ class _Run:
             if can_infer and self._starved():
                 self._infer(self._share())
                 continue
+            if self.progressed:  # records were made here, not announced by an event: take more inputs now
+                continue
             wait = self.FLUSH_AFTER_S if can_infer else 1.0
             if self.decoding:
                 nearest = min(deadline for deadline, _ in self.decoding.values())
@@ -217,7 +222,9 @@ class _Run:
     # -- stages -----------------------------------------------------------------------------------------
 
     def _fill(self) -> None:
-        """Inputs in blocks, each looked up in the stat memo on a fetch thread; the rest queue for a fetch."""
+        """Inputs in blocks, each looked up in the stat memo (on a fetch thread, or here when the run is
+        :meth:`_idle`); the rest queue for a fetch. ``progressed``: a block was answered here."""
+        self.progressed = False
         while (
             not self.exhausted
             and len(self.window) < self.max_window
@@ -248,6 +255,12 @@ class _Run:
                 self.to_fetch.extend(block)
                 continue
             self.block = min(self.PROBE_BLOCK, self.block * 2)
+            if self._idle():  # nothing else to attend to: look the block up here, no thread hop
+                self.probing += 1
+                self._probed(block, _called(self.rec.prober.probe, [s.item for s in block], self.rec.cache,
+                                            self.namespace))
+                self.progressed = True
+                continue
             self.probing += 1
             future = self.rec.fetch_pool().submit(
                 self.rec.prober.probe, [s.item for s in block], self.rec.cache, self.namespace
@@ -255,13 +268,23 @@ class _Run:
             future.add_done_callback(self._notify("probe", block))
         self._submit_fetches()
 
+    def _idle(self) -> bool:
+        """Nothing in flight that the run must attend to while a block is looked up in the stat memo: no fetch,
+        decode or inference, no other lookup. A rerun answered from the memo then looks each block up in its own
+        thread: handing every block to a fetch thread and back cost a fifth of such a run, in the interpreter
+        lock passed between the two at every ``stat``."""
+        return not (
+            self.probing or self.pending_fetch or self.to_fetch or self._decoding() or self.suspects
+            or self.ready or self.pending_infer
+        )
+
     def _submit_fetches(self) -> None:
         pool = None
         while self.to_fetch and self.pending_fetch + len(self.to_decode) + len(self.to_gpu) < self.max_fetch:
             slot = self.to_fetch.popleft()
             item = slot.item
             if item.kind == "bytes":  # in memory already (an upload): hashing it costs less than a thread hop
-                self._fetched(slot, _completed(self.rec.fetcher.fetch, item))
+                self._fetched(slot, _called(self.rec.fetcher.fetch, item))
                 continue
             pool = self.rec.url_pool() if FETCHERS.remote(item.kind) else (pool or self.rec.fetch_pool())
             self.pending_fetch += 1
@@ -545,11 +568,11 @@ class _Run:
         self.leaders.clear()
 
 
-def _completed(fn: Callable[[InputItem], Fetched], item: InputItem) -> Future[Fetched]:
-    """``fn(item)`` run here, as a finished future (what a fetch thread would have handed back)."""
-    future: Future[Fetched] = Future()
+def _called(fn: Callable[..., _T], *args: Any) -> Future[_T]:
+    """``fn(*args)`` run here, as a finished future (what a thread would have handed back)."""
+    future: Future[_T] = Future()
     try:
-        future.set_result(fn(item))
+        future.set_result(fn(*args))
     except Exception as e:
         future.set_exception(e)
     return future
