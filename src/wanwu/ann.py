@@ -18,7 +18,6 @@ committed after the file was built are searched exactly by the caller and merged
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -32,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from wanwu.paths import try_lock
 
 log = logging.getLogger("wanwu")
 
@@ -134,7 +135,8 @@ def build_ann(folder: Path, vectors: npt.NDArray[np.float16], count: int, previo
     if faiss is None:
         return None
     try:
-        with _ann_lock(folder) as locked:
+        # the ANN's own lock, not the index's: `wanwu index` may append meanwhile
+        with try_lock(folder / ".ann.lock") as locked:
             if not locked:
                 return None
             index, start, trained = _extendable(faiss, folder, previous, count)
@@ -193,21 +195,6 @@ def _save(faiss: ModuleType, folder: Path, index: Any, rows: int, check: str, tr
 def _fsync(path: Path) -> None:
     with path.open("rb") as f:
         os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def _ann_lock(folder: Path) -> Iterator[bool]:
-    """An exclusive lock on the ANN files (not the index's: ``wanwu index`` may append meanwhile)."""
-    with (folder / ".ann.lock").open("a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 __all__ = ["ANN_FROM_ROWS", "Ann", "build_ann", "faiss_lists", "load_faiss", "nprobe_for", "open_ann"]

@@ -18,7 +18,6 @@ searched exactly and merged. ``exact=True`` (``--exact``), or no faiss installed
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import threading
@@ -33,6 +32,7 @@ import numpy.typing as npt
 from wanwu import ann as ann_files
 from wanwu.ann import Ann
 from wanwu.errors import IndexFolderError
+from wanwu.paths import try_lock
 
 FORMAT = "wanwu-index"
 VERSION = 1
@@ -323,12 +323,7 @@ def _read_rows(path: Path, count: int, size: int) -> list[IndexRow]:
 
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    with (folder / ".lock").open("a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise IndexFolderError(f"{folder} is being written by another process") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with try_lock(folder / ".lock") as held:
+        if not held:
+            raise IndexFolderError(f"{folder} is being written by another process")
+        yield
