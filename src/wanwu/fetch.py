@@ -19,7 +19,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wanwu.errors import FetchError, InputError, NotFoundError, TooLargeError, UnsupportedError
 from wanwu.registry import Registry
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     import httpx
 
     from wanwu.cache.memo import Remembered
+    from wanwu.imaging import DecodeResult
+    from wanwu.spec import PreprocessSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,3 +218,30 @@ FETCHERS.register("file", FetchKind(_read_file))
 FETCHERS.register("url", FetchKind(_download, remote=True))
 FETCHERS.register("bytes", FetchKind(_uploaded))
 FETCHERS.lazy("object", "wanwu.objstore:FETCH", extra="s3")
+
+
+# --- read where decoded ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReadThenDecode:
+    """A decode task over local files that the decode worker reads itself. In a run with no result cache to
+    consult before decoding, a file's bytes then never cross from the run to its worker: a phone photo is
+    megabytes through a pipe, copied on both sides. For each path, ``(sha256, result)``: the file read with the
+    limits and refusals of :meth:`Fetcher.read_file` (a file that cannot be read gives its failure and no
+    sha256), its bytes hashed, then ``decode([data], spec, options)``."""
+
+    decode: Callable[..., list[DecodeResult]]
+    max_bytes: int
+
+    def __call__(self, paths: list[str], spec: PreprocessSpec, options: Any) -> list[tuple[str | None, DecodeResult]]:
+        fetcher = Fetcher(self.max_bytes)
+        out: list[tuple[str | None, DecodeResult]] = []
+        for path in paths:
+            try:
+                data = fetcher.read_file(path)
+            except InputError as e:
+                out.append((None, (e.type, str(e))))
+                continue
+            out.append((hashlib.sha256(data).hexdigest(), self.decode([data], spec, options)[0]))
+        return out

@@ -5,7 +5,10 @@ window of in-flight inputs in input order; records leave in input order as soon 
 is done. Every stage is bounded (window, fetches in flight, decodes in flight), so memory does not grow
 with the number of inputs:
 
-* fetch: a thread pool reads files / downloads URLs and hashes the bytes (hashlib and I/O drop the GIL);
+* fetch: a thread pool reads files / downloads URLs and hashes the bytes (hashlib and I/O drop the GIL). A run
+  with no result cache to consult, once it decodes in processes, leaves its local files to the decode
+  processes, which read and hash them themselves (:class:`~wanwu.fetch.ReadThenDecode`): a file's bytes then
+  never cross a pipe, and a repeat of content is found when its decode returns;
 * cache + dedupe: on the orchestrator thread; a cache hit or a repeat of content already in flight never
   reaches a decoder, and every input still gets its own record;
 * decode: worker processes run :func:`wanwu.imaging.prepare`, one file of a task at a time; the file a decoder

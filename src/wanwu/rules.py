@@ -10,7 +10,9 @@ drift apart:
   numbers (never a record, never cached);
 * :func:`inference_failure`: out of memory for a batch of one is the device's ``model_error``; any other model
   failure is fatal for the run (raised again);
-* :func:`record_of`: a result or a failure becomes the input's :class:`~wanwu.records.Record`.
+* :func:`record_of`: a result or a failure becomes the input's :class:`~wanwu.records.Record`;
+* :class:`DecodeMeter` / :func:`budget_spent`: the decode seconds a run has used, and the record of an input
+  left undecoded once its budget is spent.
 
 What a decoder crash or a decode past its deadline means for each file of the task is
 :func:`wanwu.decoders.decode_outcomes` (with the process handling it rules over). :class:`Context` is what these
@@ -20,6 +22,7 @@ need to know about the run.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -134,3 +137,24 @@ def record_of(
     if meta is not None:
         out.meta = meta
     return out
+
+
+# --- the decode budget ------------------------------------------------------------------------------------
+
+
+class DecodeMeter:
+    """Seconds of decoding a run has used, added up from the decode threads."""
+
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, seconds: float) -> None:
+        with self._lock:
+            self.spent += seconds
+
+
+def budget_spent(budget: float) -> str:
+    """The record's message for an input left undecoded when its run's decode-time budget ran out."""
+    return (f"not decoded: this run's decode-time budget of {budget:g} s is spent (--decode-budget; the service "
+            "gives each request one)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -22,11 +21,11 @@ from wanwu.cache import CachedResult, MemoryCache
 from wanwu.cache.memo import Remembered
 from wanwu.decoders import AGAIN, ALONE, decode_outcomes, timed_out
 from wanwu.errors import ClosedError, ErrorType
-from wanwu.fetch import FETCHERS, Fetched
-from wanwu.imaging import DecodeResult, Prepared, decode_jobs
+from wanwu.fetch import FETCHERS, Fetched, ReadThenDecode
+from wanwu.imaging import Prepared, decode_jobs
 from wanwu.intake import Intake
 from wanwu.records import Record, RecordOptions, TopScores
-from wanwu.rules import Failure, fetch_failure, inference_failure, look_up, record_of, scored
+from wanwu.rules import DecodeMeter, Failure, budget_spent, fetch_failure, inference_failure, look_up, record_of, scored
 from wanwu.sources import InputItem
 from wanwu.unchanged import Look, Probed, remember
 
@@ -46,24 +45,6 @@ _DECODED_HERE = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: the format
 _T = TypeVar("_T")
 
 
-class _Meter:
-    """Seconds of decoding a run has used, added up from the decode threads."""
-
-    def __init__(self) -> None:
-        self.spent = 0.0
-        self._lock = threading.Lock()
-
-    def add(self, seconds: float) -> None:
-        with self._lock:
-            self.spent += seconds
-
-
-def budget_spent(budget: float) -> str:
-    """The record's message for an input left undecoded when its run's decode-time budget ran out."""
-    return (f"not decoded: this run's decode-time budget of {budget:g} s is spent (--decode-budget; the service "
-            "gives each request one)")
-
-
 @dataclass(eq=False)
 class _Slot:
     item: InputItem
@@ -74,6 +55,7 @@ class _Slot:
     followers: list[_Slot] = field(default_factory=list)
     isolated: bool = False
     look: Look | None = None  # what the stat memo knows of it
+    unread: bool = False  # a local file its decode worker reads and hashes itself (see ReadThenDecode)
 
 
 def _out(slot: _Slot) -> Record:
@@ -104,11 +86,14 @@ class _Run:
         self.gpu_batches = 0  # batches of them being decoded
         self.gpu_images = 0  # the images in those batches
         self.decode_options = self.opts.decode_options()
+        # No cache to look files up in first: once the run decodes in processes, they read local files themselves
+        self.reading = rec.cache is None and self.gpu is None and rec.decoders.stoppable
+        self.read_then_decode = ReadThenDecode(self.decode, self.opts.max_bytes)
         self.timeout = self.opts.decode_timeout
         # What one run may take of the decoders shared with other runs (service requests): seconds in all, and
         # tasks at once (a share of the processes), so one caller's slow files cannot hold every decoder.
         self.budget = self.opts.decode_budget
-        self.meter = _Meter()
+        self.meter = DecodeMeter()
         self.tasks = 0  # decode tasks of this run in the workers (the quarantine's apart)
         self.decoding: dict[Future[Any], tuple[float, list[_Slot]]] = {}  # deadline, slots
         self.abandoned: set[Future[Any]] = set()
@@ -146,7 +131,7 @@ class _Run:
         # crops handed over at once: a batch locally; everything ready when the inference gathers by itself
         self.handoff = self.inference.gather if self.inference.gather > 1 else self.max_busy
         # last: its thread wakes the run through self.events
-        self.inputs = Intake(items, lambda: self.events.put(("input", None, _ARRIVED)))
+        self.inputs = Intake(items, lambda: self.events.put(("input", None, Future())))  # a future never used
 
     def records(self) -> Generator[Record, None, None]:
         try:
@@ -283,6 +268,10 @@ class _Run:
         while self.to_fetch and self.pending_fetch + len(self.to_decode) + len(self.to_gpu) < self.max_fetch:
             slot = self.to_fetch.popleft()
             item = slot.item
+            if self.reading and item.kind == "file" and self.here is False:
+                slot.unread = True
+                self.to_decode.append(slot)
+                continue
             if item.kind == "bytes":  # in memory already (an upload): hashing it costs less than a thread hop
                 self._fetched(slot, _called(self.rec.fetcher.fetch, item))
                 continue
@@ -333,9 +322,9 @@ class _Run:
             slot = self.suspects.popleft()
             slot.isolated = True
             self.pending_decode += 1
+            fn, payload = self._task([slot])
             future = self.rec.decoders.isolate(
-                self.decode, [slot.data or b""], self.preprocess, self.decode_options, timeout=self._deadline(),
-                meter=self.meter.add,
+                fn, payload, self.preprocess, self.decode_options, timeout=self._deadline(), meter=self.meter.add
             )
             future.add_done_callback(self._notify("isolated", [slot]))
         while self.to_decode and self.pending_decode < self.max_decode and self.tasks < self.max_tasks:
@@ -345,7 +334,17 @@ class _Run:
             # Several images per task when many wait: each round trip to a worker process costs CPU on both
             # sides (pickling, waking a thread and a process).
             size = max(1, min(self.chunk, len(self.to_decode) // self.processes))
-            self._submit_decode([self.to_decode.popleft() for _ in range(size)])
+            unread = self.to_decode[0].unread  # a task's files are all read by the run, or all by the worker
+            slots = [self.to_decode.popleft()]
+            while self.to_decode and len(slots) < size and self.to_decode[0].unread == unread:
+                slots.append(self.to_decode.popleft())
+            self._submit_decode(slots)
+
+    def _task(self, slots: list[_Slot]) -> tuple[Callable[..., list[Any]], list[Any]]:
+        """What a decode worker runs for ``slots``, and on what: their bytes, or the paths it reads itself."""
+        if slots[0].unread:
+            return self.read_then_decode, [slot.item.locator for slot in slots]
+        return self.decode, [slot.data or b"" for slot in slots]
 
     def _submit_gpu(self) -> None:
         """The files the GPU decoder takes, in batches: one decoding, the next gathering what arrives meanwhile."""
@@ -381,14 +380,13 @@ class _Run:
     def _submit_decode(self, slots: list[_Slot], here: bool = False) -> None:
         self.pending_decode += len(slots)
         self.tasks += 1
-        datas = [s.data or b"" for s in slots]
+        fn, datas = self._task(slots)
         if here:
-            future = self.rec.decoders.submit_here(self.decode, datas, self.preprocess, self.decode_options,
+            future = self.rec.decoders.submit_here(fn, datas, self.preprocess, self.decode_options,
                                                    meter=self.meter.add)
         else:
             future = self.rec.decoders.submit_each(
-                self.decode, datas, self.preprocess, self.decode_options, timeout=self._deadline(),
-                meter=self.meter.add,
+                fn, datas, self.preprocess, self.decode_options, timeout=self._deadline(), meter=self.meter.add,
             )
         if here or not self.rec.decoders.stoppable:  # a thread: give up on it at its deadline
             queued = 0 if here else self.chunk  # a pool's thread may first finish the task before it
@@ -443,20 +441,8 @@ class _Run:
             slot.record = self._record(slot, slot.look.cached)  # a URL revalidated: its cached result stands
             self.rec.count_unchanged(1)
             return
-        if (leader := self.leaders.get(sha)) is not None:
-            leader.followers.append(slot)
+        if self._known(slot, sha):
             return
-        hit = None
-        if not self.record_options.scores:  # caches keep the top scores, not every class's
-            hit = look_up(self.memo, self.namespace, [sha]).get(sha)
-            if hit is None:
-                hit = look_up(self.rec.cache, self.namespace, [sha]).get(sha)
-            if hit is not None:
-                self.rec.count_cache_hit()
-        if hit is not None:
-            slot.record = self._record(slot, hit)
-            return
-        self.leaders[sha] = slot
         slot.data = fetched.data
         gpu = self.gpu is not None and self.gpu.takes(fetched.data, self.preprocess)
         (self.to_gpu if gpu else self.to_decode).append(slot)
@@ -480,25 +466,60 @@ class _Run:
             return budget_spent(self.budget).replace("not decoded", "decoding stopped", 1)
         return timed_out(self.timeout)
 
-    def _decoded(self, slots: list[_Slot], future: Future[list[DecodeResult]]) -> None:
+    def _decoded(self, slots: list[_Slot], future: Future[list[Any]]) -> None:
         exc = future.exception()
         if exc is not None:
             outcomes = decode_outcomes(exc, [slot.isolated for slot in slots], self._timed_out())
             again = [slot for slot, outcome in zip(slots, outcomes, strict=True) if outcome == AGAIN]
             self.to_decode.extendleft(reversed(again))  # they did nothing wrong: back to the front of the line
             for slot, outcome in zip(slots, outcomes, strict=True):
+                if outcome == AGAIN or (slot.unread and not self._read_here(slot)):
+                    continue
                 if outcome == ALONE:
                     self.suspects.append(slot)
-                elif outcome != AGAIN:
+                else:
                     self._fail(slot, *outcome)
             return
         self._prepared(slots, future.result())
 
-    def _prepared(self, slots: list[_Slot], results: Sequence[DecodeResult]) -> None:
+    def _read_here(self, slot: _Slot) -> bool:
+        """A file its worker crashed or ran out of time on is read here after all: the quarantine gets its bytes,
+        its record its sha256. False: it cannot be read now (its record says why)."""
+        slot.unread = False
+        try:
+            fetched = self.rec.fetcher.fetch(slot.item)
+        except Exception as e:
+            self._fail(slot, *fetch_failure(e))
+            return False
+        slot.sha256, slot.data = fetched.sha256, fetched.data
+        return True
+
+    def _known(self, slot: _Slot, sha: str) -> bool:
+        """``slot``'s content is in flight (the slot follows its leader) or known (its record is made now, from
+        this run's recent results or the cache). Otherwise the slot leads that content's decode and inference."""
+        if (leader := self.leaders.get(sha)) is not None:
+            leader.followers.append(slot)
+            return True
+        if not self.record_options.scores:  # caches keep the top scores, not every class's
+            found = look_up(self.memo, self.namespace, [sha]) or look_up(self.rec.cache, self.namespace, [sha])
+            if (hit := found.get(sha)) is not None:
+                self.rec.count_cache_hit()
+                slot.record = self._record(slot, hit)
+                return True
+        self.leaders[sha] = slot
+        return False
+
+    def _prepared(self, slots: list[_Slot], results: Sequence[Any]) -> None:
+        """Decoded: each crop joins the ready ones. A file its worker read comes with its sha256 (``(sha256,
+        result)``), and a repeat of content in flight or just recognized then follows it (:meth:`_known`)."""
         for slot, result in zip(slots, results, strict=True):
             slot.data = None
             if slot.record is not None:
                 continue  # already answered (given up on at a deadline)
+            if slot.unread:
+                slot.sha256, result = result
+                if slot.sha256 is not None and not isinstance(result, tuple) and self._known(slot, slot.sha256):
+                    continue
             if isinstance(result, tuple):
                 self._fail(slot, result[0], result[1])
             else:
@@ -577,6 +598,3 @@ def _called(fn: Callable[..., _T], *args: Any) -> Future[_T]:
         future.set_exception(e)
     return future
 
-
-_ARRIVED: Future[Any] = Future()
-_ARRIVED.set_result(None)
