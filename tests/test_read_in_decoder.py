@@ -65,6 +65,19 @@ def test_a_run_without_a_cache_leaves_reading_its_files_to_the_decode_processes(
     assert len({tuple(p.index for p in r.predictions) for r in records}) > 20  # distinct photos, distinct answers
 
 
+def test_a_recognizer_whose_decode_processes_are_started_reads_none_of_its_files_itself(
+    mobilenet: tuple[Path, Path], photos: Path, run_reads: list[str]
+) -> None:
+    """The CLI over a folder starts its decode processes while the model loads (``start_decoders``): then even
+    the first files go to them unread, and the first decodes start without waiting for a read."""
+    paths = [str(p) for p in sorted(photos.iterdir())[::50][:20]]
+    options = RecognizeOptions(cache=False, decoders=2, batch_size=8)
+    with Recognizer(str(mobilenet[0]), labels=mobilenet[1], options=options, start_decoders=True) as rec:
+        records = list(rec.recognize(paths))
+    assert run_reads == []
+    assert [_summary(r) for r in records] == [_summary(r) for r in _records(mobilenet, paths, decoders=0, batch_size=8)]
+
+
 def test_a_file_its_decoder_cannot_read_gets_the_record_the_run_would_have_given_it(
     mobilenet: tuple[Path, Path], photos: Path, tmp_path: Path, run_reads: list[str]
 ) -> None:

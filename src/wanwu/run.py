@@ -268,7 +268,7 @@ class _Run:
         while self.to_fetch and self.pending_fetch + len(self.to_decode) + len(self.to_gpu) < self.max_fetch:
             slot = self.to_fetch.popleft()
             item = slot.item
-            if self.reading and item.kind == "file" and self.here is False:
+            if self.reading and item.kind == "file" and (self.here is False or self.rec.decoders.started):
                 slot.unread = True
                 self.to_decode.append(slot)
                 continue
