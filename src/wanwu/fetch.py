@@ -227,21 +227,22 @@ FETCHERS.lazy("object", "wanwu.objstore:FETCH", extra="s3")
 class ReadThenDecode:
     """A decode task over local files that the decode worker reads itself. In a run with no result cache to
     consult before decoding, a file's bytes then never cross from the run to its worker: a phone photo is
-    megabytes through a pipe, copied on both sides. For each path, ``(sha256, result)``: the file read with the
-    limits and refusals of :meth:`Fetcher.read_file` (a file that cannot be read gives its failure and no
-    sha256), its bytes hashed, then ``decode([data], spec, options)``."""
+    megabytes through a pipe, copied on both sides. For each item, ``(sha256, result)``: the item fetched by
+    :meth:`Fetcher.fetch`, as the run would have (an item that cannot be read gives its failure and no sha256),
+    then ``decode([data], spec, options)``."""
 
     decode: Callable[..., list[DecodeResult]]
     max_bytes: int
 
-    def __call__(self, paths: list[str], spec: PreprocessSpec, options: Any) -> list[tuple[str | None, DecodeResult]]:
+    def __call__(self, items: list[InputItem], spec: PreprocessSpec, options: Any
+                 ) -> list[tuple[str | None, DecodeResult]]:
         fetcher = Fetcher(self.max_bytes)
         out: list[tuple[str | None, DecodeResult]] = []
-        for path in paths:
+        for item in items:
             try:
-                data = fetcher.read_file(path)
+                fetched = fetcher.fetch(item)
             except InputError as e:
                 out.append((None, (e.type, str(e))))
                 continue
-            out.append((hashlib.sha256(data).hexdigest(), self.decode([data], spec, options)[0]))
+            out.append((fetched.sha256, self.decode([fetched.data], spec, options)[0]))
         return out

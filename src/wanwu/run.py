@@ -131,7 +131,8 @@ class _Run:
         # crops handed over at once: a batch locally; everything ready when the inference gathers by itself
         self.handoff = self.inference.gather if self.inference.gather > 1 else self.max_busy
         # last: its thread wakes the run through self.events
-        self.inputs = Intake(items, lambda: self.events.put(("input", None, Future())))  # a future never used
+        arrived = _called(int)  # the finished future an "inputs arrived" event carries (one per run, not per wake)
+        self.inputs = Intake(items, lambda: self.events.put(("input", None, arrived)))
 
     def records(self) -> Generator[Record, None, None]:
         try:
@@ -341,9 +342,9 @@ class _Run:
             self._submit_decode(slots)
 
     def _task(self, slots: list[_Slot]) -> tuple[Callable[..., list[Any]], list[Any]]:
-        """What a decode worker runs for ``slots``, and on what: their bytes, or the paths it reads itself."""
+        """What a decode worker runs for ``slots``, and on what: their bytes, or the items it reads itself."""
         if slots[0].unread:
-            return self.read_then_decode, [slot.item.locator for slot in slots]
+            return self.read_then_decode, [slot.item for slot in slots]
         return self.decode, [slot.data or b"" for slot in slots]
 
     def _submit_gpu(self) -> None:
@@ -510,8 +511,7 @@ class _Run:
         return False
 
     def _prepared(self, slots: list[_Slot], results: Sequence[Any]) -> None:
-        """Decoded: each crop joins the ready ones. A file its worker read comes with its sha256 (``(sha256,
-        result)``), and a repeat of content in flight or just recognized then follows it (:meth:`_known`)."""
+        """Crops join the ready ones; a file its worker read comes as ``(sha256, result)`` (see :meth:`_known`)."""
         for slot, result in zip(slots, results, strict=True):
             slot.data = None
             if slot.record is not None:
