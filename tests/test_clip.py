@@ -285,8 +285,6 @@ def test_service_scores_a_label_list_per_request(clip_folder: Path, label_file: 
 
 @pytest.mark.extra("server")
 def test_service_label_lists_are_evicted_only_when_idle(clip_folder: Path, label_file: Path) -> None:
-    import asyncio
-
     from wanwu.engine import Engine
     from wanwu.service import ServeConfig
     from wanwu.service.batcher import _NoObserver
@@ -294,8 +292,7 @@ def test_service_label_lists_are_evicted_only_when_idle(clip_folder: Path, label
 
     engine = Engine.load(resolve_model(str(clip_folder), label_file), max_batch=4)
     config = ServeConfig(model=str(clip_folder), labels=label_file, options=RecognizeOptions(decoders=0, cache=False))
-    loop = asyncio.new_event_loop()
-    runtime = Runtime(config, engine, None, _NoObserver(), loop)
+    runtime = Runtime(config, engine, None, _NoObserver())
     try:
         held = runtime._for_labels(("猫", "狗"))  # a request still running on the oldest list
         for i in range(LABEL_SETS):
@@ -308,9 +305,10 @@ def test_service_label_lists_are_evicted_only_when_idle(clip_folder: Path, label
         assert engine.backend.infer(pixels).shape == (1, len(CLIP_LABELS))  # the shared network is untouched
     finally:
         runtime.recognizer.close()
+        runtime.batcher.stop()
         for label_set in runtime._label_sets.values():
             label_set.recognizer.close()
-        loop.close()
+            label_set.batcher.stop()
 
 
 @pytest.mark.shared
@@ -355,8 +353,8 @@ def test_service_label_lists_go_through_a_batcher_and_the_shared_decoders(
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    runtime = Runtime(config, engine, None, _NoObserver(), loop)
-    loop.call_soon_threadsafe(runtime.start)
+    runtime = Runtime(config, engine, None, _NoObserver())
+    runtime.start()
     labels = ("猫", "狗", "汽车")
     items = [InputItem.from_bytes(p.name, p.read_bytes()) for p in images[:3]]
     try:

@@ -105,8 +105,8 @@ def test_runtime_close_waits_for_the_requests_in_hand(
     engine.infer = held_infer  # type: ignore[method-assign]
     config = ServeConfig(model=str(tiny_model[0]), labels=tiny_model[1],
                          options=RecognizeOptions(cache=False, decoders=0))
-    runtime = Runtime(config, engine, None, _NoObserver(), loop, drain_s=120)
-    loop.call_soon_threadsafe(runtime.start)
+    runtime = Runtime(config, engine, None, _NoObserver(), drain_s=120)
+    runtime.start()
     item = InputItem.from_bytes("a.png", image_bytes(fmt="PNG"))
     request = asyncio.run_coroutine_threadsafe(runtime.recognize([item], RecordOptions()), loop)
     assert started.wait(120)  # the request's image is on the model

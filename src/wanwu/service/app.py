@@ -91,11 +91,10 @@ def create_app(
     factory = engine_factory or default_engine_factory(config)
 
     async def load() -> None:
-        loop = asyncio.get_running_loop()
         try:
             engine = await asyncio.to_thread(factory)
             runtime = await asyncio.to_thread(
-                Runtime, config, engine, cache, metrics, loop, metrics.cache_hits.inc, budget
+                Runtime, config, engine, cache, metrics, metrics.cache_hits.inc, budget
             )
         except Exception as e:
             state.load_error = f"{type(e).__name__}: {e}"

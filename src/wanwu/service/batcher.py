@@ -1,24 +1,28 @@
-"""The dynamic batcher: one queue for every concurrent request, one consumer feeding the engine.
+"""The dynamic batcher: one queue for every concurrent request, ``streams`` threads feeding the engine.
 
-Requests put prepared crops into a bounded queue and await a per-image future. A single consumer task
-takes the oldest image, waits until ``max_batch_size`` images are queued or ``max_delay_ms`` has passed
-since that first image arrived, and runs the whole batch through ``infer`` in a worker thread, so the event
-loop keeps accepting and decoding while the model runs. Up to ``streams`` batches run at once (the engine
-says how many it can take); the next one forms while they run. Images that queued up during a batch are taken at
-once by the next one (their delay already elapsed), so under load batches fill up by themselves.
+Request threads (each runs the orchestrator for one request) put prepared crops into a bounded queue and get
+one future for them. One consumer at a time forms the next batch: it takes the oldest image and waits until
+``max_batch_size`` images are queued or ``max_delay_ms`` has passed since that image arrived; then it runs the
+batch on the engine while the next consumer forms another. Up to ``streams`` batches run at once (the engine
+says how many it can take). Images that queued up during a batch are taken at once by the next one (their delay
+already elapsed), so under load batches fill up by themselves.
 
-A full queue raises :class:`QueueFullError` (the app answers 503 with ``Retry-After``); nothing waits
-unboundedly.
+No event loop is involved: a crop goes from its request thread to a consumer thread and its scores come back the
+same way, without waking the loop that serves HTTP. A consumer is woken only when a batch can start (the first
+image arrives, a batch fills up, the batcher stops), not by every image.
+
+A full queue refuses the whole submission with :class:`QueueFullError` (the app answers 503 with
+``Retry-After``); nothing waits unboundedly.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,7 +42,7 @@ class QueueFullError(QueueError):
 
 
 class BatchObserver(Protocol):
-    """Told about every batch and every change of queue depth (metrics)."""
+    """Told about every batch and every change of queue depth (metrics); called from the batcher's threads."""
 
     def batch(self, size: int, seconds: float) -> None: ...
 
@@ -62,22 +66,51 @@ class BatcherConfig:
 
 
 @dataclass(eq=False, slots=True)
+class _Submission:
+    """One submit() call: its future resolves once every crop of it has its scores (crops may ride in
+    different batches)."""
+
+    future: Future[list[TopScores]]
+    results: list[TopScores | None]
+    left: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answer(self, position: int, top: TopScores) -> None:
+        with self.lock:
+            self.results[position] = top
+            self.left -= 1
+            done = self.left == 0
+        if done and self.future.set_running_or_notify_cancel():
+            self.future.set_result(self.results)  # type: ignore[arg-type]  # every slot is filled now
+
+    def fail(self, error: BaseException) -> None:
+        with self.lock:
+            first = self.left > 0
+            self.left = 0
+        if first and self.future.set_running_or_notify_cancel():
+            self.future.set_exception(error)
+
+
+@dataclass(eq=False, slots=True)
 class _Item:
     pixels: Pixels
-    future: asyncio.Future[TopScores]
-    arrived: float = field(default_factory=time.monotonic)
+    submission: _Submission
+    position: int
+    arrived: float
 
 
 class Batcher:
-    """Create inside the running event loop; ``start()`` then ``submit()``; ``stop()`` on shutdown."""
+    """``start()``, then ``submit()`` from any thread; ``stop()`` on shutdown (it fails what is still queued)."""
 
     def __init__(self, infer: InferFn, config: BatcherConfig, observer: BatchObserver | None = None) -> None:
         self._infer = infer
         self.config = config
         self._observer = observer or _NoObserver()
         self._items: deque[_Item] = deque()
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._ready = threading.Condition()  # guards _items and _stopped; notified when a batch can start
+        self._forming = threading.Lock()  # held by the one consumer forming the next batch
+        self._threads: list[threading.Thread] = []
+        self._stopped = False
         self.batches = 0  # batches run so far (also in the metrics; handy for tests)
 
     @property
@@ -88,94 +121,93 @@ class Batcher:
         return self.config.max_queue - len(self._items)
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._consume(), name="wanwu-batcher")
+        with self._ready:
+            if self._threads or self._stopped:
+                return
+            self._threads = [
+                threading.Thread(target=self._consume, name=f"wanwu-batcher-{i}", daemon=True)
+                for i in range(max(1, self.config.streams))
+            ]
+        for thread in self._threads:
+            thread.start()
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        while self._items:
-            item = self._items.popleft()
-            if not item.future.done():
-                item.future.set_exception(QueueError("the server is shutting down"))
+    def stop(self) -> None:
+        """Stop the consumers (a batch running finishes first) and fail every crop still queued."""
+        with self._ready:
+            self._stopped = True
+            left = list(self._items)
+            self._items.clear()
+            self._ready.notify_all()
+        for thread in self._threads:
+            thread.join()
+        error = QueueError("the server is shutting down")
+        for item in left:
+            item.submission.fail(error)
         self._observer.queue_depth(0)
 
-    def submit(self, pixels: Pixels) -> asyncio.Future[TopScores]:
-        """Queue one crop; the future resolves to its scores. Raises :class:`QueueFullError`."""
-        if len(self._items) >= self.config.max_queue:
-            raise QueueFullError(f"the recognition queue is full ({self.config.max_queue} images waiting)")
-        future: asyncio.Future[TopScores] = asyncio.get_running_loop().create_future()
-        self._items.append(_Item(pixels, future))
-        self._observer.queue_depth(len(self._items))
-        self._wakeup.set()
+    def submit(self, pixels: list[Pixels]) -> Future[list[TopScores]]:
+        """Queue these crops; the future resolves to their scores, in order. All or none are queued: with no
+        room for them all the future raises :class:`QueueFullError` (so does a stopped batcher's, with QueueError)."""
+        future: Future[list[TopScores]] = Future()
+        submission = _Submission(future, [None] * len(pixels), len(pixels))
+        if not pixels:
+            future.set_result([])
+            return future
+        now = time.monotonic()
+        with self._ready:
+            if self._stopped:
+                error: QueueError = QueueError("the server is shutting down")
+            elif len(self._items) + len(pixels) > self.config.max_queue:
+                error = QueueFullError(f"the recognition queue is full ({self.config.max_queue} images waiting)")
+            else:
+                was = len(self._items)
+                self._items.extend(_Item(p, submission, i, now) for i, p in enumerate(pixels))
+                depth = len(self._items)
+                if was == 0 or (was < self.config.max_batch_size <= depth):
+                    self._ready.notify()  # a batch can start: the first image's clock runs, or a batch is full
+                self._observer.queue_depth(depth)
+                return future
+        future.set_exception(error)
         return future
 
-    async def _consume(self) -> None:
-        free = asyncio.Semaphore(self.config.streams)
-        running: set[asyncio.Task[None]] = set()
+    def _consume(self) -> None:
+        while True:
+            with self._forming:  # the next batch forms while the others run
+                batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
 
-        def finished(task: asyncio.Task[None]) -> None:
-            running.discard(task)
-            free.release()
-
-        try:
-            while True:
-                await free.acquire()  # the next batch forms while the others run
-                batch = await self._next_batch()
-                if not batch:
-                    free.release()
-                    continue
-                task = asyncio.get_running_loop().create_task(self._run(batch))
-                running.add(task)
-                task.add_done_callback(finished)
-        finally:
-            for task in list(running):
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-
-    async def _next_batch(self) -> list[_Item]:
-        while not self._items:
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        deadline = self._items[0].arrived + self.config.max_delay_s
-        while len(self._items) < self.config.max_batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            self._wakeup.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                break
-        batch: list[_Item] = []
-        while self._items and len(batch) < self.config.max_batch_size:
-            item = self._items.popleft()
-            if not item.future.cancelled():  # its client went away
-                batch.append(item)
-        self._observer.queue_depth(len(self._items))
+    def _next_batch(self) -> list[_Item] | None:
+        with self._ready:
+            while not self._items and not self._stopped:
+                self._ready.wait()
+            if self._stopped:
+                return None
+            deadline = self._items[0].arrived + self.config.max_delay_s
+            while len(self._items) < self.config.max_batch_size and not self._stopped:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._ready.wait(remaining)
+            if self._stopped:
+                return None
+            take = min(len(self._items), self.config.max_batch_size)
+            batch = [self._items.popleft() for _ in range(take)]
+            depth = len(self._items)
+        self._observer.queue_depth(depth)
         return batch
 
-    async def _run(self, batch: list[_Item]) -> None:
+    def _run(self, batch: list[_Item]) -> None:
         start = time.perf_counter()
         try:
-            tops = await asyncio.to_thread(self._infer, [item.pixels for item in batch])
-        except asyncio.CancelledError:
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(QueueError("the server is shutting down"))
-            raise
+            tops = self._infer([item.pixels for item in batch])
         except Exception as e:
             log.exception("inference failed for a batch of %d", len(batch))
             for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(e)
+                item.submission.fail(e)
             return
         self.batches += 1
         self._observer.batch(len(batch), time.perf_counter() - start)
         for item, top in zip(batch, tops, strict=True):
-            if not item.future.done():
-                item.future.set_result(top)
+            item.submission.answer(item.position, top)

@@ -68,25 +68,24 @@ def default_engine_factory(config: ServeConfig) -> EngineFactory:
 
 
 class Runtime:
-    """Build off the event loop (opening the cache may block), ``start()`` on it, then ``await recognize(...)``;
+    """Build off the event loop (opening the cache may block), ``start()``, then ``await recognize(...)``;
     ``await close()`` on shutdown. ``cache``: a ResultCache, None, or ``FROM_OPTIONS`` (the one the options name)."""
 
     def __init__(
         self, config: ServeConfig, engine: Engine, cache: ResultCache | None, observer: BatchObserver,
-        loop: asyncio.AbstractEventLoop, on_cache_hit: Callable[[], None] = lambda: None,
+        on_cache_hit: Callable[[], None] = lambda: None,
         budget: ByteBudget | None = None, drain_s: float = 30.0,
     ) -> None:
         """``budget``: the in-flight bytes (--max-inflight-mb) that URL downloads count against; ``drain_s``: how
         long close() waits for the requests in hand."""
         self.config = config
         self.engine = engine
-        self.loop = loop
         self.observer = observer
         self.drain_s = drain_s  # how long close() waits for the requests in hand
         self.batcher = self._batcher(engine)
         self.recognizer = Recognizer(
             options=config.options, engine=engine, cache=cache,
-            inference=BatcherInference(self.batcher, loop), on_cache_hit=on_cache_hit, start_decoders=True,
+            inference=BatcherInference(self.batcher), on_cache_hit=on_cache_hit, start_decoders=True,
         )
         self.downloads = DownloadBudget(budget or ByteBudget(int(config.inflight_mb * 1024 * 1024)))
         self.recognizer.fetcher = self.downloads.fetcher(self.recognizer.fetcher)
@@ -186,11 +185,11 @@ class Runtime:
             self._close_label_set(label_set)
 
     def _close_label_set(self, label_set: _LabelSet) -> None:
-        """No request uses it any more: its engine closed (a clone of the backend; the network stays), its idle
-        batcher stopped on the event loop."""
+        """No request uses it any more: its idle batcher stopped, its engine closed (a clone of the backend; the
+        network stays)."""
         label_set.recognizer.close()
+        label_set.batcher.stop()
         label_set.recognizer.engine.close()
-        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(label_set.batcher.stop()))
 
     def _for_labels(self, labels: tuple[str, ...]) -> _LabelSet:
         evicted: _LabelSet | None = None
@@ -208,9 +207,9 @@ class Runtime:
             relabel = self.engine.backend.relabel  # type: ignore[attr-defined]  # zero_shot: it has one
             engine = Engine(spec, relabel(spec), self.config.max_batch_size)
             batcher = self._batcher(engine)
-            self.loop.call_soon_threadsafe(batcher.start)  # before any crop of this thread reaches it
+            batcher.start()
             # the main recognizer's fetcher (URL bytes counted in the in-flight budget), decoders and cache
-            view = self.recognizer.sharing(engine, BatcherInference(batcher, self.loop))
+            view = self.recognizer.sharing(engine, BatcherInference(batcher))
             label_set = _LabelSet(view, batcher, users=1)
             self._label_sets[labels] = label_set
             if len(self._label_sets) > LABEL_SETS:
@@ -228,10 +227,10 @@ class Runtime:
         in_hand = set(self._in_hand)
         if in_hand:
             await asyncio.to_thread(wait, in_hand, self.drain_s)
-        await self.batcher.stop()
+        await asyncio.to_thread(self.batcher.stop)
         for label_set in list(self._label_sets.values()):
             label_set.recognizer.close()
-            await label_set.batcher.stop()
+            await asyncio.to_thread(label_set.batcher.stop)
         self._requests.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(self.recognizer.close)  # decode processes, fetcher, cache, engine
         for label_set in self._label_sets.values():

@@ -1,0 +1,160 @@
+"""The service's dynamic batcher on its own: batches across submitting threads, whole refusals, failures kept to
+their own batch, a clean stop. (It needs no web framework: these run in the minimal install too.)"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from wanwu.errors import QueueError
+from wanwu.records import TopScores
+from wanwu.service.batcher import Batcher, BatcherConfig, QueueFullError
+
+Make = Callable[..., Batcher]
+
+WAIT = 60.0  # seconds a test waits for a result that should come at once
+
+
+def _crop(value: int) -> np.ndarray:
+    return np.full((2, 2, 3), value, np.uint8)
+
+
+def _scores(pixels: list[np.ndarray]) -> list[TopScores]:
+    """Each crop's own value as its top index: which answer went where is visible."""
+    return [TopScores(np.array([int(p[0, 0, 0])], np.int32), np.array([1.0], np.float32), 0.0) for p in pixels]
+
+
+class Model:
+    """Records every batch; ``hold`` keeps the next batch on the model until released."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.hold = threading.Event()
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self.fail_values: set[int] = set()
+        self._seen = threading.Condition()
+
+    def __call__(self, pixels: list[np.ndarray]) -> list[TopScores]:
+        values = [int(p[0, 0, 0]) for p in pixels]
+        with self._seen:
+            self.batches.append(values)
+            self._seen.notify_all()
+        if self.hold.is_set():
+            self.hold.clear()
+            self.holding.set()
+            assert self.release.wait(WAIT), "the test never released the batch"
+        if self.fail_values & set(values):
+            raise RuntimeError("the model failed")
+        return _scores(pixels)
+
+    def seen(self, n: int) -> bool:
+        """Wait until ``n`` batches have reached the model."""
+        with self._seen:
+            return self._seen.wait_for(lambda: len(self.batches) >= n, WAIT)
+
+
+@pytest.fixture
+def model() -> Model:
+    return Model()
+
+
+@pytest.fixture
+def make(model: Model) -> Iterator[Make]:
+    made: list[Batcher] = []
+
+    def build(**config: object) -> Batcher:
+        batcher = Batcher(model, BatcherConfig(**config))  # type: ignore[arg-type]  # the test's own values
+        batcher.start()
+        made.append(batcher)
+        return batcher
+
+    yield build
+    for batcher in made:
+        batcher.stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("wanwu-batcher")], "a consumer outlived stop()"
+
+
+def _waiting_for_company(batcher: Batcher) -> None:
+    """Until a consumer waits on the batcher's condition with crops in hand (CPython's ``Condition._waiters``)."""
+    ready = batcher._ready
+    for _ in range(int(WAIT / 0.01)):
+        with ready:
+            if batcher.depth and ready._waiters:  # type: ignore[attr-defined]
+                return
+        threading.Event().wait(0.01)
+    raise AssertionError("no consumer waits for the queued crops")
+
+
+def _top(tops: list[TopScores]) -> list[int]:
+    return [int(t.indices[0]) for t in tops]
+
+
+def test_crops_queued_during_a_batch_form_the_next_one_across_threads(model: Model, make: Make) -> None:
+    batcher = make(max_batch_size=32, max_delay_s=0.05, streams=1)
+    model.hold.set()
+    first = batcher.submit([_crop(1), _crop(2), _crop(3), _crop(4)] * 8)  # a full batch: starts at once
+    assert model.holding.wait(WAIT)
+    with ThreadPoolExecutor(10) as pool:  # ten requests arrive while it runs
+        futures = list(pool.map(lambda v: batcher.submit([_crop(v)]), range(10, 20)))
+    model.release.set()
+    assert _top(first.result(WAIT)) == [1, 2, 3, 4] * 8
+    assert [_top(f.result(WAIT)) for f in futures] == [[v] for v in range(10, 20)]  # each got its own answer
+    # the ten queued while the one consumer was busy: the next batch took them all
+    assert sorted(model.batches[1]) == list(range(10, 20)) and len(model.batches) == 2
+
+
+def test_a_submission_split_across_batches_comes_back_whole_and_in_order(model: Model, make: Make) -> None:
+    batcher = make(max_batch_size=4, max_delay_s=3600.0, streams=2)  # only a full batch starts
+    future = batcher.submit([_crop(v) for v in range(10)])  # 4 + 4 start at once (full); 2 wait for company
+    assert model.seen(2)
+    _waiting_for_company(batcher)
+    more = batcher.submit([_crop(v) for v in range(100, 102)])  # ...which fills the third batch: it starts
+    assert _top(future.result(WAIT)) == list(range(10))
+    assert _top(more.result(WAIT)) == [100, 101]
+    assert sorted(len(b) for b in model.batches) == [4, 4, 4]
+
+
+def test_a_submission_without_room_for_all_its_crops_is_refused_whole(model: Model, make: Make) -> None:
+    batcher = make(max_batch_size=2, max_delay_s=3600.0, max_queue=5, streams=1)
+    model.hold.set()
+    running = batcher.submit([_crop(1), _crop(2)])  # on the model, held: the queue is empty again
+    assert model.holding.wait(WAIT)
+    queued = batcher.submit([_crop(3), _crop(4), _crop(5), _crop(6)])
+    refused = batcher.submit([_crop(7), _crop(8)])  # 4 queued + 2 > 5
+    with pytest.raises(QueueFullError):
+        refused.result(WAIT)
+    assert batcher.depth == 4 and batcher.room() == 1  # nothing of the refused one was queued
+    model.release.set()
+    assert _top(running.result(WAIT)) == [1, 2] and _top(queued.result(WAIT)) == [3, 4, 5, 6]
+    assert not {7, 8} & {v for b in model.batches for v in b}
+
+
+def test_a_failing_batch_fails_only_the_submissions_in_it(model: Model, make: Make) -> None:
+    batcher = make(max_batch_size=2, max_delay_s=3600.0, streams=1)
+    model.fail_values = {66}
+    bad = batcher.submit([_crop(66), _crop(67)])
+    with pytest.raises(RuntimeError, match="the model failed"):
+        bad.result(WAIT)
+    good = batcher.submit([_crop(1), _crop(2)])
+    assert _top(good.result(WAIT)) == [1, 2]  # the consumer lived on
+
+
+def test_stop_fails_what_is_queued_and_refuses_what_comes_after(model: Model, make: Make) -> None:
+    batcher = make(max_batch_size=8, max_delay_s=3600.0, streams=1)
+    waiting = batcher.submit([_crop(1)])  # waits an hour for company
+    batcher.stop()
+    with pytest.raises(QueueError, match="shutting down"):
+        waiting.result(WAIT)
+    with pytest.raises(QueueError, match="shutting down"):
+        batcher.submit([_crop(2)]).result(WAIT)
+    assert model.batches == []
+
+
+def test_an_empty_submission_is_answered_at_once(make: Make) -> None:
+    batcher = make()
+    assert batcher.submit([]).result(WAIT) == []
