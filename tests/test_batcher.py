@@ -158,3 +158,16 @@ def test_stop_fails_what_is_queued_and_refuses_what_comes_after(model: Model, ma
 def test_an_empty_submission_is_answered_at_once(make: Make) -> None:
     batcher = make()
     assert batcher.submit([]).result(WAIT) == []
+
+
+def test_stop_fails_a_batch_still_on_the_model_and_does_not_wait_for_it_forever(model: Model, make: Make) -> None:
+    batcher = make(max_batch_size=1, max_delay_s=0.0, streams=1)
+    model.hold.set()
+    stuck = batcher.submit([_crop(1)])
+    assert model.holding.wait(WAIT)  # the model hangs on it
+    batcher.stop(wait_s=0.1)  # returns although the consumer is still inside the model
+    with pytest.raises(QueueError, match="shutting down"):
+        stuck.result(WAIT)  # its request ends now, not when (if ever) the model returns
+    model.release.set()  # the consumer comes back, answers nothing more and ends
+    for thread in [t for t in threading.enumerate() if t.name.startswith("wanwu-batcher")]:
+        thread.join(WAIT)

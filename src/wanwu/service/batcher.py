@@ -110,6 +110,7 @@ class Batcher:
         self._ready = threading.Condition()  # guards _items and _stopped; notified when a batch can start
         self._forming = threading.Lock()  # held by the one consumer forming the next batch
         self._threads: list[threading.Thread] = []
+        self._running: list[list[_Item]] = []  # batches on the model now
         self._stopped = False
         self.batches = 0  # batches run so far (also in the metrics; handy for tests)
 
@@ -131,19 +132,21 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def stop(self) -> None:
-        """Stop the consumers (a batch running finishes first) and fail every crop still queued."""
+    def stop(self, wait_s: float = 30.0) -> None:
+        """Fail every crop still queued or on the model (their requests end now), then wait up to ``wait_s`` for
+        the consumers to finish the batches they run (a hung model's thread is left behind, a daemon)."""
         with self._ready:
             self._stopped = True
-            left = list(self._items)
+            left = list(self._items) + [item for batch in self._running for item in batch]
             self._items.clear()
             self._ready.notify_all()
-        for thread in self._threads:
-            thread.join()
         error = QueueError("the server is shutting down")
         for item in left:
             item.submission.fail(error)
         self._observer.queue_depth(0)
+        deadline = time.monotonic() + wait_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def submit(self, pixels: list[Pixels]) -> Future[list[TopScores]]:
         """Queue these crops; the future resolves to their scores, in order. All or none are queued: with no
@@ -194,6 +197,7 @@ class Batcher:
                 return None
             take = min(len(self._items), self.config.max_batch_size)
             batch = [self._items.popleft() for _ in range(take)]
+            self._running.append(batch)
             depth = len(self._items)
         self._observer.queue_depth(depth)
         return batch
@@ -207,7 +211,11 @@ class Batcher:
             for item in batch:
                 item.submission.fail(e)
             return
-        self.batches += 1
+        finally:
+            with self._ready:
+                self._running = [b for b in self._running if b is not batch]
+        with self._ready:
+            self.batches += 1  # two consumers may finish at once
         self._observer.batch(len(batch), time.perf_counter() - start)
         for item, top in zip(batch, tops, strict=True):
             item.submission.answer(item.position, top)
