@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -567,6 +568,32 @@ def test_serve_command_runs_and_stops(tiny_model: Model) -> None:
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says how it ended.
     assert proc.returncode in (0, -15), err
     assert "shutdown complete" in err
+
+
+def test_serve_command_serves_with_a_short_thread_switch_interval(
+    tiny_model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interpreter lock passes every millisecond while the server runs (its threads wait less for it), and the
+    process's own setting is back once it stops."""
+    import uvicorn
+    from click.testing import CliRunner
+
+    from wanwu.cli.main import cli
+    from wanwu.service.config import SWITCH_INTERVAL_S
+
+    seen: list[float] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: seen.append(sys.getswitchinterval()))
+    before = sys.getswitchinterval()
+    logger = logging.getLogger("wanwu")
+    level = logger.level
+    try:
+        result = CliRunner().invoke(cli, ["serve", "-m", str(tiny_model[0]), "-l", str(tiny_model[1]), "--no-cache",
+                                          "--port", str(free_port())])
+    finally:
+        logger.setLevel(level)  # the command sets the wanwu log to INFO for its own process
+    assert result.exit_code == 0, result.output
+    assert seen == [SWITCH_INTERVAL_S] and before > SWITCH_INTERVAL_S
+    assert sys.getswitchinterval() == before
 
 
 def test_serve_command_exits_when_the_model_cannot_load(tmp_path: Path) -> None:

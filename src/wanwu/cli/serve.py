@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import click
 from wanwu.cli.options import io_options, model_options, recognize_options
 from wanwu.config import RecognizeOptions
 from wanwu.errors import MissingExtraError, UsageError
-from wanwu.service.config import ServeConfig
+from wanwu.service.config import SWITCH_INTERVAL_S, ServeConfig
 
 
 @click.command("serve")
@@ -87,7 +88,12 @@ def command(host: str, port: int, access_log: bool, **kw: Any) -> int:
     )
     server = uvicorn.Server(uv_config)
     click.echo(f"wanwu: serving on http://{config.host}:{config.port}/ (loading the model…)", err=True)
-    server.run()
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    try:
+        server.run()
+    finally:
+        sys.setswitchinterval(switch_interval)
     if failed:
         click.echo(f"wanwu: error: {failed[0]}", err=True)
         return 1

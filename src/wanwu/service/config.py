@@ -8,6 +8,13 @@ from pathlib import Path
 from wanwu.config import RecognizeOptions
 from wanwu.errors import UsageError
 
+# The interpreter's thread switch interval while `wanwu serve` runs (Python's default: 5 ms). A server passes the
+# interpreter lock between many threads (the event loop, a thread per request, the batcher's consumers, a thread
+# driving each decode process); a thread that has an answer for an idle decode process or a waiting request
+# waits up to the interval for the lock. At 1 ms the processes idle less: 3-5% more images per second under
+# load on 2 cores (benchmarks/bench_service.py; docs/performance.md), with no more CPU per image.
+SWITCH_INTERVAL_S = 0.001
+
 
 @dataclass(frozen=True)
 class ServeConfig:
