@@ -534,3 +534,19 @@ def test_a_decode_deadline_counts_from_when_its_task_starts_and_stops_only_that_
         assert np.array_equal(after.result(timeout=60).pixels, expected)  # a fresh process took it
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_a_recognizer_works_out_its_cache_namespace_once_and_a_view_of_another_model_its_own(
+    tiny_model: tuple[Path, Path]
+) -> None:
+    options = RecognizeOptions(cache=False, decoders=0)
+    with Recognizer(str(tiny_model[0]), labels=tiny_model[1], options=options) as rec:
+        own = rec.cache_namespace()
+        assert own == options.cache_namespace(rec.spec, rec.numerics)
+        assert rec.cache_namespace() is own  # once, not per run (a service runs one per request)
+        # another model (here: the same network with other preprocessing), run through this recognizer's pools
+        preprocess = rec.spec.preprocess
+        spec = replace(rec.spec, preprocess=replace(preprocess, resize_short=preprocess.crop_size + 8))
+        view = rec.sharing(Engine(spec, rec.engine.backend, 4), rec.inference)
+        assert view.cache_namespace() == options.cache_namespace(spec, rec.numerics) != own
+        assert rec.cache_namespace() == own

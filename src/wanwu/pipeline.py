@@ -93,6 +93,7 @@ class Recognizer:
         :data:`~wanwu.run.SHORT_RUN` inputs starts them, and shorter runs decode in this process."""
         self.options = options or RecognizeOptions()
         self._owner: Recognizer | None = None  # set on a view made by sharing(): the pools are the owner's
+        self._namespaces: dict[tuple[tuple[str, str], ...], str] = {}  # cache namespaces by numerics (a run's)
         self._closed = False
         self._fetch_pool: ThreadPoolExecutor | None = None
         self._url_pool: ThreadPoolExecutor | None = None  # downloads apart: slow URLs never stall file reads
@@ -148,6 +149,16 @@ class Recognizer:
         precision) and a GPU JPEG decoder's name (its pixels are not Pillow's)."""
         return {**self.engine.numerics, **(self.gpu_decoding.numerics if self.gpu_decoding is not None else {})}
 
+    def cache_namespace(self) -> str:
+        """The result cache's namespace for this recognizer's runs, worked out once for each :attr:`numerics` (a
+        GPU JPEG decoder may join later): it hashes the whole model spec, and a service runs one per request."""
+        numerics = self.numerics
+        key = tuple(sorted(numerics.items()))
+        namespace = self._namespaces.get(key)
+        if namespace is None:
+            namespace = self._namespaces[key] = self.options.cache_namespace(self.engine.spec, numerics)
+        return namespace
+
     def recognize(self, inputs: Iterable[InputLike], record: RecordOptions | None = None) -> Iterator[Record]:
         """Records in input order. Strings are expanded like CLI arguments (folders, globs, URLs).
 
@@ -191,6 +202,7 @@ class Recognizer:
         self._check_open()
         view = copy.copy(self)
         view.engine, view.inference, view._owner, view.cache_hits = engine, inference, self, 0
+        view._namespaces = {}  # another model's
         return view
 
     def _check_open(self) -> None:

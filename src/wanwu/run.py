@@ -80,7 +80,7 @@ class _Run:
         self.record_options = record
         self.preprocess = self.opts.decode_spec(rec.engine.spec.preprocess)
         # results depend on how images were decoded (--full-decode, a GPU JPEG decoder): the cache key says so
-        self.namespace = self.opts.cache_namespace(rec.engine.spec, rec.numerics)
+        self.namespace = rec.cache_namespace()
         self.gpu = rec.gpu_decoding  # the JPEG decoder on the GPU, or None: everything to the decode processes
         self.to_gpu: deque[_Slot] = deque()  # fetched files it takes, gathering into its next batch
         self.gpu_batches = 0  # batches of them being decoded
