@@ -204,18 +204,20 @@ class Batcher:
 
     def _run(self, batch: list[_Item]) -> None:
         start = time.perf_counter()
+        tops: list[TopScores] | None = None
         try:
             tops = self._infer([item.pixels for item in batch])
         except Exception as e:
             log.exception("inference failed for a batch of %d", len(batch))
             for item in batch:
                 item.submission.fail(e)
-            return
         finally:
             with self._ready:
                 self._running = [b for b in self._running if b is not batch]
-        with self._ready:
-            self.batches += 1  # two consumers may finish at once
+                if tops is not None:
+                    self.batches += 1  # under the lock: two consumers may finish at once
+        if tops is None:
+            return
         self._observer.batch(len(batch), time.perf_counter() - start)
         for item, top in zip(batch, tops, strict=True):
             item.submission.answer(item.position, top)
