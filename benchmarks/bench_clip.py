@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.clip_helpe
 from tests.clip_helpers import make_clip_folder
 
 from _common import torch_vs_onnx
-from wanwu.backends import BackendOptions, create_backend
-from wanwu.backends.onnx import default_threads
+from wanwu.backends import BackendOptions, create_backend, default_threads
 from wanwu.convert import ConvertOptions, convert
 from wanwu.hf import DEFAULT_PROMPTS
 from wanwu.models import resolve_model

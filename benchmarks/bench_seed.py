@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch
 
 from _common import time_call, torch_vs_onnx
-from wanwu.backends import BackendOptions, create_backend
-from wanwu.backends.onnx import default_threads
+from wanwu.backends import BackendOptions, create_backend, default_threads
 from wanwu.convert import ConvertOptions, convert
 from wanwu.seed.resnest import GENERAL_CLASSES, ResNeSt, ResNeStConfig
 

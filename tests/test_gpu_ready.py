@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from tests.helpers import image_bytes
-from wanwu.backends import BackendOptions, create_backend, is_out_of_memory, parse_cuda_index
+from wanwu.backends import BackendOptions, create_backend, default_cpu_streams, is_out_of_memory, parse_cuda_index
 from wanwu.backends import onnx as onnx_backend
 from wanwu.config import RecognizeOptions
 from wanwu.engine import Engine
@@ -87,7 +87,7 @@ def test_a_session_that_fell_back_to_the_cpu_reports_cpu(
     (session,) = fake_ort.made
     assert session.providers[0] == (CUDA, {"device_id": 1, "cudnn_conv_algo_search": "HEURISTIC"})
     assert backend.device == "cpu" and backend.numerics == {}  # type: ignore[attr-defined]
-    assert backend.streams == onnx_backend.default_cpu_streams()  # sized for the CPU it really runs on
+    assert backend.streams == default_cpu_streams()  # sized for the CPU it really runs on
 
     fake_ort.got = [CUDA, CPU]
     backend = create_backend(spec, BackendOptions(device="cuda:1"))

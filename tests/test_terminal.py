@@ -11,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
 from wanwu.cli.main import cli, main
-from wanwu.cli.messages import MESSAGES, language
-from wanwu.cli.progress import RunProgress
+from wanwu.cli.messages import MESSAGES, language, t
+from wanwu.cli.progress import RunProgress, say
 from wanwu.labels import load_labels
 from wanwu.records import ErrorInfo, Prediction, Record
 from wanwu.sinks import SinkOptions, create_sink
@@ -116,6 +117,18 @@ def test_summary_counts_cache_hits_in_the_locale_language(
     assert main(args) == 0
     second = capsys.readouterr().err
     assert "3 个输入：3 个成功" in second and "3 个来自缓存" in second and "input" not in second
+
+
+def test_the_summary_is_coloured_on_a_terminal_and_plain_text_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("WANWU_LANG", "en")
+    line = "wanwu: 4 input(s): 3 ok" + t("summary.failed", n=1) + " in 0.2s"
+    say(line)
+    assert capsys.readouterr().err == "wanwu: 4 input(s): 3 ok, 1 failed in 0.2s\n"  # a pipe: no tags, no codes
+    monkeypatch.setattr(click.utils, "should_strip_ansi", lambda stream=None, color=None: False)  # a terminal
+    say(line)
+    assert capsys.readouterr().err == f"wanwu: 4 input(s): 3 ok, {click.style('1 failed', fg='red')} in 0.2s\n"
 
 
 @pytest.mark.shared

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import cast
@@ -17,7 +19,7 @@ from typing import cast
 import numpy as np
 import numpy.typing as npt
 
-from wanwu.backends import Backend, BackendOptions, EmbeddingBackend, NumericsBackend, PixelBackend, create_backend
+from wanwu.backends import BACKENDS, Backend, BackendOptions, EmbeddingBackend, NumericsBackend, PixelBackend
 from wanwu.embeddings import EmbeddingSource, normalise
 from wanwu.errors import DeviceOutOfMemoryError, OutOfMemoryError
 from wanwu.imaging import to_batch
@@ -52,9 +54,16 @@ class Engine:
     def load(
         cls, model: str | ModelSpec | None, labels: Path | None = None,
         backend_options: BackendOptions | None = None, max_batch: int = 32, label_column: str | None = None,
+        beside: Callable[[], object] | None = None,
     ) -> Engine:
+        """``beside``: work for a thread of its own while the backend loads the model (a runtime such as
+        onnxruntime builds its session outside the interpreter lock: 20 ms of a one-photo run's 230 ms).
+        It starts once the backend's module, and the runtime it imports, are in; it is waited for, and
+        anything it raises is only logged: it prepares, it does not decide."""
         spec = model if isinstance(model, ModelSpec) else resolve_model(model, labels, label_column)
-        backend = create_backend(spec, backend_options or BackendOptions())
+        factory = BACKENDS.get(spec.backend)  # imports the backend's module: the interpreter's own work
+        with _alongside(beside):
+            backend = factory(spec, backend_options or BackendOptions())
         warm_up = getattr(backend, "warm_up", None)  # a GPU backend: algorithm search before the first images
         if callable(warm_up):
             warm_up(max_batch)
@@ -145,3 +154,24 @@ class Engine:
 
     def close(self) -> None:
         self.backend.close()
+
+
+@contextmanager
+def _alongside(work: Callable[[], object] | None) -> Iterator[None]:
+    """``work`` in a thread while the block runs; waited for at its end."""
+    if work is None:
+        yield
+        return
+
+    def run() -> None:
+        try:
+            work()
+        except Exception as e:
+            log.debug("work beside the model's loading failed: %s", e)
+
+    thread = threading.Thread(target=run, name="wanwu-beside-load", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()

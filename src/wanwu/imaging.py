@@ -101,6 +101,12 @@ class Prepared:
     warnings: tuple[str, ...] = field(default=())
 
 
+def warm() -> None:
+    """Import Pillow's common format plugins now (its ``preinit``: JPEG, PNG, GIF, BMP, PPM), as the first
+    decode of this process would: 7 ms that can overlap the model's loading (``Engine.load(beside=...)``)."""
+    Image.preinit()
+
+
 def prepare(data: bytes, spec: PreprocessSpec, options: DecodeOptions | int = DEFAULT_MAX_PIXELS) -> Prepared:
     """Decode ``data`` and apply ``spec`` up to the crop. Raises an :class:`~wanwu.errors.InputError`.
 

@@ -48,6 +48,7 @@ from wanwu.decoders import DecodePool
 from wanwu.engine import Engine
 from wanwu.errors import ClosedError
 from wanwu.fetch import Fetcher
+from wanwu.imaging import warm as warm_decoding
 from wanwu.inference import Inference, LocalInference
 from wanwu.records import Record, RecordOptions, RecordStream
 from wanwu.run import _Run
@@ -104,8 +105,10 @@ class Recognizer:
             self.decoders.warm()  # start the decode processes while the model loads: both take a while
         label_path = Path(labels) if labels is not None else None
         try:
+            # a run of a few files decodes in this process: Pillow's plugins load while the model does
             self.engine = engine or Engine.load(
-                model, label_path, self.options.backend, self.options.batch_size, label_column
+                model, label_path, self.options.backend, self.options.batch_size, label_column,
+                beside=None if start_decoders else warm_decoding,
             )
         except BaseException:
             self.decoders.close(wait=False)  # a model that fails to load leaves no decode process behind

@@ -7,6 +7,7 @@ Built-ins are lazy ``"module:attr"`` entries, so a backend's runtime is imported
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -80,6 +81,22 @@ class NumericsBackend(Protocol):
 
     @property
     def numerics(self) -> dict[str, str]: ...
+
+
+def default_threads() -> int:
+    """Every core for inference, shared among its streams. The threads don't spin, so decode workers
+    still get the cores whenever inference waits."""
+    return max(1, os.cpu_count() or 1)
+
+
+def default_cpu_streams() -> int:
+    """Two batches at once on a CPU with two or more cores, each on half the threads.
+
+    One batch on every thread stalls at each operator's barrier whenever a decoder holds one of its
+    cores; two half-width batches don't wait for each other. Measured on 2 cores beside a busy decoder:
+    113 against 98 images/s of inference.
+    """
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 def parse_cuda_index(name: str) -> int | None:

@@ -10,8 +10,16 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort  # here, not in the constructor: Engine.load imports it before loading the model
 
-from wanwu.backends import BackendOptions, is_out_of_memory, numerics_of, parse_cuda_index
+from wanwu.backends import (
+    BackendOptions,
+    default_cpu_streams,
+    default_threads,
+    is_out_of_memory,
+    numerics_of,
+    parse_cuda_index,
+)
 from wanwu.embeddings import EMBEDDING_OUTPUT, EmbeddingSource, expose_output
 from wanwu.errors import ModelError, OutOfMemoryError, UsageError
 from wanwu.spec import ModelSpec
@@ -21,8 +29,6 @@ log = logging.getLogger("wanwu")
 
 class OnnxBackend:
     def __init__(self, spec: ModelSpec, options: BackendOptions) -> None:
-        import onnxruntime as ort
-
         providers = _providers(options.device, ort.get_available_providers())
         if providers[0] != CPU and _is_quantized(spec):
             log.info("%s is an int8 model: it runs on the CPU provider (CUDA's int8 coverage is partial)", spec.name)
@@ -203,22 +209,6 @@ def _store(path: Path | None, data: bytes) -> None:
         log.debug("cannot keep the int8 rewrite at %s: %s", path, e)
         with contextlib.suppress(OSError):
             tmp.unlink()
-
-
-def default_threads() -> int:
-    """Every core for inference, shared among its streams. The threads don't spin, so decode workers
-    still get the cores whenever inference waits."""
-    return max(1, os.cpu_count() or 1)
-
-
-def default_cpu_streams() -> int:
-    """Two batches at once on a CPU with two or more cores, each on half the threads.
-
-    One batch on every thread stalls at each operator's barrier whenever a decoder holds one of its
-    cores; two half-width batches don't wait for each other. Measured on 2 cores beside a busy decoder:
-    113 against 98 images/s of inference.
-    """
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
 
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"

@@ -70,7 +70,7 @@ class TorchBackend:
         import torch
 
         from wanwu.archs import build_network
-        from wanwu.backends.onnx import default_threads
+        from wanwu.backends import default_threads
 
         if spec.preprocess.layout != "NCHW":
             raise ModelError(f"the torch backend needs NCHW input, the spec says {spec.preprocess.layout}")

@@ -6,11 +6,14 @@ same Console, so rows appear above the bar instead of on its line.
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 import threading
 import time
 from typing import Any
+
+import click
 
 from wanwu.cli.messages import t
 
@@ -67,6 +70,17 @@ class _Writing:
         if guard._held and exc_type is None:
             guard._held = False
             raise KeyboardInterrupt
+
+
+def say(markup: str) -> None:
+    """One line of the messages' markup (colour tags: ``[red]…[/red]``) on stderr, styled by click, which is
+    loaded already and drops the styles where stderr is no terminal. Not through rich: importing it costs 16 ms,
+    7% of a one-photo run."""
+    click.echo(re.sub(_STYLED, lambda m: click.style(m[2], **_STYLES[m[1]]), markup), err=True)
+
+
+_STYLES: dict[str, dict[str, Any]] = {"red": {"fg": "red"}, "green": {"fg": "green"}, "bold": {"bold": True}}
+_STYLED = r"\[(red|green|bold)\](.*?)\[/\1\]"
 
 
 def terminal_console(stdout: bool = False) -> Any:

@@ -19,7 +19,14 @@ import click
 from wanwu.cli.aside import ray_log_path, stderr_aside
 from wanwu.cli.messages import h, t
 from wanwu.cli.options import model_options, prompt_option, recognize_options, run_options, runner_options
-from wanwu.cli.progress import ReportedInterrupt, RunProgress, WholeRecords, interrupted_message, terminal_console
+from wanwu.cli.progress import (
+    ReportedInterrupt,
+    RunProgress,
+    WholeRecords,
+    interrupted_message,
+    say,
+    terminal_console,
+)
 from wanwu.config import RecognizeOptions
 from wanwu.errors import UsageError
 from wanwu.models import resolve_model
@@ -101,8 +108,9 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
         # The model loads first: a run that cannot start leaves an existing output untouched.
         model = resolve_model(kw["model"], kw["labels"], kw["label_column"], kw["prompts"]) if kw["prompts"] \
             else kw["model"]
+        few = _few_files(inputs)
         runner_config = RunnerConfig(model, kw["labels"], options, kw["ray_address"], kw["label_column"],
-                                     kw["ray_actors"], long=not _few_files(inputs), sources=sources)
+                                     kw["ray_actors"], long=not few, sources=sources)
         if kw["runner"] == "ray":
             _set_ray_logs_aside(stack)
         recognizer = stack.enter_context(create_runner(kw["runner"], runner_config))
@@ -136,7 +144,7 @@ def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: 
             folder = EmbeddingFolder(kw["embeddings_dir"])
         items = expand(inputs, options=sources)
         items = items if state is None else state.pending(items)
-        progress = _progress(inputs, not quiet, state, console)
+        progress = _progress(inputs, not quiet and not few, state, console)  # a few files: done before a bar
         stack.callback(progress.stop)
         counts = {"ok": 0, "error": 0}
         start = time.perf_counter()
@@ -259,7 +267,7 @@ def _summary(counts: dict[str, int], elapsed: float, state: ResumeState | None, 
             resumed += t("summary.retried", n=state.errors_removed)
         if state.errors_kept:
             resumed += t("summary.kept", n=state.errors_kept)
-    terminal_console().print("wanwu: " + t(
+    say("wanwu: " + t(
         "summary", total=total, ok=counts["ok"], elapsed=elapsed, rate=total / elapsed if elapsed > 0 else 0.0,
         failed=t("summary.failed", n=counts["error"]) if counts["error"] else "",
         cached=(t("summary.cached", n=cached) + (t("summary.unchanged", n=unchanged) if unchanged else ""))
