@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from tests.test_pipeline import crashing_decode
 from wanwu import RecognizeOptions, Recognizer
 from wanwu.cli.main import COMMANDS, main
 from wanwu.decoders import DecodeProcess
+from wanwu.engine import Engine
 from wanwu.imaging import _resize_crop, _to_rgb, draft_scale, prepare
 from wanwu.registry import Registry, _installed_entry_points
 from wanwu.run import SHORT_RUN
@@ -80,6 +83,23 @@ def test_a_run_longer_than_short_starts_the_decode_processes(
         after = rec.recognize_one(inputs[0])  # once they run, a short run uses them too
     assert all(r.ok for r in records) and after.predictions == records[0].predictions
     assert started
+
+
+def test_work_beside_the_model_loading_runs_in_a_thread_and_never_fails_the_load(
+    tiny_model: Model, caplog: pytest.LogCaptureFixture
+) -> None:
+    ran: list[str] = []
+    engine = Engine.load(str(tiny_model[0]), tiny_model[1], beside=lambda: ran.append(threading.current_thread().name))
+    assert ran == ["wanwu-beside-load"]  # done, and waited for, before load returned
+    engine.close()
+
+    def broken() -> None:
+        raise OSError("no plugins here")
+
+    with caplog.at_level(logging.DEBUG, logger="wanwu"):
+        engine = Engine.load(str(tiny_model[0]), tiny_model[1], beside=broken)
+    assert engine.spec.num_classes > 0 and "no plugins here" in caplog.text
+    engine.close()
 
 
 def test_a_short_run_decodes_only_jpeg_and_png_here(
