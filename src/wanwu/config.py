@@ -17,6 +17,9 @@ from wanwu.sources import DEFAULT_MAX_BYTES
 from wanwu.spec import ModelSpec, PreprocessSpec
 
 MAX_BATCH_SIZE = 512
+# The machine's cores, read once: os.cpu_count() reads a file of /sys on every call, and a service's request
+# asked for it twice (about 6 us each, holding the interpreter lock).
+CPUS = os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class RecognizeOptions:
 
     @property
     def decode_processes(self) -> int:
-        return (os.cpu_count() or 1) if self.decoders == -1 else self.decoders
+        return CPUS if self.decoders == -1 else self.decoders
 
     def decode_spec(self, spec: PreprocessSpec) -> PreprocessSpec:
         """The model's preprocessing as decoding should apply it for this run."""

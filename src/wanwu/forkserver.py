@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-PRELOAD = ["wanwu._decode_server", "wanwu.imaging", "wanwu.decoders"]
+PRELOAD = ["wanwu._decode_server", "wanwu.imaging", "wanwu.decodeprocess", "wanwu.decoders"]
 
 
 def context() -> Any:
