@@ -67,8 +67,8 @@ def model() -> Model:
 def make(model: Model) -> Iterator[Make]:
     made: list[Batcher] = []
 
-    def build(**config: object) -> Batcher:
-        batcher = Batcher(model, BatcherConfig(**config))  # type: ignore[arg-type]  # the test's own values
+    def build(more_coming: Callable[[], bool] = lambda: True, **config: object) -> Batcher:
+        batcher = Batcher(model, BatcherConfig(**config), more_coming=more_coming)  # type: ignore[arg-type]
         batcher.start()
         made.append(batcher)
         return batcher
@@ -106,6 +106,25 @@ def test_crops_queued_during_a_batch_form_the_next_one_across_threads(model: Mod
     assert [_top(f.result(WAIT)) for f in futures] == [[v] for v in range(10, 20)]  # each got its own answer
     # the ten queued while the one consumer was busy: the next batch took them all
     assert sorted(model.batches[1]) == list(range(10, 20)) and len(model.batches) == 2
+
+
+def test_a_lone_crop_starts_its_batch_at_once_when_no_other_is_on_its_way(model: Model, make: Make) -> None:
+    batcher = make(max_batch_size=32, max_delay_s=3600.0, streams=1, more_coming=lambda: False)
+    assert _top(batcher.submit([_crop(7)]).result(WAIT)) == [7]  # not an hour later
+    assert model.batches == [[7]]
+
+
+def test_a_batch_waits_for_crops_on_their_way_and_goes_once_none_are(model: Model, make: Make) -> None:
+    coming = True
+    batcher = make(max_batch_size=4, max_delay_s=3600.0, streams=1, more_coming=lambda: coming)
+    first = batcher.submit([_crop(1)])
+    _waiting_for_company(batcher)  # more are being decoded: the consumer holds the crop and waits
+    second = batcher.submit([_crop(2)])
+    assert model.batches == [] and not first.done()
+    coming = False  # the last one arrives: nothing else is on its way
+    third = batcher.submit([_crop(3)])
+    assert [_top(f.result(WAIT)) for f in (first, second, third)] == [[1], [2], [3]]
+    assert model.batches == [[1, 2, 3]]  # one batch, not full, started by the last arrival
 
 
 def test_a_submission_split_across_batches_comes_back_whole_and_in_order(model: Model, make: Make) -> None:

@@ -161,3 +161,22 @@ def test_the_upload_rate_settings_are_checked() -> None:
     for field, option in (("body_timeout_s", "--body-timeout"), ("min_upload_kb_s", "--min-upload-rate")):
         with pytest.raises(UsageError, match=option):
             ServeConfig(**{field: 0})
+
+
+def test_serve_runs_more_decode_processes_than_cores_unless_told() -> None:
+    from wanwu.config import CPUS
+    from wanwu.service.config import EXTRA_DECODERS
+
+    assert ServeConfig().options.decoders == CPUS + EXTRA_DECODERS  # -j -1: a request's images go one a task
+    assert ServeConfig(options=RecognizeOptions(decoders=1)).options.decoders == 1
+
+
+def test_a_lone_request_is_answered_without_waiting_out_the_batch_delay(
+    tiny_model: Model, tmp_path: Path
+) -> None:
+    """Nothing else is being decoded, so its crop's batch starts at once: with an hour's --max-delay-ms it would
+    otherwise wait an hour (the client gives up after a minute)."""
+    with serve(tiny_model, tmp_path, max_delay_ms=3_600_000.0) as client:
+        for name in ("a.jpg", "b.jpg"):  # one after the other, each alone
+            response = client.post("/v1/recognize", files=[("files", (name, image_bytes(), "image/jpeg"))])
+            assert response.status_code == 200 and response.json()["results"][0]["status"] == "ok"

@@ -22,7 +22,7 @@ from tests.helpers import image_bytes
 from tests.test_pipeline import crashing_decode
 from wanwu import RecognizeOptions, Recognizer
 from wanwu.cli.main import COMMANDS, main
-from wanwu.decoders import DecodeProcess
+from wanwu.decoders import DecodePool, DecodeProcess
 from wanwu.engine import Engine
 from wanwu.imaging import _resize_crop, _to_rgb, draft_scale, prepare
 from wanwu.registry import Registry, _installed_entry_points
@@ -100,6 +100,34 @@ def test_work_beside_the_model_loading_runs_in_a_thread_and_never_fails_the_load
         engine = Engine.load(str(tiny_model[0]), tiny_model[1], beside=broken)
     assert engine.spec.num_classes > 0 and "no plugins here" in caplog.text
     engine.close()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_decode_pool_says_whether_images_are_being_decoded(workers: int, tmp_path: Path) -> None:
+    """What the service's batcher asks before it waits for more crops: true from a task's submission until just
+    before its own callbacks run (the run's, which hand the crop on)."""
+    pool = DecodePool(workers)
+    try:
+        assert not pool.decoding()
+        seen: list[bool] = []
+        handed_on = threading.Event()
+        go = tmp_path / "go"
+        future = pool.submit_each(_wait_for_each, [str(go)], timeout=60.0)
+        assert pool.decoding()
+        go.touch()  # the task may finish now
+        future.add_done_callback(lambda _: (seen.append(pool.decoding()), handed_on.set()))
+        assert handed_on.wait(60) and seen == [False] and future.result() == [True]
+        assert not pool.decoding()
+    finally:
+        pool.close()
+
+
+def _wait_for_each(paths: list[str]) -> list[bool]:
+    """Each path's existence, once it exists (or after 60 s)."""
+    deadline = time.monotonic() + 60
+    while not all(os.path.exists(p) for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return [os.path.exists(p) for p in paths]
 
 
 def test_a_short_run_decodes_only_jpeg_and_png_here(

@@ -53,6 +53,8 @@ class DecodePool:
         self._lock = threading.Lock()
         self._closed = False
         self._wanted = False  # warm() was called
+        self._in_flight = 0  # decode tasks queued or running (what decoding() tells)
+        self._counting = threading.Lock()
         # One process, one task at a time: the next starts only when the last has finished, so a crash or a
         # deadline names its task exactly.
         self._quarantine = (DecodeProcesses(1, name="wanwu-quarantine", address_space=address_space)
@@ -78,6 +80,21 @@ class DecodePool:
         """The workers were asked for (by :meth:`warm` or a task): later runs use them, however short."""
         return self._wanted or self._pool is not None
 
+    def decoding(self) -> bool:
+        """Decode tasks are queued or running: their crops are on their way (the service's batcher waits for them
+        rather than start a batch without them)."""
+        return self._in_flight > 0
+
+    def _counted(self, future: Future[Any]) -> Future[Any]:
+        with self._counting:
+            self._in_flight += 1
+        future.add_done_callback(self._uncount)  # before the caller's own callbacks: done means no longer counted
+        return future
+
+    def _uncount(self, _: Future[Any]) -> None:
+        with self._counting:
+            self._in_flight -= 1
+
     def submit_here(self, fn: Callable[..., Any], *args: Any, meter: Callable[[float], None] | None = None
                     ) -> Future[Any]:
         """Run ``fn(*args)`` on a thread of this process, started for it: what a run of a few files does
@@ -94,6 +111,7 @@ class DecodePool:
             except BaseException as e:
                 future.set_exception(e)
 
+        self._counted(future)
         threading.Thread(target=run, name="wanwu-decode-here", daemon=True).start()
         return future
 
@@ -126,8 +144,8 @@ class DecodePool:
         held a worker."""
         pool = self.get()
         if isinstance(pool, DecodeProcesses):
-            return pool.submit_each(timeout, fn, datas, *args, meter=meter)
-        return pool.submit(_metered, meter, fn, datas, *args)
+            return self._counted(pool.submit_each(timeout, fn, datas, *args, meter=meter))
+        return self._counted(pool.submit(_metered, meter, fn, datas, *args))
 
     @property
     def stoppable(self) -> bool:
@@ -142,8 +160,8 @@ class DecodePool:
         if self._closed:
             raise ClosedError("the decode workers are closed")
         if self._quarantine is None:  # threads cannot crash each other's process: run it in the pool
-            return self.get().submit(_metered, meter, fn, *args)
-        return self._quarantine.submit_within(timeout, fn, *args, meter=meter)
+            return self._counted(self.get().submit(_metered, meter, fn, *args))
+        return self._counted(self._quarantine.submit_within(timeout, fn, *args, meter=meter))
 
     def close(self, wait: bool = True) -> None:
         """Stop the workers. Idle ones exit; one still busy (a hung decoder) is killed, never waited for."""

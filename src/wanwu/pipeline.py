@@ -152,6 +152,11 @@ class Recognizer:
         precision) and a GPU JPEG decoder's name (its pixels are not Pillow's)."""
         return {**self.engine.numerics, **(self.gpu_decoding.numerics if self.gpu_decoding is not None else {})}
 
+    def decoding(self) -> bool:
+        """Images are being decoded for some run of this recognizer, so more crops are on their way to the
+        inference. With a GPU JPEG decoder, taken as always: its batches come at their own pace."""
+        return self.gpu_decoding is not None or self.decoders.decoding()
+
     def cache_namespace(self) -> str:
         """The result cache's namespace for this recognizer's runs, worked out once for each :attr:`numerics` (a
         GPU JPEG decoder may join later): it hashes the whole model spec, and a service runs one per request."""

@@ -2,7 +2,8 @@
 
 Request threads (each runs the orchestrator for one request) put prepared crops into a bounded queue and get
 one future for them. One consumer at a time forms the next batch: it takes the oldest image and waits until
-``max_batch_size`` images are queued or ``max_delay_ms`` has passed since that image arrived; then it runs the
+``max_batch_size`` images are queued or ``max_delay_ms`` has passed since that image arrived, or until no more
+are on their way (``more_coming``: no image is being decoded; a lone request never waits); then it runs the
 batch on the engine while the next consumer forms another. Up to ``streams`` batches run at once (the engine
 says how many it can take). Images that queued up during a batch are taken at once by the next one (their delay
 already elapsed), so under load batches fill up by themselves.
@@ -102,10 +103,14 @@ class _Item:
 class Batcher:
     """``start()``, then ``submit()`` from any thread; ``stop()`` on shutdown (it fails what is still queued)."""
 
-    def __init__(self, infer: InferFn, config: BatcherConfig, observer: BatchObserver | None = None) -> None:
+    def __init__(self, infer: InferFn, config: BatcherConfig, observer: BatchObserver | None = None,
+                 more_coming: Callable[[], bool] = lambda: True) -> None:
+        """``more_coming``: whether more images are on their way (being decoded); while they are not, a batch
+        starts at once instead of waiting out ``max_delay_s`` for images that will not come."""
         self._infer = infer
         self.config = config
         self._observer = observer or _NoObserver()
+        self._more_coming = more_coming
         self._items: deque[_Item] = deque()
         self._ready = threading.Condition()  # guards _items and _stopped; notified when a batch can start
         self._forming = threading.Lock()  # held by the one consumer forming the next batch
@@ -166,8 +171,9 @@ class Batcher:
                 was = len(self._items)
                 self._items.extend(_Item(p, submission, i, now) for i, p in enumerate(pixels))
                 depth = len(self._items)
-                if was == 0 or (was < self.config.max_batch_size <= depth):
-                    self._ready.notify()  # a batch can start: the first image's clock runs, or a batch is full
+                if was == 0 or (was < self.config.max_batch_size <= depth) or not self._more_coming():
+                    self._ready.notify()  # a batch can start: the first image's clock runs, a batch is full, or
+                    # nothing else is on its way
                 self._observer.queue_depth(depth)
                 return future
         future.set_exception(error)
@@ -188,7 +194,7 @@ class Batcher:
             if self._stopped:
                 return None
             deadline = self._items[0].arrived + self.config.max_delay_s
-            while len(self._items) < self.config.max_batch_size and not self._stopped:
+            while len(self._items) < self.config.max_batch_size and not self._stopped and self._more_coming():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

@@ -105,8 +105,13 @@ class Runtime:
         return Batcher(
             functools.partial(engine.infer, keep_rows=True),  # /v2 answers every class's score
             BatcherConfig(config.max_batch_size, config.max_delay_ms / 1000.0, config.max_queue, engine.streams),
-            self.observer,
+            self.observer, more_coming=self._decoding,
         )
+
+    def _decoding(self) -> bool:
+        """Crops are on their way to a batcher: some request's images are being decoded (a view for a label list
+        shares the recognizer's decoders)."""
+        return self.recognizer.decoding()
 
     def start(self) -> None:
         self.batcher.start()
