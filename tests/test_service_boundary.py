@@ -180,3 +180,23 @@ def test_a_lone_request_is_answered_without_waiting_out_the_batch_delay(
         for name in ("a.jpg", "b.jpg"):  # one after the other, each alone
             response = client.post("/v1/recognize", files=[("files", (name, image_bytes(), "image/jpeg"))])
             assert response.status_code == 200 and response.json()["results"][0]["status"] == "ok"
+
+
+def test_serve_runs_with_the_collector_tuned_for_a_long_run_and_puts_it_back(
+    tiny_model: Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request allocates objects that their reference counts free; with Python's defaults the collector
+    also scanned the whole web framework now and then (2-4% of a loaded server's images per second)."""
+    import gc
+
+    import uvicorn
+
+    from wanwu.cli.collector import YOUNG_COLLECTION
+    from wanwu.cli.main import main
+
+    seen: list[tuple[int, int]] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: seen.append((gc.get_threshold()[0], gc.get_freeze_count())))
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    assert main(["serve", "-m", str(tiny_model[0]), "-l", str(tiny_model[1]), "--no-cache", "--port", "0"]) == 0
+    assert seen and seen[0][0] >= YOUNG_COLLECTION and seen[0][1] > 0  # frozen; young objects collected less
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen

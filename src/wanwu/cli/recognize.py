@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import gc
 import glob
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import click
 
 from wanwu.cli.aside import ray_log_path, stderr_aside
+from wanwu.cli.collector import collecting_less
 from wanwu.cli.messages import h, t
 from wanwu.cli.options import model_options, prompt_option, recognize_options, run_options, runner_options
 from wanwu.cli.progress import (
@@ -38,31 +38,6 @@ if TYPE_CHECKING:
     from wanwu.resume import ResumeState  # imported where a run resumes: a plain run does without it
 
 log = logging.getLogger("wanwu")
-
-YOUNG_COLLECTION = 50_000  # allocations between two collections of the youngest generation (Python's: 700)
-
-
-@contextmanager
-def collecting_less() -> Iterator[None]:
-    """Python's cyclic garbage collector, tuned for a long run, and put back as it was after it.
-
-    A run allocates a few dozen objects per record, and almost all of them are freed by their reference count
-    as soon as the record is written. With Python's defaults, the collector still scans the young objects
-    every 700 allocations and, now and then, every object of the process (numpy's, onnxruntime's, the
-    labels'): 0.6-0.8 s of a 100,000-file rerun answered from the cache. Here what is loaded before the run is
-    frozen (never scanned again), and the youngest generation is collected every
-    :data:`YOUNG_COLLECTION` allocations. A caller that froze objects itself keeps its own freezing."""
-    threshold = gc.get_threshold()
-    freeze = gc.get_freeze_count() == 0
-    if freeze:
-        gc.freeze()
-    gc.set_threshold(max(threshold[0], YOUNG_COLLECTION), *threshold[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*threshold)
-        if freeze:
-            gc.unfreeze()
 
 @click.command("recognize", help=h("recognize"))
 @click.argument("inputs", nargs=-1, required=True)

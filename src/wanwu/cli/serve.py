@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from wanwu.cli.collector import collecting_less
 from wanwu.cli.options import io_options, model_options, recognize_options
 from wanwu.config import RecognizeOptions
 from wanwu.errors import MissingExtraError, UsageError
@@ -91,7 +92,8 @@ def command(host: str, port: int, access_log: bool, **kw: Any) -> int:
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
-        server.run()
+        with collecting_less():  # what is imported by now (the web framework, numpy) is never scanned again
+            server.run()
     finally:
         sys.setswitchinterval(switch_interval)
     if failed:

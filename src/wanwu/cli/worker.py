@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from wanwu.cli.collector import collecting_less
 from wanwu.cli.jobs import queue_option
 from wanwu.cli.messages import t
 from wanwu.cli.options import io_options, model_options, recognize_options
@@ -76,7 +77,8 @@ def command(queue_url: str | None, allow_roots: tuple[Path, ...], lease: float |
                 log.warning("%s", warning)
         except QueueError as e:  # a check, not a reason to stop: the worker waits for its queue anyway
             log.warning("could not check the queue's settings: %s", e)
-        stats = run_worker(queue, recognizer, config, stop)
+        with collecting_less():
+            stats = run_worker(queue, recognizer, config, stop)
     log.info("%s", t("worker.stop", worker=worker_id, tasks=stats.tasks, records=stats.records))
     return 0
 
