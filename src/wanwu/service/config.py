@@ -17,7 +17,7 @@ SWITCH_INTERVAL_S = 0.001
 # Decode processes beyond one per core when `wanwu serve` is left to choose (-j -1). A request's images go to a
 # process one task each, and between two tasks the process waits for the thread that drives it to get the
 # interpreter lock and hand it the next; two more processes keep the cores busy meanwhile. On 2 cores under
-# load: 1.84 -> 1.87 cores busy and 3.5% more images per second (5 alternated pairs; docs/performance.md).
+# load: 1.84 -> 1.87 cores busy and 3.4% more images per second (5 alternated pairs; docs/performance.md).
 EXTRA_DECODERS = 2
 
 
