@@ -47,6 +47,15 @@ def test_jsonl_all_ok_exit_0(tiny_model: tuple[Path, Path], folder: Path, capsys
     assert "3 input(s): 3 ok" in err
 
 
+def test_dash_output_is_stdout(tiny_model: tuple[Path, Path], folder: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(["recognize", str(folder), *_model_args(tiny_model), "-o", "-"], capsys)
+    assert code == 0, err
+    assert [Path(json.loads(line)["input"]).name for line in out.splitlines()] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert not (tmp_path / "-").exists()
+
+
 def test_some_failed_exit_3(tiny_model: tuple[Path, Path], folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run(["recognize", str(folder / "0.jpg"), str(folder / "nope.jpg"), *_model_args(tiny_model),
                          "-q"], capsys)

@@ -146,7 +146,7 @@ HELP: dict[str, dict[str, str]] = {
         "public addresses only).",
         "format": "Output format (default: from --output's suffix .csv/.json/.jsonl/.parquet, else table on a "
         "terminal, else jsonl).",
-        "output": "Write records here instead of stdout.",
+        "output": "Write records here instead of stdout (- is stdout).",
         "bom": "csv: begin with a UTF-8 BOM (for Excel).",
         "url_column": "URL tables (.parquet/.csv/.tsv inputs): the column holding each row's URL or path.",
         "keep_columns": "URL tables: also carry these columns (comma-separated) into each record's meta.",
@@ -219,7 +219,7 @@ HELP: dict[str, dict[str, str]] = {
         "timeout": "网址下载的总时限（整个下载），秒。",
         "allow_private_urls": "也下载主机为回环、私有、链路本地或保留地址的网址（默认：只下载公网地址）。",
         "format": "输出格式（默认：按 --output 的后缀 .csv/.json/.jsonl/.parquet，否则终端上为 table，否则为 jsonl）。",
-        "output": "把记录写到这里，而不是标准输出。",
+        "output": "把记录写到这里，而不是标准输出（- 即标准输出）。",
         "bom": "csv：以 UTF-8 BOM 开头（供 Excel 使用）。",
         "url_column": "网址表（.parquet/.csv/.tsv 输入）：存放每行网址或路径的列。",
         "keep_columns": "网址表：把这些列（逗号分隔）也带进每条记录的 meta。",

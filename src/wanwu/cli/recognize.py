@@ -71,6 +71,8 @@ log = logging.getLogger("wanwu")
 def command(inputs: tuple[str, ...], fmt: str | None, output: Path | None, bom: bool, url_column: str,
             keep_columns: str, with_meta: bool, resume: bool, retry_errors: bool, quiet: bool, **kw: Any) -> int:
     """``wanwu recognize`` (its help text is ``h("recognize")``, in the locale's language)."""
+    if output == Path("-"):  # the Unix convention: - is standard output, not a file named "-"
+        output = None
     options = _options(kw)
     keep = tuple(c.strip() for c in keep_columns.split(",") if c.strip())
     # On Ray, a .tar shard is read by a task on the cluster; resuming needs its samples named on the driver.
