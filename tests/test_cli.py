@@ -56,6 +56,18 @@ def test_dash_output_is_stdout(tiny_model: tuple[Path, Path], folder: Path, tmp_
     assert not (tmp_path / "-").exists()
 
 
+def test_recognize_defaults_to_one_blas_thread(tiny_model: tuple[Path, Path], folder: Path,
+                                              capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """numpy's BLAS does nothing in a recognize run worth a thread per core; a user's own setting stands."""
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    assert _run(["recognize", str(folder / "0.jpg"), *_model_args(tiny_model), "-q"], capsys)[0] == 0
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    assert _run(["recognize", str(folder / "0.jpg"), *_model_args(tiny_model), "-q"], capsys)[0] == 0
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "3"
+
+
 def test_some_failed_exit_3(tiny_model: tuple[Path, Path], folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = _run(["recognize", str(folder / "0.jpg"), str(folder / "nope.jpg"), *_model_args(tiny_model),
                          "-q"], capsys)

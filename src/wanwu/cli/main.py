@@ -40,6 +40,11 @@ COMMANDS = {
     "search": "Search INDEX_DIR by TEXT (models with a text tower) or by --image photos: one line per query.",
     "dedupe": "Groups of near-duplicates in INDEX_DIR, one JSON line per group.",
 }
+# Commands whose process runs the model and nothing that numpy's BLAS would do faster on threads (the service
+# searches an index by matrix products, so it is not one). OpenBLAS starts a thread per core when numpy is
+# imported, whose start-up spin cost a phone-photo run 0.1-0.2 s of CPU over its processes: these commands
+# default to one BLAS thread (OPENBLAS_NUM_THREADS, when not set already). ONNX Runtime and torch have their own.
+ONE_BLAS_THREAD = {"recognize", "worker"}
 # Commands defined in a module of another name (the module's ``commands``); the others: ``wanwu.cli.NAME``.
 MODULES = {"index": "search", "search": "search", "dedupe": "search"}
 
@@ -74,6 +79,8 @@ class LazyGroup(click.Group):
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
                                                                              list[str]]:
+        if args and args[0] in ONE_BLAS_THREAD:
+            os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy is imported: see ONE_BLAS_THREAD
         if args and args[0] == "recognize" and "--help" not in args and "-h" not in args:
             from wanwu.forkserver import start_early
 
