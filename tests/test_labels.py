@@ -94,3 +94,13 @@ def test_plain_label_files_carry_no_label_en(tiny_model: tuple[Path, Path], tmp_
     table.write_text("index\tzh\n" + "".join(f"{i}\t{n}\n" for i, n in enumerate(TINY_LABELS)), encoding="utf-8")
     assert main([*base, "--labels", str(table)]) == 0
     assert all(set(p) == {"index", "label", "score"} for p in json.loads(capsys.readouterr().out)["predictions"])
+
+
+def test_a_library_caller_may_name_the_label_file_as_a_string(tiny_model: tuple[Path, Path]) -> None:
+    from wanwu.engine import Engine
+
+    engine = Engine.load(str(tiny_model[0]), str(tiny_model[1]))
+    try:
+        assert engine.spec.labels == load_labels(tiny_model[1])
+    finally:
+        engine.close()

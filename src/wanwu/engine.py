@@ -52,7 +52,7 @@ class Engine:
 
     @classmethod
     def load(
-        cls, model: str | ModelSpec | None, labels: Path | None = None,
+        cls, model: str | ModelSpec | None, labels: Path | str | None = None,
         backend_options: BackendOptions | None = None, max_batch: int = 32, label_column: str | None = None,
         beside: Callable[[], object] | None = None,
     ) -> Engine:

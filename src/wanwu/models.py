@@ -62,7 +62,7 @@ def register_loader(
 
 
 def resolve_model(
-    ref: str | None, labels: Path | None = None, label_column: str | None = None, prompts: tuple[str, ...] = (),
+    ref: str | None, labels: Path | str | None = None, label_column: str | None = None, prompts: tuple[str, ...] = (),
 ) -> ModelSpec:
     """Find the loader for ``ref`` (``None`` = the default seed model) and build the spec.
 
@@ -70,6 +70,7 @@ def resolve_model(
     ``prompts``: templates such as ``"一张{}的照片"`` for an open-vocabulary (CLIP) model, replacing its defaults.
     """
     ref = ref or DEFAULT_MODEL
+    labels = Path(labels) if labels is not None else None  # a str from a library caller
     for _, loader in LOADERS.items():
         if loader.claims(ref):
             spec = loader.load(ref, labels)
