@@ -53,7 +53,7 @@ class DecodePool:
         self._lock = threading.Lock()
         self._closed = False
         self._wanted = False  # warm() was called
-        self._in_flight = 0  # decode tasks queued or running (what decoding() tells)
+        self._in_flight: set[Future[Any]] = set()  # decode tasks queued or running (what decoding() tells)
         self._counting = threading.Lock()
         # One process, one task at a time: the next starts only when the last has finished, so a crash or a
         # deadline names its task exactly.
@@ -83,17 +83,19 @@ class DecodePool:
     def decoding(self) -> bool:
         """Decode tasks are queued or running: their crops are on their way (the service's batcher waits for them
         rather than start a batch without them)."""
-        return self._in_flight > 0
+        return bool(self._in_flight)
 
     def _counted(self, future: Future[Any]) -> Future[Any]:
         with self._counting:
-            self._in_flight += 1
-        future.add_done_callback(self._uncount)  # before the caller's own callbacks: done means no longer counted
+            self._in_flight.add(future)
+        future.add_done_callback(self.forget)  # before the caller's own callbacks: done means no longer counted
         return future
 
-    def _uncount(self, _: Future[Any]) -> None:
+    def forget(self, future: Future[Any]) -> None:
+        """No longer count ``future`` as decoding: it is done, or its run gave up on it at its deadline (a thread
+        cannot be stopped, and one stuck in a decoder would otherwise keep :meth:`decoding` true for good)."""
         with self._counting:
-            self._in_flight -= 1
+            self._in_flight.discard(future)
 
     def submit_here(self, fn: Callable[..., Any], *args: Any, meter: Callable[[float], None] | None = None
                     ) -> Future[Any]:

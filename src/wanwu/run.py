@@ -38,10 +38,6 @@ log = logging.getLogger("wanwu")
 # costs more than such a run (a one-photo ``wanwu recognize`` would spend most of its time on it).
 SHORT_RUN = 4
 _DECODED_HERE = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: the formats a short run decodes here
-
-
-# --- the run ---------------------------------------------------------------------------------------------
-
 _T = TypeVar("_T")
 
 
@@ -461,6 +457,7 @@ class _Run:
                 continue
             del self.decoding[future]
             self.abandoned.add(future)
+            self.rec.decoders.forget(future)
             self.pending_decode -= len(slots)
             self.tasks -= 1
             for slot in slots:
