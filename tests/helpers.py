@@ -7,11 +7,34 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 TINY_LABELS = ("红", "绿", "蓝", "黑", "白", "黄", "青", "品红", "灰", "橙")
+
+
+class WrappedBackend:
+    """A real backend behind a test's own ``infer`` (slow, poisoned, out of memory, counting): the device and
+    closing are the inner backend's, and so are its streams unless ``streams`` says otherwise."""
+
+    def __init__(self, inner: Any, streams: int | None = None) -> None:
+        self.inner, self._streams = inner, streams
+
+    @property
+    def device(self) -> str:
+        return str(self.inner.device)
+
+    @property
+    def streams(self) -> int:
+        return int(self.inner.streams if self._streams is None else self._streams)
+
+    def infer(self, batch: Any) -> Any:
+        return self.inner.infer(batch)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def make_tiny_onnx(folder: Path, num_classes: int = 10) -> tuple[Path, Path]:

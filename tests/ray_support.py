@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import WrappedBackend
 from tests.servers import free_port
 
 RAY = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())"]
@@ -160,20 +161,13 @@ def pixel_key(image: Any) -> str:
     return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
 
 
-class PoisonBackend:
+class PoisonBackend(WrappedBackend):
     """Wraps a real backend: an image whose key (:func:`pixel_key`) is in ``nan`` scores NaN; a batch holding
     one in ``oom`` runs out of memory, as a GPU would (so alone, that image always does)."""
 
     def __init__(self, inner: Any, nan: frozenset[str], oom: frozenset[str]) -> None:
-        self.inner, self.nan, self.oom = inner, nan, oom
-
-    @property
-    def device(self) -> str:
-        return str(self.inner.device)
-
-    @property
-    def streams(self) -> int:
-        return int(self.inner.streams)
+        super().__init__(inner)
+        self.nan, self.oom = nan, oom
 
     def infer(self, batch: Any) -> Any:
         from wanwu.errors import OutOfMemoryError
@@ -186,9 +180,6 @@ class PoisonBackend:
             if key in self.nan:
                 out[i] = float("nan")
         return out
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def poison_infer() -> Any:

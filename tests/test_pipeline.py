@@ -17,7 +17,7 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from tests.helpers import image_bytes
+from tests.helpers import WrappedBackend, image_bytes
 from wanwu import RecognizeOptions, Recognizer
 from wanwu.backends import BackendOptions
 from wanwu.engine import Engine
@@ -202,28 +202,18 @@ def test_a_decoder_crash_costs_only_its_own_file(
             assert r.ok and [p.index for p in r.predictions] == [p.index for p in singles[r.input].predictions]
 
 
-class _OomBackend:
-    """Wraps a real backend; refuses batches above a limit like a GPU out of memory."""
+class _OomBackend(WrappedBackend):
+    """Wraps a real backend, two streams; refuses batches above a limit like a GPU out of memory."""
 
     def __init__(self, inner: object, limit: int) -> None:
-        self.inner, self.limit, self.sizes = inner, limit, []  # type: ignore[var-annotated]
-
-    @property
-    def device(self) -> str:
-        return "fake"
-
-    @property
-    def streams(self) -> int:
-        return 2
+        super().__init__(inner, streams=2)
+        self.limit, self.sizes = limit, []  # type: ignore[var-annotated]
 
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         self.sizes.append(len(batch))
         if len(batch) > self.limit:
             raise OutOfMemoryError(f"fake OOM at {len(batch)}")
-        return self.inner.infer(batch)  # type: ignore[attr-defined, no-any-return]
-
-    def close(self) -> None:
-        pass
+        return self.inner.infer(batch)  # type: ignore[no-any-return]
 
 
 def test_out_of_memory_halves_the_batch(tiny_model: tuple[Path, Path], tmp_path: Path) -> None:
@@ -319,21 +309,13 @@ def test_a_partial_batch_takes_its_share_of_the_ready_crops(ready: int, busy: in
     assert _Run._share(run) == min(share, run.handoff)  # type: ignore[arg-type]
 
 
-class _ConcurrencyProbe:
+class _ConcurrencyProbe(WrappedBackend):
     """Wraps a real backend; slow, and records how many batches it ran at once."""
 
     def __init__(self, inner: object, streams: int) -> None:
-        self.inner, self._streams = inner, streams
+        super().__init__(inner, streams)
         self.running = self.most = 0
         self.lock = threading.Condition()
-
-    @property
-    def device(self) -> str:
-        return "fake"
-
-    @property
-    def streams(self) -> int:
-        return self._streams
 
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         with self.lock:
@@ -346,10 +328,7 @@ class _ConcurrencyProbe:
         time.sleep(0.15)  # slow work, so that more batches than `streams` would be seen running together
         with self.lock:
             self.running -= 1
-        return self.inner.infer(batch)  # type: ignore[attr-defined, no-any-return]
-
-    def close(self) -> None:
-        pass
+        return self.inner.infer(batch)  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("streams", [1, 2])

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from tests.helpers import image_bytes
+from tests.helpers import WrappedBackend, image_bytes
 from tests.servers import free_port, metric, static_server, uvicorn_in_thread, wait_ready
 from wanwu.cache import MemoryCache, ResultCache
 from wanwu.config import RecognizeOptions
@@ -66,25 +66,15 @@ def files(*named: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]
     return [("files", (name, data, "application/octet-stream")) for name, data in named]
 
 
-class SlowBackend:
+class SlowBackend(WrappedBackend):
     def __init__(self, inner: Any, delay: float) -> None:
-        self.inner, self.delay = inner, delay
-
-    @property
-    def device(self) -> str:
-        return str(self.inner.device)
-
-    @property
-    def streams(self) -> int:
-        return int(self.inner.streams)
+        super().__init__(inner)
+        self.delay = delay
 
     def infer(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         time.sleep(self.delay)
         result: npt.NDArray[np.float32] = self.inner.infer(batch)
         return result
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 def slow_engine(model: Model, delay: float) -> Callable[[], Engine]:
