@@ -194,6 +194,33 @@ def test_what_the_gpu_decoder_refuses_or_fails_on_is_decoded_on_the_cpu(
     assert gpu[-1].to_dict()["error"]["type"] == "decode_error"  # the truncated file: the CPU path's verdict
 
 
+def test_a_gpu_decoder_that_hangs_is_given_up_at_the_decode_timeout_and_its_files_decoded_on_the_cpu(
+    tiny_model: Model, mixed: list[Path], stand_in: dict[str, _StandIn], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A decoder stuck in its driver never answers: at --decode-timeout its batches go to the CPU path, it takes
+    no file again, and every file still gets the CPU path's record; the run does not wait for it."""
+    release = threading.Event()
+
+    class Hung(_StandIn):
+        def decode(self, datas: Sequence[bytes], spec: PreprocessSpec) -> list[Prepared | None]:
+            with self._lock:
+                self.batches.append(len(datas))
+            release.wait(timeout=120)  # stuck until the test ends
+            return [None] * len(datas)
+
+    stand_in["next"] = Hung()
+    cpu, _ = _run(tiny_model, mixed)
+    try:
+        with caplog.at_level("WARNING", logger="wanwu"):
+            gpu, rec = _run(tiny_model, mixed, jpeg_decoder="stand-in", decode_timeout=1.0)
+        assert _rows(gpu) == _rows(cpu)
+        assert rec.gpu_decoding is not None and rec.gpu_decoding.stuck
+        assert stand_in["made"].batches == [stand_in["made"].batches[0]]  # one batch reached it, and hung
+        assert "has not answered a batch in 1 s" in caplog.text
+    finally:
+        release.set()
+
+
 def test_a_run_with_a_gpu_decoder_has_a_cache_namespace_of_its_own(
     tiny_model: Model, mixed: list[Path], stand_in: dict[str, _StandIn], tmp_path: Path
 ) -> None:

@@ -93,30 +93,72 @@ class GpuDecoding:
     """A run's view of a :class:`JpegDecoder`: which files it takes (:meth:`takes`), and batches of them decoded
     on one thread of its own (:meth:`submit`), answered with prepared pixels or None (decode it on the CPU) per
     file. A decoder that raises, answers with the wrong number of results or hands back pixels of the wrong
-    shape costs its files only the GPU: they go to the CPU path. Closed means closed (:class:`ClosedError`)."""
+    shape costs its files only the GPU: they go to the CPU path. So does one that has not answered a batch
+    ``timeout`` seconds after it was submitted (a hung driver, say): a thread cannot be stopped, so the decoder
+    is given up for good, every batch waiting on it goes to the CPU path, and it takes no file again
+    (:attr:`stuck`). Closed means closed (:class:`ClosedError`)."""
 
     IN_FLIGHT = 2  # batches submitted at once: one decoding, one gathering behind it
 
-    def __init__(self, decoder: JpegDecoder, max_pixels: int, batch_size: int) -> None:
+    def __init__(self, decoder: JpegDecoder, max_pixels: int, batch_size: int, timeout: float = 30.0) -> None:
         self.decoder = decoder
         self.max_pixels = max_pixels
         self.batch_size = max(1, batch_size)
+        self.timeout = timeout
         self.numerics = decoder_numerics(decoder)
+        self.stuck = False  # a batch ran past its deadline: the decoder is given up
         self._failures = 0  # batches sent back to the CPU whole (only the first is a warning)
         self._pool: ThreadPoolExecutor | None = None
+        self._waiting: dict[Future[list[Prepared | None]], tuple[int, threading.Timer]] = {}  # answer: files, timer
         self._lock = threading.Lock()
         self._closed = False
 
     def takes(self, data: bytes, spec: PreprocessSpec) -> bool:
-        return gpu_decodable(data, spec, self.max_pixels)
+        return not self.stuck and gpu_decodable(data, spec, self.max_pixels)
 
     def submit(self, datas: list[bytes], spec: PreprocessSpec) -> Future[list[Prepared | None]]:
+        """The batch's results, or None for each file after ``timeout`` seconds without an answer."""
+        answer: Future[list[Prepared | None]] = Future()
         with self._lock:
             if self._closed:
                 raise ClosedError("this GPU decoder is closed")
+            if self.stuck:
+                answer.set_result([None] * len(datas))
+                return answer
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="wanwu-gpudecode")
-            return self._pool.submit(self._decode, datas, spec)
+            timer = threading.Timer(self.timeout, self._expire, (answer,))
+            timer.daemon = True
+            self._waiting[answer] = (len(datas), timer)
+            work = self._pool.submit(self._decode, datas, spec)
+        timer.start()
+        work.add_done_callback(lambda done: self._answer(answer, done))
+        return answer
+
+    def _answer(self, answer: Future[list[Prepared | None]], work: Future[list[Prepared | None]]) -> None:
+        with self._lock:
+            waiting = self._waiting.pop(answer, None)
+        if waiting is None:  # given up already: its files went to the CPU path
+            return
+        waiting[1].cancel()
+        if work.cancelled():
+            answer.cancel()
+            answer.set_running_or_notify_cancel()
+        else:
+            answer.set_result(work.result())  # _decode never raises
+
+    def _expire(self, late: Future[list[Prepared | None]]) -> None:
+        """``late`` is past its deadline: give the decoder up, and every batch waiting on it to the CPU path."""
+        with self._lock:
+            if late not in self._waiting:  # answered as its timer fired
+                return
+            self.stuck = True
+            waiting, self._waiting = self._waiting, {}
+        log.warning("JPEG decoder %s has not answered a batch in %g s; decoding every JPEG on the CPU from now on",
+                    self.decoder.name, self.timeout)
+        for answer, (n, timer) in waiting.items():
+            timer.cancel()
+            answer.set_result([None] * n)
 
     def _decode(self, datas: list[bytes], spec: PreprocessSpec) -> list[Prepared | None]:
         try:
@@ -140,20 +182,25 @@ class GpuDecoding:
         return [None] * len(datas)
 
     def close(self) -> None:
+        """Stop the decoder's thread; a stuck one is left behind (a daemon's work cannot be stopped)."""
         with self._lock:
             pool, self._pool, self._closed = self._pool, None, True
+            timers = [timer for _, timer in self._waiting.values()]
+        for timer in timers:
+            timer.cancel()
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=not self.stuck, cancel_futures=True)
 
 
-def open_gpu_decoding(name: str, device: str, max_pixels: int, batch_size: int) -> GpuDecoding | None:
+def open_gpu_decoding(name: str, device: str, max_pixels: int, batch_size: int,
+                      timeout: float = 30.0) -> GpuDecoding | None:
     """What ``--jpeg-decoder NAME`` gives a recognizer: None for the CPU path (``cpu``, or ``auto`` where no
-    decoder can start, said once in a warning)."""
+    decoder can start, said once in a warning). ``timeout``: seconds a batch may take (``--decode-timeout``)."""
     decoder = select_jpeg_decoder(name, device)
     if decoder is None:
         return None
     log.info("decoding baseline JPEGs with %s on %s", decoder.name, device)
-    return GpuDecoding(decoder, max_pixels, batch_size)
+    return GpuDecoding(decoder, max_pixels, batch_size, timeout)
 
 
 # --- which JPEGs a GPU decodes --------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ class Recognizer:
                 from wanwu.gpudecode import open_gpu_decoding
 
                 self.gpu_decoding = open_gpu_decoding(self.options.jpeg_decoder, self.options.backend.device,
-                                                      self.options.max_pixels, self.options.batch_size)
+                                                      self.options.max_pixels, self.options.batch_size,
+                                                      self.options.decode_timeout)
             if cache is FROM_OPTIONS:
                 if self.options.cache:
                     self.cache = OneThreadCache(lambda: open_cache(self.options))
