@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,14 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test gets its own WANWU_HOME (cache, queue, downloads) and never touches the network."""
     monkeypatch.setenv("WANWU_HOME", str(tmp_path / "wanwu-home"))
     monkeypatch.setenv("WANWU_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """The CLI configures the root logger on the stderr of the moment, which CliRunner closes after its call: the
+    next test's warnings would hit a closed stream ("--- Logging error ---"). Each test leaves logging as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -228,9 +228,12 @@ def test_out_of_memory_halves_the_batch(tiny_model: tuple[Path, Path], tmp_path:
     records = list(rec.recognize(paths))
     assert [r.input for r in records] == paths and all(r.ok for r in records)
     # On a loaded machine the first batch may leave before all 16 are decoded: whatever its size, a batch above
-    # the limit was tried, and each one that ran out of memory was halved and tried again.
-    too_big = [s for s in fake.sizes if s > 5]
-    assert too_big and all(s // 2 in fake.sizes for s in too_big), fake.sizes
+    # the limit was tried, and each one that ran out of memory was tried again in halves or smaller (two streams
+    # may run out at once: 12 and 16 both fail, and both go on at 6, the smaller half).
+    assert any(s > 5 for s in fake.sizes), fake.sizes
+    for i, size in enumerate(fake.sizes):
+        if size > 5:
+            assert any(later <= size // 2 for later in fake.sizes[i + 1 :]), fake.sizes
     assert engine.max_batch <= 5
     # nothing lost or doubled: every image inferred exactly once successfully
     assert sum(s for s in fake.sizes if s <= 5) == 40

@@ -143,7 +143,7 @@ class GpuDecoding:
         waiting[1].cancel()
         if work.cancelled():
             answer.cancel()
-            answer.set_running_or_notify_cancel()
+            answer.set_running_or_notify_cancel()  # wakes concurrent.futures.wait() callers too, not only callbacks
         else:
             answer.set_result(work.result())  # _decode never raises
 

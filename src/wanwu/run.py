@@ -156,8 +156,8 @@ class _Run:
                 return
             self._submit_decodes()
             can_infer = bool(self.ready) and self.pending_infer < self.streams
-            if can_infer and len(self.ready) >= min(batch_size, self._last_share()):
-                self._infer(min(self.handoff, len(self.ready), self._last_share()))
+            if can_infer and len(self.ready) >= min(batch_size, share := self._last_share()):
+                self._infer(min(self.handoff, len(self.ready), share))
                 continue
             if can_infer and self._starved():
                 self._infer(self._share())
