@@ -127,6 +127,21 @@ def test_a_batch_waits_for_crops_on_their_way_and_goes_once_none_are(model: Mode
     assert model.batches == [[1, 2, 3]]  # one batch, not full, started by the last arrival
 
 
+def test_a_waiting_batch_goes_when_nudged_once_nothing_else_is_on_its_way(model: Model, make: Make) -> None:
+    """The last decode in flight failed: no crop comes to wake the batch, so the decode pool's nudge does (with
+    an hour's delay, the crop would otherwise wait an hour)."""
+    coming = True
+    batcher = make(max_batch_size=4, max_delay_s=3600.0, streams=1, more_coming=lambda: coming)
+    first = batcher.submit([_crop(1)])
+    _waiting_for_company(batcher)
+    batcher.nudge()  # nothing changed: it keeps waiting
+    _waiting_for_company(batcher)
+    assert model.batches == [] and not first.done()
+    coming = False
+    batcher.nudge()
+    assert _top(first.result(WAIT)) == [1] and model.batches == [[1]]
+
+
 def test_a_submission_split_across_batches_comes_back_whole_and_in_order(model: Model, make: Make) -> None:
     batcher = make(max_batch_size=4, max_delay_s=3600.0, streams=2)  # only a full batch starts
     future = batcher.submit([_crop(v) for v in range(10)])  # 4 + 4 start at once (full); 2 wait for company

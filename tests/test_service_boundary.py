@@ -182,6 +182,53 @@ def test_a_lone_request_is_answered_without_waiting_out_the_batch_delay(
             assert response.status_code == 200 and response.json()["results"][0]["status"] == "ok"
 
 
+def test_a_crop_waiting_for_company_goes_when_the_last_decode_in_flight_fails(
+    tiny_model: Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests at once: the good photo's crop waits in the batcher for the other request's image, whose
+    decode then fails, so no crop comes to start the batch. The decode pool's nudge starts it: with an hour's
+    --max-delay-ms it would otherwise wait an hour (the client gives up after a minute)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wanwu.imaging import decode_jobs
+    from wanwu.run import _Run
+
+    bad = b"\xff\xd8\xff\xe0" + b"not a JPEG after all" * 50
+    cfg = ServeConfig(model=str(tiny_model[0]), labels=tiny_model[1], max_delay_ms=3_600_000.0,
+                      options=RecognizeOptions(decoders=0, cache=False),
+                      queue=f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    app = create_app(cfg, cache=None)
+    bad_decoding, waited = threading.Event(), threading.Event()
+
+    def decode(datas: list[bytes], *args: Any) -> list[Any]:
+        if datas != [bad]:  # the good photo is decoded while the bad one is in flight
+            bad_decoding.wait(60)
+            return decode_jobs(datas, *args)
+        bad_decoding.set()
+        batcher = app.state.wanwu.runtime.batcher
+        for _ in range(6000):  # held until the good crop waits in the batcher for this one
+            with batcher._ready:
+                if batcher.depth and batcher._ready._waiters:  # type: ignore[attr-defined]
+                    waited.set()
+                    break
+            threading.Event().wait(0.01)
+        return decode_jobs(datas, *args)
+
+    monkeypatch.setattr(_Run, "decode", staticmethod(decode))
+    with uvicorn_in_thread(app) as base, httpx.Client(base_url=base, timeout=60) as client, \
+            ThreadPoolExecutor(2) as pool:
+        def post(name: str, data: bytes) -> httpx.Response:
+            return client.post("/v1/recognize", files=[("files", (name, data, "image/jpeg"))])
+
+        failing = pool.submit(post, "bad.jpg", bad)
+        good = post("good.jpg", image_bytes())
+        assert good.status_code == 200 and good.json()["results"][0]["status"] == "ok"
+        result = failing.result(60).json()["results"][0]
+        assert result["status"] == "error" and result["error"]["type"] == "decode_error"
+    assert waited.is_set()  # the order this test is about did happen
+
+
 def test_serve_runs_with_the_collector_tuned_for_a_long_run_and_puts_it_back(
     tiny_model: Model, monkeypatch: pytest.MonkeyPatch
 ) -> None:

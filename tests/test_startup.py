@@ -122,6 +122,29 @@ def test_the_decode_pool_says_whether_images_are_being_decoded(workers: int, tmp
         pool.close()
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_decode_pool_tells_when_its_last_task_in_flight_ends(workers: int, tmp_path: Path) -> None:
+    """Once, when nothing is left in flight (not while another task still runs), and before the task's own
+    callbacks: a batcher waiting for the crops on their way is told even when the last decode brings none."""
+    pool = DecodePool(workers)
+    drained: list[bool] = []  # whether anything was in flight when told
+    pool.on_drained = lambda: drained.append(pool.decoding())
+    try:
+        first, second = tmp_path / "first", tmp_path / "second"
+        a = pool.submit_each(_wait_for_each, [str(first)], timeout=60.0)
+        b = pool.submit_each(_wait_for_each, [str(second)], timeout=60.0)
+        first.touch()
+        assert a.result(60) == [True] and drained == [] and pool.decoding()  # the other still decodes
+        told_first = threading.Event()
+        b.add_done_callback(lambda _: told_first.set() if drained else None)
+        second.touch()
+        assert b.result(60) == [True] and told_first.wait(60) and drained == [False]
+        pool.forget(b)  # forgotten again (a run gives up on a task at its deadline, then it ends): told once
+        assert drained == [False]
+    finally:
+        pool.close()
+
+
 def _wait_for_each(paths: list[str]) -> list[bool]:
     """Each path's existence, once it exists (or after 60 s)."""
     deadline = time.monotonic() + 60

@@ -55,6 +55,9 @@ class DecodePool:
         self._wanted = False  # warm() was called
         self._in_flight: set[Future[Any]] = set()  # decode tasks queued or running (what decoding() tells)
         self._counting = threading.Lock()
+        # Called when the last task in flight ends, outside the pool's locks: a batcher waiting for the crops on
+        # their way checks again (the last decode may have failed, and then no crop comes to wake it).
+        self.on_drained: Callable[[], None] = lambda: None
         # One process, one task at a time: the next starts only when the last has finished, so a crash or a
         # deadline names its task exactly.
         self._quarantine = (DecodeProcesses(1, name="wanwu-quarantine", address_space=address_space)
@@ -95,7 +98,12 @@ class DecodePool:
         """No longer count ``future`` as decoding: it is done, or its run gave up on it at its deadline (a thread
         cannot be stopped, and one stuck in a decoder would otherwise keep :meth:`decoding` true for good)."""
         with self._counting:
+            if future not in self._in_flight:  # forgotten at its deadline, and now done
+                return
             self._in_flight.discard(future)
+            drained = not self._in_flight
+        if drained:
+            self.on_drained()
 
     def submit_here(self, fn: Callable[..., Any], *args: Any, meter: Callable[[float], None] | None = None
                     ) -> Future[Any]:

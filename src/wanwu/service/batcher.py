@@ -179,6 +179,12 @@ class Batcher:
         future.set_exception(error)
         return future
 
+    def nudge(self) -> None:
+        """What ``more_coming`` tells may have changed without a crop arriving (the last decode in flight
+        failed): a batch waiting for company checks again, and starts if nothing else is on its way."""
+        with self._ready:
+            self._ready.notify_all()
+
     def _consume(self) -> None:
         while True:
             with self._forming:  # the next batch forms while the others run

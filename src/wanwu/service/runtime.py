@@ -93,6 +93,7 @@ class Runtime:
         self._requests = ThreadPoolExecutor(config.max_requests, thread_name_prefix="wanwu-request")
         self._label_sets: OrderedDict[tuple[str, ...], _LabelSet] = OrderedDict()
         self._label_lock = threading.Lock()
+        self.recognizer.decoders.on_drained = self._nudge
         self._in_hand: set[Future[Any]] = set()
         self._closed = False
         # /v1/search's index, refused when another model or preprocessing made it
@@ -112,6 +113,13 @@ class Runtime:
         """Crops are on their way to a batcher: some request's images are being decoded (a view for a label list
         shares the recognizer's decoders)."""
         return self.recognizer.decoding()
+
+    def _nudge(self) -> None:
+        """No image is being decoded any more: every batcher waiting for crops on their way checks again."""
+        with self._label_lock:
+            batchers = [self.batcher] + [label_set.batcher for label_set in self._label_sets.values()]
+        for batcher in batchers:
+            batcher.nudge()
 
     def start(self) -> None:
         self.batcher.start()
