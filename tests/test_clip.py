@@ -369,6 +369,7 @@ def test_service_label_lists_go_through_a_batcher_and_the_shared_decoders(
         assert 1 <= label_set.batcher.batches < 6  # the two requests' six crops, batched together
         assert runtime.batcher.batches == 0  # the default label list's batcher saw none of them
         assert label_set.recognizer.decoders is runtime.recognizer.decoders  # no decode process of its own
+        assert runtime._batchers == (runtime.batcher, label_set.batcher)  # both told when the shared pool drains
     finally:
         asyncio.run_coroutine_threadsafe(runtime.close(), loop).result(timeout=120)
         loop.call_soon_threadsafe(loop.stop)

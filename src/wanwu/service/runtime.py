@@ -93,6 +93,9 @@ class Runtime:
         self._requests = ThreadPoolExecutor(config.max_requests, thread_name_prefix="wanwu-request")
         self._label_sets: OrderedDict[tuple[str, ...], _LabelSet] = OrderedDict()
         self._label_lock = threading.Lock()
+        # Every batcher, replaced whole under _label_lock: read without it when the decode pool drains (a new label
+        # list's text encoding holds the lock, and must not hold up the thread that finished a decode)
+        self._batchers: tuple[Batcher, ...] = (self.batcher,)
         self.recognizer.decoders.on_drained = self._nudge
         self._in_hand: set[Future[Any]] = set()
         self._closed = False
@@ -116,9 +119,7 @@ class Runtime:
 
     def _nudge(self) -> None:
         """No image is being decoded any more: every batcher waiting for crops on their way checks again."""
-        with self._label_lock:
-            batchers = [self.batcher] + [label_set.batcher for label_set in self._label_sets.values()]
-        for batcher in batchers:
+        for batcher in self._batchers:
             batcher.nudge()
 
     def start(self) -> None:
@@ -229,6 +230,7 @@ class Runtime:
                 _, evicted = self._label_sets.popitem(last=False)
                 evicted.evicted = True
                 evicted.users += 1  # released below: closed now if idle, else by its last request
+            self._batchers = (self.batcher, *(kept.batcher for kept in self._label_sets.values()))
         if evicted is not None:
             self._release(evicted)
         return label_set
