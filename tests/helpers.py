@@ -5,12 +5,16 @@ from __future__ import annotations
 import io
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # the annotation only: conftest imports these helpers, and needs no service module
+    from wanwu.service.batcher import Batcher
 
 TINY_LABELS = ("红", "绿", "蓝", "黑", "白", "黄", "青", "品红", "灰", "橙")
 
@@ -108,3 +112,14 @@ def wait_for_lines(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: f
             return
         time.sleep(0.02)
     raise AssertionError(f"{path} did not reach {n} lines in {timeout:g} s")
+
+
+def waiting_for_company(batcher: Batcher, timeout: float = 60.0) -> None:
+    """Until a consumer waits on the batcher's condition with crops in hand (CPython's ``Condition._waiters``)."""
+    ready = batcher._ready
+    for _ in range(int(timeout / 0.01)):
+        with ready:
+            if batcher.depth and ready._waiters:  # type: ignore[attr-defined]
+                return
+        threading.Event().wait(0.01)
+    raise AssertionError("no consumer waits for the queued crops")

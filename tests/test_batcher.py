@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from tests.helpers import waiting_for_company
 from wanwu.errors import QueueError
 from wanwu.records import TopScores
 from wanwu.service.batcher import Batcher, BatcherConfig, QueueFullError
@@ -79,17 +80,6 @@ def make(model: Model) -> Iterator[Make]:
     assert not [t for t in threading.enumerate() if t.name.startswith("wanwu-batcher")], "a consumer outlived stop()"
 
 
-def _waiting_for_company(batcher: Batcher) -> None:
-    """Until a consumer waits on the batcher's condition with crops in hand (CPython's ``Condition._waiters``)."""
-    ready = batcher._ready
-    for _ in range(int(WAIT / 0.01)):
-        with ready:
-            if batcher.depth and ready._waiters:  # type: ignore[attr-defined]
-                return
-        threading.Event().wait(0.01)
-    raise AssertionError("no consumer waits for the queued crops")
-
-
 def _top(tops: list[TopScores]) -> list[int]:
     return [int(t.indices[0]) for t in tops]
 
@@ -118,7 +108,7 @@ def test_a_batch_waits_for_crops_on_their_way_and_goes_once_none_are(model: Mode
     coming = True
     batcher = make(max_batch_size=4, max_delay_s=3600.0, streams=1, more_coming=lambda: coming)
     first = batcher.submit([_crop(1)])
-    _waiting_for_company(batcher)  # more are being decoded: the consumer holds the crop and waits
+    waiting_for_company(batcher, WAIT)  # more are being decoded: the consumer holds the crop and waits
     second = batcher.submit([_crop(2)])
     assert model.batches == [] and not first.done()
     coming = False  # the last one arrives: nothing else is on its way
@@ -133,9 +123,9 @@ def test_a_waiting_batch_goes_when_nudged_once_nothing_else_is_on_its_way(model:
     coming = True
     batcher = make(max_batch_size=4, max_delay_s=3600.0, streams=1, more_coming=lambda: coming)
     first = batcher.submit([_crop(1)])
-    _waiting_for_company(batcher)
+    waiting_for_company(batcher, WAIT)
     batcher.nudge()  # nothing changed: it keeps waiting
-    _waiting_for_company(batcher)
+    waiting_for_company(batcher, WAIT)
     assert model.batches == [] and not first.done()
     coming = False
     batcher.nudge()
@@ -146,7 +136,7 @@ def test_a_submission_split_across_batches_comes_back_whole_and_in_order(model: 
     batcher = make(max_batch_size=4, max_delay_s=3600.0, streams=2)  # only a full batch starts
     future = batcher.submit([_crop(v) for v in range(10)])  # 4 + 4 start at once (full); 2 wait for company
     assert model.seen(2)
-    _waiting_for_company(batcher)
+    waiting_for_company(batcher, WAIT)
     more = batcher.submit([_crop(v) for v in range(100, 102)])  # ...which fills the third batch: it starts
     assert _top(future.result(WAIT)) == list(range(10))
     assert _top(more.result(WAIT)) == [100, 101]
