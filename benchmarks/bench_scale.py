@@ -123,7 +123,7 @@ def main() -> None:
     def accuracy(s: int, k: int) -> float:
         return sum(g in t[:k] for g, t in zip(gt, top5[s], strict=True)) / n * 100
 
-    picked = draft_scale(*PHONE, SPEC)
+    picked = draft_scale(*PHONE, engine.spec.preprocess)  # the rule as resolved for this model
     numerics = f"int8={args.int8}" if args.model == "int8" else "the float twin"
     print(f"{n} photos at {PHONE[0]}x{PHONE[1]} (JPEG q90), {numerics}; wanwu's rule decodes them at 1/{picked}")
     print(f"{'scale':>6} {'decoded':>10} {'agree top-1':>12} {'top-1 acc':>10} {'top-5 acc':>10} "

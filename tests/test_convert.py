@@ -39,8 +39,10 @@ def test_converted_folder_loads_as_onnx_with_the_same_preprocessing(converted: P
     ]
     manifest = json.loads((converted / MANIFEST).read_text(encoding="utf-8"))
     assert manifest["backend"] == "onnx" and manifest["parity_max_abs_diff"] <= 1e-3
+    assert "jpeg_eighth_scale" not in manifest["preprocess"]  # left to the weights: a float graph, the 1/4 rule
     spec = resolve_model(str(converted))
-    assert spec.backend == "onnx" and spec.labels == SEED_LABELS and spec.preprocess == PreprocessSpec()
+    assert spec.backend == "onnx" and spec.labels == SEED_LABELS
+    assert spec.preprocess == PreprocessSpec(jpeg_eighth_scale=False)
     assert not list(converted.parent.glob(".tiny-onnx.*"))  # the work folder was moved, not left behind
 
 

@@ -361,21 +361,23 @@ def _detect(data: bytes) -> str | None:
     return None
 
 
-# At 1/8 scale the short side need keep only resize_short itself (a 4032x3024 phone photo decodes at 504x378).
-# Measured by benchmarks/bench_scale.py on the 1,000 sample photos made phone-size, with the int8 MobileNetV2:
-# top-1 accuracy 80.5% at 1/8 and at 1/4, 80.3% from a full decode (top-5 94.9 / 94.9 / 95.1%); top-1 agreement
-# with the full decode 92.3% at 1/8 and 93.6% at 1/4 (the int8 model's near-ties flip either way).
+# At 1/8 scale the short side need keep only resize_short itself (a 4032x3024 phone photo decodes at 504x378),
+# where the spec allows it (``jpeg_eighth_scale``: an int8 model's). Measured by benchmarks/bench_scale.py on the
+# 1,000 sample photos made phone-size, with the int8 MobileNetV2: top-1 accuracy 80.5% at 1/8 and at 1/4, 80.3%
+# from a full decode (top-5 94.9 / 94.9 / 95.1%); top-1 agreement with the full decode 92.3% at 1/8 and 93.6% at
+# 1/4 (the int8 model's near-ties flip either way). Its float twin: 98.3% at 1/8, 99.3% at 1/4.
 EIGHTH_SCALE_KEEPS = 1.0
 
 
 def draft_scale(width: int, height: int, spec: PreprocessSpec) -> int:
-    """The DCT scale (1, 2, 4 or 8: decode at 1/scale) for a JPEG of ``width`` x ``height``: 8 where the short
-    side then keeps :data:`EIGHTH_SCALE_KEEPS` x ``resize_short``; else the largest of 4 and 2 that keeps
-    ``jpeg_draft_factor`` x ``resize_short``; else 1. Always 1 with ``jpeg_draft_factor`` 0 (--full-decode)."""
+    """The DCT scale (1, 2, 4 or 8: decode at 1/scale) for a JPEG of ``width`` x ``height``: 8 where the spec
+    allows it (``jpeg_eighth_scale`` not False) and the short side then keeps :data:`EIGHTH_SCALE_KEEPS` x
+    ``resize_short``; else the largest of 4 and 2 that keeps ``jpeg_draft_factor`` x ``resize_short``; else 1.
+    Always 1 with ``jpeg_draft_factor`` 0 (--full-decode)."""
     if spec.jpeg_draft_factor <= 0:
         return 1
     short = min(width, height)
-    if short // 8 >= spec.resize_short * EIGHTH_SCALE_KEEPS:
+    if spec.jpeg_eighth_scale is not False and short // 8 >= spec.resize_short * EIGHTH_SCALE_KEEPS:
         return 8
     return next((s for s in (4, 2) if short // s >= spec.resize_short * spec.jpeg_draft_factor), 1)
 

@@ -73,7 +73,7 @@ def resolve_model(
     labels = Path(labels) if labels is not None else None  # a str from a library caller
     for _, loader in LOADERS.items():
         if loader.claims(ref):
-            spec = loader.load(ref, labels)
+            spec = _with_scale_rule(loader.load(ref, labels))
             if labels is not None:
                 from dataclasses import replace
 
@@ -104,6 +104,21 @@ def _unloadable(ref: str) -> str:
     if inside:
         message += f". It holds {', '.join(str(p) for p in inside)}: use --model {inside[0]} --labels LABELS"
     return message
+
+
+def _with_scale_rule(spec: ModelSpec) -> ModelSpec:
+    """``spec`` with its JPEG scale rule settled, where its preprocessing leaves it open: the 1/8 scale for an
+    ONNX model that quantizes its activations, no smaller than 1/4 for any other (see PreprocessSpec)."""
+    if spec.preprocess.jpeg_eighth_scale is not None:
+        return spec
+    from dataclasses import replace
+
+    eighth = False
+    if spec.backend == "onnx" and spec.weights is not None:
+        from wanwu.quantized import quantizes_activations
+
+        eighth = quantizes_activations(Path(spec.weights), spec.weights_fingerprint)
+    return replace(spec, preprocess=replace(spec.preprocess, jpeg_eighth_scale=eighth))
 
 
 def _with_prompts(spec: ModelSpec, prompts: tuple[str, ...]) -> ModelSpec:
@@ -214,7 +229,8 @@ def write_manifest(
         "weights": weights,
         "labels": labels,
         "output": output,
-        "preprocess": asdict(preprocess),
+        # the JPEG scale rule is left to the weights written here, settled when the folder is loaded
+        "preprocess": {k: v for k, v in asdict(preprocess).items() if k != "jpeg_eighth_scale"},
         **(extra or {}),
     }
     path = folder / MANIFEST

@@ -51,6 +51,12 @@ class PreprocessSpec:
     # but, on the 52 sample photos it would then scale by 1/2, flips the int8 MobileNetV2's top-1 on 4 more
     # of them than a full decode; 2.0 leaves the 1,000-photo agreement at 99.0%.
     jpeg_draft_factor: float = 2.0
+    # Go on to libjpeg's 1/8 scale where the short side still keeps ``resize_short`` itself (a 4032x3024 phone
+    # photo decodes at 504x378, not 1008x756). None: decided when the model is resolved (wanwu.models): True for
+    # a model that quantizes its activations (int8), whose near ties flip at any change of pixels whatever the
+    # scale, False for a float model, whose top-1 a full decode's keeps on 98.3% of phone-size photos at 1/8 and
+    # 99.3% at 1/4 (benchmarks/bench_scale.py --model float). A spec never resolved decodes at 1/8.
+    jpeg_eighth_scale: bool | None = None
     # Center-crop offset: "round" ((new - crop) / 2 rounded, torchvision/ModelScope) or "floor" (integer
     # division, as Hugging Face image processors such as ChineseCLIPImageProcessor crop).
     crop_offset: CropOffset = "round"
@@ -73,6 +79,7 @@ class PreprocessSpec:
         # (--full-decode) is asked for exactly: its results are never served from a reduced one.
         if payload.pop("jpeg_draft_factor") <= 0:
             payload["full_decode"] = True
+        del payload["jpeg_eighth_scale"]  # a reduced scale, like the factor above
         if payload["crop_offset"] == "round":
             del payload["crop_offset"]  # the original rule: fingerprints made before this field stay valid
         return _digest(payload)

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-QOPS = {"QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearGlobalAveragePool"}
+from wanwu.quantized import QOPS
+
 # ops whose weights (input 3, zero point input 5) go through the u8 x s8 GEMM
 WEIGHTED_QOPS = {"QLinearConv", "QLinearMatMul"}
 

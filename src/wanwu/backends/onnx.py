@@ -235,9 +235,9 @@ def _providers(device: str, available: list[str]) -> list[Provider]:
 
 def _is_quantized(spec: ModelSpec) -> bool:
     """Whether the model computes in int8 (QOperator or QDQ): read only when a GPU provider would be used."""
-    from wanwu.backends.int8 import QOPS
+    from wanwu.quantized import ACTIVATION_INT8_OPS
 
-    int8_ops = QOPS | {"QuantizeLinear", "DequantizeLinear", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
+    int8_ops = {*ACTIVATION_INT8_OPS, "DequantizeLinear"}
     try:
         import onnx
 
