@@ -9,6 +9,7 @@ import importlib.util
 import io
 import json
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,30 @@ def test_a_gpu_decoder_that_hangs_is_given_up_at_the_decode_timeout_and_its_file
         assert "has not answered a batch in 1 s" in caplog.text
     finally:
         release.set()
+
+
+def test_the_gpu_decoders_time_counts_against_the_runs_decode_budget(
+    tiny_model: Model, mixed: list[Path], stand_in: dict[str, _StandIn]
+) -> None:
+    """--decode-budget holds on the GPU path too: once a run's batches have taken it, what is left is not decoded
+    (the CPU path would be no way round it) and each such file says why."""
+    photos = mixed[:10]
+
+    class Slow(_StandIn):
+        def decode(self, datas: Sequence[bytes], spec: PreprocessSpec) -> list[Prepared | None]:
+            time.sleep(0.6)  # every batch costs more than the whole budget
+            return super().decode(datas, spec)
+
+    stand_in["next"] = Slow(mark=MARK)
+    records, _ = _run(tiny_model, photos, jpeg_decoder="stand-in", batch_size=2, decode_budget=0.5)
+    rows = _rows(records)
+    spent = [r for r in rows if r["status"] == "error"]
+    assert len(rows) == len(photos) and spent  # at most the two batches in flight when it ran out were decoded
+    assert all(r["error"]["type"] == "too_large" and "decode-time budget of 0.5 s" in r["error"]["message"]
+               for r in spent)
+    decoded = [r for r in rows if r["status"] == "ok"]
+    assert decoded and all(r["width"] > MARK for r in decoded)  # by the GPU path: none went round by the CPU
+    assert sum(stand_in["made"].batches) == len(decoded)
 
 
 def test_a_run_with_a_gpu_decoder_has_a_cache_namespace_of_its_own(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
@@ -116,8 +117,10 @@ class GpuDecoding:
     def takes(self, data: bytes, spec: PreprocessSpec) -> bool:
         return not self.stuck and gpu_decodable(data, spec, self.max_pixels)
 
-    def submit(self, datas: list[bytes], spec: PreprocessSpec) -> Future[list[Prepared | None]]:
-        """The batch's results, or None for each file after ``timeout`` seconds without an answer."""
+    def submit(self, datas: list[bytes], spec: PreprocessSpec,
+               meter: Callable[[float], None] | None = None) -> Future[list[Prepared | None]]:
+        """The batch's results, or None for each file after ``timeout`` seconds without an answer. ``meter`` is
+        told the seconds the decoder spent on the batch (a run's --decode-budget counts them)."""
         answer: Future[list[Prepared | None]] = Future()
         with self._lock:
             if self._closed:
@@ -130,7 +133,7 @@ class GpuDecoding:
             timer = threading.Timer(self.timeout, self._expire, (answer,))
             timer.daemon = True
             self._waiting[answer] = (len(datas), timer)
-            work = self._pool.submit(self._decode, datas, spec)
+            work = self._pool.submit(self._decode, datas, spec, meter)
         timer.start()
         work.add_done_callback(lambda done: self._answer(answer, done))
         return answer
@@ -160,11 +163,16 @@ class GpuDecoding:
             timer.cancel()
             answer.set_result([None] * n)
 
-    def _decode(self, datas: list[bytes], spec: PreprocessSpec) -> list[Prepared | None]:
+    def _decode(self, datas: list[bytes], spec: PreprocessSpec,
+                meter: Callable[[float], None] | None = None) -> list[Prepared | None]:
+        start = time.monotonic()
         try:
             results = self.decoder.decode(datas, spec)
         except Exception as e:  # the files did nothing wrong that the CPU path would not report itself
             return self._to_cpu(datas, f"failed on a batch of {len(datas)} ({type(e).__name__}: {e})")
+        finally:
+            if meter is not None:
+                meter(time.monotonic() - start)
         if len(results) != len(datas):
             return self._to_cpu(datas, f"answered {len(results)} of {len(datas)} images")
         shape = (spec.crop_size, spec.crop_size, 3)

@@ -313,12 +313,12 @@ class _Run:
             self.rec.prober.memo.put_many(entries)
 
     def _submit_decodes(self) -> None:
-        self._submit_gpu()
         if self.budget is not None and self.meter.spent >= self.budget:
-            while self.to_decode or self.suspects:
-                slot = (self.to_decode or self.suspects).popleft()
+            while self.to_gpu or self.to_decode or self.suspects:
+                slot = (self.to_gpu or self.to_decode or self.suspects).popleft()
                 self._fail(slot, "too_large", budget_spent(self.budget))
             return
+        self._submit_gpu()
         while self.suspects:
             # After a decoder crash, the file it crashed on is retried alone in the quarantine process, so a
             # second crash names its culprit for certain; the workers go on meanwhile. (A deadline is never
@@ -356,7 +356,7 @@ class _Run:
             slots = [self.to_gpu.popleft() for _ in range(min(self.gpu.batch_size, len(self.to_gpu)))]
             self.gpu_batches += 1
             self.gpu_images += len(slots)
-            future = self.gpu.submit([s.data or b"" for s in slots], self.preprocess)
+            future = self.gpu.submit([s.data or b"" for s in slots], self.preprocess, meter=self.meter.add)
             future.add_done_callback(self._notify("gpu", slots))
 
     def _gpu_decoded(self, slots: list[_Slot], future: Future[list[Prepared | None]]) -> None:
