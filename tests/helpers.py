@@ -41,14 +41,32 @@ class WrappedBackend:
         self.inner.close()
 
 
+def save_onnx(path: Path, nodes: list[Any], initializers: list[Any], num_classes: int) -> Path:
+    """An opset-13 graph from ``input`` (float, [batch, 3, 224, 224]) to ``output`` ([batch, num_classes]),
+    saved at ``path``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes,
+        path.stem,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 224, 224])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", num_classes])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
 def make_tiny_onnx(folder: Path, num_classes: int = 10) -> tuple[Path, Path]:
     """An ONNX model: global average pool of the 3 input channels -> fixed linear layer -> logits.
 
     Deterministic, tiny and fast; its top class depends on the image's mean colour, so tests can check
     that each record carries its own image's answer.
     """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(3, num_classes)).astype(np.float32) * 4
@@ -59,17 +77,8 @@ def make_tiny_onnx(folder: Path, num_classes: int = 10) -> tuple[Path, Path]:
         helper.make_node("MatMul", ["flat", "W"], ["mm"]),
         helper.make_node("Add", ["mm", "B"], ["output"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 224, 224])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", num_classes])],
-        initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    path = folder / "tiny.onnx"
-    onnx.save(model, str(path))
+    initializers = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")]
+    path = save_onnx(folder / "tiny.onnx", nodes, initializers, num_classes)
     labels = folder / "tiny_labels.txt"
     labels.write_text("\n".join(TINY_LABELS[:num_classes]) + "\n", encoding="utf-8")
     return path, labels

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import save_onnx
 from wanwu import RecognizeOptions, quantized
 from wanwu.imaging import _resize_crop, _to_rgb, draft_scale, prepare
 from wanwu.models import MANIFEST, resolve_model
@@ -36,23 +37,6 @@ def test_the_rule_is_no_part_of_the_cache_namespace() -> None:
     assert PreprocessSpec(jpeg_draft_factor=0).fingerprint() not in fingerprints
 
 
-def _model(folder: Path, nodes: list[object], initializers: list[object], name: str) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        nodes, name,  # type: ignore[arg-type]
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 224, 224])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])],
-        initializer=initializers,  # type: ignore[arg-type]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    path = folder / f"{name}.onnx"
-    onnx.save(model, str(path))
-    return path
-
-
 def _qdq(folder: Path, quantize_activations: bool) -> Path:
     """A pooled-colour classifier in QDQ form: int8 weights through DequantizeLinear; with
     ``quantize_activations`` its input also goes through QuantizeLinear/DequantizeLinear (static int8)."""
@@ -73,7 +57,7 @@ def _qdq(folder: Path, quantize_activations: bool) -> Path:
     nodes += [helper.make_node("GlobalAveragePool", [source], ["pooled"]),
               helper.make_node("Flatten", ["pooled"], ["flat"], axis=1),
               helper.make_node("MatMul", ["flat", "W"], ["output"])]
-    return _model(folder, nodes, inits, "qdq" if quantize_activations else "weights_only")
+    return save_onnx(folder / f"{'qdq' if quantize_activations else 'weights_only'}.onnx", nodes, inits, 3)
 
 
 def test_models_that_quantize_their_activations_are_told_from_float_ones(

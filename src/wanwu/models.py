@@ -114,10 +114,10 @@ def _with_scale_rule(spec: ModelSpec) -> ModelSpec:
     from dataclasses import replace
 
     eighth = False
-    if spec.backend == "onnx" and spec.weights is not None:
+    if spec.backend == "onnx":
         from wanwu.quantized import quantizes_activations
 
-        eighth = quantizes_activations(Path(spec.weights), spec.weights_fingerprint)
+        eighth = quantizes_activations(spec.weights, spec.weights_fingerprint)
     return replace(spec, preprocess=replace(spec.preprocess, jpeg_eighth_scale=eighth))
 
 

@@ -17,6 +17,24 @@ def wanwu_home() -> Path:
     return Path(os.environ.get("WANWU_HOME") or Path.home() / ".cache" / "wanwu")
 
 
+def keep(path: Path, data: bytes | str) -> bool:
+    """Write ``data`` to ``path`` atomically, or not at all (a memo or cache that only saves time, in a home
+    that may be read-only): whether it was kept."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def try_lock(path: Path) -> Iterator[bool]:
     """An exclusive advisory lock on ``path`` (created if missing), taken without waiting: yields whether this

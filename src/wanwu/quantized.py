@@ -8,7 +8,6 @@ more than the scan.
 from __future__ import annotations
 
 import mmap
-import os
 import re
 from pathlib import Path
 
@@ -46,11 +45,7 @@ def quantizes_activations(path: Path, fingerprint: str = "") -> bool:
     except (OSError, ValueError):
         return False
     if memo is not None:
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-            tmp.write_text("int8\n" if found else "float\n", encoding="ascii")
-            os.replace(tmp, memo)
-        except OSError:
-            pass  # an unwritable home: scan again next time
+        from wanwu.paths import keep
+
+        keep(memo, "int8\n" if found else "float\n")  # or, in an unwritable home, scan again next time
     return found

@@ -19,7 +19,6 @@ Insertion order is kept; registries whose entries are tried in turn (sources, lo
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import json
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar, overload
 
 from wanwu.errors import MissingExtraError, UsageError, WanwuError
-from wanwu.paths import wanwu_home
+from wanwu.paths import keep, wanwu_home
 
 T = TypeVar("T")
 
@@ -176,14 +175,7 @@ def _installed_entry_points(path: tuple[str, ...]) -> dict[str, list[tuple[str, 
     found = entry_points()
     groups = {group: [(ep.name, ep.value) for ep in found.select(group=group)]
               for group in sorted(found.groups) if group.startswith("wanwu.")}
-    tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"stamp": stamp, "groups": groups}), encoding="utf-8")
-        os.replace(tmp, memo)
-    except OSError:  # a read-only home: read them again next time
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    keep(memo, json.dumps({"stamp": stamp, "groups": groups}))  # or, in a read-only home, read them again next time
     return groups
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from wanwu.errors import ModelError
-from wanwu.paths import wanwu_home
+from wanwu.paths import keep, wanwu_home
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 ChannelOrder = Literal["RGB", "BGR"]
@@ -182,11 +181,5 @@ def file_fingerprint(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     digest = h.hexdigest()
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(f"{resolved}\n{tag}\n{digest}\n", encoding="utf-8")
-        os.replace(tmp, memo)
-    except OSError:
-        pass  # an unwritable home: just hash again next time
+    keep(memo, f"{resolved}\n{tag}\n{digest}\n")  # or, in an unwritable home, hash again next time
     return digest

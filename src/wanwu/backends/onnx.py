@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -200,15 +198,10 @@ def _store(path: Path | None, data: bytes) -> None:
     """Write atomically, or not at all: the cache only saves time."""
     if path is None:
         return
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        log.debug("cannot keep the int8 rewrite at %s: %s", path, e)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    from wanwu.paths import keep
+
+    if not keep(path, data):
+        log.debug("cannot keep the int8 rewrite at %s", path)
 
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
