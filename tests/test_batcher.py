@@ -38,12 +38,14 @@ class Model:
         self.holding = threading.Event()
         self.release = threading.Event()
         self.fail_values: set[int] = set()
+        self.rows: list[bool] = []  # per batch: whether it was asked for score rows
         self._seen = threading.Condition()
 
-    def __call__(self, pixels: list[np.ndarray]) -> list[TopScores]:
+    def __call__(self, pixels: list[np.ndarray], rows: bool = False) -> list[TopScores]:
         values = [int(p[0, 0, 0]) for p in pixels]
         with self._seen:
             self.batches.append(values)
+            self.rows.append(rows)
             self._seen.notify_all()
         if self.hold.is_set():
             self.hold.clear()
@@ -130,6 +132,26 @@ def test_a_waiting_batch_goes_when_nudged_once_nothing_else_is_on_its_way(model:
     coming = False
     batcher.nudge()
     assert _top(first.result(WAIT)) == [1] and model.batches == [[1]]
+
+
+def test_only_a_batch_holding_a_crop_that_wants_its_score_row_asks_the_model_for_rows(
+    model: Model, make: Make
+) -> None:
+    """/v2 wants every class's score; /v1 the top ones, which a backend may rank on its device: a batch of /v1
+    crops must not pay for rows (the seed model's are 54,092 floats an image)."""
+    batcher = make(max_batch_size=4, max_delay_s=3600.0, streams=1)
+    plain = batcher.submit([_crop(v) for v in range(4)])  # full: starts at once
+    assert _top(plain.result(WAIT)) == [0, 1, 2, 3]
+    model.hold.set()
+    held = batcher.submit([_crop(v) for v in range(10, 14)])
+    assert model.holding.wait(WAIT)
+    mixed = [batcher.submit([_crop(20), _crop(21)]), batcher.submit([_crop(22)], rows=True),
+             batcher.submit([_crop(23)])]  # queued during the held batch: the next batch takes them together
+    model.release.set()
+    assert _top(held.result(WAIT)) == [10, 11, 12, 13]
+    assert [_top(f.result(WAIT)) for f in mixed] == [[20, 21], [22], [23]]
+    assert model.batches == [[0, 1, 2, 3], [10, 11, 12, 13], [20, 21, 22, 23]]
+    assert model.rows == [False, False, True]
 
 
 def test_a_submission_split_across_batches_comes_back_whole_and_in_order(model: Model, make: Make) -> None:

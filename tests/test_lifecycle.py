@@ -123,6 +123,41 @@ def test_runtime_close_waits_for_the_requests_in_hand(
         runtime.recognizer.recognize([item])
 
 
+@pytest.mark.extra("server")
+def test_the_service_asks_the_model_for_score_rows_only_for_requests_that_want_them(
+    tiny_model: tuple[Path, Path], loop: asyncio.AbstractEventLoop
+) -> None:
+    """A /v1 request's records carry top scores, a /v2 one's (RecordOptions.scores) every class's: only the
+    latter's batches keep rows."""
+    from wanwu.service import ServeConfig
+    from wanwu.service.batcher import _NoObserver
+    from wanwu.service.runtime import Runtime
+
+    engine = Engine.load(str(tiny_model[0]), tiny_model[1])
+    asked: list[bool] = []
+    real_infer = engine.infer
+
+    def spying_infer(pixels: list[Any], keep_rows: bool = False) -> Any:
+        asked.append(keep_rows)
+        return real_infer(pixels, keep_rows)
+
+    engine.infer = spying_infer  # type: ignore[method-assign]
+    config = ServeConfig(model=str(tiny_model[0]), labels=tiny_model[1],
+                         options=RecognizeOptions(cache=False, decoders=0))
+    runtime = Runtime(config, engine, None, _NoObserver())
+    runtime.start()
+    try:
+        items = [InputItem.from_bytes("a.png", image_bytes(fmt="PNG"))]
+        top = asyncio.run_coroutine_threadsafe(runtime.recognize(items, RecordOptions()), loop).result(120)
+        assert asked == [False] and top[0].ok and top[0].scores is None
+        every = asyncio.run_coroutine_threadsafe(runtime.recognize(items, RecordOptions(scores=True)), loop)
+        records = every.result(120)
+        assert asked == [False, True]
+        assert records[0].scores is not None and records[0].scores.shape == (engine.spec.num_classes,)
+    finally:
+        asyncio.run_coroutine_threadsafe(runtime.close(), loop).result(120)
+
+
 def test_wanwu_leaves_the_process_warnings_hook_as_it_found_it(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -36,9 +36,10 @@ class Inference(Protocol):
         """Submissions that may be outstanding at once."""
         ...
 
-    def submit(self, pixels: list[Pixels]) -> Future[list[TopScores]]:
-        """Scores for ``pixels``, in order. The future raises DeviceOutOfMemoryError when even one crop does not fit,
-        a QueueError when the work is refused as a whole, and anything else when the model itself fails."""
+    def submit(self, pixels: list[Pixels], rows: bool = False) -> Future[list[TopScores]]:
+        """Scores for ``pixels``, in order; ``rows``: each with its whole score row (``TopScores.row``). The
+        future raises DeviceOutOfMemoryError when even one crop does not fit, a QueueError when the work is
+        refused as a whole, and anything else when the model itself fails."""
         ...
 
     def close(self) -> None: ...
@@ -55,14 +56,14 @@ class LocalInference:
         self._lock = threading.Lock()
         self._closed = False
 
-    def submit(self, pixels: list[Pixels]) -> Future[list[TopScores]]:
+    def submit(self, pixels: list[Pixels], rows: bool = False) -> Future[list[TopScores]]:
         with self._lock:
             if self._closed:
                 raise ClosedError("this inference is closed")
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="wanwu-infer")
             pool = self._pool
-        return pool.submit(self.engine.infer, pixels)
+        return pool.submit(self.engine.infer, pixels, rows)
 
     def close(self) -> None:
         with self._lock:

@@ -35,7 +35,8 @@ from wanwu.records import TopScores
 
 log = logging.getLogger("wanwu")
 Pixels = npt.NDArray[np.uint8]
-InferFn = Callable[[list[Pixels]], list[TopScores]]
+# the crops, and whether each one's whole score row is wanted (engine.infer's keep_rows)
+InferFn = Callable[[list[Pixels], bool], list[TopScores]]
 
 
 class QueueFullError(QueueError):
@@ -74,6 +75,7 @@ class _Submission:
     future: Future[list[TopScores]]
     results: list[TopScores | None]
     left: int
+    rows: bool = False  # whole score rows wanted (/v2): the batch it rides in keeps them for every crop
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self, position: int, top: TopScores) -> None:
@@ -153,11 +155,12 @@ class Batcher:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def submit(self, pixels: list[Pixels]) -> Future[list[TopScores]]:
-        """Queue these crops; the future resolves to their scores, in order. All or none are queued: with no
-        room for them all the future raises :class:`QueueFullError` (so does a stopped batcher's, with QueueError)."""
+    def submit(self, pixels: list[Pixels], rows: bool = False) -> Future[list[TopScores]]:
+        """Queue these crops; the future resolves to their scores, in order (``rows``: each with its whole score
+        row). All or none are queued: with no room for them all the future raises :class:`QueueFullError` (so
+        does a stopped batcher's, with QueueError)."""
         future: Future[list[TopScores]] = Future()
-        submission = _Submission(future, [None] * len(pixels), len(pixels))
+        submission = _Submission(future, [None] * len(pixels), len(pixels), rows)
         if not pixels:
             future.set_result([])
             return future
@@ -218,7 +221,9 @@ class Batcher:
         start = time.perf_counter()
         tops: list[TopScores] | None = None
         try:
-            tops = self._infer([item.pixels for item in batch])
+            # Score rows only for a batch that holds a crop that wants one: the others are ranked on the model's
+            # own path (a PixelBackend normalises and ranks on its device; rows come back whole and are ranked here)
+            tops = self._infer([item.pixels for item in batch], any(item.submission.rows for item in batch))
         except Exception as e:
             log.exception("inference failed for a batch of %d", len(batch))
             for item in batch:

@@ -21,8 +21,8 @@ class BatcherInference:
     def __init__(self, batcher: Batcher) -> None:
         self.batcher = batcher
 
-    def submit(self, pixels: list[Pixels]) -> Future[list[TopScores]]:
-        return self.batcher.submit(pixels)
+    def submit(self, pixels: list[Pixels], rows: bool = False) -> Future[list[TopScores]]:
+        return self.batcher.submit(pixels, rows)
 
     def close(self) -> None:
         pass

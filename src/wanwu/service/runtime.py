@@ -18,7 +18,6 @@ stops the batchers and closes the recognizer.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import threading
@@ -107,7 +106,7 @@ class Runtime:
     def _batcher(self, engine: Engine) -> Batcher:
         config = self.config
         return Batcher(
-            functools.partial(engine.infer, keep_rows=True),  # /v2 answers every class's score
+            engine.infer,  # keep_rows for a batch with a /v2 request's crop (it answers every class's score)
             BatcherConfig(config.max_batch_size, config.max_delay_ms / 1000.0, config.max_queue, engine.streams),
             self.observer, more_coming=self._decoding,
         )
