@@ -63,7 +63,9 @@ class LocalInference:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="wanwu-infer")
             pool = self._pool
-        return pool.submit(self.engine.infer, pixels, rows)
+        if rows:
+            return pool.submit(self.engine.infer, pixels, keep_rows=True)
+        return pool.submit(self.engine.infer, pixels)
 
     def close(self) -> None:
         with self._lock:

@@ -535,7 +535,9 @@ class _Run:
     def _submit_infer(self, batch: list[_Slot]) -> None:
         pixels = [s.prepared.pixels for s in batch if s.prepared is not None]
         self.pending_infer += 1
-        future = self.inference.submit(pixels, self.record_options.scores)
+        # rows only when asked: an Inference written before ``rows`` existed still takes the rest
+        inference = self.inference
+        future = inference.submit(pixels, rows=True) if self.record_options.scores else inference.submit(pixels)
         future.add_done_callback(lambda f: self.events.put(("infer", batch, f)))
 
     def _inferred(self, batch: list[_Slot], future: Future[list[TopScores]]) -> None:
