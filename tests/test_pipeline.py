@@ -148,6 +148,36 @@ def test_duplicate_content_is_inferred_once(tiny_model: tuple[Path, Path], tmp_p
     assert len({r.predictions[0].index for r in records}) == 1
 
 
+def test_an_inference_whose_submit_takes_only_the_pixels_still_works(tiny_model: tuple[Path, Path]) -> None:
+    """``Inference.submit`` grew ``rows`` (whole score rows, asked for only by records that want them): an
+    Inference written before, taking just the pixels, is called as before."""
+    from concurrent.futures import Future
+
+    from wanwu.inference import LocalInference
+
+    engine = Engine.load(str(tiny_model[0]), tiny_model[1])
+    calls: list[int] = []
+
+    class PixelsOnly:
+        gather, in_flight = 4, 1
+
+        def __init__(self) -> None:
+            self.inner = LocalInference(engine, 4)
+
+        def submit(self, pixels: list[npt.NDArray[np.uint8]]) -> Future[Any]:
+            calls.append(len(pixels))
+            return self.inner.submit(pixels)
+
+        def close(self) -> None:
+            self.inner.close()
+
+    with Recognizer(engine=engine, options=RecognizeOptions(cache=False, decoders=0),
+                    inference=PixelsOnly()) as rec:  # type: ignore[arg-type]
+        records = list(rec.recognize([InputItem.from_bytes(f"{i}.png", image_bytes((40 * i, 90, 200), fmt="PNG"))
+                                      for i in range(3)]))
+    assert [r.ok for r in records] == [True, True, True] and sum(calls) == 3
+
+
 @pytest.mark.parametrize("full_decode", [False, True])
 def test_large_jpegs_decode_reduced_unless_full_decode(
     tiny_model: tuple[Path, Path], tmp_path: Path, full_decode: bool
