@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import statistics
@@ -16,6 +17,16 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODEL = SHARED / "models" / "mobilenetv2-12-int8.onnx"
 LABELS = SHARED / "labels" / "imagenet_zh.txt"
 PHOTOS = SHARED / "images" / "imagenet-sample-images"
+
+
+def ab_parser(doc: str | None, rounds: int) -> argparse.ArgumentParser:
+    """The arguments every A/B benchmark takes: the two source trees and the rounds."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, type=Path, help="the A side's src folder (e.g. an older checkout)")
+    parser.add_argument("--new", type=Path, default=Path(__file__).resolve().parents[1] / "src",
+                        help="the B side's src folder")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    return parser
 
 
 def require_shared() -> None:

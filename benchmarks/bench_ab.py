@@ -12,16 +12,13 @@ ratio near 1.00 means no change.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LABELS, MODEL, PHOTOS, median, require_shared, timed_cpu
-
-ROOT = Path(__file__).resolve().parents[1]
+from _common import LABELS, MODEL, PHOTOS, ab_parser, median, require_shared, timed_cpu
 
 
 def run(src: Path, target: Path, out: Path) -> tuple[float, float]:
@@ -33,10 +30,7 @@ def run(src: Path, target: Path, out: Path) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, type=Path, help="the A side's src folder (e.g. an older checkout)")
-    parser.add_argument("--new", type=Path, default=ROOT / "src", help="the B side's src folder")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = ab_parser(__doc__, rounds=3)
     parser.add_argument("--phone", type=int, default=0, help="also N phone-size photos (4032x3024)")
     parser.add_argument("--one", type=int, default=0, help="also one photo, this many rounds")
     parser.add_argument("--sets", default="one,all,phone", help="which of one, all, phone to run")

@@ -25,15 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_service as bs
-
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ab_parser
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, type=Path, help="the A side's src folder (e.g. an older checkout)")
-    parser.add_argument("--new", type=Path, default=ROOT / "src", help="the B side's src folder")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser = ab_parser(__doc__, rounds=6)
     parser.add_argument("--requests", type=int, default=1000, help="requests per round and side (one photo each)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-batch-size", type=int, default=32)
