@@ -45,6 +45,12 @@ class Inference(Protocol):
     def close(self) -> None: ...
 
 
+def infer(engine: Engine, pixels: list[Pixels], rows: bool = False) -> list[TopScores]:
+    """``engine.infer``, keeping every class's score only when ``rows`` asks (called with just the pixels
+    otherwise, so that a stand-in for ``engine.infer`` that takes only them works as before)."""
+    return engine.infer(pixels, keep_rows=True) if rows else engine.infer(pixels)
+
+
 class LocalInference:
     """Batches on the engine, ``engine.streams`` at once, each on its own thread."""
 
@@ -63,9 +69,7 @@ class LocalInference:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="wanwu-infer")
             pool = self._pool
-        if rows:
-            return pool.submit(self.engine.infer, pixels, keep_rows=True)
-        return pool.submit(self.engine.infer, pixels)
+        return pool.submit(infer, self.engine, pixels, rows)
 
     def close(self) -> None:
         with self._lock:

@@ -35,7 +35,7 @@ from wanwu.records import TopScores
 
 log = logging.getLogger("wanwu")
 Pixels = npt.NDArray[np.uint8]
-# the crops, and whether each one's whole score row is wanted (engine.infer's keep_rows)
+# the crops, and whether each one's whole score row is wanted (wanwu.inference.infer)
 InferFn = Callable[[list[Pixels], bool], list[TopScores]]
 
 

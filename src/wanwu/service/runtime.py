@@ -33,10 +33,11 @@ from wanwu.cache import ResultCache
 from wanwu.engine import Engine
 from wanwu.errors import ClosedError, UsageError
 from wanwu.index import ImageIndex
+from wanwu.inference import infer
 from wanwu.pipeline import Recognizer
-from wanwu.records import Record, RecordOptions, TopScores
+from wanwu.records import Record, RecordOptions
 from wanwu.search import QUERY_RECORD, SearchResult, answer_record, answer_texts, index_key
-from wanwu.service.batcher import Batcher, BatcherConfig, BatchObserver, Pixels
+from wanwu.service.batcher import Batcher, BatcherConfig, BatchObserver
 from wanwu.service.bodies import ByteBudget, DownloadBudget
 from wanwu.service.config import ServeConfig
 from wanwu.service.inference import BatcherInference
@@ -107,7 +108,7 @@ class Runtime:
     def _batcher(self, engine: Engine) -> Batcher:
         config = self.config
         return Batcher(
-            functools.partial(_infer, engine),  # rows for a batch with a /v2 request's crop (every class's score)
+            functools.partial(infer, engine),  # rows for a batch with a /v2 request's crop (every class's score)
             BatcherConfig(config.max_batch_size, config.max_delay_ms / 1000.0, config.max_queue, engine.streams),
             self.observer, more_coming=self._decoding,
         )
@@ -251,11 +252,6 @@ class Runtime:
         for label_set in self._label_sets.values():
             label_set.recognizer.engine.close()
         self._label_sets.clear()
-
-
-def _infer(engine: Engine, pixels: list[Pixels], rows: bool) -> list[TopScores]:
-    """The batcher's inference: ``engine.infer``, keeping every class's score only when asked."""
-    return engine.infer(pixels, keep_rows=True) if rows else engine.infer(pixels)
 
 
 def _read_unchanged(path: Path, sha256: str, max_bytes: int) -> bytes | None:
