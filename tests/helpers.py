@@ -7,6 +7,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +106,15 @@ def with_corrupt_exif(jpg: bytes) -> bytes:
     tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 3) + b"\x12\x01\x03\x00"
     payload = b"Exif\x00\x00" + tiff
     return jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpg[2:]
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 60.0, what: str = "the condition") -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds (a loaded machine's bound, not a race)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
 
 
 def wait_for_lines(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: float = 60.0,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -134,14 +135,19 @@ def uploads(n: int, offset: int = 0) -> list[JobInput]:
     return [JobInput.upload(f"up-{i:04d}.jpg", colour(i)) for i in range(offset, offset + n)]
 
 
-def worker_process(queue_url: str, tiny_model: tuple[Path, Path], *extra: str) -> subprocess.Popen[bytes]:
-    """``wanwu worker`` in its own process, as an operator would start it."""
+def worker_process(queue_url: str, tiny_model: tuple[Path, Path], *extra: str,
+                   log: Path | None = None) -> subprocess.Popen[bytes]:
+    """``wanwu worker`` in its own process, as an operator would start it. ``log``: its stderr goes to that
+    file (readable while it runs) instead of a pipe."""
     model, labels = tiny_model
     env = {**os.environ, "PYTHONPATH": str(Path(wanwu.__file__).resolve().parents[1])}
     cmd = [sys.executable, "-c", "from wanwu.cli.main import run; run()", "worker", "--queue", queue_url,
            "--model", str(model), "--labels", str(labels), "-j", "0", "--threads", "1", "--no-cache",
            "--batch-size", "4", "--tasks-per-claim", "4", "--poll", "0.2", "--allow-private-urls", *extra]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if log is None:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with log.open("wb") as stderr:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def add_query(url: str, **params: str) -> str:
@@ -156,11 +162,22 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def claim_once_lapsed(queue: JobQueue, worker: str, n: int, timeout: float = 60.0) -> list[Any]:
+    """Claim (leasing for a minute) until a task whose lease lapsed comes back: a lease's end is waited for as
+    a condition, not slept out."""
+    deadline = time.monotonic() + timeout
+    while not (tasks := queue.claim(worker, n, 60.0)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for a lease to lapse")
+        time.sleep(0.05)
+    return list(tasks)
+
+
 def stop(proc: subprocess.Popen[bytes]) -> str:
     if proc.poll() is None:
         proc.kill()
     _, err = proc.communicate(timeout=30)
-    return err.decode(errors="replace")
+    return err.decode(errors="replace") if err is not None else ""  # None: its stderr went to a log file
 
 
 def assert_exactly_once(queue: JobQueue, job_id: str, names: list[str]) -> None:
@@ -267,16 +284,21 @@ def scenario_cancel(queue_url: str, tiny_model: tuple[Path, Path]) -> None:
     queue.close()
 
 
+# A lease that a test checks is still held: far longer than a call takes on a loaded 2-core machine, so that the
+# check is never a race against the clock (a lapse is then waited for as a condition, not slept out).
+LEASE_S = 3.0
+
+
 def scenario_redelivery_is_idempotent(queue_url: str) -> None:
     """A task whose lease ran out is delivered again; both deliveries finishing leaves one record each."""
     from wanwu.records import Record
 
     queue = open_queue(queue_url)
     job_id = queue.submit(JobSpec(uploads(3), task_size=3))
-    (first,) = queue.claim("w1", 4, lease_s=0.2)
-    assert queue.claim("w2", 4, lease_s=0.2) == []  # leased
-    time.sleep(0.5)
-    (again,) = queue.claim("w2", 4, lease_s=0.2)
+    # A lease far longer than the next call takes on a loaded machine: the check right after is not a race.
+    (first,) = queue.claim("w1", 4, lease_s=LEASE_S)
+    assert queue.claim("w2", 4, lease_s=LEASE_S) == []  # leased
+    (again,) = claim_once_lapsed(queue, "w2", 4)
     assert again.attempt == 2 and [i.name for i in again.inputs] == [i.name for i in first.inputs]
     queue.complete(again, [(i, Record.failure(x.name, "internal", "second")) for i, x in again.indexed()])
     queue.complete(first, [(i, Record.failure(x.name, "decode_error", "first")) for i, x in first.indexed()])
@@ -348,13 +370,16 @@ def scenario_follow_a_job(queue_url: str, tiny_model: tuple[Path, Path], folder:
         return json.loads(out), err
 
     queue = open_queue(url)
-    assert len(queue.claim("w-silent", 1, 1.0)) == 1
+    assert len(queue.claim("w-silent", 1, LEASE_S)) == 1
     fields, err = status()
     assert (fields["state"], fields["total"], fields["succeeded"], fields["failed"], fields["pending"]) == \
         ("running", 3, 0, 0, 3)
     assert (fields["workers"], fields["tasks_leased"], fields["tasks_lapsed"]) == (["w-silent"], 1, 0)
     assert err == ""
-    time.sleep(1.5)  # w-silent never extends its lease
+    deadline = time.monotonic() + 60
+    while (fields := status()[0])["tasks_leased"]:  # w-silent never extends its lease: wait for it to lapse
+        assert time.monotonic() < deadline, "w-silent's lease never lapsed"
+        time.sleep(0.1)
     fields, err = status()
     assert (fields["workers_active"], fields["tasks_lapsed"]) == (0, 1)
     assert "1 task(s) wait for a lapsed lease" in err

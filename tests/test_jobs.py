@@ -10,6 +10,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ from wanwu.jobs.base import (
     parse_queue_url,
 )
 from wanwu.records import RecordOptions
+
+STOPPING = "stopping after the tasks in hand"  # what `wanwu worker` logs on its first SIGTERM
 
 TinyModel = tuple[Path, Path]
 
@@ -324,18 +327,24 @@ def test_http_jobs_api(queue_url: str, tiny_model: TinyModel, tmp_path: Path) ->
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_tasks_in_hand_twice_gives_them_back(queue_url: str, tiny_model: TinyModel) -> None:
+def test_sigterm_finishes_tasks_in_hand_twice_gives_them_back(queue_url: str, tiny_model: TinyModel,
+                                                               tmp_path: Path) -> None:
     queue = open_queue(queue_url)
+
+    def took_the_signal(log: Path) -> Callable[[], bool]:
+        return lambda: STOPPING in log.read_text(encoding="utf-8", errors="replace")
+
     with js.image_server() as server:
         inputs = [*js.uploads(5), JobInput.url(f"{server.url}/slow.jpg"), *js.uploads(30, 5)]
         job_id = queue.submit(JobSpec(inputs, task_size=4))
-        graceful = js.worker_process(queue_url, tiny_model, "--lease", "60")
+        log = tmp_path / "graceful.log"
+        graceful = js.worker_process(queue_url, tiny_model, "--lease", "60", log=log)
         try:
             js.wait_for(server.slow_hit.is_set, 60, "the worker to reach the hanging input")
             graceful.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
+            js.wait_for(took_the_signal(log), 60, "the worker to take the signal")  # before it could claim more
             server.release()
-            assert graceful.wait(timeout=30) == 0, js.stop(graceful)
+            assert graceful.wait(timeout=30) == 0, log.read_text(errors="replace")
         finally:
             js.stop(graceful)
         status = queue.status(job_id)
@@ -343,16 +352,18 @@ def test_sigterm_finishes_tasks_in_hand_twice_gives_them_back(queue_url: str, ti
 
     with js.image_server() as server:
         job_id = queue.submit(JobSpec([JobInput.url(f"{server.url}/slow.jpg"), *js.uploads(7)], task_size=4))
-        abrupt = js.worker_process(queue_url, tiny_model, "--lease", "60")
+        log = tmp_path / "abrupt.log"
+        abrupt = js.worker_process(queue_url, tiny_model, "--lease", "60", log=log)
         try:
             js.wait_for(server.slow_hit.is_set, 60, "the worker to reach the hanging input")
             abrupt.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            # a second signal sent before the first was handled would be the same pending signal, not a second
+            js.wait_for(took_the_signal(log), 60, "the worker to take the first signal")
             abrupt.send_signal(signal.SIGTERM)
             js.wait_for(lambda: _claimable(queue), 30, "the worker to give its tasks back at once")
             assert queue.status(job_id).finished == 0
             server.release()
-            assert abrupt.wait(timeout=30) == 130, js.stop(abrupt)
+            assert abrupt.wait(timeout=30) == 130, log.read_text(errors="replace")
         finally:
             js.stop(abrupt)
         js.work(queue, tiny_model)
