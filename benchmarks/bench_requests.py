@@ -32,27 +32,17 @@ from _common import LABELS, MODEL, PHOTOS, require_shared
 from wanwu import Recognizer
 from wanwu.config import RecognizeOptions
 from wanwu.records import Record
-from wanwu.service.batcher import BatchObserver
+from wanwu.service.batcher import _NoObserver
 from wanwu.service.config import ServeConfig
 from wanwu.service.runtime import Runtime, default_engine_factory
 from wanwu.sources import InputItem
-
-
-class _Quiet:
-    def batch(self, size: int, seconds: float) -> None: ...
-    def queue_depth(self, depth: int) -> None: ...
 
 
 def _cpu() -> tuple[float, float]:
     """(this process, its live descendants: the forkserver and decode processes) CPU seconds so far."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     own = usage.ru_utime + usage.ru_stime
-    return own, bs._tree_cpu_s(os.getpid()) - _proc_cpu_s(os.getpid())
-
-
-def _proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own, bs._tree_cpu_s(os.getpid()) - bs._proc_cpu_s(os.getpid())
 
 
 def _measure(work: Callable[[], int]) -> tuple[float, float, float]:
@@ -78,8 +68,7 @@ def main() -> None:
 
     options = RecognizeOptions(cache=False, decoders=-1, decode_budget=30.0, decode_share=0.5)  # as `wanwu serve`
     config = ServeConfig(model=str(MODEL), labels=LABELS, options=options)
-    observer: BatchObserver = _Quiet()
-    runtime = Runtime(config, default_engine_factory(config)(), None, observer)
+    runtime = Runtime(config, default_engine_factory(config)(), None, _NoObserver())
     runtime.start()
     sys.setswitchinterval(0.001)  # as `wanwu serve` sets it
     one_run = Recognizer(str(MODEL), labels=LABELS, options=RecognizeOptions(cache=False))
@@ -100,7 +89,8 @@ def main() -> None:
         assert all(r.ok for r in records)
         return len(records)
 
-    requests(), run()  # warm: decode processes started, sessions run once
+    requests()  # warm: decode processes started, sessions run once
+    run()
     results: dict[str, list[tuple[float, float, float]]] = {"requests": [], "one run": []}
     for r in range(args.rounds):
         order = [("requests", requests), ("one run", run)]

@@ -108,13 +108,13 @@ def with_corrupt_exif(jpg: bytes) -> bytes:
     return jpg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpg[2:]
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 60.0, what: str = "the condition") -> None:
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
     """Poll ``condition`` until it holds; fail after ``timeout`` seconds (a loaded machine's bound, not a race)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)
 
 
 def wait_for_lines(path: Path, n: int, proc: subprocess.Popen[bytes], timeout: float = 60.0,

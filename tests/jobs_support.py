@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 import wanwu
-from tests.helpers import image_bytes
+from tests.helpers import image_bytes, wait_for
 from wanwu.config import RecognizeOptions
 from wanwu.errors import QueueError
 from wanwu.jobs.base import JobInput, JobQueue, JobSpec, UnknownJobError, open_queue
@@ -154,23 +154,17 @@ def add_query(url: str, **params: str) -> str:
     return url + ("&" if "?" in url else "?") + "&".join(f"{k}={v}" for k, v in params.items())
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)
-
-
-def claim_once_lapsed(queue: JobQueue, worker: str, n: int, timeout: float = 60.0) -> list[Any]:
+def claim_once_lapsed(queue: JobQueue, worker: str, n: int) -> list[Any]:
     """Claim (leasing for a minute) until a task whose lease lapsed comes back: a lease's end is waited for as
     a condition, not slept out."""
-    deadline = time.monotonic() + timeout
-    while not (tasks := queue.claim(worker, n, 60.0)):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for a lease to lapse")
-        time.sleep(0.05)
-    return list(tasks)
+    tasks: list[Any] = []
+
+    def claimed() -> bool:
+        tasks.extend(queue.claim(worker, n, 60.0))
+        return bool(tasks)
+
+    wait_for(claimed, 60, "a lease to lapse")
+    return tasks
 
 
 def stop(proc: subprocess.Popen[bytes]) -> str:
@@ -295,7 +289,6 @@ def scenario_redelivery_is_idempotent(queue_url: str) -> None:
 
     queue = open_queue(queue_url)
     job_id = queue.submit(JobSpec(uploads(3), task_size=3))
-    # A lease far longer than the next call takes on a loaded machine: the check right after is not a race.
     (first,) = queue.claim("w1", 4, lease_s=LEASE_S)
     assert queue.claim("w2", 4, lease_s=LEASE_S) == []  # leased
     (again,) = claim_once_lapsed(queue, "w2", 4)
@@ -376,10 +369,7 @@ def scenario_follow_a_job(queue_url: str, tiny_model: tuple[Path, Path], folder:
         ("running", 3, 0, 0, 3)
     assert (fields["workers"], fields["tasks_leased"], fields["tasks_lapsed"]) == (["w-silent"], 1, 0)
     assert err == ""
-    deadline = time.monotonic() + 60
-    while (fields := status()[0])["tasks_leased"]:  # w-silent never extends its lease: wait for it to lapse
-        assert time.monotonic() < deadline, "w-silent's lease never lapsed"
-        time.sleep(0.1)
+    wait_for(lambda: not status()[0]["tasks_leased"], 60, "w-silent's lease to lapse")  # it never extends it
     fields, err = status()
     assert (fields["workers_active"], fields["tasks_lapsed"]) == (0, 1)
     assert "1 task(s) wait for a lapsed lease" in err

@@ -17,7 +17,7 @@ import numpy.typing as npt
 import pytest
 from PIL import Image
 
-from tests.helpers import WrappedBackend, image_bytes, wait_until
+from tests.helpers import WrappedBackend, image_bytes, wait_for
 from wanwu import RecognizeOptions, Recognizer
 from wanwu.backends import BackendOptions
 from wanwu.engine import Engine
@@ -588,7 +588,7 @@ def test_decode_processes_fail_only_the_task_that_crashed_and_stop_a_hung_one() 
 
         stuck = pool.submit(hostile_decode, b"HANG" + photos[2], *args)
         # taken by a process's thread: shutting down can no longer cancel it
-        wait_until(stuck.running, 60, "the hung task to start")
+        wait_for(stuck.running, 60, "the hung task to start")
         children = [p._process for p in pool._processes if p._process is not None]
     finally:
         start = time.monotonic()
