@@ -194,7 +194,9 @@ def scenario_worker_killed_mid_job(queue_url: str, tiny_model: tuple[Path, Path]
                   *[JobInput.url(f"{server.url}/img/{i}.jpg") for i in range(10)]]
         names = [i.name for i in inputs]
         job_id = queue.submit(JobSpec(inputs, RecordOptions(top_k=2), task_size=4))
-        a = worker_process(queue_url, tiny_model, "--lease", "2")
+        # A's lease outlasts a stall of its heartbeat (every third of the lease) of more than 3 s on a loaded
+        # machine; at 2 s, a 1.3 s stall would have let B take A's tasks before the check below.
+        a = worker_process(queue_url, tiny_model, "--lease", "5")
         b = None
         try:
             wait_for(server.slow_hit.is_set, 60, "worker A to reach the hanging input")

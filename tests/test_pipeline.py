@@ -500,7 +500,7 @@ def test_a_thread_decode_given_up_at_its_deadline_no_longer_counts_as_decoding(
         return decode_jobs(datas, *args)
 
     monkeypatch.setattr(_Run, "decode", staticmethod(decode))
-    with _recognizer(tiny_model, decoders=0, decode_timeout=1.0) as rec:
+    with _recognizer(tiny_model, decoders=0, decode_timeout=3.0) as rec:  # the fine file: well within it
         try:
             stuck, fine = rec.recognize([InputItem.from_bytes("stuck", b"HANG" + image_bytes()),
                                          InputItem.from_bytes("fine", image_bytes((20, 230, 20)))])
@@ -552,11 +552,12 @@ def test_a_decode_process_answers_after_a_crash_a_hang_and_an_exception() -> Non
     assert child is not None and not child.is_alive()
 
 
-def test_decode_processes_fail_only_the_task_that_crashed_and_stop_a_hung_one() -> None:
+def test_decode_processes_fail_only_the_task_that_crashed_and_stop_a_hung_one(tmp_path: Path) -> None:
     """DecodeProcesses: a crash costs its own task, not the ones running beside it; kill() stops a hung task
     and the workers carry on; shutting down never waits for a hung decoder and leaves no process behind."""
     from concurrent.futures import wait
 
+    from tests.hostile_seams import marking_decode
     from tests.ray_support import hostile_decode
     from wanwu.decoders import DecodeProcesses, DecoderDiedError
     from wanwu.imaging import DecodeOptions
@@ -577,8 +578,10 @@ def test_decode_processes_fail_only_the_task_that_crashed_and_stop_a_hung_one() 
         for future, pixels in zip(futures, alone, strict=True):  # every neighbour got its own pixels
             assert np.array_equal(future.result().pixels, pixels)
 
-        hang = pool.submit(hostile_decode, b"HANG" + photos[1], *args)
-        time.sleep(1.0)  # let it start
+        marks = tmp_path / "marks"
+        hang = pool.submit(marking_decode, [b"HANG:" + str(marks).encode() + b"|"], *args)
+        # in its process (killed before that, the task would start in a fresh process and hang for good)
+        wait_for(marks.exists, 60, "the hung task to start decoding")
         start = time.monotonic()
         pool.kill()
         assert isinstance(hang.exception(timeout=20), DecoderDiedError)

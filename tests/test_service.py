@@ -442,7 +442,7 @@ def test_a_model_that_fails_to_load_is_reported(tiny_model: Model, tmp_path: Pat
         raise OSError("disk on fire")
 
     with serve(tiny_model, engine_factory=broken, ready=False) as (base, _):
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while (ready := httpx.get(f"{base}/readyz")).json()["status"] == "loading":
             assert time.monotonic() < deadline
             time.sleep(0.02)
