@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -26,7 +25,7 @@ import wanwu
 from tests.helpers import image_bytes, wait_for
 from wanwu.config import RecognizeOptions
 from wanwu.errors import QueueError
-from wanwu.jobs.base import JobInput, JobQueue, JobSpec, UnknownJobError, open_queue
+from wanwu.jobs.base import JobInput, JobQueue, JobSpec, Task, UnknownJobError, open_queue
 from wanwu.jobs.worker import WorkerConfig, WorkerStats, run_worker
 from wanwu.pipeline import Recognizer
 from wanwu.records import RecordOptions
@@ -154,10 +153,10 @@ def add_query(url: str, **params: str) -> str:
     return url + ("&" if "?" in url else "?") + "&".join(f"{k}={v}" for k, v in params.items())
 
 
-def claim_once_lapsed(queue: JobQueue, worker: str, n: int) -> list[Any]:
+def claim_once_lapsed(queue: JobQueue, worker: str, n: int) -> list[Task]:
     """Claim (leasing for a minute) until a task whose lease lapsed comes back: a lease's end is waited for as
     a condition, not slept out."""
-    tasks: list[Any] = []
+    tasks: list[Task] = []
 
     def claimed() -> bool:
         tasks.extend(queue.claim(worker, n, 60.0))

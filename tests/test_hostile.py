@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import image_bytes, with_corrupt_exif
+from tests.helpers import image_bytes, wait_for, with_corrupt_exif
 from tests.servers import descendants
 from wanwu import RecognizeOptions, Recognizer
 from wanwu.cache import CachedResult
@@ -169,10 +169,8 @@ def test_kill_9_mid_run_leaves_no_process(mobilenet: Model, photos: Path, tmp_pa
     assert len(family) >= 3, "expected the forkserver, its decode workers and the resource tracker"
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 30  # the workers look for their owner every 0.5 s: a loaded machine's bound
-    while _alive(family) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _alive(family) == set()
+    # the workers look for their owner every 0.5 s; 30 s is a loaded machine's bound
+    wait_for(lambda: not _alive(family), 30, "the run's processes to go")
 
 
 def test_a_model_that_fails_to_load_leaves_the_output_and_no_process(

@@ -430,12 +430,9 @@ def test_killed_driver_resumes_and_redoes_only_what_is_not_recorded(
         wait_for_lines(out, 10, proc, timeout=180, fail_if_exited=True)
         kill_session(proc.pid)  # SIGKILL: the driver and the local Ray it started
         proc.wait(timeout=10)
-
-        def leftovers() -> list[str]:
-            return subprocess.run(["pgrep", "-f", str(raytmp)], capture_output=True, text=True).stdout.split()
-
         # SIGKILLed processes are gone at once; the ones that watch for the driver's death take a moment
-        wait_for(lambda: not leftovers(), 30, "Ray's processes to go with their driver")
+        wait_for(lambda: not subprocess.run(["pgrep", "-f", str(raytmp)], capture_output=True).stdout, 30,
+                 "Ray's processes to go with their driver")
         before = out.read_bytes()
         done = before.count(b"\n")
         assert 10 <= done < 152

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from tests.helpers import WrappedBackend, image_bytes
+from tests.helpers import WrappedBackend, image_bytes, wait_for
 from tests.servers import free_port, metric, static_server, uvicorn_in_thread, wait_ready
 from wanwu.cache import MemoryCache, ResultCache
 from wanwu.config import RecognizeOptions
@@ -442,10 +442,8 @@ def test_a_model_that_fails_to_load_is_reported(tiny_model: Model, tmp_path: Pat
         raise OSError("disk on fire")
 
     with serve(tiny_model, engine_factory=broken, ready=False) as (base, _):
-        deadline = time.monotonic() + 60
-        while (ready := httpx.get(f"{base}/readyz")).json()["status"] == "loading":
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for(lambda: httpx.get(f"{base}/readyz").json()["status"] != "loading", 60, "the load to end")
+        ready = httpx.get(f"{base}/readyz")
     assert ready.status_code == 503
     assert ready.json()["status"] == "failed" and "disk on fire" in ready.json()["message"]
 
