@@ -45,7 +45,9 @@ def test_a_read_allocates_what_the_file_holds_not_the_limit(tmp_path: Path) -> N
     finally:
         tracemalloc.stop()
     assert got == data
-    assert peak < 2 * len(data)  # asking for LIMIT + 1 bytes at once peaks at 100 MiB
+    # Asking for LIMIT + 1 bytes at once peaks at 100 MiB. The bound leaves room for whatever another thread of
+    # the test process allocates meanwhile (tracemalloc sees every thread).
+    assert peak < 16 * 1024 * 1024
 
 
 def test_a_file_that_grew_after_its_size_was_read_is_read_whole(tmp_path: Path,
