@@ -326,6 +326,58 @@ def test_http_jobs_api(queue_url: str, tiny_model: TinyModel, tmp_path: Path) ->
         assert client.post("/v1/jobs/nope/cancel").status_code == 404
 
 
+@pytest.mark.extra("server")
+def test_http_jobs_uploads_above_one_mb_are_read_whole_and_the_limit_holds(
+    queue_url: str, tiny_model: TinyModel
+) -> None:
+    """Uploads above 1 MB are spooled to disk by the form parser; each is read by the size the parser counted
+    (asking for the limit at once would allocate it), whole when within the limit, too_large above it."""
+    import io
+    import tracemalloc
+
+    import numpy as np
+    from fastapi import FastAPI
+    from PIL import Image
+
+    from wanwu.jobs.http import router
+
+    def noise_png(side: int, seed: int) -> bytes:  # noise does not compress: a PNG of about 3 x side² bytes
+        pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, "PNG", compress_level=0)
+        return out.getvalue()
+
+    within, above = noise_png(640, 1), noise_png(900, 2)  # about 1.2 MB and 2.4 MB
+    limit = 2_000_000
+    assert 1_048_576 < len(within) <= limit < len(above)
+    default = FastAPI()  # the default limit, 100 MiB: what a read of the limit at once would allocate
+    default.include_router(router(queue_url))
+    with js.serve(default) as client:
+        tracemalloc.start()  # every thread's allocations: the server's and the client's
+        try:
+            r = client.post("/v1/jobs", files=[("files", ("within.png", within, "image/png"))])
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert r.status_code == 201, r.text
+        assert peak < 50 * 1024 * 1024
+    app = FastAPI()
+    app.include_router(router(queue_url, max_upload_bytes=limit))
+    with js.serve(app) as client:
+        files = [("files", ("within.png", within, "image/png")), ("files", ("above.png", above, "image/png"))]
+        r = client.post("/v1/jobs", files=files)
+        assert r.status_code == 201, r.text
+        job = r.json()["id"]
+        queue = open_queue(queue_url)
+        js.work(queue, tiny_model)
+        queue.close()
+        records = client.get(f"/v1/jobs/{job}/results", params={"format": "json"}).json()
+    # the first job (the same upload, within the default limit) was worked too: this job's records are its own
+    assert [(x["input"], x["status"]) for x in records] == [("within.png", "ok"), ("above.png", "error")]
+    assert records[0]["width"] == 640  # decoded from all of its bytes
+    assert records[1]["error"]["type"] == "too_large" and f"{limit:,} bytes" in records[1]["error"]["message"]
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_tasks_in_hand_twice_gives_them_back(queue_url: str, tiny_model: TinyModel,
                                                                tmp_path: Path) -> None:

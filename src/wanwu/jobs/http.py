@@ -296,7 +296,10 @@ async def _multipart_spec(request: Any, max_bytes: int) -> JobSpec:
         for upload in form.getlist("files"):
             if isinstance(upload, str):
                 raise UsageError('"files" must be file parts')
-            data = await upload.read(max_bytes + 1)
+            # what the parser counted, and a byte more (never max_bytes + 1 at once: an upload above 1 MB is a
+            # spooled file on disk, whose read allocates all it is asked for before reading)
+            size = max_bytes if upload.size is None else min(upload.size, max_bytes)
+            data = await upload.read(size + 1)
             name = upload.filename or f"upload-{len(inputs)}"
             if len(data) > max_bytes:
                 message = f"upload above the limit of {max_bytes:,} bytes"
