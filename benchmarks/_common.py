@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import resource
 import statistics
@@ -27,6 +28,15 @@ def ab_parser(doc: str | None, rounds: int) -> argparse.ArgumentParser:
                         help="the B side's src folder")
     parser.add_argument("--rounds", type=int, default=rounds)
     return parser
+
+
+def compile_trees(*trees: Path) -> None:
+    """Write the bytecode of every module under each source tree. With PYTHONDONTWRITEBYTECODE set (as on some
+    machines), a tree that was never compiled is compiled from source by every process started from it: about
+    50 ms of each run's start-up here, which an A/B comparison would charge to that side alone."""
+    for tree in trees:
+        if not compileall.compile_dir(str(tree), quiet=1):
+            sys.exit(f"cannot compile the modules under {tree}")
 
 
 def require_shared() -> None:

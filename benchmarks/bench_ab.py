@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LABELS, MODEL, PHOTOS, ab_parser, median, require_shared, timed_cpu
+from _common import LABELS, MODEL, PHOTOS, ab_parser, compile_trees, median, require_shared, timed_cpu
 
 
 def run(src: Path, target: Path, out: Path) -> tuple[float, float]:
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--sets", default="one,all,phone", help="which of one, all, phone to run")
     args = parser.parse_args()
     require_shared()
+    compile_trees(args.base, args.new)
     wanted = set(args.sets.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         sets = []

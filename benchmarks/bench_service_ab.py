@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_service as bs
-from _common import ab_parser
+from _common import ab_parser, compile_trees
 
 
 def main() -> int:
@@ -44,6 +44,7 @@ def main() -> int:
         sys.exit(f"no photos in {args.photos}")
     payloads = [(p.name, p.read_bytes()) for p in photos[: args.requests]]
     sides = {"A": args.base.resolve(), "B": args.new.resolve()}
+    compile_trees(*sides.values())
     servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
     try:
